@@ -1,0 +1,16 @@
+#include "policy/fetch_window.hpp"
+
+#include <algorithm>
+
+namespace bscache::policy {
+
+FetchWindow plan_fetch(uint64_t offset, uint64_t export_size, uint32_t min_block, uint64_t max_window) {
+  const uint64_t block = min_block ? min_block : 1;
+  if (offset >= export_size) return {offset, 0};
+  const uint64_t start = offset / block * block;
+  uint64_t cap = std::min(max_window, kMaxRequestLength) / block * block;
+  if (cap == 0) cap = block;
+  return {start, std::min(cap, export_size - start)};
+}
+
+}  // namespace bscache::policy

@@ -1,0 +1,22 @@
+// FetchWindow: how much to ask upstream for on a block-status miss.
+#pragma once
+
+#include <cstdint>
+
+namespace bscache::policy {
+
+// The largest length a 32-bit NBD request can carry.
+inline constexpr uint64_t kMaxRequestLength = 0xffffffffu;
+
+struct FetchWindow {
+  uint64_t offset = 0;
+  uint64_t length = 0;  // 0 only when offset >= export_size
+  bool operator==(const FetchWindow&) const = default;
+};
+
+// The window that starts at `offset` rounded down to `min_block`, is at most
+// `max_window` long (itself capped to the 32-bit limit and rounded down to
+// `min_block`), and ends no later than `export_size`. `min_block` 0 means 1.
+FetchWindow plan_fetch(uint64_t offset, uint64_t export_size, uint32_t min_block, uint64_t max_window = kMaxRequestLength);
+
+}  // namespace bscache::policy

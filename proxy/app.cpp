@@ -1,0 +1,230 @@
+#include "proxy/app.hpp"
+
+#include <signal.h>
+#include <spawn.h>
+#include <spdlog/spdlog.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <optional>
+
+#include <boost/asio/signal_set.hpp>
+
+#include "proxy/metrics_http.hpp"
+
+extern char** environ;
+
+namespace bscache::proxy {
+
+namespace {
+
+constexpr auto kDrainTimeout = std::chrono::seconds(10);
+
+std::string join(const std::vector<std::string>& items) {
+  std::string out;
+  for (const auto& s : items) out += (out.empty() ? "" : ", ") + s;
+  return out.empty() ? "(none)" : out;
+}
+
+class App {
+ public:
+  explicit App(const Options& options) : options_(options) {}
+  int run();
+
+ private:
+  void start_child();
+  void reap_child();
+  void write_stats();
+  void log_summary();
+  awaitable<void> shutdown();
+  awaitable<void> periodic_summary();
+  awaitable<void> sleep(std::chrono::milliseconds d) {
+    asio::steady_timer t(io_, d);
+    boost::system::error_code ignored;
+    co_await t.async_wait(asio::redirect_error(use_awaitable, ignored));
+  }
+
+  const Options& options_;
+  asio::io_context io_;
+  std::unique_ptr<Upstream> upstream_;
+  ExportInfo info_;
+  Metrics metrics_;
+  std::unique_ptr<BlockStatusService> block_status_;
+  std::unique_ptr<ProxyContext> context_;
+  std::unique_ptr<Server> server_;
+  std::unique_ptr<MetricsHttp> metrics_http_;
+  std::filesystem::path temp_dir_;
+  pid_t child_ = -1;
+  int exit_code_ = 0;
+  bool shutting_down_ = false;
+};
+
+int App::run() {
+  try {
+    upstream_ = std::make_unique<Upstream>(io_, options_.upstream);
+  } catch (const std::exception& e) {
+    spdlog::error("{}", e.what());
+    return 1;
+  }
+  info_ = make_export_info(upstream_->info(), options_.read_only);
+  block_status_ = std::make_unique<BlockStatusService>(io_, *upstream_, info_, options_.block_status, metrics_);
+  context_ = std::make_unique<ProxyContext>(
+      ProxyContext{io_, *upstream_, info_, *block_status_, metrics_, options_.session});
+
+  ListenConfig listen = options_.listen;
+  if (!options_.run.empty() && listen.unix_path.empty() && !listen.port && !listen.systemd) {
+    // Captive mode with no listener named: a private socket in a fresh directory.
+    std::string pattern = (std::filesystem::temp_directory_path() / "bscacheXXXXXX").string();
+    if (!mkdtemp(pattern.data())) {
+      spdlog::error("mkdtemp: {}", strerror(errno));
+      return 1;
+    }
+    temp_dir_ = pattern;
+    listen.unix_path = (temp_dir_ / "nbd.sock").string();
+  }
+  try {
+    server_ = std::make_unique<Server>(*context_, listen);
+    if (!options_.metrics_address.empty()) {
+      metrics_http_ = std::make_unique<MetricsHttp>(io_, options_.metrics_address, [this] {
+        return render_prometheus(metrics_, block_status_->gauges(), options_.block_status.coherence.describe());
+      });
+    }
+  } catch (const std::exception& e) {
+    spdlog::error("cannot listen: {}", e.what());
+    return 1;
+  }
+  server_->start();
+  if (metrics_http_) metrics_http_->start();
+
+  spdlog::info("bscache {}: upstream {} ({} bytes, contexts: {}), policy {}, prefetch {}, listening on {}{}",
+               BSCACHE_VERSION,
+               options_.upstream.uri.empty() ? join(options_.upstream.command) : options_.upstream.uri, info_.size,
+               join(upstream_->info().contexts), options_.block_status.coherence.describe(),
+               options_.block_status.prefetch.enabled ? "on" : "off", server_->uri(),
+               metrics_http_ ? ", metrics on http://" + metrics_http_->endpoint() + "/metrics" : "");
+
+  if (!options_.pidfile.empty()) {
+    std::string error;
+    if (!write_file_atomically(options_.pidfile, std::to_string(getpid()) + "\n", error)) {
+      spdlog::error("pidfile: {}", error);
+      return 1;
+    }
+  }
+
+  asio::signal_set stop_signals(io_, SIGINT, SIGTERM);
+  std::function<void(boost::system::error_code, int)> on_stop = [&](boost::system::error_code ec, int signal) {
+    if (ec) return;
+    spdlog::info("signal {}: shutting down", signal);
+    if (child_ > 0) kill(child_, SIGTERM);
+    asio::co_spawn(io_, shutdown(), asio::detached);
+    stop_signals.async_wait(on_stop);
+  };
+  stop_signals.async_wait(on_stop);
+
+  asio::signal_set usr1(io_, SIGUSR1);
+  std::function<void(boost::system::error_code, int)> on_usr1 = [&](boost::system::error_code ec, int) {
+    if (ec) return;
+    write_stats();
+    usr1.async_wait(on_usr1);
+  };
+  usr1.async_wait(on_usr1);
+
+  asio::signal_set children(io_, SIGCHLD);
+  std::function<void(boost::system::error_code, int)> on_child = [&](boost::system::error_code ec, int) {
+    if (ec) return;
+    reap_child();
+    children.async_wait(on_child);
+  };
+  children.async_wait(on_child);
+
+  if (!options_.run.empty()) start_child();
+  if (options_.stats_interval.count() > 0) asio::co_spawn(io_, periodic_summary(), asio::detached);
+
+  io_.run();
+
+  log_summary();
+  write_stats();
+  if (!options_.pidfile.empty()) unlink(options_.pidfile.c_str());
+  server_.reset();
+  if (!temp_dir_.empty()) {
+    std::error_code ignored;
+    std::filesystem::remove_all(temp_dir_, ignored);
+  }
+  return exit_code_;
+}
+
+void App::start_child() {
+  setenv("uri", server_->uri().c_str(), 1);
+  setenv("nbd", server_->uri().c_str(), 1);
+  if (!server_->unix_path().empty()) setenv("unixsocket", server_->unix_path().c_str(), 1);
+  if (server_->tcp_port()) setenv("port", std::to_string(*server_->tcp_port()).c_str(), 1);
+  const char* argv[] = {"/bin/sh", "-c", options_.run.c_str(), nullptr};
+  if (int rc = posix_spawn(&child_, "/bin/sh", nullptr, nullptr, const_cast<char* const*>(argv), environ); rc != 0) {
+    spdlog::error("--run: cannot start /bin/sh: {}", strerror(rc));
+    exit_code_ = 1;
+    child_ = -1;
+    asio::co_spawn(io_, shutdown(), asio::detached);
+  }
+}
+
+void App::reap_child() {
+  if (child_ <= 0) return;
+  int status = 0;
+  if (waitpid(child_, &status, WNOHANG) != child_) return;
+  child_ = -1;
+  exit_code_ = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+  spdlog::debug("--run command exited with status {}", exit_code_);
+  asio::co_spawn(io_, shutdown(), asio::detached);
+}
+
+awaitable<void> App::shutdown() {
+  if (shutting_down_) co_return;
+  shutting_down_ = true;
+  server_->stop();
+  if (metrics_http_) metrics_http_->stop();
+  // Sessions finish the requests they have in flight; a bounded wait.
+  const auto deadline = std::chrono::steady_clock::now() + kDrainTimeout;
+  while (server_->session_count() > 0 && std::chrono::steady_clock::now() < deadline) {
+    co_await sleep(std::chrono::milliseconds(10));
+  }
+  if (server_->session_count() > 0) spdlog::warn("{} connections still busy at shutdown", server_->session_count());
+  while (upstream_->in_flight() > 0 && std::chrono::steady_clock::now() < deadline) {
+    co_await sleep(std::chrono::milliseconds(10));
+  }
+  upstream_->shutdown();
+  io_.stop();
+}
+
+void App::write_stats() {
+  if (options_.stats_file.empty()) return;
+  std::string error;
+  auto json = render_stats_json(metrics_, block_status_->gauges(), options_.block_status.coherence.describe());
+  if (!write_file_atomically(options_.stats_file, json, error)) spdlog::warn("stats file: {}", error);
+}
+
+void App::log_summary() {
+  const uint64_t asked = metrics_.client_requests[wire::kCmdBlockStatus];
+  const uint64_t sent = metrics_.upstream_requests[wire::kCmdBlockStatus];
+  spdlog::info("block status: {} hits, {} misses (hit rate {:.1f}%), {} client requests, {} sent upstream, {} saved",
+               metrics_.block_status_hits, metrics_.block_status_misses, 100 * hit_rate(metrics_), asked, sent,
+               asked > sent ? asked - sent : 0);
+}
+
+awaitable<void> App::periodic_summary() {
+  while (!shutting_down_) {
+    co_await sleep(options_.stats_interval);
+    if (!shutting_down_) log_summary();
+  }
+}
+
+}  // namespace
+
+int run_bscache(const Options& options) {
+  App app(options);
+  return app.run();
+}
+
+}  // namespace bscache::proxy

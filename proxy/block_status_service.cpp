@@ -1,0 +1,214 @@
+#include "proxy/block_status_service.hpp"
+
+#include <libnbd.h>
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+
+#include <boost/asio/redirect_error.hpp>
+
+namespace bscache::proxy {
+
+namespace {
+constexpr size_t kMaxRememberedWindows = 4096;
+
+cache::CacheLimits limits_for(const BlockStatusConfig& config) {
+  cache::CacheLimits limits = config.limits;
+  if (config.coherence.mode == policy::CoherenceMode::Ttl) limits.ttl = config.coherence.ttl;
+  return limits;
+}
+}  // namespace
+
+BlockStatusService::BlockStatusService(asio::io_context& io, Upstream& upstream, const ExportInfo& info,
+                                       BlockStatusConfig config, Metrics& metrics)
+    : io_(io),
+      upstream_(upstream),
+      info_(info),
+      config_(config),
+      metrics_(metrics),
+      cache_(limits_for(config)) {
+  scratch_.reserve(config_.max_descriptors);
+}
+
+bool BlockStatusService::try_answer(uint64_t offset, uint32_t length, bool req_one,
+                                    std::vector<wire::Descriptor>& out) {
+  if (info_.upstream_index[static_cast<size_t>(info_.base_allocation)] < 0) {
+    // Upstream cannot tell: everything is data, which is always a safe answer.
+    out.assign(1, wire::Descriptor{length, 0});
+    return true;
+  }
+  if (!caching() || !lookup(offset, length, req_one, out)) return false;
+  maybe_prefetch(offset);
+  return true;
+}
+
+awaitable<int> BlockStatusService::answer_after_miss(uint64_t offset, uint32_t length, bool req_one,
+                                                     std::vector<wire::Descriptor>& out) {
+  if (!caching()) co_return co_await ask_upstream_directly(offset, length, req_one, out);
+  // Two rounds: a write racing the fetch can leave the offset uncached once;
+  // after that, ask upstream for exactly this request rather than loop.
+  for (int round = 0; round < 2; ++round) {
+    auto fetch = fetch_covering(offset);
+    if (!fetch) fetch = start_fetch(policy::plan_fetch(offset, info_.size, info_.min_block, config_.max_window), false);
+    while (!fetch->finished) {
+      boost::system::error_code ignored;  // cancellation is the "finished" signal
+      co_await fetch->done.async_wait(asio::redirect_error(use_awaitable, ignored));
+    }
+    if (fetch->error) break;  // e.g. upstream refuses long windows: ask exactly
+    if (lookup(offset, length, req_one, out)) {
+      maybe_prefetch(offset);
+      co_return 0;
+    }
+  }
+  co_return co_await ask_upstream_directly(offset, length, req_one, out);
+}
+
+bool BlockStatusService::lookup(uint64_t offset, uint32_t length, bool req_one, std::vector<wire::Descriptor>& out) {
+  scratch_.clear();
+  if (cache_.extents().lookup(offset, length, scratch_, req_one ? 1 : config_.max_descriptors) == 0) return false;
+  out.clear();
+  for (const auto& e : scratch_) out.push_back({static_cast<uint32_t>(e.length), e.flags});
+  return true;
+}
+
+awaitable<int> BlockStatusService::ask_upstream_directly(uint64_t offset, uint32_t length, bool req_one,
+                                                         std::vector<wire::Descriptor>& out) {
+  const int index = info_.upstream_index[static_cast<size_t>(info_.base_allocation)];
+  ++metrics_.upstream_requests[wire::kCmdBlockStatus];
+  auto result = co_await upstream_.block_status(length, offset, req_one ? LIBNBD_CMD_FLAG_REQ_ONE : 0);
+  if (result.error) {
+    ++metrics_.upstream_errors[wire::kCmdBlockStatus];
+    co_return result.error;
+  }
+  const auto& descriptors = result.extents[static_cast<size_t>(index)];
+  out.clear();
+  uint64_t covered = 0;
+  for (const auto& d : descriptors) {
+    const auto piece = static_cast<uint32_t>(std::min<uint64_t>(d.length, length - covered));
+    if (piece == 0) break;
+    out.push_back({piece, d.flags});
+    covered += piece;
+    if (req_one) break;
+  }
+  co_return out.empty() ? EIO : 0;
+}
+
+std::shared_ptr<BlockStatusService::Fetch> BlockStatusService::fetch_covering(uint64_t offset) const {
+  auto it = fetches_.upper_bound(offset);
+  if (it == fetches_.begin()) return nullptr;
+  --it;
+  const auto& f = it->second;
+  return offset < f->offset + f->length ? f : nullptr;
+}
+
+std::shared_ptr<BlockStatusService::Fetch> BlockStatusService::start_fetch(policy::FetchWindow window,
+                                                                           bool prefetch) {
+  auto fetch = std::make_shared<Fetch>(io_);
+  fetch->offset = window.offset;
+  fetch->length = window.length;
+  fetch->prefetch = prefetch;
+  fetch->done.expires_at(asio::steady_timer::time_point::max());
+  fetches_[window.offset] = fetch;
+  // Detached: a fetch outlives the client that caused it, others may wait on it.
+  asio::co_spawn(io_, run_fetch(fetch), asio::detached);
+  return fetch;
+}
+
+awaitable<void> BlockStatusService::run_fetch(std::shared_ptr<Fetch> fetch) {
+  const int index = info_.upstream_index[static_cast<size_t>(info_.base_allocation)];
+  // The ticket is taken in the same step that sends the command: any mutation
+  // in flight now, or begun before the reply, taints what the reply says.
+  auto ticket = cache_.begin_fetch();
+  ++metrics_.upstream_requests[wire::kCmdBlockStatus];
+  const auto started = std::chrono::steady_clock::now();
+  auto result = co_await upstream_.block_status(fetch->length, fetch->offset, 0);
+  const auto elapsed = std::chrono::steady_clock::now() - started;
+  latency_.record(elapsed);
+  metrics_.upstream_block_status_latency.observe(std::chrono::duration<double>(elapsed).count());
+  if (result.error) {
+    cache_.abort_fetch(ticket);
+    ++metrics_.upstream_errors[wire::kCmdBlockStatus];
+    spdlog::warn("upstream block status at {}+{} failed: {}", fetch->offset, fetch->length, strerror(result.error));
+    fetch->error = result.error;
+  } else {
+    std::vector<cache::Extent> extents;
+    const auto& descriptors = result.extents[static_cast<size_t>(index)];
+    extents.reserve(descriptors.size());
+    uint64_t pos = fetch->offset;
+    for (const auto& d : descriptors) {
+      extents.push_back({pos, d.length, d.flags});
+      pos += d.length;
+    }
+    const uint64_t end = std::min(info_.size, fetch->offset + fetch->length);
+    cache_.complete_fetch(ticket, extents, end);
+    if (pos > fetch->offset) note_window(fetch->offset, std::min(pos, end), fetch->prefetch);
+    spdlog::debug("fetched {} extents for {}+{}{}", descriptors.size(), fetch->offset, fetch->length,
+                  fetch->prefetch ? " (prefetch)" : "");
+  }
+  fetch->finished = true;
+  if (auto it = fetches_.find(fetch->offset); it != fetches_.end() && it->second == fetch) fetches_.erase(it);
+  fetch->done.cancel();
+}
+
+void BlockStatusService::note_window(uint64_t start, uint64_t end, bool prefetch) {
+  windows_[start] = Window{end, prefetch};
+  if (windows_.size() > kMaxRememberedWindows) windows_.erase(windows_.begin());
+}
+
+void BlockStatusService::maybe_prefetch(uint64_t offset) {
+  if (!config_.prefetch.enabled) return;
+  auto it = windows_.upper_bound(offset);
+  if (it == windows_.begin()) return;
+  --it;
+  Window& window = it->second;
+  if (offset >= window.end) return;
+  if (window.prefetched) {
+    window.prefetched = false;
+    ++metrics_.prefetches_used;
+  }
+  if (!policy::should_prefetch(offset, window.end, window.end - it->first, info_.size)) return;
+  const unsigned depth = policy::prefetch_depth(config_.prefetch, latency_.estimate());
+  uint64_t pos = window.end;
+  for (unsigned i = 0; i < depth && pos < info_.size; ++i) {
+    if (auto f = fetch_covering(pos)) {
+      pos = f->offset + f->length;
+      continue;
+    }
+    if (auto next = windows_.find(pos); next != windows_.end() && next->second.end > pos) {
+      pos = next->second.end;
+      continue;
+    }
+    const auto planned = policy::plan_fetch(pos, info_.size, info_.min_block, config_.max_window);
+    if (planned.length == 0) break;
+    start_fetch(planned, true);
+    ++metrics_.prefetches_issued;
+    pos = planned.offset + planned.length;
+  }
+}
+
+BlockStatusService::Ticket BlockStatusService::begin_mutation(uint64_t offset, uint64_t length) {
+  ++metrics_.ranges_invalidated;
+  return cache_.begin_mutation(offset, length);
+}
+
+void BlockStatusService::end_mutation(Ticket ticket, uint64_t offset, uint64_t length, policy::Mutation kind,
+                                      bool succeeded) {
+  std::optional<uint32_t> state;
+  if (succeeded && caching()) state = policy::state_after(kind);
+  cache_.complete_mutation(ticket, offset, length, state);
+  if (state) ++metrics_.ranges_updated;
+}
+
+void BlockStatusService::clear() {
+  cache_.clear();
+  windows_.clear();
+}
+
+CacheGauges BlockStatusService::gauges() const {
+  const auto& e = cache_.extents();
+  return {e.extent_count(), e.memory_bytes(), e.evictions(), e.expirations()};
+}
+
+}  // namespace bscache::proxy

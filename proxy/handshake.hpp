@@ -1,0 +1,50 @@
+// Handshake: the option-haggling phase as a pure state machine.
+//
+// The session does the I/O (read an option header and payload, write the
+// bytes this produces); everything the protocol decides lives here, so unit
+// tests can drive it option by option without a socket.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "proxy/export_info.hpp"
+#include "proxy/wire/codec.hpp"
+
+namespace bscache::proxy {
+
+// Largest option payload we read; bigger ones are refused with ERR_TOO_BIG.
+inline constexpr uint32_t kMaxOptionLength = 64 * 1024;
+
+struct Negotiated {
+  bool structured_replies = false;
+  bool no_zeroes = false;
+  std::vector<uint32_t> contexts;  // selected, as indexes into ExportInfo::contexts
+};
+
+enum class OptionOutcome {
+  Continue,      // read the next option
+  Transmission,  // the export was chosen: switch to the transmission phase
+  Close,         // end the connection once the reply is sent
+};
+
+class Handshake {
+ public:
+  Handshake(const ExportInfo& info, bool client_no_zeroes);
+
+  // Handles one option whose payload was read in full; appends the reply.
+  OptionOutcome handle(uint32_t option, wire::ByteSpan payload, wire::Bytes& reply);
+  // An option whose payload was too long to read: refuse it.
+  OptionOutcome refuse_oversized(uint32_t option, wire::Bytes& reply);
+
+  const Negotiated& negotiated() const { return negotiated_; }
+
+ private:
+  OptionOutcome handle_info_or_go(uint32_t option, wire::ByteSpan payload, wire::Bytes& reply);
+  OptionOutcome handle_meta_context(uint32_t option, wire::ByteSpan payload, wire::Bytes& reply);
+
+  const ExportInfo& info_;
+  Negotiated negotiated_;
+};
+
+}  // namespace bscache::proxy

@@ -1,0 +1,25 @@
+// bscache: a caching block-status proxy for NBD.
+#include <spdlog/sinks/stdout_color_sinks.h>
+#include <spdlog/spdlog.h>
+
+#include <csignal>
+#include <iostream>
+
+#include "proxy/app.hpp"
+#include "proxy/options.hpp"
+
+int main(int argc, char* argv[]) {
+  auto parsed = bscache::proxy::parse_options(argc, argv);
+  if (!parsed.options) {
+    (parsed.exit_code == 0 ? std::cout : std::cerr) << parsed.message << '\n';
+    return parsed.exit_code;
+  }
+  // Logs go to stderr so --run commands own stdout.
+  auto logger = spdlog::stderr_color_mt("bscache");
+  logger->set_pattern("%Y-%m-%d %H:%M:%S.%e %^%l%$ %v");
+  spdlog::set_default_logger(logger);
+  spdlog::set_level(spdlog::level::from_str(parsed.options->log_level));
+  // A client vanishing mid-write must not kill the process.
+  std::signal(SIGPIPE, SIG_IGN);
+  return bscache::proxy::run_bscache(*parsed.options);
+}

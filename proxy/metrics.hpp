@@ -1,0 +1,63 @@
+// Metrics: plain counters owned by the loop thread (no locks on the hot path),
+// rendered as the stats-file JSON and as Prometheus text.
+//
+// Invariants: block_status_hits + block_status_misses equals the client
+// BLOCK_STATUS requests that were answered (successfully or not).
+#pragma once
+
+#include <array>
+#include <chrono>
+#include <cstdint>
+#include <string>
+
+namespace bscache::proxy {
+
+inline constexpr size_t kOpCount = 8;  // indexed by NBD command number (READ..BLOCK_STATUS)
+
+// Upstream block-status latency buckets, in seconds (Prometheus `le` bounds).
+inline constexpr std::array<double, 12> kLatencyBuckets = {0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01,
+                                                           0.025,  0.05,   0.1,   0.25,   0.5,   1.0};
+
+struct Histogram {
+  std::array<uint64_t, kLatencyBuckets.size()> buckets{};  // non-cumulative
+  uint64_t count = 0;
+  double sum = 0;
+  void observe(double seconds);
+};
+
+struct Metrics {
+  std::chrono::steady_clock::time_point started = std::chrono::steady_clock::now();
+  uint64_t connections_current = 0;
+  uint64_t connections_total = 0;
+  uint64_t connections_rejected = 0;
+  std::array<uint64_t, kOpCount> client_requests{};
+  std::array<uint64_t, kOpCount> client_errors{};
+  uint64_t block_status_hits = 0;
+  uint64_t block_status_misses = 0;
+  std::array<uint64_t, kOpCount> upstream_requests{};
+  std::array<uint64_t, kOpCount> upstream_errors{};
+  Histogram upstream_block_status_latency;
+  uint64_t prefetches_issued = 0;
+  uint64_t prefetches_used = 0;  // prefetched windows that later answered a client
+  uint64_t ranges_invalidated = 0;
+  uint64_t ranges_updated = 0;
+  uint64_t upstream_reconnects = 0;
+};
+
+// Values that live elsewhere (the cache) and are sampled when rendering.
+struct CacheGauges {
+  uint64_t extents = 0;
+  uint64_t memory_bytes = 0;
+  uint64_t evictions = 0;
+  uint64_t expirations = 0;
+};
+
+double hit_rate(const Metrics& m);
+// The stats-file document (keys documented in README.md).
+std::string render_stats_json(const Metrics& m, const CacheGauges& cache, const std::string& policy);
+// Prometheus text exposition format 0.0.4.
+std::string render_prometheus(const Metrics& m, const CacheGauges& cache, const std::string& policy);
+// Writes `contents` to `path` atomically (temp file in the same directory, then rename).
+bool write_file_atomically(const std::string& path, const std::string& contents, std::string& error);
+
+}  // namespace bscache::proxy

@@ -1,0 +1,40 @@
+// Command-line options: one plain struct, parsed by Boost.Program_options.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "policy/coherence.hpp"
+#include "proxy/block_status_service.hpp"
+#include "proxy/server.hpp"
+#include "proxy/session.hpp"
+#include "proxy/upstream.hpp"
+
+namespace bscache::proxy {
+
+struct Options {
+  UpstreamTarget upstream;
+  ListenConfig listen;
+  SessionLimits session;
+  BlockStatusConfig block_status;
+  std::string run;  // command started once listening
+  bool read_only = false;
+  std::string pidfile;
+  std::string log_level = "info";
+  std::string stats_file;
+  std::chrono::milliseconds stats_interval{60'000};  // 0: no periodic summary
+  std::string metrics_address;                       // ADDR:PORT, empty: off
+};
+
+struct ParseResult {
+  std::optional<Options> options;  // empty: exit with `exit_code` after printing `message`
+  int exit_code = 0;
+  std::string message;
+};
+
+ParseResult parse_options(int argc, const char* const argv[]);
+
+}  // namespace bscache::proxy

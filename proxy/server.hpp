@@ -1,0 +1,61 @@
+// Server: the listening sockets (Unix, TCP, or inherited from systemd) and
+// the set of live sessions.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include <boost/asio/basic_socket_acceptor.hpp>
+#include <boost/asio/generic/stream_protocol.hpp>
+
+#include "proxy/asio.hpp"
+#include "proxy/session.hpp"
+
+namespace bscache::proxy {
+
+struct ListenConfig {
+  std::string unix_path;          // empty: no Unix socket
+  std::optional<uint16_t> port;   // TCP port (0 picks a free one)
+  std::string bind = "127.0.0.1"; // TCP address; loopback unless told otherwise
+  unsigned socket_mode = 0600;    // permissions of the Unix socket
+  bool systemd = false;           // use sockets passed in LISTEN_FDS
+  unsigned max_connections = 1024;
+};
+
+class Server {
+ public:
+  // Binds every listener now, so errors surface before we report readiness.
+  Server(ProxyContext& context, const ListenConfig& config);
+  ~Server();
+
+  void start();
+  // Stops accepting and asks every session to finish what it has in flight.
+  void stop();
+  size_t session_count() const { return sessions_.size(); }
+
+  // The NBD URI clients should use (the first listener), and its parts.
+  std::string uri() const;
+  const std::string& unix_path() const { return config_.unix_path; }
+  std::optional<uint16_t> tcp_port() const { return bound_port_; }
+
+ private:
+  using Acceptor = asio::basic_socket_acceptor<asio::generic::stream_protocol>;
+  awaitable<void> accept_loop(Acceptor& acceptor);
+  awaitable<void> run_session(std::shared_ptr<Session> session);
+
+  ProxyContext& ctx_;
+  ListenConfig config_;
+  std::vector<std::unique_ptr<Acceptor>> acceptors_;
+  std::optional<uint16_t> bound_port_;
+  std::string inherited_uri_;
+  bool unix_socket_created_ = false;
+  uint64_t next_id_ = 1;
+  std::unordered_map<uint64_t, std::weak_ptr<Session>> sessions_;
+};
+
+}  // namespace bscache::proxy

@@ -1,0 +1,25 @@
+// UpstreamInfo: what the upstream server negotiated (plain data, no libnbd).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace bscache::proxy {
+
+// What upstream negotiated, learned once at start-up.
+struct UpstreamInfo {
+  uint64_t size = 0;
+  bool read_only = false;
+  bool can_flush = false, can_fua = false, can_trim = false, can_zero = false;
+  bool can_fast_zero = false, can_cache = false, can_df = false, can_multi_conn = false;
+  bool rotational = false;
+  uint32_t min_block = 1, preferred_block = 4096, max_block = 32 * 1024 * 1024;
+  bool advertises_block_size = false;  // upstream sent NBD_INFO_BLOCK_SIZE
+  std::string export_name;
+  std::string description;
+  std::vector<std::string> contexts;  // meta contexts negotiated upstream
+  int base_allocation_index = -1;     // index into contexts, -1 if absent
+};
+
+}  // namespace bscache::proxy

@@ -1,0 +1,310 @@
+#include "proxy/wire/codec.hpp"
+
+#include <algorithm>
+
+namespace bscache::wire {
+
+void put_u16(Bytes& out, uint16_t v) {
+  out.push_back(static_cast<uint8_t>(v >> 8));
+  out.push_back(static_cast<uint8_t>(v));
+}
+
+void put_u32(Bytes& out, uint32_t v) {
+  put_u16(out, static_cast<uint16_t>(v >> 16));
+  put_u16(out, static_cast<uint16_t>(v));
+}
+
+void put_u64(Bytes& out, uint64_t v) {
+  put_u32(out, static_cast<uint32_t>(v >> 32));
+  put_u32(out, static_cast<uint32_t>(v));
+}
+
+void put_bytes(Bytes& out, std::string_view s) { out.insert(out.end(), s.begin(), s.end()); }
+
+std::optional<uint16_t> ByteReader::u16() {
+  if (remaining() < 2) return std::nullopt;
+  uint16_t v = static_cast<uint16_t>((data_[pos_] << 8) | data_[pos_ + 1]);
+  pos_ += 2;
+  return v;
+}
+
+std::optional<uint32_t> ByteReader::u32() {
+  auto hi = u16();
+  if (!hi) return std::nullopt;
+  auto lo = u16();
+  if (!lo) return std::nullopt;
+  return (uint32_t{*hi} << 16) | *lo;
+}
+
+std::optional<uint64_t> ByteReader::u64() {
+  auto hi = u32();
+  if (!hi) return std::nullopt;
+  auto lo = u32();
+  if (!lo) return std::nullopt;
+  return (uint64_t{*hi} << 32) | *lo;
+}
+
+std::optional<std::string> ByteReader::string(size_t length) {
+  if (remaining() < length) return std::nullopt;
+  std::string s(reinterpret_cast<const char*>(data_.data() + pos_), length);
+  pos_ += length;
+  return s;
+}
+
+// ---- Handshake -------------------------------------------------------------
+
+void encode_server_greeting(Bytes& out, uint16_t handshake_flags) {
+  put_u64(out, kNbdMagic);
+  put_u64(out, kIHaveOpt);
+  put_u16(out, handshake_flags);
+}
+
+std::optional<OptionHeader> decode_option_header(ByteSpan bytes) {
+  if (bytes.size() != kOptionHeaderSize) return std::nullopt;
+  ByteReader r(bytes);
+  if (r.u64() != kIHaveOpt) return std::nullopt;
+  OptionHeader h;
+  h.option = *r.u32();
+  h.length = *r.u32();
+  return h;
+}
+
+std::optional<InfoRequest> decode_info_request(ByteSpan payload) {
+  ByteReader r(payload);
+  auto name_len = r.u32();
+  if (!name_len) return std::nullopt;
+  auto name = r.string(*name_len);
+  if (!name) return std::nullopt;
+  auto count = r.u16();
+  if (!count || r.remaining() != size_t{*count} * 2) return std::nullopt;
+  InfoRequest req{std::move(*name), {}};
+  req.requests.reserve(*count);
+  for (uint16_t i = 0; i < *count; ++i) req.requests.push_back(*r.u16());
+  return req;
+}
+
+std::optional<MetaContextRequest> decode_meta_context_request(ByteSpan payload) {
+  ByteReader r(payload);
+  auto name_len = r.u32();
+  if (!name_len) return std::nullopt;
+  auto name = r.string(*name_len);
+  if (!name) return std::nullopt;
+  auto count = r.u32();
+  // Each query needs at least its 4-byte length: bound the count before reserving.
+  if (!count || *count > r.remaining() / 4) return std::nullopt;
+  MetaContextRequest req{std::move(*name), {}};
+  req.queries.reserve(*count);
+  for (uint32_t i = 0; i < *count; ++i) {
+    auto len = r.u32();
+    if (!len) return std::nullopt;
+    auto query = r.string(*len);
+    if (!query) return std::nullopt;
+    req.queries.push_back(std::move(*query));
+  }
+  if (r.remaining() != 0) return std::nullopt;
+  return req;
+}
+
+void encode_option_reply(Bytes& out, uint32_t option, uint32_t reply_type, std::string_view payload) {
+  put_u64(out, kOptReplyMagic);
+  put_u32(out, option);
+  put_u32(out, reply_type);
+  put_u32(out, static_cast<uint32_t>(payload.size()));
+  put_bytes(out, payload);
+}
+
+namespace {
+// Option reply header whose payload the caller appends right after.
+void option_reply_header(Bytes& out, uint32_t option, uint32_t reply_type, uint32_t length) {
+  put_u64(out, kOptReplyMagic);
+  put_u32(out, option);
+  put_u32(out, reply_type);
+  put_u32(out, length);
+}
+}  // namespace
+
+void encode_server_reply(Bytes& out, uint32_t option, std::string_view export_name) {
+  option_reply_header(out, option, kRepServer, static_cast<uint32_t>(4 + export_name.size()));
+  put_u32(out, static_cast<uint32_t>(export_name.size()));
+  put_bytes(out, export_name);
+}
+
+void encode_info_export(Bytes& out, uint32_t option, uint64_t size, uint16_t tx_flags) {
+  option_reply_header(out, option, kRepInfo, 12);
+  put_u16(out, kInfoExport);
+  put_u64(out, size);
+  put_u16(out, tx_flags);
+}
+
+void encode_info_name(Bytes& out, uint32_t option, std::string_view name) {
+  option_reply_header(out, option, kRepInfo, static_cast<uint32_t>(2 + name.size()));
+  put_u16(out, kInfoName);
+  put_bytes(out, name);
+}
+
+void encode_info_description(Bytes& out, uint32_t option, std::string_view description) {
+  option_reply_header(out, option, kRepInfo, static_cast<uint32_t>(2 + description.size()));
+  put_u16(out, kInfoDescription);
+  put_bytes(out, description);
+}
+
+void encode_info_block_size(Bytes& out, uint32_t option, uint32_t minimum, uint32_t preferred, uint32_t maximum) {
+  option_reply_header(out, option, kRepInfo, 14);
+  put_u16(out, kInfoBlockSize);
+  put_u32(out, minimum);
+  put_u32(out, preferred);
+  put_u32(out, maximum);
+}
+
+void encode_meta_context_reply(Bytes& out, uint32_t option, uint32_t context_id, std::string_view name) {
+  option_reply_header(out, option, kRepMetaContext, static_cast<uint32_t>(4 + name.size()));
+  put_u32(out, context_id);
+  put_bytes(out, name);
+}
+
+void encode_export_name_reply(Bytes& out, uint64_t size, uint16_t tx_flags, bool no_zeroes) {
+  put_u64(out, size);
+  put_u16(out, tx_flags);
+  if (!no_zeroes) out.insert(out.end(), 124, 0);
+}
+
+// ---- Transmission ----------------------------------------------------------
+
+std::optional<RequestHeader> decode_request_header(ByteSpan bytes) {
+  if (bytes.size() != kRequestHeaderSize) return std::nullopt;
+  ByteReader r(bytes);
+  if (r.u32() != kRequestMagic) return std::nullopt;
+  RequestHeader h;
+  h.flags = *r.u16();
+  h.type = *r.u16();
+  h.cookie = *r.u64();
+  h.offset = *r.u64();
+  h.length = *r.u32();
+  return h;
+}
+
+void encode_request_header(Bytes& out, const RequestHeader& request) {
+  put_u32(out, kRequestMagic);
+  put_u16(out, request.flags);
+  put_u16(out, request.type);
+  put_u64(out, request.cookie);
+  put_u64(out, request.offset);
+  put_u32(out, request.length);
+}
+
+void encode_simple_reply(Bytes& out, uint64_t cookie, uint32_t error) {
+  put_u32(out, kSimpleReplyMagic);
+  put_u32(out, error);
+  put_u64(out, cookie);
+}
+
+void encode_structured_header(Bytes& out, uint16_t flags, uint16_t type, uint64_t cookie, uint32_t length) {
+  put_u32(out, kStructuredReplyMagic);
+  put_u16(out, flags);
+  put_u16(out, type);
+  put_u64(out, cookie);
+  put_u32(out, length);
+}
+
+void encode_block_status_chunk(Bytes& out, uint64_t cookie, bool done, uint32_t context_id,
+                               std::span<const Descriptor> descriptors) {
+  encode_structured_header(out, done ? kReplyFlagDone : 0, kReplyTypeBlockStatus, cookie,
+                           static_cast<uint32_t>(4 + 8 * descriptors.size()));
+  put_u32(out, context_id);
+  for (const auto& d : descriptors) {
+    put_u32(out, d.length);
+    put_u32(out, d.flags);
+  }
+}
+
+void encode_error_chunk(Bytes& out, uint64_t cookie, bool done, uint32_t error, std::string_view message) {
+  message = message.substr(0, 4096);
+  encode_structured_header(out, done ? kReplyFlagDone : 0, kReplyTypeError, cookie,
+                           static_cast<uint32_t>(6 + message.size()));
+  put_u32(out, error);
+  put_u16(out, static_cast<uint16_t>(message.size()));
+  put_bytes(out, message);
+}
+
+void encode_offset_data_header(Bytes& out, uint64_t cookie, bool done, uint64_t offset, uint32_t data_length) {
+  encode_structured_header(out, done ? kReplyFlagDone : 0, kReplyTypeOffsetData, cookie, 8 + data_length);
+  put_u64(out, offset);
+}
+
+void encode_offset_hole(Bytes& out, uint64_t cookie, bool done, uint64_t offset, uint32_t length) {
+  encode_structured_header(out, done ? kReplyFlagDone : 0, kReplyTypeOffsetHole, cookie, 12);
+  put_u64(out, offset);
+  put_u32(out, length);
+}
+
+void encode_done(Bytes& out, uint64_t cookie) {
+  encode_structured_header(out, kReplyFlagDone, kReplyTypeNone, cookie, 0);
+}
+
+// ---- Request validation ----------------------------------------------------
+
+namespace {
+uint16_t allowed_flags(uint16_t type, const TransmissionLimits& l) {
+  const bool fua = l.tx_flags & kTxSendFua;
+  switch (type) {
+    case kCmdRead:
+      return (l.structured_replies && (l.tx_flags & kTxSendDf)) ? kCmdFlagDf : 0;
+    case kCmdWrite:
+    case kCmdTrim:
+      return fua ? kCmdFlagFua : 0;
+    case kCmdWriteZeroes:
+      return static_cast<uint16_t>((fua ? kCmdFlagFua : 0) | kCmdFlagNoHole |
+                                   ((l.tx_flags & kTxSendFastZero) ? kCmdFlagFastZero : 0));
+    case kCmdBlockStatus:
+      return kCmdFlagReqOne;
+    default:
+      return 0;
+  }
+}
+
+uint16_t required_tx_flag(uint16_t type) {
+  switch (type) {
+    case kCmdFlush: return kTxSendFlush;
+    case kCmdTrim: return kTxSendTrim;
+    case kCmdWriteZeroes: return kTxSendWriteZeroes;
+    case kCmdCache: return kTxSendCache;
+    default: return 0;
+  }
+}
+}  // namespace
+
+uint32_t validate_request(const RequestHeader& r, const TransmissionLimits& l) {
+  if (r.type > kCmdBlockStatus || r.type == kCmdDisc) return kErrInval;
+  if (uint16_t need = required_tx_flag(r.type); need && !(l.tx_flags & need)) return kErrInval;
+  if (r.flags & ~allowed_flags(r.type, l)) return kErrInval;
+  if (r.type == kCmdBlockStatus && !l.has_meta_contexts) return kErrInval;
+
+  if (r.type == kCmdFlush) return (r.offset == 0 && r.length == 0) ? 0 : kErrInval;
+
+  if (r.length == 0) return kErrInval;
+  if (r.offset > l.export_size || r.length > l.export_size - r.offset) return kErrInval;
+  const uint32_t align = l.min_block ? l.min_block : 1;
+  if (r.offset % align != 0 || r.length % align != 0) return kErrInval;
+  if ((r.type == kCmdRead || r.type == kCmdWrite) && r.length > l.max_payload) {
+    return (r.type == kCmdRead && (r.flags & kCmdFlagDf)) ? kErrOverflow : kErrInval;
+  }
+  const bool mutates = r.type == kCmdWrite || r.type == kCmdTrim || r.type == kCmdWriteZeroes;
+  if (mutates && (l.tx_flags & kTxReadOnly)) return kErrPerm;
+  return 0;
+}
+
+const char* command_name(uint16_t type) {
+  switch (type) {
+    case kCmdRead: return "read";
+    case kCmdWrite: return "write";
+    case kCmdDisc: return "disc";
+    case kCmdFlush: return "flush";
+    case kCmdTrim: return "trim";
+    case kCmdCache: return "cache";
+    case kCmdWriteZeroes: return "write_zeroes";
+    case kCmdBlockStatus: return "block_status";
+    default: return "unknown";
+  }
+}
+
+}  // namespace bscache::wire

@@ -1,0 +1,126 @@
+// The NBD wire codec: pure functions over byte spans, no I/O.
+//
+// Decoders take exactly the bytes a message occupies and return nullopt (or an
+// error value) for anything malformed, never reading past the span. Encoders
+// append to a byte vector so a whole reply can be sent with one write.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "proxy/wire/protocol.hpp"
+
+namespace bscache::wire {
+
+using Bytes = std::vector<uint8_t>;
+using ByteSpan = std::span<const uint8_t>;
+
+// Big-endian appends.
+void put_u16(Bytes& out, uint16_t v);
+void put_u32(Bytes& out, uint32_t v);
+void put_u64(Bytes& out, uint64_t v);
+void put_bytes(Bytes& out, std::string_view s);
+
+// Bounds-checked big-endian reader: every getter fails once the span is exhausted.
+class ByteReader {
+ public:
+  explicit ByteReader(ByteSpan data) : data_(data) {}
+  std::optional<uint16_t> u16();
+  std::optional<uint32_t> u32();
+  std::optional<uint64_t> u64();
+  std::optional<std::string> string(size_t length);
+  size_t remaining() const { return data_.size() - pos_; }
+
+ private:
+  ByteSpan data_;
+  size_t pos_ = 0;
+};
+
+// ---- Handshake -------------------------------------------------------------
+
+void encode_server_greeting(Bytes& out, uint16_t handshake_flags);
+
+struct OptionHeader {
+  uint32_t option = 0;
+  uint32_t length = 0;
+};
+// 16 bytes: IHAVEOPT, option, length. nullopt on a wrong size or magic.
+std::optional<OptionHeader> decode_option_header(ByteSpan bytes);
+
+// Payload of NBD_OPT_INFO / NBD_OPT_GO.
+struct InfoRequest {
+  std::string export_name;
+  std::vector<uint16_t> requests;
+};
+std::optional<InfoRequest> decode_info_request(ByteSpan payload);
+
+// Payload of NBD_OPT_LIST_META_CONTEXT / NBD_OPT_SET_META_CONTEXT.
+struct MetaContextRequest {
+  std::string export_name;
+  std::vector<std::string> queries;
+};
+std::optional<MetaContextRequest> decode_meta_context_request(ByteSpan payload);
+
+void encode_option_reply(Bytes& out, uint32_t option, uint32_t reply_type, std::string_view payload = {});
+void encode_server_reply(Bytes& out, uint32_t option, std::string_view export_name);
+void encode_info_export(Bytes& out, uint32_t option, uint64_t size, uint16_t tx_flags);
+void encode_info_name(Bytes& out, uint32_t option, std::string_view name);
+void encode_info_description(Bytes& out, uint32_t option, std::string_view description);
+void encode_info_block_size(Bytes& out, uint32_t option, uint32_t minimum, uint32_t preferred, uint32_t maximum);
+void encode_meta_context_reply(Bytes& out, uint32_t option, uint32_t context_id, std::string_view name);
+// Reply to NBD_OPT_EXPORT_NAME: size, flags, and 124 zero bytes unless NO_ZEROES.
+void encode_export_name_reply(Bytes& out, uint64_t size, uint16_t tx_flags, bool no_zeroes);
+
+// ---- Transmission ----------------------------------------------------------
+
+struct RequestHeader {
+  uint16_t flags = 0;
+  uint16_t type = 0;
+  uint64_t cookie = 0;
+  uint64_t offset = 0;
+  uint32_t length = 0;
+};
+// 28 bytes. nullopt on a wrong size or magic.
+std::optional<RequestHeader> decode_request_header(ByteSpan bytes);
+void encode_request_header(Bytes& out, const RequestHeader& request);
+
+void encode_simple_reply(Bytes& out, uint64_t cookie, uint32_t error);
+void encode_structured_header(Bytes& out, uint16_t flags, uint16_t type, uint64_t cookie, uint32_t length);
+
+struct Descriptor {
+  uint32_t length = 0;
+  uint32_t flags = 0;
+  bool operator==(const Descriptor&) const = default;
+};
+void encode_block_status_chunk(Bytes& out, uint64_t cookie, bool done, uint32_t context_id,
+                               std::span<const Descriptor> descriptors);
+void encode_error_chunk(Bytes& out, uint64_t cookie, bool done, uint32_t error, std::string_view message);
+// Header and offset of an OFFSET_DATA chunk; the caller appends data_length bytes.
+void encode_offset_data_header(Bytes& out, uint64_t cookie, bool done, uint64_t offset, uint32_t data_length);
+void encode_offset_hole(Bytes& out, uint64_t cookie, bool done, uint64_t offset, uint32_t length);
+void encode_done(Bytes& out, uint64_t cookie);
+
+// ---- Request validation ----------------------------------------------------
+
+// What the session negotiated and what the export allows.
+struct TransmissionLimits {
+  uint64_t export_size = 0;
+  uint16_t tx_flags = 0;           // as advertised to the client
+  uint32_t min_block = 1;          // offsets and lengths must be multiples
+  uint32_t max_payload = 1 << 25;  // largest READ/WRITE length
+  bool structured_replies = false;
+  bool has_meta_contexts = false;  // SET_META_CONTEXT selected at least one
+};
+
+// Returns 0 if the request may go upstream, else the NBD error to reply with
+// (EINVAL for malformed requests, EPERM for writes to a read-only export,
+// EOVERFLOW for a DF read larger than one chunk could hold).
+uint32_t validate_request(const RequestHeader& request, const TransmissionLimits& limits);
+
+const char* command_name(uint16_t type);
+
+}  // namespace bscache::wire

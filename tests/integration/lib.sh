@@ -1,0 +1,71 @@
+# Shared helpers for integration tests: start real servers, wait for them
+# to be ready by pidfile (no fixed sleeps), and clean up whatever happens.
+# Source it; it sets `set -euo pipefail` and a cleanup trap.
+set -euo pipefail
+
+BSCACHE=${BSCACHE:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)/build/bscache}
+TEST_TOOLS=${TEST_TOOLS:-$(dirname "$BSCACHE")}
+T=$(mktemp -d "${TMPDIR:-/tmp}/bscache-test.XXXXXX")
+PIDS=()
+
+cleanup() {
+  local rc=$?
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do
+    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.05; done
+    kill -9 "$pid" 2>/dev/null || true
+  done
+  if ((rc != 0)); then
+    echo "---- logs of the failed test ($T) ----" >&2
+    for f in "$T"/*.log; do [[ -f $f ]] && { echo "== $f" >&2; tail -n 60 "$f" >&2; }; done
+  fi
+  rm -rf "$T"
+  exit "$rc"
+}
+trap cleanup EXIT
+
+fail() { echo "FAIL: $*" >&2; exit 1; }
+pass() { echo "ok: $*"; }
+
+# wait_for_file PATH [SECONDS]: the readiness signal of every server we start.
+wait_for_file() {
+  local path=$1 limit=${2:-60}
+  for _ in $(seq $((limit * 20))); do
+    [[ -s $path ]] && return 0
+    sleep 0.05
+  done
+  fail "timed out waiting for $path"
+}
+
+# start_nbdkit NAME ARGS...: nbdkit on $T/NAME.sock, ready on return.
+start_nbdkit() {
+  local name=$1; shift
+  nbdkit -f -U "$T/$name.sock" -P "$T/$name.pid" "$@" >"$T/$name.log" 2>&1 &
+  PIDS+=($!)
+  wait_for_file "$T/$name.pid"
+}
+
+# start_bscache NAME ARGS...: bscache listening on $T/NAME.sock, ready on return.
+start_bscache() {
+  local name=$1; shift
+  "$BSCACHE" --unix "$T/$name.sock" --pidfile "$T/$name.pid" "$@" >"$T/$name.log" 2>&1 &
+  PIDS+=($!)
+  wait_for_file "$T/$name.pid"
+}
+
+# stop_pid NAME: SIGTERM the server started as NAME and wait for it to exit.
+stop_server() {
+  local pid
+  pid=$(cat "$T/$1.pid")
+  kill "$pid"
+  for _ in $(seq 400); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.05; done
+  fail "$1 (pid $pid) did not exit after SIGTERM"
+}
+
+uri() { echo "nbd+unix:///?socket=$T/$1.sock"; }
+
+# nbdkit stats filter: count of one operation ("extents", "write", ...).
+stats_count() {
+  local file=$1 op=$2
+  awk -v op="$op:" '$1 == op { print $2; found=1 } END { if (!found) print 0 }' "$file"
+}

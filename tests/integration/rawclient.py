@@ -1,0 +1,217 @@
+"""A tiny NBD client that speaks bytes, for feeding bscache bad input.
+
+Each check opens its own connection, misbehaves in one way, and asserts the
+protocol's answer; at the end a well-behaved libnbd client must still work.
+usage: rawclient.py SOCKET_PATH
+"""
+import socket
+import struct
+import sys
+
+import nbd
+
+PATH = sys.argv[1]
+IHAVEOPT = 0x49484156454F5054
+OPT_REPLY = 0x3E889045565A9
+REQ_MAGIC = 0x25609513
+ERR_UNSUP, ERR_POLICY, ERR_INVALID, ERR_TOO_BIG = (1 << 31) | 1, (1 << 31) | 2, (1 << 31) | 3, (1 << 31) | 9
+EINVAL, EPERM = 22, 1
+checks = []
+
+
+def check(fn):
+    checks.append(fn)
+    return fn
+
+
+class Conn:
+    def __init__(self):
+        self.s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.s.settimeout(10)
+        self.s.connect(PATH)
+        greeting = self.recv(18)
+        assert greeting[:16] == b"NBDMAGICIHAVEOPT", greeting
+        self.flags = struct.unpack(">H", greeting[16:])[0]
+
+    def recv(self, n):
+        data = b""
+        while len(data) < n:
+            chunk = self.s.recv(n - len(data))
+            if not chunk:
+                raise EOFError(f"closed after {len(data)} of {n} bytes")
+            data += chunk
+        return data
+
+    def closed(self):
+        try:
+            return self.s.recv(1) == b""
+        except ConnectionResetError:
+            return True
+
+    def option(self, opt, payload=b""):
+        self.s.sendall(struct.pack(">QII", IHAVEOPT, opt, len(payload)) + payload)
+
+    def reply(self):
+        magic, opt, rtype, length = struct.unpack(">QIII", self.recv(20))
+        assert magic == OPT_REPLY, hex(magic)
+        return opt, rtype, self.recv(length)
+
+    def go(self, structured=True, contexts=(b"base:allocation",)):
+        if structured:
+            self.option(8)
+            assert self.reply()[1] == 1
+            q = b"".join(struct.pack(">I", len(c)) + c for c in contexts)
+            self.option(10, struct.pack(">I", 0) + struct.pack(">I", len(contexts)) + q)
+            while self.reply()[1] != 1:
+                pass
+        self.option(7, struct.pack(">IH", 0, 0))
+        while True:
+            _, rtype, payload = self.reply()
+            if rtype == 3 and struct.unpack(">H", payload[:2])[0] == 0:
+                self.size, self.txflags = struct.unpack(">QH", payload[2:12])
+            if rtype == 1:
+                return
+
+    def request(self, cmd, offset, length, flags=0, cookie=1, payload=b""):
+        self.s.sendall(struct.pack(">IHHQQI", REQ_MAGIC, flags, cmd, cookie, offset, length) + payload)
+
+    def structured_error(self):
+        magic, flags, rtype, cookie, length = struct.unpack(">IHHQI", self.recv(20))
+        body = self.recv(length)
+        assert magic == 0x668E33EF, hex(magic)
+        assert rtype & 0x8000, f"expected an error chunk, got type {rtype}"
+        return struct.unpack(">I", body[:4])[0]
+
+
+def start():
+    c = Conn()
+    c.s.sendall(struct.pack(">I", 3))  # FIXED_NEWSTYLE | NO_ZEROES
+    return c
+
+
+@check
+def unknown_client_flags_close():
+    c = Conn()
+    c.s.sendall(struct.pack(">I", 0x80))
+    assert c.closed()
+
+
+@check
+def bad_option_magic_closes():
+    c = start()
+    c.s.sendall(struct.pack(">QII", 0x1234, 7, 0))
+    assert c.closed()
+
+
+@check
+def unknown_option_is_unsupported_and_negotiation_continues():
+    c = start()
+    c.option(999)
+    assert c.reply()[1] == ERR_UNSUP
+    c.option(11)  # EXTENDED_HEADERS
+    assert c.reply()[1] == ERR_UNSUP
+    c.option(5)  # STARTTLS
+    assert c.reply()[1] == ERR_POLICY
+    c.go()
+
+
+@check
+def oversized_option_is_refused():
+    c = start()
+    c.option(6, b"\0" * (1 << 20))
+    assert c.reply()[1] == ERR_TOO_BIG
+    c.go()
+
+
+@check
+def truncated_info_payload_is_invalid():
+    c = start()
+    c.option(6, struct.pack(">I", 100) + b"abc")
+    assert c.reply()[1] == ERR_INVALID
+    c.go()
+
+
+@check
+def set_meta_context_before_structured_replies_is_invalid():
+    c = start()
+    c.option(10, struct.pack(">II", 0, 1) + struct.pack(">I", 15) + b"base:allocation")
+    assert c.reply()[1] == ERR_INVALID
+
+
+@check
+def disconnect_mid_option():
+    c = start()
+    c.s.sendall(struct.pack(">QII", IHAVEOPT, 6, 100) + b"abc")
+    c.s.close()
+
+
+@check
+def requests_past_the_end_zero_length_unknown_flags_and_commands():
+    c = start()
+    c.go()
+    for cmd, off, length, flags in [(0, c.size, 512, 0), (0, c.size - 512, 1024, 0), (0, 0, 0, 0),
+                                    (0, 2**64 - 512, 1024, 0), (0, 0, 512, 0x80), (0, 0, 512, 8),
+                                    (42, 0, 512, 0), (7, c.size, 512, 0), (0, 0, 64 << 20, 0)]:
+        c.request(cmd, off, length, flags)
+        assert c.structured_error() == EINVAL, (cmd, off, length, flags)
+    # A write larger than the maximum, with its payload: refused, connection intact.
+    c.request(1, 0, 33 << 20, payload=b"\0" * (33 << 20))
+    assert c.structured_error() == EINVAL
+    c.request(0, 0, 512)
+    magic, flags, rtype, cookie, length = struct.unpack(">IHHQI", c.recv(20))
+    assert rtype == 1 and length == 512 + 8, (rtype, length)
+    c.recv(length)
+
+
+@check
+def disconnect_mid_write_payload():
+    c = start()
+    c.go()
+    c.request(1, 0, 65536, payload=b"x" * 1000)
+    c.s.close()
+
+
+@check
+def bad_request_magic_closes():
+    c = start()
+    c.go()
+    c.s.sendall(b"\xde\xad\xbe\xef" + b"\0" * 24)
+    assert c.closed()
+
+
+@check
+def old_style_simple_replies_still_work():
+    c = start()
+    c.go(structured=False)
+    c.request(0, 0, 512, cookie=77)
+    magic, error, cookie = struct.unpack(">IIQ", c.recv(16))
+    assert (magic, error, cookie) == (0x67446698, 0, 77)
+    c.recv(512)
+    c.request(7, 0, 512, cookie=78)  # block status without contexts
+    magic, error, cookie = struct.unpack(">IIQ", c.recv(16))
+    assert error == EINVAL and cookie == 78
+
+
+@check
+def abort_is_acknowledged():
+    c = start()
+    c.option(2)
+    assert c.reply()[1] == 1
+    assert c.closed()
+
+
+failed = 0
+for fn in checks:
+    try:
+        fn()
+        print(f"ok: {fn.__name__}")
+    except Exception as e:  # noqa: BLE001 - report every failing check
+        failed += 1
+        print(f"FAIL: {fn.__name__}: {e!r}")
+
+# After all that, a real client still gets served.
+h = nbd.NBD()
+h.connect_uri(f"nbd+unix:///?socket={PATH}")
+assert h.pread(512, 0) is not None
+print(f"{len(checks) - failed} passed, {failed} failed")
+sys.exit(1 if failed else 0)

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Command line: --run captive mode, --help/--version, bad options and an
+# unreachable upstream fail fast with one clear message.
+source "$(dirname "$0")/lib.sh"
+
+start_nbdkit up memory 16M
+
+# --run: exit status and environment.
+"$BSCACHE" --upstream "$(uri up)" --run 'test -n "$uri" && test "$uri" = "$nbd" && test -S "$unixsocket" && exit 7' \
+  2>"$T/run.log" && rc=0 || rc=$?
+((rc == 7)) || fail "--run should exit with the command's status 7, got $rc"
+"$BSCACHE" --upstream "$(uri up)" --run 'qemu-img map --output=json "$uri"' >"$T/run.map" 2>"$T/run.log" \
+  || fail "--run qemu-img map failed"
+jq -e '.[0].length == 16777216' "$T/run.map" >/dev/null || fail "--run map output wrong"
+"$BSCACHE" --upstream "$(uri up)" --port 0 --run 'nbdinfo --size "nbd://127.0.0.1:$port"' >"$T/size" 2>"$T/run.log" \
+  || fail "--run over TCP failed"
+[[ $(cat "$T/size") == 16777216 ]] || fail "--port 0 with --run: wrong size"
+pass "--run exit status, \$uri/\$nbd/\$unixsocket/\$port"
+
+# --upstream-command: systemd socket activation of a child server.
+"$BSCACHE" --upstream-command 'nbdkit memory 3M' --run 'nbdinfo --size "$uri"' >"$T/size" 2>"$T/run.log" \
+  || fail "--upstream-command failed"
+[[ $(cat "$T/size") == 3145728 ]] || fail "--upstream-command: wrong size $(cat "$T/size")"
+pass "--upstream-command"
+
+"$BSCACHE" --help | grep -q -- '--upstream' || fail "--help"
+"$BSCACHE" --version | grep -q '^bscache [0-9]' || fail "--version"
+
+expect_error() {
+  local pattern=$1; shift
+  local rc=0
+  timeout 20 "$BSCACHE" "$@" >"$T/err.out" 2>&1 || rc=$?
+  ((rc != 0)) || fail "bscache $* should fail"
+  ((rc != 124)) || fail "bscache $* hung"
+  grep -qi -- "$pattern" "$T/err.out" || { cat "$T/err.out"; fail "bscache $*: no message matching '$pattern'"; }
+}
+expect_error "unrecognised option" --upstream "$(uri up)" --unix "$T/x.sock" --frobnicate
+expect_error "exactly one of" --unix "$T/x.sock"
+expect_error "nothing to listen on" --upstream "$(uri up)"
+expect_error "policy" --upstream "$(uri up)" --unix "$T/x.sock" --policy sometimes
+expect_error "policy" --upstream "$(uri up)" --unix "$T/x.sock" --policy ttl=0s
+expect_error "prefetch" --upstream "$(uri up)" --unix "$T/x.sock" --prefetch maybe
+expect_error "connecting to upstream" --upstream "nbd+unix:///?socket=$T/nobody.sock" --unix "$T/x.sock"
+expect_error "log-level" --upstream "$(uri up)" --unix "$T/x.sock" --log-level loud
+pass "bad options and unreachable upstream fail fast"
+
+# SIGTERM: clean exit 0, pidfile and socket removed.
+start_bscache bs --upstream "$(uri up)"
+pid=$(cat "$T/bs.pid")
+kill -TERM "$pid"
+rc=0; wait "$pid" || rc=$?
+((rc == 0)) || fail "SIGTERM exit status $rc"
+[[ ! -e $T/bs.pid && ! -e $T/bs.sock ]] || fail "pidfile or socket left behind"
+pass "SIGTERM exits 0 and cleans up"
