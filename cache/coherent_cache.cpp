@@ -8,7 +8,15 @@ namespace {
 using Interval = boost::icl::right_open_interval<uint64_t>;
 }
 
-CoherentCache::CoherentCache(CacheLimits limits, Clock clock) : cache_(limits, std::move(clock)) {}
+CoherentCache::CoherentCache(CacheLimits limits, Clock clock)
+    : granularity_(std::max<uint64_t>(limits.allocation_granularity, 1)), cache_(limits, std::move(clock)) {}
+
+CoherentCache::Range CoherentCache::widen(uint64_t offset, uint64_t length) const {
+  const uint64_t start = offset / granularity_ * granularity_;
+  const uint64_t end = offset + length;
+  const uint64_t rounded_end = end % granularity_ ? end - end % granularity_ + granularity_ : end;
+  return {start, std::max(rounded_end, end) - start};  // max(): rounding past UINT64_MAX
+}
 
 void CoherentCache::complete_fetch(Ticket ticket, std::span<const Extent> extents, uint64_t clip_end) {
   const RangeSet taint = taint_.finish(ticket);
@@ -28,30 +36,33 @@ void CoherentCache::complete_fetch(Ticket ticket, std::span<const Extent> extent
 }
 
 CoherentCache::Ticket CoherentCache::begin_mutation(uint64_t offset, uint64_t length) {
-  cache_.erase(offset, length);
-  return taint_.begin_mutation(offset, length);
+  const Range affected = widen(offset, length);
+  cache_.erase(affected.offset, affected.length);
+  return taint_.begin_mutation(affected.offset, affected.length);
 }
 
 void CoherentCache::complete_mutation(Ticket ticket, uint64_t offset, uint64_t length,
                                       std::optional<uint32_t> state_after) {
   const RangeSet taint = taint_.finish(ticket);
   if (length == 0) return;
-  if (!state_after) {
-    cache_.erase(offset, length);
-    return;
-  }
-  const Interval range(offset, offset + length);
-  if (*state_after == 0 || !boost::icl::intersects(taint, range)) {
-    cache_.store(offset, length, *state_after);
-    return;
-  }
-  // An overlapping mutation ran concurrently and may have landed after this
-  // one: claim nothing but "data" (always safe) where they overlap.
-  cache_.store(offset, length, 0);
-  RangeSet clean;
-  clean += range;
-  clean -= taint;
-  for (const auto& piece : clean) cache_.store(piece.lower(), piece.upper() - piece.lower(), *state_after);
+  // No fetch stored into the widened range while this was pending (tainted),
+  // but a concurrent mutation may have completed there: what upstream reports
+  // in the margins now is unknown, so forget them again.
+  const Range affected = widen(offset, length);
+  cache_.erase(affected.offset, affected.length);
+  if (!state_after) return;
+  cache_.store(offset, length, 0);  // "data" is always a safe answer
+  if (*state_after == 0) return;
+  // ZERO is claimed only for whole allocation units (upstream may report a
+  // partly zeroed unit as allocated data) and only where no overlapping
+  // mutation ran concurrently (it may have landed after this one).
+  const uint64_t first = (offset + granularity_ - 1) / granularity_ * granularity_;
+  const uint64_t last = (offset + length) / granularity_ * granularity_;
+  if (first >= last) return;
+  RangeSet claim;
+  claim += Interval(first, last);
+  claim -= taint;
+  for (const auto& piece : claim) cache_.store(piece.lower(), piece.upper() - piece.lower(), *state_after);
 }
 
 }  // namespace bscache::cache

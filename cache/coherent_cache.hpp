@@ -26,11 +26,14 @@ class CoherentCache {
   void complete_fetch(Ticket ticket, std::span<const Extent> extents, uint64_t clip_end);
   void abort_fetch(Ticket ticket) { taint_.finish(ticket); }
 
-  // Forgets the range at once: while the mutation is in flight nothing is known.
+  // Forgets the range, rounded out to the allocation granularity, at once:
+  // while the mutation is in flight nothing is known about it.
   Ticket begin_mutation(uint64_t offset, uint64_t length);
   // `state_after` is what a successful mutation leaves (policy decides); nullopt
-  // (or a failed command) leaves the range unknown. A state with bits set is
-  // only stored outside the taint; inside it, 0 is stored.
+  // (or a failed command) leaves the range unknown. The range becomes 0; a
+  // state with bits set (ZERO) is claimed only over the whole allocation units
+  // inside it and outside the taint. The margins added by rounding out stay
+  // unknown: upstream may now report them allocated.
   void complete_mutation(Ticket ticket, uint64_t offset, uint64_t length,
                          std::optional<uint32_t> state_after);
 
@@ -40,6 +43,12 @@ class CoherentCache {
   size_t pending() const { return taint_.pending(); }
 
  private:
+  struct Range {
+    uint64_t offset, length;
+  };
+  Range widen(uint64_t offset, uint64_t length) const;
+
+  uint64_t granularity_;
   ExtentCache cache_;
   TaintTracker taint_;
 };

@@ -34,6 +34,11 @@ struct CacheLimits {
   uint64_t granule_bytes = uint64_t{1} << 30;
   // Entries older than this are treated as absent. Default: none (live forever).
   std::optional<std::chrono::nanoseconds> ttl;
+  // Upstream may change the reported allocation of whole units of this size
+  // around a write (nbdkit's memory plugin allocates 32 KiB pages, filesystems
+  // whole blocks, qcow2 whole clusters): a mutation forgets its range rounded
+  // out to this alignment. Used by CoherentCache. Default: 64 KiB.
+  uint64_t allocation_granularity = 64 * 1024;
 };
 
 using Clock = std::function<std::chrono::steady_clock::time_point()>;

@@ -63,6 +63,9 @@ ParseResult parse_options(int argc, const char* const argv[]) {
     ("prefetch", po::value(&prefetch)->default_value("on"), "on | off: fetch ahead of sequential scans")
     ("cache-max-extents", po::value(&o.block_status.limits.max_extents)->default_value(o.block_status.limits.max_extents),
      "most cached extents before least recently used regions are evicted")
+    ("allocation-granularity", po::value(&o.block_status.limits.allocation_granularity)
+       ->default_value(o.block_status.limits.allocation_granularity),
+     "a write forgets cached state around it rounded out to this many bytes (upstream allocation unit)")
     ("fetch-window", po::value(&fetch_window)->default_value(fetch_window),
      "largest block-status window asked of upstream on a miss, in bytes")
     ("max-connections", po::value(&o.listen.max_connections)->default_value(o.listen.max_connections),
@@ -126,6 +129,7 @@ ParseResult parse_options(int argc, const char* const argv[]) {
   o.block_status.prefetch.enabled = prefetch == "on";
   if (o.block_status.limits.max_extents == 0) return fail("--cache-max-extents must be at least 1");
   if (fetch_window == 0) return fail("--fetch-window must be at least 1");
+  if (o.block_status.limits.allocation_granularity == 0) return fail("--allocation-granularity must be at least 1");
   o.block_status.max_window = fetch_window;
   auto timeout = to_millis(handshake_timeout);
   if (!timeout || timeout->count() <= 0) return fail("--handshake-timeout must be a duration such as 30s");
