@@ -275,6 +275,10 @@ uint16_t required_tx_flag(uint16_t type) {
 
 uint32_t validate_request(const RequestHeader& r, const TransmissionLimits& l) {
   if (r.type > kCmdBlockStatus || r.type == kCmdDisc) return kErrInval;
+  // A read-only export refuses every mutation with EPERM, even those it does
+  // not advertise (TRIM, WRITE_ZEROES), so clients see why.
+  const bool mutates = r.type == kCmdWrite || r.type == kCmdTrim || r.type == kCmdWriteZeroes;
+  if (mutates && (l.tx_flags & kTxReadOnly)) return kErrPerm;
   if (uint16_t need = required_tx_flag(r.type); need && !(l.tx_flags & need)) return kErrInval;
   if (r.flags & ~allowed_flags(r.type, l)) return kErrInval;
   if (r.type == kCmdBlockStatus && !l.has_meta_contexts) return kErrInval;
@@ -288,8 +292,6 @@ uint32_t validate_request(const RequestHeader& r, const TransmissionLimits& l) {
   if ((r.type == kCmdRead || r.type == kCmdWrite) && r.length > l.max_payload) {
     return (r.type == kCmdRead && (r.flags & kCmdFlagDf)) ? kErrOverflow : kErrInval;
   }
-  const bool mutates = r.type == kCmdWrite || r.type == kCmdTrim || r.type == kCmdWriteZeroes;
-  if (mutates && (l.tx_flags & kTxReadOnly)) return kErrPerm;
   return 0;
 }
 
