@@ -11,7 +11,7 @@ h = nbd.NBD(); h.set_strict_mode(0); h.connect_uri(sys.argv[1])
 try:
     h.pwrite(b"x" * 512, 0); sys.exit("write succeeded")
 except nbd.Error as e:
-    assert e.errno == errno.EPERM, e
+    assert e.errnum == errno.EPERM, e
 assert h.pread(512, 0) == bytes(512)
 PY
 pass "read-only upstream: EPERM on write"
@@ -26,6 +26,6 @@ for op in (lambda: h.pwrite(b"x" * 512, 0), lambda: h.zero(512, 0), lambda: h.tr
     try:
         op(); sys.exit("mutation succeeded")
     except nbd.Error as e:
-        assert e.errno == errno.EPERM, e
+        assert e.errnum == errno.EPERM, e
 PY
 pass "--readonly: EPERM on write, zero, trim"
