@@ -34,8 +34,7 @@ class CoherentCache {
   // state with bits set (ZERO) is claimed only over the whole allocation units
   // inside it and outside the taint. The margins added by rounding out stay
   // unknown: upstream may now report them allocated.
-  void complete_mutation(Ticket ticket, uint64_t offset, uint64_t length,
-                         std::optional<uint32_t> state_after);
+  void complete_mutation(Ticket ticket, uint64_t offset, uint64_t length, std::optional<uint32_t> state_after);
 
   void clear() { cache_.clear(); }
   ExtentCache& extents() { return cache_; }

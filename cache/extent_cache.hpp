@@ -70,9 +70,9 @@ class ExtentCache {
   uint64_t expirations() const { return expirations_; }
 
  private:
-  using Map = boost::icl::interval_map<uint64_t, uint32_t, boost::icl::partial_enricher, std::less,
-                                       boost::icl::inplace_plus, boost::icl::inter_section,
-                                       boost::icl::right_open_interval<uint64_t>>;
+  using Map =
+      boost::icl::interval_map<uint64_t, uint32_t, boost::icl::partial_enricher, std::less, boost::icl::inplace_plus,
+                               boost::icl::inter_section, boost::icl::right_open_interval<uint64_t>>;
   struct Granule {
     std::list<uint64_t>::iterator lru_pos;
     std::chrono::steady_clock::time_point oldest_store;

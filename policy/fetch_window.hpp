@@ -17,6 +17,7 @@ struct FetchWindow {
 // The window that starts at `offset` rounded down to `min_block`, is at most
 // `max_window` long (itself capped to the 32-bit limit and rounded down to
 // `min_block`), and ends no later than `export_size`. `min_block` 0 means 1.
-FetchWindow plan_fetch(uint64_t offset, uint64_t export_size, uint32_t min_block, uint64_t max_window = kMaxRequestLength);
+FetchWindow plan_fetch(uint64_t offset, uint64_t export_size, uint32_t min_block,
+                       uint64_t max_window = kMaxRequestLength);
 
 }  // namespace bscache::policy

@@ -71,8 +71,8 @@ int App::run() {
   }
   info_ = make_export_info(upstream_->info(), options_.read_only);
   block_status_ = std::make_unique<BlockStatusService>(io_, *upstream_, info_, options_.block_status, metrics_);
-  context_ = std::make_unique<ProxyContext>(
-      ProxyContext{io_, *upstream_, info_, *block_status_, metrics_, options_.session});
+  context_ =
+      std::make_unique<ProxyContext>(ProxyContext{io_, *upstream_, info_, *block_status_, metrics_, options_.session});
 
   ListenConfig listen = options_.listen;
   if (!options_.run.empty() && listen.unix_path.empty() && !listen.port && !listen.systemd) {
@@ -100,9 +100,8 @@ int App::run() {
   if (metrics_http_) metrics_http_->start();
 
   spdlog::info("bscache {}: upstream {} ({} bytes, contexts: {}), policy {}, prefetch {}, listening on {}{}",
-               BSCACHE_VERSION,
-               options_.upstream.uri.empty() ? join(options_.upstream.command) : options_.upstream.uri, info_.size,
-               join(upstream_->info().contexts), options_.block_status.coherence.describe(),
+               BSCACHE_VERSION, options_.upstream.uri.empty() ? join(options_.upstream.command) : options_.upstream.uri,
+               info_.size, join(upstream_->info().contexts), options_.block_status.coherence.describe(),
                options_.block_status.prefetch.enabled ? "on" : "off", server_->uri(),
                metrics_http_ ? ", metrics on http://" + metrics_http_->endpoint() + "/metrics" : "");
 

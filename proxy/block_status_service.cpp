@@ -23,12 +23,7 @@ cache::CacheLimits limits_for(const BlockStatusConfig& config) {
 
 BlockStatusService::BlockStatusService(asio::io_context& io, Upstream& upstream, const ExportInfo& info,
                                        BlockStatusConfig config, Metrics& metrics)
-    : io_(io),
-      upstream_(upstream),
-      info_(info),
-      config_(config),
-      metrics_(metrics),
-      cache_(limits_for(config)) {
+    : io_(io), upstream_(upstream), info_(info), config_(config), metrics_(metrics), cache_(limits_for(config)) {
   scratch_.reserve(config_.max_descriptors);
 }
 
@@ -103,8 +98,7 @@ std::shared_ptr<BlockStatusService::Fetch> BlockStatusService::fetch_covering(ui
   return offset < f->offset + f->length ? f : nullptr;
 }
 
-std::shared_ptr<BlockStatusService::Fetch> BlockStatusService::start_fetch(policy::FetchWindow window,
-                                                                           bool prefetch) {
+std::shared_ptr<BlockStatusService::Fetch> BlockStatusService::start_fetch(policy::FetchWindow window, bool prefetch) {
   auto fetch = std::make_shared<Fetch>(io_);
   fetch->offset = window.offset;
   fetch->length = window.length;

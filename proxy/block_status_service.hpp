@@ -43,8 +43,7 @@ class BlockStatusService {
   // Fast path: fills `out` from the cache without waiting. False on a miss.
   bool try_answer(uint64_t offset, uint32_t length, bool req_one, std::vector<wire::Descriptor>& out);
   // Slow path after a miss: fetches and answers. Returns an errno (0 on success).
-  awaitable<int> answer_after_miss(uint64_t offset, uint32_t length, bool req_one,
-                                   std::vector<wire::Descriptor>& out);
+  awaitable<int> answer_after_miss(uint64_t offset, uint32_t length, bool req_one, std::vector<wire::Descriptor>& out);
 
   using Ticket = cache::CoherentCache::Ticket;
   Ticket begin_mutation(uint64_t offset, uint64_t length);

@@ -22,9 +22,7 @@ OptionOutcome Handshake::handle(uint32_t option, ByteSpan payload, Bytes& reply)
       // Any name selects the one export bscache proxies, as nbdkit does.
       encode_export_name_reply(reply, info_.size, info_.tx_flags, negotiated_.no_zeroes);
       return OptionOutcome::Transmission;
-    case kOptAbort:
-      encode_option_reply(reply, option, kRepAck);
-      return OptionOutcome::Close;
+    case kOptAbort: encode_option_reply(reply, option, kRepAck); return OptionOutcome::Close;
     case kOptList:
       if (!payload.empty()) {
         encode_option_reply(reply, option, kRepErrInvalid, "LIST takes no payload");
@@ -38,8 +36,7 @@ OptionOutcome Handshake::handle(uint32_t option, ByteSpan payload, Bytes& reply)
                           "TLS is not supported by this server");
       return OptionOutcome::Continue;
     case kOptInfo:
-    case kOptGo:
-      return handle_info_or_go(option, payload, reply);
+    case kOptGo: return handle_info_or_go(option, payload, reply);
     case kOptStructuredReply:
       if (!payload.empty()) {
         encode_option_reply(reply, option, kRepErrInvalid, "STRUCTURED_REPLY takes no payload");
@@ -49,14 +46,11 @@ OptionOutcome Handshake::handle(uint32_t option, ByteSpan payload, Bytes& reply)
       }
       return OptionOutcome::Continue;
     case kOptListMetaContext:
-    case kOptSetMetaContext:
-      return handle_meta_context(option, payload, reply);
+    case kOptSetMetaContext: return handle_meta_context(option, payload, reply);
     case kOptExtendedHeaders:
       encode_option_reply(reply, option, kRepErrUnsup, "extended headers are not supported");
       return OptionOutcome::Continue;
-    default:
-      encode_option_reply(reply, option, kRepErrUnsup, "unknown option");
-      return OptionOutcome::Continue;
+    default: encode_option_reply(reply, option, kRepErrUnsup, "unknown option"); return OptionOutcome::Continue;
   }
 }
 
@@ -70,9 +64,7 @@ OptionOutcome Handshake::handle_info_or_go(uint32_t option, ByteSpan payload, By
   encode_info_export(reply, option, info_.size, info_.tx_flags);
   for (uint16_t type : request->requests) {
     switch (type) {
-      case kInfoName:
-        encode_info_name(reply, option, info_.name);
-        break;
+      case kInfoName: encode_info_name(reply, option, info_.name); break;
       case kInfoDescription:
         if (!info_.description.empty()) encode_info_description(reply, option, info_.description);
         break;
@@ -80,8 +72,7 @@ OptionOutcome Handshake::handle_info_or_go(uint32_t option, ByteSpan payload, By
         if (info_.advertise_block_size)
           encode_info_block_size(reply, option, info_.min_block, info_.preferred_block, info_.max_block);
         break;
-      default:
-        break;  // unknown info requests are ignored, as the spec says
+      default: break;  // unknown info requests are ignored, as the spec says
     }
   }
   encode_option_reply(reply, option, kRepAck);

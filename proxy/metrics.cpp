@@ -112,8 +112,8 @@ std::string render_prometheus(const Metrics& m, const CacheGauges& cache, const 
   per_op(out, "bscache_client_requests_total", m.client_requests);
   family(out, "bscache_client_errors_total", "counter", "Client requests answered with an error, by operation.");
   per_op(out, "bscache_client_errors_total", m.client_errors);
-  sample(out, "bscache_block_status_hits_total", "counter", "Block-status requests answered without waiting on upstream.",
-         static_cast<double>(m.block_status_hits));
+  sample(out, "bscache_block_status_hits_total", "counter",
+         "Block-status requests answered without waiting on upstream.", static_cast<double>(m.block_status_hits));
   sample(out, "bscache_block_status_misses_total", "counter", "Block-status requests that waited on upstream.",
          static_cast<double>(m.block_status_misses));
   sample(out, "bscache_block_status_hit_ratio", "gauge", "hits / (hits + misses), 0 before any request.", hit_rate(m));
@@ -130,8 +130,8 @@ std::string render_prometheus(const Metrics& m, const CacheGauges& cache, const 
   uint64_t cumulative = 0;
   for (size_t i = 0; i < kLatencyBuckets.size(); ++i) {
     cumulative += h.buckets[i];
-    out << "bscache_upstream_request_duration_seconds_bucket{op=\"block_status\",le=\"" << kLatencyBuckets[i]
-        << "\"} " << cumulative << '\n';
+    out << "bscache_upstream_request_duration_seconds_bucket{op=\"block_status\",le=\"" << kLatencyBuckets[i] << "\"} "
+        << cumulative << '\n';
   }
   out << "bscache_upstream_request_duration_seconds_bucket{op=\"block_status\",le=\"+Inf\"} " << h.count << '\n';
   out << "bscache_upstream_request_duration_seconds_sum{op=\"block_status\"} " << h.sum << '\n';

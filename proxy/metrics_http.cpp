@@ -16,7 +16,8 @@ namespace http = beast::http;
 using tcp = asio::ip::tcp;
 
 struct MetricsHttp::State {
-  State(asio::io_context& io, tcp::endpoint endpoint, Render r) : io(io), acceptor(io, endpoint), render(std::move(r)) {}
+  State(asio::io_context& io, tcp::endpoint endpoint, Render r)
+      : io(io), acceptor(io, endpoint), render(std::move(r)) {}
   asio::io_context& io;
   tcp::acceptor acceptor;
   Render render;
@@ -45,7 +46,8 @@ awaitable<void> serve_http(tcp::socket socket, const MetricsHttp::Render& render
     http::response<http::string_body> response;
     response.version(request.version());
     response.keep_alive(request.keep_alive());
-    if (request.target() == "/metrics" && (request.method() == http::verb::get || request.method() == http::verb::head)) {
+    if (request.target() == "/metrics" &&
+        (request.method() == http::verb::get || request.method() == http::verb::head)) {
       response.result(http::status::ok);
       response.set(http::field::content_type, "text/plain; version=0.0.4; charset=utf-8");
       response.body() = render();
@@ -78,7 +80,9 @@ MetricsHttp::MetricsHttp(asio::io_context& io, const std::string& address, Rende
 
 MetricsHttp::~MetricsHttp() = default;
 
-void MetricsHttp::start() { asio::co_spawn(state_->io, accept_http(state_->acceptor, state_->render), asio::detached); }
+void MetricsHttp::start() {
+  asio::co_spawn(state_->io, accept_http(state_->acceptor, state_->render), asio::detached);
+}
 
 void MetricsHttp::stop() {
   boost::system::error_code ignored;

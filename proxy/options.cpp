@@ -21,7 +21,9 @@ std::optional<std::vector<std::string>> split_command(const std::string& command
   return out;
 }
 
-ParseResult fail(const std::string& message) { return {std::nullopt, 2, "bscache: " + message}; }
+ParseResult fail(const std::string& message) {
+  return {std::nullopt, 2, "bscache: " + message};
+}
 
 std::optional<std::chrono::milliseconds> to_millis(const std::string& text) {
   auto d = policy::parse_duration(text);

@@ -19,11 +19,11 @@
 namespace bscache::proxy {
 
 struct ListenConfig {
-  std::string unix_path;          // empty: no Unix socket
-  std::optional<uint16_t> port;   // TCP port (0 picks a free one)
-  std::string bind = "127.0.0.1"; // TCP address; loopback unless told otherwise
-  unsigned socket_mode = 0600;    // permissions of the Unix socket
-  bool systemd = false;           // use sockets passed in LISTEN_FDS
+  std::string unix_path;           // empty: no Unix socket
+  std::optional<uint16_t> port;    // TCP port (0 picks a free one)
+  std::string bind = "127.0.0.1";  // TCP address; loopback unless told otherwise
+  unsigned socket_mode = 0600;     // permissions of the Unix socket
+  bool systemd = false;            // use sockets passed in LISTEN_FDS
   unsigned max_connections = 1024;
 };
 

@@ -23,7 +23,9 @@ namespace {
 // the connection survives; beyond it the client is not speaking NBD sanely.
 constexpr uint64_t kMaxDiscard = 256 * 1024 * 1024;
 constexpr uint16_t kMutationFlags = kCmdFlagFua | kCmdFlagNoHole | kCmdFlagFastZero;
-size_t op_index(uint16_t type) { return std::min<size_t>(type, kOpCount - 1); }
+size_t op_index(uint16_t type) {
+  return std::min<size_t>(type, kOpCount - 1);
+}
 }  // namespace
 
 Session::Session(ProxyContext& context, Socket socket, uint64_t id)
@@ -52,7 +54,8 @@ void Session::stop() {
 
 awaitable<bool> Session::read_exact(std::span<uint8_t> buffer) {
   boost::system::error_code ec;
-  co_await asio::async_read(socket_, asio::buffer(buffer.data(), buffer.size()), asio::redirect_error(use_awaitable, ec));
+  co_await asio::async_read(socket_, asio::buffer(buffer.data(), buffer.size()),
+                            asio::redirect_error(use_awaitable, ec));
   if (ec && ec != asio::error::eof && ec != asio::error::operation_aborted) {
     spdlog::debug("connection {}: read failed: {}", id_, ec.message());
   }
@@ -139,8 +142,8 @@ awaitable<bool> Session::handshake() {
                                ctx_.info.max_block,
                                negotiated_.structured_replies,
                                !negotiated_.contexts.empty()};
-  only_base_allocation_ = negotiated_.contexts.size() == 1 &&
-                          negotiated_.contexts[0] == static_cast<uint32_t>(ctx_.info.base_allocation);
+  only_base_allocation_ =
+      negotiated_.contexts.size() == 1 && negotiated_.contexts[0] == static_cast<uint32_t>(ctx_.info.base_allocation);
   spdlog::debug("connection {}: transmission, structured replies {}, {} meta contexts", id_,
                 negotiated_.structured_replies, negotiated_.contexts.size());
   co_return true;
@@ -160,8 +163,8 @@ awaitable<void> Session::transmission() {
       break;
     }
     ++ctx_.metrics.client_requests[op_index(request->type)];
-    spdlog::trace("connection {}: {} cookie={:#x} offset={} length={} flags={:#x}", id_,
-                  command_name(request->type), request->cookie, request->offset, request->length, request->flags);
+    spdlog::trace("connection {}: {} cookie={:#x} offset={} length={} flags={:#x}", id_, command_name(request->type),
+                  request->cookie, request->offset, request->length, request->flags);
     if (request->type == kCmdDisc) break;
 
     Bytes payload;
@@ -203,14 +206,10 @@ awaitable<void> Session::serve(RequestHeader request, Bytes payload) {
   auto self = shared_from_this();
   try {
     switch (request.type) {
-      case kCmdRead:
-        co_await serve_read(request);
-        break;
+      case kCmdRead: co_await serve_read(request); break;
       case kCmdWrite:
       case kCmdTrim:
-      case kCmdWriteZeroes:
-        co_await serve_mutation(request, payload);
-        break;
+      case kCmdWriteZeroes: co_await serve_mutation(request, payload); break;
       case kCmdFlush: {
         ++ctx_.metrics.upstream_requests[kCmdFlush];
         auto result = co_await ctx_.upstream.flush(0);
@@ -223,11 +222,8 @@ awaitable<void> Session::serve(RequestHeader request, Bytes payload) {
         reply_status(request, result.error);
         break;
       }
-      case kCmdBlockStatus:
-        co_await serve_block_status(request);
-        break;
-      default:
-        reply_nbd_error(request, kErrInval, "unknown command");
+      case kCmdBlockStatus: co_await serve_block_status(request); break;
+      default: reply_nbd_error(request, kErrInval, "unknown command");
     }
   } catch (const std::exception& e) {
     spdlog::error("connection {}: {} failed: {}", id_, command_name(request.type), e.what());
@@ -286,12 +282,8 @@ awaitable<void> Session::serve_mutation(const RequestHeader& request, const Byte
   auto ticket = ctx_.block_status.begin_mutation(request.offset, request.length);
   CommandResult result;
   switch (kind) {
-    case policy::Mutation::Write:
-      result = co_await ctx_.upstream.pwrite(payload, request.offset, flags);
-      break;
-    case policy::Mutation::Trim:
-      result = co_await ctx_.upstream.trim(request.length, request.offset, flags);
-      break;
+    case policy::Mutation::Write: result = co_await ctx_.upstream.pwrite(payload, request.offset, flags); break;
+    case policy::Mutation::Trim: result = co_await ctx_.upstream.trim(request.length, request.offset, flags); break;
     case policy::Mutation::WriteZeroes:
       result = co_await ctx_.upstream.zero(request.length, request.offset, flags);
       break;
@@ -333,7 +325,8 @@ awaitable<void> Session::serve_passthrough_block_status(const RequestHeader& req
   ++ctx_.metrics.block_status_misses;
   ++ctx_.metrics.upstream_requests[kCmdBlockStatus];
   const bool req_one = request.flags & kCmdFlagReqOne;
-  auto result = co_await ctx_.upstream.block_status(request.length, request.offset, req_one ? LIBNBD_CMD_FLAG_REQ_ONE : 0);
+  auto result =
+      co_await ctx_.upstream.block_status(request.length, request.offset, req_one ? LIBNBD_CMD_FLAG_REQ_ONE : 0);
   if (result.error) {
     ++ctx_.metrics.upstream_errors[kCmdBlockStatus];
     reply_status(request, result.error);
@@ -390,8 +383,8 @@ void Session::reply_status(const RequestHeader& request, int error) {
 }
 
 void Session::reply_nbd_error(const RequestHeader& request, uint32_t nbd_error, std::string_view message) {
-  spdlog::debug("connection {}: {} at {}+{} fails: {}", id_, command_name(request.type), request.offset,
-                request.length, message);
+  spdlog::debug("connection {}: {} at {}+{} fails: {}", id_, command_name(request.type), request.offset, request.length,
+                message);
   Bytes out;
   if (negotiated_.structured_replies) {
     encode_error_chunk(out, request.cookie, true, nbd_error, message);

@@ -63,8 +63,7 @@ Upstream::Upstream(asio::io_context& io, const UpstreamTarget& target) : io_(io)
     for (const auto& arg : target.command) argv.push_back(const_cast<char*>(arg.c_str()));
     argv.push_back(nullptr);
     if (target.export_name_set) nbd_set_export_name(h, target.export_name.c_str());
-    if (nbd_connect_systemd_socket_activation(h, argv.data()) == -1)
-      throw libnbd_failure("starting upstream command");
+    if (nbd_connect_systemd_socket_activation(h, argv.data()) == -1) throw libnbd_failure("starting upstream command");
   } else {
     if (nbd_connect_uri(h, target.uri.c_str()) == -1) throw libnbd_failure("connecting to upstream");
   }
@@ -137,7 +136,9 @@ awaitable<CommandResult> Upstream::pwrite(std::span<const uint8_t> data, uint64_
   // libnbd takes a const buffer for writes; the cast only fits the shared Args shape.
   return submit({Kind::Write, const_cast<uint8_t*>(data.data()), data.size(), offset, flags});
 }
-awaitable<CommandResult> Upstream::flush(uint32_t flags) { return submit({Kind::Flush, nullptr, 0, 0, flags}); }
+awaitable<CommandResult> Upstream::flush(uint32_t flags) {
+  return submit({Kind::Flush, nullptr, 0, 0, flags});
+}
 awaitable<CommandResult> Upstream::trim(uint64_t length, uint64_t offset, uint32_t flags) {
   return submit({Kind::Trim, nullptr, length, offset, flags});
 }
@@ -153,9 +154,7 @@ awaitable<CommandResult> Upstream::block_status(uint64_t length, uint64_t offset
 
 awaitable<CommandResult> Upstream::submit(Args args) {
   return asio::async_initiate<decltype(use_awaitable), void(CommandResult)>(
-      [this, args](auto handler) {
-        issue(std::make_unique<CommandWith<decltype(handler)>>(std::move(handler)), args);
-      },
+      [this, args](auto handler) { issue(std::make_unique<CommandWith<decltype(handler)>>(std::move(handler)), args); },
       use_awaitable);
 }
 
@@ -216,8 +215,7 @@ int Upstream::on_complete(void* user_data, int* error) {
   return 1;  // retire the command automatically
 }
 
-int Upstream::on_extent(void* user_data, const char* context, uint64_t, uint32_t* entries, size_t count,
-                        int*) {
+int Upstream::on_extent(void* user_data, const char* context, uint64_t, uint32_t* entries, size_t count, int*) {
   auto* command = static_cast<Command*>(user_data);
   const auto& contexts = command->owner->info_.contexts;
   auto it = std::find(contexts.begin(), contexts.end(), context);

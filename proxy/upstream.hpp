@@ -98,10 +98,9 @@ class Upstream {
   void learn_info();
 
   static int on_complete(void* user_data, int* error);
-  static int on_extent(void* user_data, const char* context, uint64_t offset, uint32_t* entries,
-                       size_t count, int* error);
-  static int on_chunk(void* user_data, const void* subbuf, size_t count, uint64_t offset,
-                      unsigned status, int* error);
+  static int on_extent(void* user_data, const char* context, uint64_t offset, uint32_t* entries, size_t count,
+                       int* error);
+  static int on_chunk(void* user_data, const void* subbuf, size_t count, uint64_t offset, unsigned status, int* error);
 
   asio::io_context& io_;
   NbdHandlePtr handle_;

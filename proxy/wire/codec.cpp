@@ -19,7 +19,9 @@ void put_u64(Bytes& out, uint64_t v) {
   put_u32(out, static_cast<uint32_t>(v));
 }
 
-void put_bytes(Bytes& out, std::string_view s) { out.insert(out.end(), s.begin(), s.end()); }
+void put_bytes(Bytes& out, std::string_view s) {
+  out.insert(out.end(), s.begin(), s.end());
+}
 
 std::optional<uint16_t> ByteReader::u16() {
   if (remaining() < 2) return std::nullopt;
@@ -247,18 +249,14 @@ namespace {
 uint16_t allowed_flags(uint16_t type, const TransmissionLimits& l) {
   const bool fua = l.tx_flags & kTxSendFua;
   switch (type) {
-    case kCmdRead:
-      return (l.structured_replies && (l.tx_flags & kTxSendDf)) ? kCmdFlagDf : 0;
+    case kCmdRead: return (l.structured_replies && (l.tx_flags & kTxSendDf)) ? kCmdFlagDf : 0;
     case kCmdWrite:
-    case kCmdTrim:
-      return fua ? kCmdFlagFua : 0;
+    case kCmdTrim: return fua ? kCmdFlagFua : 0;
     case kCmdWriteZeroes:
       return static_cast<uint16_t>((fua ? kCmdFlagFua : 0) | kCmdFlagNoHole |
                                    ((l.tx_flags & kTxSendFastZero) ? kCmdFlagFastZero : 0));
-    case kCmdBlockStatus:
-      return kCmdFlagReqOne;
-    default:
-      return 0;
+    case kCmdBlockStatus: return kCmdFlagReqOne;
+    default: return 0;
   }
 }
 

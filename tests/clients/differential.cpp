@@ -68,7 +68,9 @@ const char* name(Op op) {
   static const char* names[] = {"write", "zero", "trim", "flush", "status", "status-req-one", "read"};
   return names[static_cast<int>(op)];
 }
-bool mutates(Op op) { return op == Op::Write || op == Op::Zero || op == Op::Trim; }
+bool mutates(Op op) {
+  return op == Op::Write || op == Op::Zero || op == Op::Trim;
+}
 
 struct Action {
   Op op = Op::Flush;
@@ -106,15 +108,15 @@ class Test {
       for (auto& a : batch) log(a.describe());
       for (auto& a : batch) checked += verify(a, batch);
     }
-    std::printf("differential: seed %llu, %d operations, %d answers checked\n",
-                static_cast<unsigned long long>(seed_), done, checked);
+    std::printf("differential: seed %llu, %d operations, %d answers checked\n", static_cast<unsigned long long>(seed_),
+                done, checked);
     return 0;
   }
 
  private:
   Action random_action() {
-    static const Op ops[] = {Op::Write, Op::Write, Op::Zero, Op::Trim, Op::Flush, Op::Status,
-                             Op::StatusOne, Op::StatusOne, Op::StatusOne, Op::Read};
+    static const Op ops[] = {Op::Write,  Op::Write,     Op::Zero,      Op::Trim,      Op::Flush,
+                             Op::Status, Op::StatusOne, Op::StatusOne, Op::StatusOne, Op::Read};
     Action a;
     a.op = ops[rng_() % std::size(ops)];
     a.client = static_cast<int>(rng_() % 2);

@@ -1,0 +1,201 @@
+// Option negotiation, driven option by option without a socket.
+#include "proxy/handshake.hpp"
+
+#include <gtest/gtest.h>
+
+#include "proxy/wire/codec.hpp"
+
+namespace bscache::proxy {
+namespace {
+
+using namespace wire;
+
+struct Reply {
+  uint32_t option, type;
+  Bytes payload;
+};
+
+// Splits a byte stream of option replies.
+std::vector<Reply> replies(const Bytes& bytes) {
+  std::vector<Reply> out;
+  ByteReader r(bytes);
+  while (r.remaining() > 0) {
+    EXPECT_EQ(r.u64(), kOptReplyMagic);
+    Reply reply{*r.u32(), *r.u32(), {}};
+    auto length = *r.u32();
+    auto payload = r.string(length);
+    reply.payload.assign(payload->begin(), payload->end());
+    out.push_back(reply);
+  }
+  return out;
+}
+
+Bytes meta_request(std::vector<std::string> queries) {
+  Bytes b;
+  put_u32(b, 0);
+  put_u32(b, static_cast<uint32_t>(queries.size()));
+  for (const auto& q : queries) {
+    put_u32(b, static_cast<uint32_t>(q.size()));
+    put_bytes(b, q);
+  }
+  return b;
+}
+
+class HandshakeTest : public ::testing::Test {
+ protected:
+  HandshakeTest() {
+    UpstreamInfo up;
+    up.size = 1 << 30;
+    up.can_flush = up.can_trim = up.can_zero = true;
+    up.contexts = {"base:allocation", "qemu:dirty-bitmap:b1", "qemu:allocation-depth"};
+    up.min_block = 512;
+    up.advertises_block_size = true;
+    info = make_export_info(up, false);
+  }
+  ExportInfo info;
+};
+
+TEST_F(HandshakeTest, UnknownOptionIsUnsupportedAndNegotiationContinues) {
+  Handshake h(info, true);
+  Bytes out;
+  EXPECT_EQ(h.handle(1234, {}, out), OptionOutcome::Continue);
+  auto r = replies(out);
+  ASSERT_EQ(r.size(), 1u);
+  EXPECT_EQ(r[0].option, 1234u);
+  EXPECT_EQ(r[0].type, kRepErrUnsup);
+}
+
+TEST_F(HandshakeTest, StartTlsIsRefusedByPolicyAndExtendedHeadersUnsupported) {
+  Handshake h(info, true);
+  Bytes out;
+  h.handle(kOptStartTls, {}, out);
+  h.handle(kOptExtendedHeaders, {}, out);
+  auto r = replies(out);
+  EXPECT_EQ(r[0].type, kRepErrPolicy);
+  EXPECT_EQ(r[1].type, kRepErrUnsup);
+}
+
+TEST_F(HandshakeTest, SetMetaContextNeedsStructuredRepliesFirst) {
+  Handshake h(info, true);
+  Bytes out;
+  Bytes request = meta_request({"base:allocation"});
+  h.handle(kOptSetMetaContext, request, out);
+  EXPECT_EQ(replies(out).back().type, kRepErrInvalid);
+  EXPECT_TRUE(h.negotiated().contexts.empty());
+}
+
+TEST_F(HandshakeTest, SetMetaContextSelectsExactNamesWithIds) {
+  Handshake h(info, true);
+  Bytes out;
+  h.handle(kOptStructuredReply, {}, out);
+  out.clear();
+  Bytes request = meta_request({"qemu:allocation-depth", "base:allocation", "nonsense:x"});
+  h.handle(kOptSetMetaContext, request, out);
+  auto r = replies(out);
+  ASSERT_EQ(r.size(), 3u);  // two contexts, then ACK
+  EXPECT_EQ(r[0].type, kRepMetaContext);
+  ByteReader first(r[0].payload);
+  EXPECT_EQ(first.u32(), 3u);  // qemu:allocation-depth is index 2, id 3
+  EXPECT_EQ(first.string(first.remaining()), "qemu:allocation-depth");
+  EXPECT_EQ(r[2].type, kRepAck);
+  EXPECT_EQ(h.negotiated().contexts, (std::vector<uint32_t>{2, 0}));
+}
+
+TEST_F(HandshakeTest, ListMetaContextMatchesNamespaces) {
+  Handshake h(info, true);
+  Bytes out;
+  Bytes request = meta_request({"qemu:"});
+  h.handle(kOptListMetaContext, request, out);
+  auto r = replies(out);
+  ASSERT_EQ(r.size(), 3u);
+  EXPECT_EQ(r[2].type, kRepAck);
+  out.clear();
+  Bytes all = meta_request({});
+  h.handle(kOptListMetaContext, all, out);
+  EXPECT_EQ(replies(out).size(), 4u);  // every context, then ACK
+  EXPECT_TRUE(h.negotiated().contexts.empty()) << "LIST must not select";
+}
+
+TEST_F(HandshakeTest, GoSendsExportAndRequestedBlockSizeThenTransmission) {
+  Handshake h(info, true);
+  Bytes request;
+  put_u32(request, 0);
+  put_u16(request, 1);
+  put_u16(request, kInfoBlockSize);
+  Bytes out;
+  EXPECT_EQ(h.handle(kOptGo, request, out), OptionOutcome::Transmission);
+  auto r = replies(out);
+  ASSERT_EQ(r.size(), 3u);
+  ByteReader exp(r[0].payload);
+  EXPECT_EQ(exp.u16(), kInfoExport);
+  EXPECT_EQ(exp.u64(), uint64_t{1} << 30);
+  ByteReader bs(r[1].payload);
+  EXPECT_EQ(bs.u16(), kInfoBlockSize);
+  EXPECT_EQ(bs.u32(), 512u);
+  EXPECT_EQ(r[2].type, kRepAck);
+}
+
+TEST_F(HandshakeTest, InfoStaysInNegotiation) {
+  Handshake h(info, true);
+  Bytes request;
+  put_u32(request, 0);
+  put_u16(request, 0);
+  Bytes out;
+  EXPECT_EQ(h.handle(kOptInfo, request, out), OptionOutcome::Continue);
+}
+
+TEST_F(HandshakeTest, MalformedGoIsInvalid) {
+  Handshake h(info, true);
+  Bytes request;
+  put_u32(request, 100);  // name longer than the payload
+  Bytes out;
+  EXPECT_EQ(h.handle(kOptGo, request, out), OptionOutcome::Continue);
+  EXPECT_EQ(replies(out).back().type, kRepErrInvalid);
+}
+
+TEST_F(HandshakeTest, ExportNameRepliesWithZeroesUnlessNoZeroes) {
+  Bytes out;
+  Handshake with_zeroes(info, false);
+  EXPECT_EQ(with_zeroes.handle(kOptExportName, {}, out), OptionOutcome::Transmission);
+  EXPECT_EQ(out.size(), 8u + 2u + 124u);
+  out.clear();
+  Handshake no_zeroes(info, true);
+  no_zeroes.handle(kOptExportName, {}, out);
+  EXPECT_EQ(out.size(), 10u);
+}
+
+TEST_F(HandshakeTest, AbortIsAcknowledgedAndCloses) {
+  Handshake h(info, true);
+  Bytes out;
+  EXPECT_EQ(h.handle(kOptAbort, {}, out), OptionOutcome::Close);
+  EXPECT_EQ(replies(out)[0].type, kRepAck);
+}
+
+TEST_F(HandshakeTest, OversizedExportNameCloses) {
+  Handshake h(info, true);
+  Bytes out;
+  EXPECT_EQ(h.refuse_oversized(kOptExportName, out), OptionOutcome::Close);
+  EXPECT_EQ(h.refuse_oversized(kOptInfo, out), OptionOutcome::Continue);
+}
+
+TEST(ExportInfoTest, SynthesizesBaseAllocationWhenUpstreamLacksIt) {
+  UpstreamInfo up;
+  up.contexts = {"qemu:dirty-bitmap:x"};
+  auto info = make_export_info(up, false);
+  ASSERT_EQ(info.contexts.size(), 2u);
+  EXPECT_EQ(info.contexts[static_cast<size_t>(info.base_allocation)], "base:allocation");
+  EXPECT_EQ(info.upstream_index[static_cast<size_t>(info.base_allocation)], -1);
+}
+
+TEST(ExportInfoTest, ReadOnlyHidesMutatingCommands) {
+  UpstreamInfo up;
+  up.can_trim = up.can_zero = up.can_fast_zero = up.can_flush = true;
+  auto info = make_export_info(up, true);
+  EXPECT_TRUE(info.tx_flags & kTxReadOnly);
+  EXPECT_FALSE(info.tx_flags & kTxSendTrim);
+  EXPECT_FALSE(info.tx_flags & kTxSendWriteZeroes);
+  EXPECT_TRUE(info.tx_flags & kTxSendFlush);
+}
+
+}  // namespace
+}  // namespace bscache::proxy
