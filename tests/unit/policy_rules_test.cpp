@@ -1,0 +1,82 @@
+// Policy: fetch windows, prefetch depth, durations, coherence, write effects.
+#include <gtest/gtest.h>
+
+#include "policy/coherence.hpp"
+#include "policy/fetch_window.hpp"
+#include "policy/prefetch.hpp"
+
+namespace bscache::policy {
+namespace {
+
+using namespace std::chrono_literals;
+constexpr uint64_t GiB = uint64_t{1} << 30;
+
+TEST(FetchWindow, LargestAlignedWindowClippedAtTheEnd) {
+  EXPECT_EQ(plan_fetch(0, 64 * GiB, 512), (FetchWindow{0, 0xffffffffu / 512 * 512}));
+  EXPECT_EQ(plan_fetch(3 * GiB, 4 * GiB, 512), (FetchWindow{3 * GiB, GiB}));
+  EXPECT_EQ(plan_fetch(1000, 4 * GiB, 512), (FetchWindow{512, 0xffffffffu / 512 * 512}));
+  EXPECT_EQ(plan_fetch(4 * GiB, 4 * GiB, 512).length, 0u);
+  EXPECT_EQ(plan_fetch(0, 4 * GiB, 0, 1 << 20), (FetchWindow{0, 1 << 20})) << "min_block 0 means 1";
+  EXPECT_EQ(plan_fetch(0, 4 * GiB, 4096, 100), (FetchWindow{0, 4096})) << "never below one block";
+}
+
+TEST(Prefetch, DepthFollowsLatency) {
+  PrefetchConfig config;
+  EXPECT_EQ(prefetch_depth(config, 0ms), 1u);
+  EXPECT_EQ(prefetch_depth(config, 5ms), 1u);
+  EXPECT_EQ(prefetch_depth(config, 50ms), 6u);
+  EXPECT_EQ(prefetch_depth(config, 10s), config.max_depth);
+  config.enabled = false;
+  EXPECT_EQ(prefetch_depth(config, 50ms), 0u);
+}
+
+TEST(Prefetch, TriggersInTheSecondHalfOfARun) {
+  EXPECT_FALSE(should_prefetch(0, 4 * GiB, 4 * GiB, 64 * GiB));
+  EXPECT_TRUE(should_prefetch(3 * GiB, 4 * GiB, 4 * GiB, 64 * GiB));
+  EXPECT_FALSE(should_prefetch(3 * GiB, 4 * GiB, 4 * GiB, 4 * GiB)) << "the run reaches the export end";
+  EXPECT_FALSE(should_prefetch(5 * GiB, 4 * GiB, 4 * GiB, 64 * GiB));
+}
+
+TEST(Prefetch, LatencyEstimateIsAMovingAverage) {
+  LatencyEstimator e;
+  EXPECT_EQ(e.estimate(), 0ns);
+  e.record(40ms);
+  EXPECT_EQ(e.estimate(), 40ms);
+  e.record(0ms);
+  EXPECT_EQ(e.estimate(), 30ms);
+}
+
+TEST(Coherence, ParsesDurations) {
+  EXPECT_EQ(parse_duration("250ms"), 250ms);
+  EXPECT_EQ(parse_duration("30s"), 30s);
+  EXPECT_EQ(parse_duration("1.5s"), 1500ms);
+  EXPECT_EQ(parse_duration("5m"), 5min);
+  EXPECT_EQ(parse_duration("1h"), 1h);
+  EXPECT_EQ(parse_duration("100us"), 100us);
+  EXPECT_EQ(parse_duration("2"), 2s);
+  for (const char* bad : {"", "s", "-1s", "10 s", "10sec", "1e400s", "nan"}) {
+    EXPECT_FALSE(parse_duration(bad)) << bad;
+  }
+}
+
+TEST(Coherence, ParsesPolicies) {
+  EXPECT_EQ(parse_policy("exclusive")->mode, CoherenceMode::Exclusive);
+  EXPECT_EQ(parse_policy("off")->mode, CoherenceMode::Off);
+  auto ttl = parse_policy("ttl=1.5s");
+  ASSERT_TRUE(ttl);
+  EXPECT_EQ(ttl->mode, CoherenceMode::Ttl);
+  EXPECT_EQ(ttl->ttl, 1500ms);
+  EXPECT_EQ(ttl->describe(), "ttl=1500ms");
+  EXPECT_FALSE(parse_policy("ttl=0s"));
+  EXPECT_FALSE(parse_policy("ttl="));
+  EXPECT_FALSE(parse_policy("sometimes"));
+}
+
+TEST(Coherence, WhatMutationsLeaveBehind) {
+  EXPECT_EQ(state_after(Mutation::Write), 0u);
+  EXPECT_EQ(state_after(Mutation::Trim), 0u) << "contents are undefined after TRIM";
+  EXPECT_EQ(state_after(Mutation::WriteZeroes), 2u) << "ZERO, never HOLE";
+}
+
+}  // namespace
+}  // namespace bscache::policy
