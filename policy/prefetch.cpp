@@ -13,9 +13,9 @@ unsigned prefetch_depth(const PrefetchConfig& config, std::chrono::nanoseconds u
   return static_cast<unsigned>(std::min<uint64_t>(1 + extra, max_depth));
 }
 
-bool should_prefetch(uint64_t offset, uint64_t run_end, uint64_t window, uint64_t export_size) {
-  if (run_end < offset || run_end >= export_size) return false;
-  return run_end - offset < window / 2;
+bool should_prefetch(uint64_t offset, uint64_t window_start, uint64_t window_end, uint64_t export_size) {
+  if (offset < window_start || offset >= window_end || window_end >= export_size) return false;
+  return (offset - window_start) >= (window_end - window_start) / 8;
 }
 
 void LatencyEstimator::record(std::chrono::nanoseconds sample) {

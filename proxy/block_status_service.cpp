@@ -162,7 +162,7 @@ void BlockStatusService::maybe_prefetch(uint64_t offset) {
     window.prefetched = false;
     ++metrics_.prefetches_used;
   }
-  if (!policy::should_prefetch(offset, window.end, window.end - it->first, info_.size)) return;
+  if (!policy::should_prefetch(offset, it->first, window.end, info_.size)) return;
   const unsigned depth = policy::prefetch_depth(config_.prefetch, latency_.estimate());
   uint64_t pos = window.end;
   for (unsigned i = 0; i < depth && pos < info_.size; ++i) {

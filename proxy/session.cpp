@@ -36,6 +36,7 @@ Session::Session(ProxyContext& context, Socket socket, uint64_t id)
 awaitable<void> Session::run() {
   auto self = shared_from_this();
   try {
+    socket_.non_blocking(true);  // send() writes directly when it can
     if (co_await handshake()) co_await transmission();
   } catch (const std::exception& e) {
     spdlog::warn("connection {}: {}", id_, e.what());
@@ -163,7 +164,7 @@ awaitable<void> Session::transmission() {
       break;
     }
     ++ctx_.metrics.client_requests[op_index(request->type)];
-    spdlog::trace("connection {}: {} cookie={:#x} offset={} length={} flags={:#x}", id_, command_name(request->type),
+    spdlog::debug("connection {}: {} cookie={:#x} offset={} length={} flags={:#x}", id_, command_name(request->type),
                   request->cookie, request->offset, request->length, request->flags);
     if (request->type == kCmdDisc) break;
 
@@ -398,6 +399,22 @@ void Session::reply_nbd_error(const RequestHeader& request, uint32_t nbd_error, 
 
 void Session::send(Bytes bytes) {
   if (broken_) return;
+  if (!writing_ && outbox_.empty()) {
+    // The common case, a small reply to an idle socket: write it now,
+    // without a coroutine or a trip through the reactor. The socket is in
+    // non-blocking mode, so a full buffer just leaves the rest for the queue.
+    boost::system::error_code ec;
+    const size_t written = socket_.write_some(asio::buffer(bytes), ec);
+    if (!ec && written == bytes.size()) return;
+    if (ec && ec != asio::error::would_block && ec != asio::error::try_again) {
+      spdlog::debug("connection {}: write failed: {}", id_, ec.message());
+      broken_ = true;
+      boost::system::error_code ignored;
+      socket_.shutdown(Socket::shutdown_receive, ignored);
+      return;
+    }
+    bytes.erase(bytes.begin(), bytes.begin() + static_cast<std::ptrdiff_t>(written));
+  }
   outbox_.push_back(std::move(bytes));
   if (!writing_) {
     writing_ = true;

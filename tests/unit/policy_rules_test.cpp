@@ -23,18 +23,21 @@ TEST(FetchWindow, LargestAlignedWindowClippedAtTheEnd) {
 TEST(Prefetch, DepthFollowsLatency) {
   PrefetchConfig config;
   EXPECT_EQ(prefetch_depth(config, 0ms), 1u);
-  EXPECT_EQ(prefetch_depth(config, 5ms), 1u);
-  EXPECT_EQ(prefetch_depth(config, 50ms), 6u);
+  EXPECT_EQ(prefetch_depth(config, 4ms), 1u);
+  EXPECT_EQ(prefetch_depth(config, 5ms), 2u);
+  EXPECT_EQ(prefetch_depth(config, 50ms), 11u);
   EXPECT_EQ(prefetch_depth(config, 10s), config.max_depth);
   config.enabled = false;
   EXPECT_EQ(prefetch_depth(config, 50ms), 0u);
 }
 
-TEST(Prefetch, TriggersInTheSecondHalfOfARun) {
-  EXPECT_FALSE(should_prefetch(0, 4 * GiB, 4 * GiB, 64 * GiB));
-  EXPECT_TRUE(should_prefetch(3 * GiB, 4 * GiB, 4 * GiB, 64 * GiB));
-  EXPECT_FALSE(should_prefetch(3 * GiB, 4 * GiB, 4 * GiB, 4 * GiB)) << "the run reaches the export end";
-  EXPECT_FALSE(should_prefetch(5 * GiB, 4 * GiB, 4 * GiB, 64 * GiB));
+TEST(Prefetch, TriggersOnceAScanIsAnEighthIntoAWindow) {
+  EXPECT_FALSE(should_prefetch(0, 0, 4 * GiB, 64 * GiB)) << "the first look-up in a window";
+  EXPECT_FALSE(should_prefetch(GiB / 4, 0, 4 * GiB, 64 * GiB));
+  EXPECT_TRUE(should_prefetch(GiB / 2, 0, 4 * GiB, 64 * GiB));
+  EXPECT_TRUE(should_prefetch(3 * GiB, 0, 4 * GiB, 64 * GiB));
+  EXPECT_FALSE(should_prefetch(3 * GiB, 0, 4 * GiB, 4 * GiB)) << "the window reaches the export end";
+  EXPECT_FALSE(should_prefetch(5 * GiB, 0, 4 * GiB, 64 * GiB)) << "outside the window";
 }
 
 TEST(Prefetch, LatencyEstimateIsAMovingAverage) {
