@@ -40,6 +40,7 @@ wait_for_file() {
 # start_nbdkit NAME ARGS...: nbdkit on $T/NAME.sock, ready on return.
 start_nbdkit() {
   local name=$1; shift
+  rm -f "$T/$name.sock" "$T/$name.pid"
   nbdkit -f -U "$T/$name.sock" -P "$T/$name.pid" "$@" >"$T/$name.log" 2>&1 &
   PIDS+=($!)
   wait_for_file "$T/$name.pid"
@@ -48,6 +49,7 @@ start_nbdkit() {
 # start_bscache NAME ARGS...: bscache listening on $T/NAME.sock, ready on return.
 start_bscache() {
   local name=$1; shift
+  rm -f "$T/$name.pid"
   "$BSCACHE" --unix "$T/$name.sock" --pidfile "$T/$name.pid" "$@" >"$T/$name.log" 2>&1 &
   PIDS+=($!)
   wait_for_file "$T/$name.pid"

@@ -1,0 +1,240 @@
+#!/usr/bin/env bash
+# Benchmarks bscache against direct access, nbdkit's cacheextents filter and
+# (where it applies) an instant upstream, in one run on this machine. Every
+# server is started and stopped here; every contender's map output must equal
+# direct's. Writes bench/results/RESULTS.md, raw.tsv and ratios.png.
+#
+# usage: bench/run.sh [--quick] [--out DIR]
+#   --quick      3 runs per contender and smaller images (under 3 minutes)
+#   BENCH_TINY=1 one run on tiny images: only checks the harness works
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(dirname "$here")
+mode=full
+out=$here/results
+while (($#)); do
+  case $1 in
+    --quick) mode=quick ;;
+    --out) out=$2; shift ;;
+    *) echo "usage: $0 [--quick] [--out DIR]" >&2; exit 2 ;;
+  esac
+  shift
+done
+[[ ${BENCH_TINY:-0} == 1 ]] && mode=tiny
+mkdir -p "$out"
+
+if [[ -z ${BSCACHE:-} ]]; then
+  "$repo/scripts/deps.sh"
+  BUILD_DIR=$repo/build "$repo/scripts/build.sh" >/dev/null
+  BSCACHE=$repo/build/bscache
+fi
+tools=$(dirname "$BSCACHE")
+source "$repo/tests/integration/lib.sh"  # start_nbdkit, start_bscache, stop_server, uri; cleans up $T
+make_extents=$repo/tests/integration/make_extents.sh
+
+G=$((1 << 30)) M=$((1 << 20))
+case $mode in
+  full) runs=5 warmup=1 seq_size=$((4 * G)) seq_extents=2500 sparse_size=$((64 * G)) sparse_direct_runs=1
+        mix_queries=2000 mix_extents=3000 tmpfs_size=$((8 * G)) tmpfs_chunks=8192 data_size=$G mem_extents=1000000
+        latency_seconds=2 micro_time=0.2 ;;
+  quick) runs=3 warmup=1 seq_size=$((1 * G)) seq_extents=600 sparse_size=$((16 * G)) sparse_direct_runs=0
+         mix_queries=500 mix_extents=1000 tmpfs_size=$((1 * G)) tmpfs_chunks=1024 data_size=$((128 * M))
+         mem_extents=100000 latency_seconds=1 micro_time=0.02 ;;
+  tiny) runs=1 warmup=0 seq_size=$((64 * M)) seq_extents=40 sparse_size=$((2 * G)) sparse_direct_runs=0
+        mix_queries=50 mix_extents=20 tmpfs_size=$((16 * M)) tmpfs_chunks=16 data_size=$((8 * M)) mem_extents=1000
+        latency_seconds=0.2 micro_time=0.001 ;;
+esac
+delay=5ms sparse_delay=50ms
+[[ $mode == tiny ]] && delay=1ms sparse_delay=2ms
+
+raw=$out/raw.tsv
+printf 'workload\tcontender\tmetric\tmedian\tmin\tmax\truns\tnote\n' >"$raw"
+now() { date +%s.%N; }
+log() { echo "[$(date +%T)] $*" >&2; }
+
+# record WORKLOAD CONTENDER METRIC NOTE VALUES...
+record() {
+  local workload=$1 contender=$2 metric=$3 note=$4; shift 4
+  printf '%s\n' "$@" | sort -g | awk -v w="$workload" -v c="$contender" -v m="$metric" -v note="$note" '
+    { v[NR] = $1 } END { med = (NR % 2) ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2;
+      printf "%s\t%s\t%s\t%.6g\t%.6g\t%.6g\t%d\t%s\n", w, c, m, med, v[1], v[NR], NR, note }' >>"$raw"
+  log "$workload / $contender: $(tail -1 "$raw" | cut -f4) ($metric, median of $#)"
+}
+
+# Fronts (proxies) started fresh for each run so every run starts cold.
+front_up() {  # CONTENDER UPSTREAM_NAME: sets $target, the URI clients use
+  local contender=$1 up=$2
+  target=$(uri front)
+  case $contender in
+    direct | floor) target=$(uri "$up") ;;
+    cacheextents) start_nbdkit front --filter=cacheextents nbd socket="$T/$up.sock" ;;
+    nbdkit-nbd) start_nbdkit front nbd socket="$T/$up.sock" ;;
+    bscache) start_bscache front --upstream "$(uri "$up")" --log-level warn --stats-file "$T/front.json" ;;
+    bscache-off) start_bscache front --upstream "$(uri "$up")" --log-level warn --policy off \
+                   --stats-file "$T/front.json" ;;
+  esac
+}
+front_down() { [[ -f $T/front.pid ]] && { stop_server front; rm -f "$T/front.pid"; }; return 0; }
+
+# measure WORKLOAD CONTENDER UPSTREAM RUNS CLIENT_FUNCTION [REFERENCE]
+# Times CLIENT_FUNCTION URI OUTFILE, warm-up first; checks output vs REFERENCE.
+measure() {
+  local workload=$1 contender=$2 up=$3 n=$4 client=$5 reference=${6:-}
+  local times=() i
+  ((n > 0)) || return 0
+  for ((i = 0; i < n + warmup; i++)); do
+    local t0 t1
+    front_up "$contender" "$up"
+    t0=$(now)
+    "$client" "$target" "$T/out.$contender"
+    t1=$(now)
+    front_down
+    if [[ -n $reference ]] && ! cmp -s "$T/out.$contender" "$reference"; then
+      echo "ERROR: $workload: $contender's output differs from direct's" >&2
+      exit 1
+    fi
+    ((i >= warmup)) && times+=("$(echo "$t1 - $t0" | bc -l)")
+  done
+  record "$workload" "$contender" seconds "" "${times[@]}"
+}
+
+client_map() { qemu-img map -f raw --output=json "$1" >"$2"; }
+client_convert() { qemu-img convert -n -f raw "$1" --target-image-opts "driver=null-co,size=$seq_size" && : >"$2"; }
+client_two() {
+  local half=$((seq_size / 2))
+  qemu-img map -f raw --output=json --max-length=$half "$1" >"$2.lo" &
+  qemu-img map -f raw --output=json --start-offset=$half "$1" >"$2.hi"
+  wait $!
+  cat "$2.lo" "$2.hi" >"$2"
+}
+
+# ---- seq-map, convert, two-scanners: 4 GiB, ~2,500 extents, 5 ms per call ----
+"$make_extents" "$seq_size" "$seq_extents" 42 >"$T/seq.ext"
+start_nbdkit seqslow --filter=delay --filter=extentlist null size=$seq_size extentlist="$T/seq.ext" delay-extents=$delay
+start_nbdkit seqfast --filter=extentlist null size=$seq_size extentlist="$T/seq.ext"
+client_map "$(uri seqfast)" "$T/seq.ref"
+client_two "$(uri seqfast)" "$T/two.ref"
+for c in direct cacheextents bscache bscache-off; do measure seq-map $c seqslow $runs client_map "$T/seq.ref"; done
+measure seq-map floor seqfast $runs client_map "$T/seq.ref"
+for c in direct cacheextents bscache; do measure convert $c seqslow $runs client_convert; done
+measure convert floor seqfast $runs client_convert
+for c in direct cacheextents bscache; do measure two-scanners $c seqslow $runs client_two "$T/two.ref"; done
+measure two-scanners floor seqfast $runs client_two "$T/two.ref"
+
+# ---- big-sparse: 1 MiB of data every 64 MiB, 50 ms per call ----
+awk -v n=$((sparse_size / (64 * M))) 'BEGIN { for (i = 0; i < n; i++) {
+  printf "%.0f 1048576\n%.0f 66060288 hole,zero\n", i * 67108864, i * 67108864 + 1048576 } }' >"$T/sparse.ext"
+start_nbdkit sparseslow --filter=delay --filter=extentlist null size=$sparse_size extentlist="$T/sparse.ext" \
+  delay-extents=$sparse_delay
+start_nbdkit sparsefast --filter=extentlist null size=$sparse_size extentlist="$T/sparse.ext"
+client_map "$(uri sparsefast)" "$T/sparse.ref"
+for c in cacheextents bscache; do measure big-sparse $c sparseslow $runs client_map "$T/sparse.ref"; done
+measure big-sparse floor sparsefast $runs client_map "$T/sparse.ref"
+saved_warmup=$warmup warmup=0
+measure big-sparse direct sparseslow $sparse_direct_runs client_map "$T/sparse.ref"
+warmup=$saved_warmup
+
+# ---- write-mix: REQ_ONE walk with a 4 KiB write every 10 queries ----
+# A fresh memory upstream per run (writes change it); the stats filter counts
+# what reached upstream, so every contender's hit rate is measured the same way.
+mix_run() {  # CONTENDER -> "seconds hit_rate"
+  local contender=$1 calls
+  start_nbdkit mix --filter=stats --filter=delay memory $seq_size delay-extents=$delay statsfile="$T/mix.stats"
+  "$tools/write_mix" "$(uri mix)" --populate $mix_extents
+  front_up "$contender" mix
+  read -r secs _ _ < <("$tools/write_mix" "$target" $mix_queries)
+  front_down
+  stop_server mix
+  rm -f "$T/mix.pid"
+  calls=$(stats_count "$T/mix.stats" extents)
+  echo "$secs $(echo "1 - $calls / $mix_queries" | bc -l)"
+}
+for c in direct cacheextents bscache; do
+  secs=() rates=()
+  for ((i = 0; i < runs; i++)); do read -r s r < <(mix_run $c); secs+=("$s"); rates+=("$r"); done
+  record write-mix $c seconds "" "${secs[@]}"
+  record write-mix $c hit_rate "1 - upstream calls / queries" "${rates[@]}"
+done
+
+# ---- tmpfs: qemu-nbd on a sparse file in /dev/shm, no delay ----
+shm=$(mktemp -d /dev/shm/bscache-bench.XXXXXX)
+/usr/bin/python3 - "$shm/disk.img" "$tmpfs_size" "$tmpfs_chunks" <<'PY'
+import sys
+path, size, chunks = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+with open(path, "wb") as f:
+    f.truncate(size)
+    for i in range(chunks):
+        f.seek(size // chunks * i)
+        f.write(b"\xa5" * 4096)
+PY
+qemu-nbd -f raw -t -k "$T/tmpfs.sock" --pid-file "$T/tmpfs.pid" --fork "$shm/disk.img"
+PIDS+=("$(cat "$T/tmpfs.pid")")
+client_map "$(uri tmpfs)" "$T/tmpfs.ref"
+for c in direct cacheextents bscache; do measure tmpfs $c tmpfs $runs client_map "$T/tmpfs.ref"; done
+kill "$(cat "$T/tmpfs.pid")"
+rm -rf "$shm"
+
+# ---- hit-latency: REQ_ONE on cached ranges, queue depth 1 and 16 ----
+for depth in 1 16; do
+  for c in direct cacheextents bscache; do
+    rates=() lats=()
+    for ((i = 0; i < runs; i++)); do
+      front_up $c seqfast
+      "$tools/hit_latency" "$target" "$seq_size" "$latency_seconds" $depth >/dev/null  # warm the cache
+      read -r rate lat < <("$tools/hit_latency" "$target" "$seq_size" "$latency_seconds" $depth)
+      front_down
+      rates+=("$rate") lats+=("$lat")
+    done
+    record "hit-latency-qd$depth" $c requests_per_second "" "${rates[@]}"
+    record "hit-latency-qd$depth" $c microseconds "" "${lats[@]}"
+  done
+done
+
+# ---- data-path: read and write through each contender ----
+head -c "$data_size" /dev/urandom >"$T/random.img"
+start_nbdkit data memory $data_size
+nbdcopy "$T/random.img" "$(uri data)"
+client_read() { nbdcopy "$1" null: && : >"$2"; }
+client_write() { nbdcopy "$T/random.img" "$1" && : >"$2"; }
+for c in direct nbdkit-nbd bscache; do
+  measure data-read $c data $runs client_read
+  measure data-write $c data $runs client_write
+done
+nbdcopy "$(uri data)" "$T/readback.img"
+cmp -s "$T/readback.img" "$T/random.img" || { echo "ERROR: data-path wrote wrong bytes" >&2; exit 1; }
+
+# ---- memory: bytes per cached extent ----
+seq 0 $((mem_extents - 1)) | awk '{ printf "%d 4096 %s\n", $1 * 4096, ($1 % 2) ? "hole,zero" : "" }' >"$T/mem.ext"
+start_nbdkit mem --filter=extentlist null size=$((mem_extents * 4096)) extentlist="$T/mem.ext"
+start_bscache memb --upstream "$(uri mem)" --log-level warn --cache-max-extents $((2 * mem_extents)) \
+  --stats-file "$T/mem.json"
+pid=$(cat "$T/memb.pid")
+rss_before=$(awk '/VmRSS/ { print $2 * 1024 }' "/proc/$pid/status")
+/usr/bin/python3 - "$(uri memb)" $((mem_extents * 4096)) <<'PY'
+import sys, nbd
+h = nbd.NBD(); h.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION); h.connect_uri(sys.argv[1])
+size, pos = int(sys.argv[2]), 0
+def cb(ctx, off, entries, err):
+    global pos
+    pos = off + sum(entries[0::2])
+    return 0
+while pos < size:
+    h.block_status(min(size - pos, 1 << 31), pos, cb)
+PY
+rss_after=$(awk '/VmRSS/ { print $2 * 1024 }' "/proc/$pid/status")
+kill -USR1 "$pid"
+sleep 0.5
+extents=$(jq .cache.extents "$T/mem.json")
+estimate=$(jq .cache.memory_bytes "$T/mem.json")
+record memory bscache rss_bytes_per_extent "RSS growth / cached extents ($extents)" \
+  "$(echo "($rss_after - $rss_before) / $extents" | bc -l)"
+record memory bscache estimated_bytes_per_extent "cache.memory_bytes / extents" "$(echo "$estimate / $extents" | bc -l)"
+stop_server memb
+
+# ---- cache micro-benchmarks ----
+if [[ -x $tools/cache_micro ]]; then
+  "$tools/cache_micro" --benchmark_min_time=$micro_time >"$out/micro.txt" 2>/dev/null || true
+fi
+
+/usr/bin/python3 "$here/report.py" "$raw" "$out" "$mode"
+log "wrote $out/RESULTS.md"
