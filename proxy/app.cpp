@@ -64,13 +64,21 @@ class App {
 
 int App::run() {
   try {
-    upstream_ = std::make_unique<Upstream>(io_, options_.upstream);
+    upstream_ = std::make_unique<Upstream>(io_, options_.upstream, options_.upstream_options);
   } catch (const std::exception& e) {
     spdlog::error("{}", e.what());
     return 1;
   }
   info_ = make_export_info(upstream_->info(), options_.read_only);
   block_status_ = std::make_unique<BlockStatusService>(io_, *upstream_, info_, options_.block_status, metrics_);
+  upstream_->on_state_change([this](bool connected) {
+    if (connected) {
+      metrics_.upstream_reconnects = upstream_->reconnects();
+    } else {
+      // The upstream may change while we cannot see it: nothing cached stays.
+      block_status_->clear();
+    }
+  });
   context_ =
       std::make_unique<ProxyContext>(ProxyContext{io_, *upstream_, info_, *block_status_, metrics_, options_.session});
 

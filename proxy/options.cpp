@@ -35,7 +35,7 @@ std::optional<std::chrono::milliseconds> to_millis(const std::string& text) {
 ParseResult parse_options(int argc, const char* const argv[]) {
   Options o;
   std::string policy = "exclusive", prefetch = "on", handshake_timeout = "30s", stats_interval = "60s";
-  std::string socket_mode = "0600", upstream_command, export_name;
+  std::string socket_mode = "0600", upstream_command, export_name, reconnect = "on", upstream_timeout = "0";
   std::optional<std::string> export_name_opt;
   int port = -1;
   uint64_t fetch_window = o.block_status.max_window;
@@ -50,6 +50,10 @@ ParseResult parse_options(int argc, const char* const argv[]) {
     ("upstream", po::value(&o.upstream.uri), "upstream NBD URI (nbd://, nbd+unix://, nbds://)")
     ("upstream-command", po::value(&upstream_command),
      "start this upstream server as a child with systemd socket activation, e.g. 'nbdkit memory 1G'")
+    ("reconnect", po::value(&reconnect)->default_value("on"),
+     "on | off: reconnect to upstream (backoff 100 ms to 5 s) when the connection dies")
+    ("upstream-timeout", po::value(&upstream_timeout)->default_value("0"),
+     "drop and reconnect an upstream connection that leaves a command unanswered this long (0: off)")
     ("export-name", po::value<std::string>(), "upstream export name (default: the URI's, else \"\")")
     ("unix", po::value(&o.listen.unix_path), "listen on this Unix socket")
     ("port", po::value(&port), "listen on this TCP port (0: any free port)")
@@ -139,6 +143,12 @@ ParseResult parse_options(int argc, const char* const argv[]) {
   auto interval = stats_interval == "0" ? std::optional(std::chrono::milliseconds(0)) : to_millis(stats_interval);
   if (!interval) return fail("--stats-interval must be a duration such as 60s, or 0");
   o.stats_interval = *interval;
+  if (reconnect != "on" && reconnect != "off") return fail("--reconnect must be on or off");
+  o.upstream_options.reconnect = reconnect == "on";
+  auto timeout_value =
+      upstream_timeout == "0" ? std::optional(std::chrono::milliseconds(0)) : to_millis(upstream_timeout);
+  if (!timeout_value) return fail("--upstream-timeout must be a duration such as 30s, or 0");
+  o.upstream_options.timeout = *timeout_value;
   if (o.session.max_in_flight == 0) return fail("--max-in-flight must be at least 1");
   if (o.listen.max_connections == 0) return fail("--max-connections must be at least 1");
   return {std::move(o), 0, {}};

@@ -17,6 +17,7 @@ namespace bscache::proxy {
 
 struct Options {
   UpstreamTarget upstream;
+  UpstreamOptions upstream_options;
   ListenConfig listen;
   SessionLimits session;
   BlockStatusConfig block_status;

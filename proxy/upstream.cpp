@@ -1,5 +1,7 @@
 #include "proxy/upstream.hpp"
 
+#include "proxy/upstream_connect.hpp"
+
 #include <poll.h>
 #include <spdlog/spdlog.h>
 
@@ -13,22 +15,12 @@
 
 namespace bscache::proxy {
 
-namespace {
-std::runtime_error libnbd_failure(const char* what) {
-  return std::runtime_error(std::string(what) + ": " + (nbd_get_error() ? nbd_get_error() : "unknown error"));
-}
-
-int meta_context_collector(void* user_data, const char* name) {
-  static_cast<std::vector<std::string>*>(user_data)->emplace_back(name);
-  return 0;
-}
-}  // namespace
-
 // A command in flight. The libnbd callbacks get a raw pointer to it; it is
 // owned by `pending_` until its completion has been posted back to the loop.
 struct Upstream::Command {
   Upstream* owner = nullptr;
   uint64_t id = 0;
+  std::chrono::steady_clock::time_point started = std::chrono::steady_clock::now();
   CommandResult result;
   virtual ~Command() = default;
   // Hands the result to the awaiting coroutine. `defer` posts rather than
@@ -51,82 +43,104 @@ struct Upstream::CommandWith final : Upstream::Command {
   }
 };
 
-Upstream::Upstream(asio::io_context& io, const UpstreamTarget& target) : io_(io), socket_(io) {
-  handle_.reset(nbd_create());
-  if (!handle_) throw libnbd_failure("nbd_create");
-  nbd_handle* h = handle_.get();
-  nbd_set_handle_name(h, "upstream");
-  // Option mode lets us ask which meta contexts upstream offers before GO.
-  if (nbd_set_opt_mode(h, true) == -1 || nbd_set_full_info(h, true) == -1) throw libnbd_failure("libnbd setup");
-  if (!target.command.empty()) {
-    std::vector<char*> argv;
-    for (const auto& arg : target.command) argv.push_back(const_cast<char*>(arg.c_str()));
-    argv.push_back(nullptr);
-    if (target.export_name_set) nbd_set_export_name(h, target.export_name.c_str());
-    if (nbd_connect_systemd_socket_activation(h, argv.data()) == -1) throw libnbd_failure("starting upstream command");
-  } else {
-    if (nbd_connect_uri(h, target.uri.c_str()) == -1) throw libnbd_failure("connecting to upstream");
-  }
-  if (target.export_name_set) nbd_set_export_name(h, target.export_name.c_str());
-
-  std::vector<std::string> offered;
-  if (nbd_get_structured_replies_negotiated(h) == 1) {
-    nbd_context_callback collect{.callback = meta_context_collector, .user_data = &offered, .free = nullptr};
-    if (nbd_opt_list_meta_context(h, collect) == -1) offered.clear();
-  }
-  for (const auto& name : offered) nbd_add_meta_context(h, name.c_str());
-  if (nbd_opt_go(h) == -1) throw libnbd_failure("upstream refused the export");
-  learn_info();
-  socket_.assign(nbd_aio_get_fd(h));
-  pump();
+Upstream::Upstream(asio::io_context& io, const UpstreamTarget& target, UpstreamOptions options)
+    : io_(io), target_(target), options_(options), socket_(io), watchdog_(io) {
+  NbdHandlePtr handle = open_upstream(target_);
+  info_ = read_upstream_info(handle.get());
+  adopt(std::move(handle));
+  if (options_.timeout.count() > 0) watch();
 }
 
 Upstream::~Upstream() {
+  closing_ = true;
+  helper_.join();  // a reconnect may be under way
   // libnbd owns the descriptor: never let Asio close it.
   if (socket_.is_open()) socket_.release();
 }
 
-void Upstream::learn_info() {
-  nbd_handle* h = handle_.get();
-  auto flag = [](int v) { return v == 1; };
-  info_.size = static_cast<uint64_t>(nbd_get_size(h));
-  info_.read_only = flag(nbd_is_read_only(h));
-  info_.can_flush = flag(nbd_can_flush(h));
-  info_.can_fua = flag(nbd_can_fua(h));
-  info_.can_trim = flag(nbd_can_trim(h));
-  info_.can_zero = flag(nbd_can_zero(h));
-  info_.can_fast_zero = flag(nbd_can_fast_zero(h));
-  info_.can_cache = flag(nbd_can_cache(h));
-  info_.can_df = flag(nbd_can_df(h));
-  info_.can_multi_conn = flag(nbd_can_multi_conn(h));
-  info_.rotational = flag(nbd_is_rotational(h));
-  if (int64_t v = nbd_get_block_size(h, LIBNBD_SIZE_MINIMUM); v > 0) {
-    info_.min_block = static_cast<uint32_t>(v);
-    info_.advertises_block_size = true;
+void Upstream::adopt(NbdHandlePtr handle) {
+  handle_ = std::move(handle);
+  socket_.assign(nbd_aio_get_fd(handle_.get()));
+  dead_ = false;
+  pump();
+}
+
+// Ends the connection now: every command in flight fails with `error`. With
+// the handle closed, libnbd no longer touches any of their buffers.
+void Upstream::fail_connection(int error, const std::string& why) {
+  if (!handle_) return;
+  spdlog::warn("upstream connection lost: {}; {} commands in flight fail", why, pending_.size());
+  if (socket_.is_open()) socket_.release();  // cancels our waits; libnbd closes the fd
+  handle_.reset();
+  dead_ = true;
+  auto failed = std::move(pending_);
+  pending_.clear();
+  for (auto& [id, command] : failed) {
+    command->result = CommandResult{};
+    command->result.error = error;
+    command->complete(true);
   }
-  if (int64_t v = nbd_get_block_size(h, LIBNBD_SIZE_PREFERRED); v > 0) info_.preferred_block = static_cast<uint32_t>(v);
-  if (int64_t v = nbd_get_block_size(h, LIBNBD_SIZE_MAXIMUM); v > 0) info_.max_block = static_cast<uint32_t>(v);
-  if (char* name = nbd_get_canonical_export_name(h)) {
-    info_.export_name = name;
-    free(name);  // NOLINT: libnbd returns malloc'd strings
+  if (on_state_) on_state_(false);
+  if (options_.reconnect && !closing_) schedule_reconnect();
+}
+
+void Upstream::schedule_reconnect() {
+  const auto delay = backoff_;
+  backoff_ = std::min(backoff_ * 2, std::chrono::milliseconds(5000));
+  auto timer = std::make_shared<asio::steady_timer>(io_, delay);
+  timer->async_wait([this, timer](boost::system::error_code ec) {
+    if (ec || closing_) return;
+    // Connecting blocks (DNS, TCP, the handshake): do it off the loop.
+    asio::post(helper_, [this] {
+      NbdHandlePtr handle;
+      std::string error;
+      try {
+        handle = open_upstream(target_);
+      } catch (const std::exception& e) {
+        error = e.what();
+      }
+      asio::post(io_, [this, handle = std::move(handle), error]() mutable { reconnected(std::move(handle), error); });
+    });
+  });
+}
+
+void Upstream::reconnected(NbdHandlePtr handle, const std::string& error) {
+  if (closing_) return;
+  if (!handle) {
+    ++reconnect_failures_;
+    spdlog::warn("upstream reconnect attempt {} failed: {}", reconnect_failures_, error);
+    schedule_reconnect();
+    return;
   }
-  if (char* d = nbd_get_export_description(h)) {
-    info_.description = d;
-    free(d);  // NOLINT
+  const UpstreamInfo fresh = read_upstream_info(handle.get());
+  if (fresh.size != info_.size || fresh.contexts != info_.contexts) {
+    spdlog::warn("upstream changed across the reconnect (size {} -> {}); clients keep what they negotiated", info_.size,
+                 fresh.size);
   }
-  // Ask libnbd which contexts were really selected, in a stable order.
-  std::vector<std::string> offered;
-  for (size_t i = 0;; ++i) {
-    char* name = nbd_get_meta_context(h, i);
-    if (!name) break;
-    offered.emplace_back(name);
-    free(name);  // NOLINT
-  }
-  for (const auto& name : offered) {
-    if (nbd_can_meta_context(h, name.c_str()) == 1) info_.contexts.push_back(name);
-  }
-  auto it = std::find(info_.contexts.begin(), info_.contexts.end(), wire::kBaseAllocation);
-  info_.base_allocation_index = it == info_.contexts.end() ? -1 : static_cast<int>(it - info_.contexts.begin());
+  spdlog::info("upstream reconnected after {} failed attempts", reconnect_failures_);
+  reconnect_failures_ = 0;
+  backoff_ = kFirstBackoff;
+  ++reconnects_;
+  adopt(std::move(handle));
+  if (on_state_) on_state_(true);
+}
+
+// With --upstream-timeout: a command upstream has not answered in time means
+// the connection is stuck; drop it (failing everything in flight) and reconnect.
+void Upstream::watch() {
+  const auto period = std::max<std::chrono::milliseconds>(options_.timeout / 4, std::chrono::milliseconds(10));
+  watchdog_.expires_after(period);
+  watchdog_.async_wait([this](boost::system::error_code ec) {
+    if (ec || closing_) return;
+    const auto now = std::chrono::steady_clock::now();
+    for (const auto& [id, command] : pending_) {
+      if (now - command->started > options_.timeout) {
+        fail_connection(ETIMEDOUT, "a command got no answer within --upstream-timeout");
+        break;
+      }
+    }
+    watch();
+  });
 }
 
 awaitable<CommandResult> Upstream::pread(std::span<uint8_t> buffer, uint64_t offset, uint32_t flags) {
@@ -162,7 +176,7 @@ void Upstream::issue(std::unique_ptr<Command> command, const Args& a) {
   command->owner = this;
   command->id = next_id_++;
   if (dead_) {
-    command->result.error = ENOTCONN;
+    command->result.error = ESHUTDOWN;  // upstream is gone; we are reconnecting
     command->complete(true);
     return;
   }
@@ -200,7 +214,7 @@ void Upstream::issue(std::unique_ptr<Command> command, const Args& a) {
     pending_.erase(it);
     failed->result.error = err ? err : EIO;
     failed->complete(true);
-    if (nbd_aio_is_dead(h) || nbd_aio_is_closed(h)) dead_ = true;
+    if (nbd_aio_is_dead(h) || nbd_aio_is_closed(h)) fail_connection(ESHUTDOWN, "libnbd says the handle is dead");
     return;
   }
   pump();
@@ -244,11 +258,10 @@ void Upstream::finish(uint64_t id) {
 }
 
 void Upstream::pump() {
-  if (dead_) return;
+  if (dead_ || !handle_) return;
   nbd_handle* h = handle_.get();
   if (nbd_aio_is_dead(h) || nbd_aio_is_closed(h)) {
-    if (!dead_) spdlog::warn("upstream connection is gone: {}", nbd_get_error() ? nbd_get_error() : "closed");
-    dead_ = true;
+    fail_connection(ESHUTDOWN, "the server closed the connection");
     return;
   }
   const unsigned dir = nbd_aio_get_direction(h);
@@ -306,7 +319,9 @@ bool Upstream::socket_ready(short events) {
 }
 
 void Upstream::shutdown() {
-  if (!dead_ && nbd_aio_is_ready(handle_.get())) nbd_aio_disconnect(handle_.get(), 0);
+  closing_ = true;
+  watchdog_.cancel();
+  if (handle_ && !dead_ && nbd_aio_is_ready(handle_.get())) nbd_aio_disconnect(handle_.get(), 0);
   pump();
 }
 

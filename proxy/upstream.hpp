@@ -8,6 +8,7 @@
 
 #include <libnbd.h>
 
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -17,24 +18,20 @@
 #include <vector>
 
 #include <boost/asio/posix/stream_descriptor.hpp>
+#include <boost/asio/thread_pool.hpp>
 
 #include "proxy/asio.hpp"
+#include "proxy/upstream_connect.hpp"
 #include "proxy/upstream_info.hpp"
 #include "proxy/wire/codec.hpp"
 
 namespace bscache::proxy {
 
-struct NbdClose {
-  void operator()(nbd_handle* h) const { nbd_close(h); }
-};
-using NbdHandlePtr = std::unique_ptr<nbd_handle, NbdClose>;
-
-// How to reach the upstream server.
-struct UpstreamTarget {
-  std::string uri;                   // any libnbd URI, or empty when command is set
-  std::vector<std::string> command;  // started with systemd socket activation
-  std::string export_name;           // overrides the URI's export when set
-  bool export_name_set = false;
+struct UpstreamOptions {
+  // Reconnect (with backoff from 100 ms to 5 s) when the connection dies. Default: on.
+  bool reconnect = true;
+  // A command unanswered this long drops the connection (then reconnect). Default: 0, off.
+  std::chrono::milliseconds timeout{0};
 };
 
 // A piece of a structured READ reply.
@@ -55,13 +52,16 @@ class Upstream {
  public:
   // Connects (blocking: only at start-up) and negotiates every meta context
   // upstream offers. Throws std::runtime_error with libnbd's message on failure.
-  Upstream(asio::io_context& io, const UpstreamTarget& target);
+  Upstream(asio::io_context& io, const UpstreamTarget& target, UpstreamOptions options = {});
   ~Upstream();
   Upstream(const Upstream&) = delete;
   Upstream& operator=(const Upstream&) = delete;
 
   const UpstreamInfo& info() const { return info_; }
   bool dead() const { return dead_; }
+  uint64_t reconnects() const { return reconnects_; }
+  // Called with false when the connection is lost, true when it is back.
+  void on_state_change(std::function<void(bool connected)> callback) { on_state_ = std::move(callback); }
   size_t in_flight() const { return pending_.size(); }
 
   awaitable<CommandResult> pread(std::span<uint8_t> buffer, uint64_t offset, uint32_t flags);
@@ -91,20 +91,35 @@ class Upstream {
   awaitable<CommandResult> submit(Args args);
   void issue(std::unique_ptr<Command> command, const Args& args);
   void finish(uint64_t id);
+  void adopt(NbdHandlePtr handle);
+  void fail_connection(int error, const std::string& why);
+  void schedule_reconnect();
+  void reconnected(NbdHandlePtr handle, const std::string& error);
+  void watch();
   void pump();
   void wait_until(short events, std::function<void()> notify);
   void on_ready(bool reading, const std::function<void()>& notify);
   bool socket_ready(short events);
-  void learn_info();
 
   static int on_complete(void* user_data, int* error);
   static int on_extent(void* user_data, const char* context, uint64_t offset, uint32_t* entries, size_t count,
                        int* error);
   static int on_chunk(void* user_data, const void* subbuf, size_t count, uint64_t offset, unsigned status, int* error);
 
+  static constexpr std::chrono::milliseconds kFirstBackoff{100};
+
   asio::io_context& io_;
+  UpstreamTarget target_;
+  UpstreamOptions options_;
   NbdHandlePtr handle_;
   asio::posix::stream_descriptor socket_;
+  asio::steady_timer watchdog_;
+  asio::thread_pool helper_{1};  // blocking reconnects happen here, never on the loop
+  std::function<void(bool)> on_state_;
+  std::chrono::milliseconds backoff_ = kFirstBackoff;
+  uint64_t reconnects_ = 0;
+  uint64_t reconnect_failures_ = 0;
+  bool closing_ = false;
   UpstreamInfo info_;
   bool read_armed_ = false;
   bool write_armed_ = false;

@@ -1,0 +1,92 @@
+#include "proxy/upstream_connect.hpp"
+
+#include <algorithm>
+#include <cstdlib>
+#include <stdexcept>
+
+#include "proxy/wire/protocol.hpp"
+
+namespace bscache::proxy {
+
+namespace {
+std::runtime_error libnbd_failure(const char* what) {
+  return std::runtime_error(std::string(what) + ": " + (nbd_get_error() ? nbd_get_error() : "unknown error"));
+}
+
+int meta_context_collector(void* user_data, const char* name) {
+  static_cast<std::vector<std::string>*>(user_data)->emplace_back(name);
+  return 0;
+}
+
+// libnbd returns malloc'd strings.
+std::string take_string(char* s) {
+  if (!s) return {};
+  std::string out(s);
+  free(s);  // NOLINT(cppcoreguidelines-no-malloc)
+  return out;
+}
+}  // namespace
+
+NbdHandlePtr open_upstream(const UpstreamTarget& target) {
+  NbdHandlePtr handle(nbd_create());
+  if (!handle) throw libnbd_failure("nbd_create");
+  nbd_handle* h = handle.get();
+  nbd_set_handle_name(h, "upstream");
+  // Option mode lets us ask which meta contexts upstream offers before GO.
+  if (nbd_set_opt_mode(h, true) == -1 || nbd_set_full_info(h, true) == -1) throw libnbd_failure("libnbd setup");
+  if (!target.command.empty()) {
+    std::vector<char*> argv;
+    for (const auto& arg : target.command) argv.push_back(const_cast<char*>(arg.c_str()));
+    argv.push_back(nullptr);
+    if (target.export_name_set) nbd_set_export_name(h, target.export_name.c_str());
+    if (nbd_connect_systemd_socket_activation(h, argv.data()) == -1) throw libnbd_failure("starting upstream command");
+  } else {
+    if (nbd_connect_uri(h, target.uri.c_str()) == -1) throw libnbd_failure("connecting to upstream");
+  }
+  if (target.export_name_set) nbd_set_export_name(h, target.export_name.c_str());
+
+  std::vector<std::string> offered;
+  if (nbd_get_structured_replies_negotiated(h) == 1) {
+    nbd_context_callback collect{.callback = meta_context_collector, .user_data = &offered, .free = nullptr};
+    if (nbd_opt_list_meta_context(h, collect) == -1) offered.clear();
+  }
+  for (const auto& name : offered) nbd_add_meta_context(h, name.c_str());
+  if (nbd_opt_go(h) == -1) throw libnbd_failure("upstream refused the export");
+  return handle;
+}
+
+UpstreamInfo read_upstream_info(nbd_handle* h) {
+  UpstreamInfo info;
+  auto flag = [](int v) { return v == 1; };
+  info.size = static_cast<uint64_t>(nbd_get_size(h));
+  info.read_only = flag(nbd_is_read_only(h));
+  info.can_flush = flag(nbd_can_flush(h));
+  info.can_fua = flag(nbd_can_fua(h));
+  info.can_trim = flag(nbd_can_trim(h));
+  info.can_zero = flag(nbd_can_zero(h));
+  info.can_fast_zero = flag(nbd_can_fast_zero(h));
+  info.can_cache = flag(nbd_can_cache(h));
+  info.can_df = flag(nbd_can_df(h));
+  info.can_multi_conn = flag(nbd_can_multi_conn(h));
+  info.rotational = flag(nbd_is_rotational(h));
+  if (int64_t v = nbd_get_block_size(h, LIBNBD_SIZE_MINIMUM); v > 0) {
+    info.min_block = static_cast<uint32_t>(v);
+    info.advertises_block_size = true;
+  }
+  if (int64_t v = nbd_get_block_size(h, LIBNBD_SIZE_PREFERRED); v > 0) info.preferred_block = static_cast<uint32_t>(v);
+  if (int64_t v = nbd_get_block_size(h, LIBNBD_SIZE_MAXIMUM); v > 0) info.max_block = static_cast<uint32_t>(v);
+  info.export_name = take_string(nbd_get_canonical_export_name(h));
+  info.description = take_string(nbd_get_export_description(h));
+  // Ask libnbd which contexts were really selected, in a stable order.
+  for (size_t i = 0;; ++i) {
+    char* name = nbd_get_meta_context(h, i);
+    if (!name) break;
+    std::string context = take_string(name);
+    if (nbd_can_meta_context(h, context.c_str()) == 1) info.contexts.push_back(context);
+  }
+  auto it = std::find(info.contexts.begin(), info.contexts.end(), wire::kBaseAllocation);
+  info.base_allocation_index = it == info.contexts.end() ? -1 : static_cast<int>(it - info.contexts.begin());
+  return info;
+}
+
+}  // namespace bscache::proxy

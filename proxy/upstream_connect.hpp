@@ -1,0 +1,33 @@
+// Opening an upstream connection: connect, learn the meta contexts upstream
+// offers (option mode), select them all, GO. Blocking: used once at start-up
+// on the loop thread, and for reconnects on a helper thread.
+#pragma once
+
+#include <libnbd.h>
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "proxy/upstream_info.hpp"
+
+namespace bscache::proxy {
+
+struct NbdClose {
+  void operator()(nbd_handle* h) const { nbd_close(h); }
+};
+using NbdHandlePtr = std::unique_ptr<nbd_handle, NbdClose>;
+
+// How to reach the upstream server.
+struct UpstreamTarget {
+  std::string uri;                   // any libnbd URI, or empty when command is set
+  std::vector<std::string> command;  // started with systemd socket activation
+  std::string export_name;           // overrides the URI's export when set
+  bool export_name_set = false;
+};
+
+// Throws std::runtime_error with libnbd's message on failure.
+NbdHandlePtr open_upstream(const UpstreamTarget& target);
+UpstreamInfo read_upstream_info(nbd_handle* h);
+
+}  // namespace bscache::proxy
