@@ -48,9 +48,18 @@ awaitable<void> Session::run() {
 
 void Session::stop() {
   stopping_ = true;
-  // Ends the pending read; in-flight requests still get their replies.
+  close_when_idle();
+}
+
+// While stopping, the connection closes once nothing is in flight and every
+// reply is out. Not earlier: shutting the read side at once would make the
+// client's pending sends fail (EPIPE) and it would never read the replies to
+// writes that upstream did complete.
+void Session::close_when_idle() {
+  if (!stopping_ || in_flight_ > 0 || writing_ || !outbox_.empty()) return;
   boost::system::error_code ignored;
-  socket_.shutdown(Socket::shutdown_receive, ignored);
+  socket_.shutdown(Socket::shutdown_both, ignored);
+  socket_.close(ignored);
 }
 
 awaitable<bool> Session::read_exact(std::span<uint8_t> buffer) {
@@ -155,7 +164,7 @@ awaitable<bool> Session::handshake() {
 awaitable<void> Session::transmission() {
   auto self = shared_from_this();
   std::array<uint8_t, kRequestHeaderSize> header_bytes{};
-  while (!stopping_ && !broken_) {
+  while (!broken_) {
     while (in_flight_ >= ctx_.limits.max_in_flight && !broken_) co_await wait_for_wakeup();
     if (!co_await read_exact(header_bytes)) break;
     auto request = decode_request_header(header_bytes);
@@ -180,6 +189,10 @@ awaitable<void> Session::transmission() {
         if (!co_await read_exact(payload)) break;
       }
     }
+    if (stopping_) {
+      reply_nbd_error(*request, kErrShutdown, "server is shutting down");
+      continue;
+    }
     if (uint32_t error = validate_request(*request, limits_)) {
       ++ctx_.metrics.client_errors[op_index(request->type)];
       reply_nbd_error(*request, error, "invalid request");
@@ -201,6 +214,7 @@ awaitable<void> Session::wait_for_wakeup() {
 void Session::request_done() {
   --in_flight_;
   wakeup_.cancel();
+  close_when_idle();
 }
 
 awaitable<void> Session::serve(RequestHeader request, Bytes payload) {
@@ -405,7 +419,10 @@ void Session::send(Bytes bytes) {
     // non-blocking mode, so a full buffer just leaves the rest for the queue.
     boost::system::error_code ec;
     const size_t written = socket_.write_some(asio::buffer(bytes), ec);
-    if (!ec && written == bytes.size()) return;
+    if (!ec && written == bytes.size()) {
+      close_when_idle();
+      return;
+    }
     if (ec && ec != asio::error::would_block && ec != asio::error::try_again) {
       spdlog::debug("connection {}: write failed: {}", id_, ec.message());
       broken_ = true;
@@ -413,9 +430,10 @@ void Session::send(Bytes bytes) {
       socket_.shutdown(Socket::shutdown_receive, ignored);
       return;
     }
-    bytes.erase(bytes.begin(), bytes.begin() + static_cast<std::ptrdiff_t>(written));
+    outbox_.push_back({std::move(bytes), written});  // the rest goes out from the queue
+  } else {
+    outbox_.push_back({std::move(bytes), 0});
   }
-  outbox_.push_back(std::move(bytes));
   if (!writing_) {
     writing_ = true;
     asio::co_spawn(ctx_.io, write_queue(), asio::detached);
@@ -424,7 +442,7 @@ void Session::send(Bytes bytes) {
 
 awaitable<void> Session::write_queue() {
   auto self = shared_from_this();
-  std::vector<Bytes> batch;
+  std::vector<Outgoing> batch;
   std::vector<asio::const_buffer> buffers;
   while (!outbox_.empty() && !broken_) {
     // Everything queued goes out in one gathered write.
@@ -434,7 +452,7 @@ awaitable<void> Session::write_queue() {
       batch.push_back(std::move(outbox_.front()));
       outbox_.pop_front();
     }
-    for (const auto& b : batch) buffers.push_back(asio::buffer(b));
+    for (const auto& b : batch) buffers.push_back(asio::buffer(b.bytes.data() + b.sent, b.bytes.size() - b.sent));
     boost::system::error_code ec;
     co_await asio::async_write(socket_, buffers, asio::redirect_error(use_awaitable, ec));
     if (ec) {
@@ -447,6 +465,7 @@ awaitable<void> Session::write_queue() {
   }
   writing_ = false;
   wakeup_.cancel();
+  close_when_idle();
 }
 
 }  // namespace bscache::proxy

@@ -65,6 +65,7 @@ class Session : public std::enable_shared_from_this<Session> {
   void send(wire::Bytes bytes);
   awaitable<void> write_queue();
   void request_done();
+  void close_when_idle();
   awaitable<void> wait_for_wakeup();
 
   ProxyContext& ctx_;
@@ -77,7 +78,11 @@ class Session : public std::enable_shared_from_this<Session> {
   bool broken_ = false;
   unsigned in_flight_ = 0;
   asio::steady_timer wakeup_;  // cancelled whenever a request finishes
-  std::deque<wire::Bytes> outbox_;
+  struct Outgoing {
+    wire::Bytes bytes;
+    size_t sent = 0;  // already written by send()'s direct attempt
+  };
+  std::deque<Outgoing> outbox_;
   bool writing_ = false;
   // Reused for cache hits: building a hit reply allocates only the reply itself.
   std::vector<wire::Descriptor> descriptors_;
