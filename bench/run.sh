@@ -4,19 +4,24 @@
 # server is started and stopped here; every contender's map output must equal
 # direct's. Writes bench/results/RESULTS.md, raw.tsv and ratios.png.
 #
-# usage: bench/run.sh [--quick] [--out DIR]
+# usage: bench/run.sh [--quick] [--out DIR] [--only SECTIONS]
 #   --quick      3 runs per contender and smaller images (under 3 minutes)
+#   --only S     run only these sections (comma-separated: seq, big-sparse,
+#                write-mix, tmpfs, hit-latency, data-path, memory, micro) and
+#                replace just their rows in an existing raw.tsv
 #   BENCH_TINY=1 one run on tiny images: only checks the harness works
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(dirname "$here")
 mode=full
 out=$here/results
+only=""
 while (($#)); do
   case $1 in
     --quick) mode=quick ;;
     --out) out=$2; shift ;;
-    *) echo "usage: $0 [--quick] [--out DIR]" >&2; exit 2 ;;
+    --only) only=",$2,"; shift ;;
+    *) echo "usage: $0 [--quick] [--out DIR] [--only SECTIONS]" >&2; exit 2 ;;
   esac
   shift
 done
@@ -48,7 +53,22 @@ delay=5ms sparse_delay=50ms
 [[ $mode == tiny ]] && delay=1ms sparse_delay=2ms
 
 raw=$out/raw.tsv
-printf 'workload\tcontender\tmetric\tmedian\tmin\tmax\truns\tnote\n' >"$raw"
+want() { [[ -z $only || $only == *",$1,"* ]]; }
+section_workloads() {  # the workload names a section writes
+  case $1 in
+    seq) echo "seq-map convert two-scanners" ;;
+    hit-latency) echo "hit-latency-qd1 hit-latency-qd16" ;;
+    data-path) echo "data-read data-write" ;;
+    *) echo "$1" ;;
+  esac
+}
+if [[ -n $only && -f $raw ]]; then
+  # Keep the rows of the sections not being re-run.
+  drop=$(for sec in ${only//,/ }; do section_workloads "$sec"; done)
+  awk -F'\t' -v drop=" $drop " 'NR == 1 || index(drop, " " $1 " ") == 0' "$raw" >"$raw.keep" && mv "$raw.keep" "$raw"
+else
+  printf 'workload\tcontender\tmetric\tmedian\tmin\tmax\truns\tnote\n' >"$raw"
+fi
 now() { date +%s.%N; }
 log() { echo "[$(date +%T)] $*" >&2; }
 
@@ -109,6 +129,7 @@ client_two() {
 }
 
 # ---- seq-map, convert, two-scanners: 4 GiB, ~2,500 extents, 5 ms per call ----
+if want seq; then
 "$make_extents" "$seq_size" "$seq_extents" 42 >"$T/seq.ext"
 start_nbdkit seqslow --filter=delay --filter=extentlist null size=$seq_size extentlist="$T/seq.ext" delay-extents=$delay
 start_nbdkit seqfast --filter=extentlist null size=$seq_size extentlist="$T/seq.ext"
@@ -120,8 +141,10 @@ for c in direct cacheextents bscache; do measure convert $c seqslow $runs client
 measure convert floor seqfast $runs client_convert
 for c in direct cacheextents bscache; do measure two-scanners $c seqslow $runs client_two "$T/two.ref"; done
 measure two-scanners floor seqfast $runs client_two "$T/two.ref"
+fi
 
 # ---- big-sparse: 1 MiB of data every 64 MiB, 50 ms per call ----
+if want big-sparse; then
 awk -v n=$((sparse_size / (64 * M))) 'BEGIN { for (i = 0; i < n; i++) {
   printf "%.0f 1048576\n%.0f 66060288 hole,zero\n", i * 67108864, i * 67108864 + 1048576 } }' >"$T/sparse.ext"
 start_nbdkit sparseslow --filter=delay --filter=extentlist null size=$sparse_size extentlist="$T/sparse.ext" \
@@ -133,6 +156,7 @@ measure big-sparse floor sparsefast $runs client_map "$T/sparse.ref"
 saved_warmup=$warmup warmup=0
 measure big-sparse direct sparseslow $sparse_direct_runs client_map "$T/sparse.ref"
 warmup=$saved_warmup
+fi
 
 # ---- write-mix: REQ_ONE walk with a 4 KiB write every 10 queries ----
 # A fresh memory upstream per run (writes change it); the stats filter counts
@@ -149,7 +173,7 @@ mix_run() {  # CONTENDER -> "seconds hit_rate"
   calls=$(stats_count "$T/mix.stats" extents)
   echo "$secs $(echo "1 - $calls / $mix_queries" | bc -l)"
 }
-for c in direct cacheextents bscache; do
+want write-mix && for c in direct cacheextents bscache; do
   secs=() rates=()
   for ((i = 0; i < runs; i++)); do read -r s r < <(mix_run $c); secs+=("$s"); rates+=("$r"); done
   record write-mix $c seconds "" "${secs[@]}"
@@ -157,6 +181,7 @@ for c in direct cacheextents bscache; do
 done
 
 # ---- tmpfs: qemu-nbd on a sparse file in /dev/shm, no delay ----
+if want tmpfs; then
 shm=$(mktemp -d /dev/shm/bscache-bench.XXXXXX)
 /usr/bin/python3 - "$shm/disk.img" "$tmpfs_size" "$tmpfs_chunks" <<'PY'
 import sys
@@ -173,9 +198,10 @@ client_map "$(uri tmpfs)" "$T/tmpfs.ref"
 for c in direct cacheextents bscache; do measure tmpfs $c tmpfs $runs client_map "$T/tmpfs.ref"; done
 kill "$(cat "$T/tmpfs.pid")"
 rm -rf "$shm"
+fi
 
 # ---- hit-latency: REQ_ONE on cached ranges, queue depth 1 and 16 ----
-for depth in 1 16; do
+want hit-latency && for depth in 1 16; do
   for c in direct cacheextents bscache; do
     rates=() lats=()
     for ((i = 0; i < runs; i++)); do
@@ -191,6 +217,7 @@ for depth in 1 16; do
 done
 
 # ---- data-path: read and write through each contender ----
+if want data-path; then
 head -c "$data_size" /dev/urandom >"$T/random.img"
 start_nbdkit data memory $data_size
 nbdcopy "$T/random.img" "$(uri data)"
@@ -202,9 +229,11 @@ for c in direct nbdkit-nbd bscache; do
 done
 nbdcopy "$(uri data)" "$T/readback.img"
 cmp -s "$T/readback.img" "$T/random.img" || { echo "ERROR: data-path wrote wrong bytes" >&2; exit 1; }
+fi
 
 # ---- memory: bytes per cached extent ----
-seq 0 $((mem_extents - 1)) | awk '{ printf "%d 4096 %s\n", $1 * 4096, ($1 % 2) ? "hole,zero" : "" }' >"$T/mem.ext"
+if want memory; then
+seq 0 $((mem_extents - 1)) | awk '{ printf "%.0f 4096 %s\n", $1 * 4096, ($1 % 2) ? "hole,zero" : "" }' >"$T/mem.ext"
 start_nbdkit mem --filter=extentlist null size=$((mem_extents * 4096)) extentlist="$T/mem.ext"
 start_bscache memb --upstream "$(uri mem)" --log-level warn --cache-max-extents $((2 * mem_extents)) \
   --stats-file "$T/mem.json"
@@ -230,9 +259,10 @@ record memory bscache rss_bytes_per_extent "RSS growth / cached extents ($extent
   "$(echo "($rss_after - $rss_before) / $extents" | bc -l)"
 record memory bscache estimated_bytes_per_extent "cache.memory_bytes / extents" "$(echo "$estimate / $extents" | bc -l)"
 stop_server memb
+fi
 
 # ---- cache micro-benchmarks ----
-if [[ -x $tools/cache_micro ]]; then
+if want micro && [[ -x $tools/cache_micro ]]; then
   "$tools/cache_micro" --benchmark_min_time=$micro_time >"$out/micro.txt" 2>/dev/null || true
 fi
 
