@@ -14,6 +14,9 @@ scripts/check-format.sh
 BUILD_DIR=build scripts/build.sh
 (cd build && ctest --output-on-failure --timeout 300 -j2 "$@")
 
+echo "== fuzzing the handshake and request decoder =="
+FUZZ_SECONDS=${FUZZ_SECONDS:-60} scripts/fuzz.sh
+
 if ((sanitize)); then
   echo "== again under AddressSanitizer + UBSan =="
   BUILD_DIR=build-asan BUILD_TYPE=Debug scripts/build.sh -DBSCACHE_SANITIZE=ON

@@ -1,0 +1,81 @@
+// libFuzzer target: the handshake state machine and the request decoder and
+// validator, fed the bytes a hostile client could send.
+//
+// Input layout: 4 bytes of client flags, then options as (option u32,
+// length u32, payload) until the handshake ends, then 24-byte requests (the
+// fuzzer does not have to guess the magic numbers: they are filled in, the
+// parsers are also fed the raw bytes to check they reject bad magic safely).
+#include <cstddef>
+#include <cstdint>
+#include <span>
+
+#include "proxy/handshake.hpp"
+#include "proxy/wire/codec.hpp"
+
+using namespace bscache;
+
+namespace {
+proxy::ExportInfo make_info() {
+  proxy::UpstreamInfo up;
+  up.size = uint64_t{1} << 32;
+  up.can_flush = up.can_trim = up.can_zero = up.can_fua = up.can_cache = up.can_df = true;
+  up.contexts = {"base:allocation", "qemu:dirty-bitmap:b", "qemu:allocation-depth"};
+  up.min_block = 512;
+  up.advertises_block_size = true;
+  return proxy::make_export_info(up, false);
+}
+}  // namespace
+
+extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  static const proxy::ExportInfo info = make_info();
+  wire::ByteSpan input(data, size);
+  // The raw bytes must never crash any decoder.
+  wire::decode_option_header(input.first(std::min<size_t>(size, wire::kOptionHeaderSize)));
+  wire::decode_request_header(input.first(std::min<size_t>(size, wire::kRequestHeaderSize)));
+  wire::decode_info_request(input);
+  wire::decode_meta_context_request(input);
+
+  wire::ByteReader r(input);
+  auto flags = r.u32();
+  if (!flags) return 0;
+  proxy::Handshake handshake(info, *flags & wire::kClientFlagNoZeroes);
+  size_t pos = 4;
+  for (;;) {
+    if (size - pos < 8) return 0;
+    wire::Bytes header;
+    wire::put_u64(header, wire::kIHaveOpt);
+    header.insert(header.end(), data + pos, data + pos + 8);
+    pos += 8;
+    auto option = wire::decode_option_header(header);
+    if (!option) __builtin_trap();  // we built a valid header
+    wire::Bytes reply;
+    proxy::OptionOutcome outcome;
+    if (option->length > proxy::kMaxOptionLength) {
+      outcome = handshake.refuse_oversized(option->option, reply);
+    } else {
+      const size_t take = std::min<size_t>(option->length, size - pos);
+      outcome = handshake.handle(option->option, input.subspan(pos, take), reply);
+      pos += take;
+    }
+    if (outcome == proxy::OptionOutcome::Close) return 0;
+    if (outcome == proxy::OptionOutcome::Transmission) break;
+  }
+  const auto& n = handshake.negotiated();
+  wire::TransmissionLimits limits{info.size,      info.tx_flags,        info.min_block,
+                                  info.max_block, n.structured_replies, !n.contexts.empty()};
+  while (size - pos >= 24) {
+    wire::Bytes request;
+    wire::put_u32(request, wire::kRequestMagic);
+    request.insert(request.end(), data + pos, data + pos + 24);
+    pos += 24;
+    auto header = wire::decode_request_header(request);
+    if (!header) __builtin_trap();
+    const uint32_t error = wire::validate_request(*header, limits);
+    // What validation lets through must really be inside the export.
+    if (error == 0 && header->type != wire::kCmdFlush &&
+        (header->offset > info.size || header->length > info.size - header->offset)) {
+      __builtin_trap();
+    }
+  }
+  return 0;
+}
