@@ -2,6 +2,8 @@
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 
+#include <sys/resource.h>
+
 #include <csignal>
 #include <iostream>
 
@@ -21,5 +23,10 @@ int main(int argc, char* argv[]) {
   spdlog::set_level(spdlog::level::from_str(parsed.options->log_level));
   // A client vanishing mid-write must not kill the process.
   std::signal(SIGPIPE, SIG_IGN);
+  // Every client is a descriptor: allow as many as the hard limit does.
+  if (rlimit files{}; getrlimit(RLIMIT_NOFILE, &files) == 0 && files.rlim_cur < files.rlim_max) {
+    files.rlim_cur = files.rlim_max;
+    setrlimit(RLIMIT_NOFILE, &files);
+  }
   return bscache::proxy::run_bscache(*parsed.options);
 }

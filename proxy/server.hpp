@@ -52,7 +52,6 @@ class Server {
   ListenConfig config_;
   std::vector<std::unique_ptr<Acceptor>> acceptors_;
   std::optional<uint16_t> bound_port_;
-  std::string inherited_uri_;
   bool unix_socket_created_ = false;
   uint64_t next_id_ = 1;
   std::unordered_map<uint64_t, std::weak_ptr<Session>> sessions_;

@@ -17,7 +17,12 @@ cleanup() {
   done
   if ((rc != 0)); then
     echo "---- logs of the failed test ($T) ----" >&2
-    for f in "$T"/*.log; do [[ -f $f ]] && { echo "== $f" >&2; tail -n 60 "$f" >&2; }; done
+    for f in "$T"/*.log; do
+      [[ -f $f ]] || continue
+      echo "== $f (warnings and errors, then the last lines)" >&2
+      grep -E "warn|error|ERROR|Sanitizer" "$f" | head -n 40 >&2 || true
+      tail -n 30 "$f" >&2
+    done
   fi
   rm -rf "$T"
   exit "$rc"

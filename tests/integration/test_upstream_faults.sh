@@ -138,20 +138,38 @@ pass "SIGTERM: acknowledged writes are all upstream"
 
 # ---- 5. many idle clients, and the connection limit ----
 start_nbdkit idle memory 16M
-start_bscache bsi --upstream "$(uri idle)" --max-connections 300
+start_bscache bsi --upstream "$(uri idle)"
 $py - "$T/bsi.sock" "$(uri bsi)" <<'PY' || fail "idle connections"
-import socket, sys, nbd
+import resource, socket, sys, nbd
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 4096)), hard))
 path, uri = sys.argv[1], sys.argv[2]
 idle = []
-for _ in range(299):
+for _ in range(1000):
     s = socket.socket(socket.AF_UNIX); s.connect(path); idle.append(s)
-h = nbd.NBD(); h.connect_uri(uri)          # connection 300 still gets in
+h = nbd.NBD(); h.connect_uri(uri)          # served while 1,000 clients sit idle
 assert len(h.pread(512, 0)) == 512
-extra = socket.socket(socket.AF_UNIX); extra.connect(path); extra.settimeout(10)
-assert extra.recv(1) == b"", "connection 301 was not refused"
 for s in idle: s.close()
-h2 = nbd.NBD(); h2.connect_uri(uri)
-assert len(h2.pread(512, 0)) == 512
-print("300 connections served, the 301st refused, service continues")
+print("served with 1,000 idle clients connected")
 PY
-pass "idle clients and --max-connections"
+pass "1,000 idle clients do not stop service"
+
+start_bscache bsl --upstream "$(uri idle)" --max-connections 5
+$py - "$T/bsl.sock" "$(uri bsl)" <<'PY' || fail "--max-connections"
+import socket, sys, time, nbd
+path, uri = sys.argv[1], sys.argv[2]
+held = [nbd.NBD() for _ in range(5)]
+for h in held: h.connect_uri(uri)          # five real clients: the limit
+extra = socket.socket(socket.AF_UNIX); extra.connect(path); extra.settimeout(10)
+assert extra.recv(1) == b"", "connection 6 was not refused"
+for h in held: h.shutdown()
+for _ in range(100):                       # slots free again once they are gone
+    try:
+        h = nbd.NBD(); h.connect_uri(uri); break
+    except nbd.Error:
+        time.sleep(0.05)
+assert len(h.pread(512, 0)) == 512
+print("the sixth connection was refused; service continued")
+PY
+grep -q "refusing connection" "$T/bsl.log" || fail "the refusal is not logged"
+pass "--max-connections refuses the extra client and keeps serving"
