@@ -85,6 +85,8 @@ with open(data, "w") as f:
         f.write(f'{i} "{label.replace(":seconds", "")} vs {other}" {ratio}\n')
 script = f"""
 set terminal png size 1100,600
+set rmargin 10
+set bmargin 9
 set output '{os.path.join(out, "ratios.png")}'
 set title 'bscache time / contender time (median; below 1 = bscache faster)'
 set logscale y
