@@ -23,23 +23,12 @@
 #include <thread>
 #include <vector>
 
+#include "bench/nbd_client.hpp"
+
 namespace {
 
-struct Close {
-  void operator()(nbd_handle* h) const { nbd_close(h); }
-};
-using Handle = std::unique_ptr<nbd_handle, Close>;
-
-Handle connect(const char* uri) {
-  Handle h(nbd_create());
-  if (!h) std::abort();
-  nbd_add_meta_context(h.get(), LIBNBD_CONTEXT_BASE_ALLOCATION);
-  if (nbd_connect_uri(h.get(), uri) == -1) {
-    std::fprintf(stderr, "connect %s: %s\n", uri, nbd_get_error());
-    std::exit(2);
-  }
-  return h;
-}
+using bench::connect;
+using bench::Handle;
 
 struct Descriptor {
   uint64_t offset, length;

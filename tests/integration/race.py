@@ -1,11 +1,15 @@
-"""A write racing a block-status fetch must never leave a stale HOLE/ZERO.
+"""Writes racing block-status fetches must never leave a stale HOLE/ZERO.
 
-Client A writes data over a hole while upstream delays the write; client B
-asks block status for the same range during the write (the proxy fetches
-and upstream still sees a hole). Once A's write has completed, B asks again:
-the answer must not claim HOLE or ZERO.
-
-usage: race.py URI OFFSET LENGTH WRITE_DELAY_SECONDS
+usage:
+  race.py slow-write URI OFFSET LENGTH WRITE_DELAY
+      Client A writes data over a hole while upstream delays the write; client
+      B asks block status for the range during the write (the proxy fetches,
+      upstream still sees a hole). Once A's write completed, B asks again.
+  race.py slow-fetch URI OFFSET LENGTH PAUSE
+      Client B's block-status request goes upstream first and is slow; after
+      PAUSE seconds client A writes the range, and the write completes while
+      the fetch is still pending. Then B asks again.
+In both, the answer after the write completed must not claim HOLE or ZERO.
 """
 import sys
 import threading
@@ -13,7 +17,7 @@ import time
 
 import nbd
 
-uri, offset, length, delay = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
+mode, uri, offset, length, seconds = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])
 
 
 def connect():
@@ -23,7 +27,7 @@ def connect():
     return h
 
 
-def status(h, req_one):
+def status(h, req_one=True):
     seen = []
 
     def cb(metacontext, off, entries, err):
@@ -35,36 +39,36 @@ def status(h, req_one):
     return seen
 
 
+def check_after(b, during):
+    for answer in (status(b, True), status(b, False)):
+        covered = 0
+        for ext_len, flags in answer:
+            if covered >= length:
+                break
+            if flags & 3:
+                sys.exit(f"STALE: after the write completed the proxy says flags {flags} for "
+                         f"{offset + covered}+{ext_len} (answers during the race: {during})")
+            covered += ext_len
+    assert b.pread(length, offset) == b"\xab" * length, "data read back differs"
+    print(f"ok: during the race {during}, after it {status(b)}")
+
+
 a, b = connect(), connect()
-before = status(b, True)
-assert before[0][1] & 3, f"test setup: range should start as a hole, got {before}"
-
-write_done = threading.Event()
-
-
-def writer():
-    a.pwrite(b"\xab" * length, offset)
-    write_done.set()
-
-
-t = threading.Thread(target=writer)
-t.start()
-time.sleep(delay / 4)  # the write is now in flight upstream
-assert not write_done.is_set(), "write finished too early: raise the delay"
-during = [status(b, True), status(b, False)]  # may describe either side of the write
-t.join()
-after_one = status(b, True)
-after_all = status(b, False)
-for answer in (after_one, after_all):
-    covered = 0
-    for ext_len, flags in answer:
-        if covered >= length:
-            break
-        if flags & 3:
-            print(f"STALE: after the write completed the proxy says flags {flags} "
-                  f"for {offset + covered}+{ext_len} (during the write: {during})")
-            sys.exit(1)
-        covered += ext_len
-data = b.pread(length, offset)
-assert data == b"\xab" * length, "data read back differs"
-print(f"ok: during the write {during}, after it {after_one} / {after_all}")
+during = []
+if mode == "slow-write":
+    assert status(b)[0][1] & 3, "test setup: the range should start as a hole"
+    writer = threading.Thread(target=lambda: a.pwrite(b"\xab" * length, offset))
+    writer.start()
+    time.sleep(seconds / 4)  # the write is now in flight upstream
+    assert writer.is_alive(), "the write finished too early: raise the delay"
+    during += [status(b, True), status(b, False)]  # may describe either side of the write
+    writer.join()
+elif mode == "slow-fetch":
+    asker = threading.Thread(target=lambda: during.append(status(b)))
+    asker.start()  # the fetch goes upstream, slowly
+    time.sleep(seconds)
+    a.pwrite(b"\xab" * length, offset)  # completes while the fetch is pending
+    asker.join()
+else:
+    sys.exit(f"unknown mode {mode}")
+check_after(b, during)
