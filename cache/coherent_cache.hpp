@@ -39,7 +39,6 @@ class CoherentCache {
   void clear() { cache_.clear(); }
   ExtentCache& extents() { return cache_; }
   const ExtentCache& extents() const { return cache_; }
-  size_t pending() const { return taint_.pending(); }
 
  private:
   struct Range {

@@ -81,19 +81,6 @@ size_t ExtentCache::lookup(uint64_t offset, uint64_t limit, std::vector<Extent>&
   return added;
 }
 
-uint64_t ExtentCache::contiguous_end(uint64_t offset, uint64_t limit) {
-  expire_if_stale(offset);
-  auto it = map_.find(offset);
-  const uint64_t end = saturating_add(offset, limit);
-  uint64_t pos = offset;
-  while (it != map_.end() && it->first.lower() <= pos && pos < end) {
-    if (limits_.ttl && is_stale(pos / limits_.granule_bytes)) break;
-    pos = std::min(it->first.upper(), end);
-    ++it;
-  }
-  return pos;
-}
-
 size_t ExtentCache::memory_bytes() const {
   // A std::map node holding (interval, value): 32 bytes of tree links and
   // colour, 16 of interval, 8 of padded value, plus ~8 of malloc header.

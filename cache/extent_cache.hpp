@@ -59,10 +59,6 @@ class ExtentCache {
   // 0 means `offset` is not cached.
   size_t lookup(uint64_t offset, uint64_t limit, std::vector<Extent>& out, size_t max_count);
 
-  // End of the gap-free cached run that contains `offset`, not looking further
-  // than `offset + limit`; returns `offset` if it is not cached. Does not touch LRU.
-  uint64_t contiguous_end(uint64_t offset, uint64_t limit);
-
   size_t extent_count() const { return map_.iterative_size(); }
   // Approximate heap bytes held by the map and the granule bookkeeping.
   size_t memory_bytes() const;

@@ -58,7 +58,6 @@ class Upstream {
   Upstream& operator=(const Upstream&) = delete;
 
   const UpstreamInfo& info() const { return info_; }
-  bool dead() const { return dead_; }
   uint64_t reconnects() const { return reconnects_; }
   // Called with false when the connection is lost, true when it is back.
   void on_state_change(std::function<void(bool connected)> callback) { on_state_ = std::move(callback); }
