@@ -20,6 +20,8 @@ namespace bscache::proxy {
 struct Upstream::Command {
   Upstream* owner = nullptr;
   uint64_t id = 0;
+  const char* what = "";  // for logs
+  uint64_t offset = 0, count = 0;
   std::chrono::steady_clock::time_point started = std::chrono::steady_clock::now();
   CommandResult result;
   virtual ~Command() = default;
@@ -175,6 +177,10 @@ awaitable<CommandResult> Upstream::submit(Args args) {
 void Upstream::issue(std::unique_ptr<Command> command, const Args& a) {
   command->owner = this;
   command->id = next_id_++;
+  static constexpr const char* kNames[] = {"read", "write", "flush", "trim", "write_zeroes", "cache", "block_status"};
+  command->what = kNames[static_cast<int>(a.kind)];
+  command->offset = a.offset;
+  command->count = a.count;
   if (dead_) {
     command->result.error = ESHUTDOWN;  // upstream is gone; we are reconnecting
     command->complete(true);
@@ -254,6 +260,10 @@ void Upstream::finish(uint64_t id) {
   auto command = std::move(it->second);
   pending_.erase(it);
   spdlog::trace("upstream: command {} completed, error {}", id, command->result.error);
+  if (command->result.error) {
+    spdlog::warn("upstream {} at {}+{} failed: {}", command->what, command->offset, command->count,
+                 strerror(command->result.error));
+  }
   command->complete(false);
 }
 
