@@ -2,7 +2,7 @@
 // rendered as the stats-file JSON and as Prometheus text.
 //
 // Invariants: block_status_hits + block_status_misses equals the client
-// BLOCK_STATUS requests that were answered (successfully or not).
+// BLOCK_STATUS requests that passed validation (answered successfully or not).
 #pragma once
 
 #include <array>

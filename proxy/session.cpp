@@ -23,8 +23,10 @@ namespace {
 // the connection survives; beyond it the client is not speaking NBD sanely.
 constexpr uint64_t kMaxDiscard = 256 * 1024 * 1024;
 constexpr uint16_t kMutationFlags = kCmdFlagFua | kCmdFlagNoHole | kCmdFlagFastZero;
-size_t op_index(uint16_t type) {
-  return std::min<size_t>(type, kOpCount - 1);
+// Per-op counters cover the known commands; unknown ones are only logged
+// (counting them under some op would break hits + misses = block-status requests).
+void count(std::array<uint64_t, kOpCount>& counters, uint16_t type) {
+  if (type < kOpCount) ++counters[type];
 }
 }  // namespace
 
@@ -172,7 +174,7 @@ awaitable<void> Session::transmission() {
       spdlog::warn("connection {}: bad request magic, closing", id_);
       break;
     }
-    ++ctx_.metrics.client_requests[op_index(request->type)];
+    count(ctx_.metrics.client_requests, request->type);
     spdlog::debug("connection {}: {} cookie={:#x} offset={} length={} flags={:#x}", id_, command_name(request->type),
                   request->cookie, request->offset, request->length, request->flags);
     if (request->type == kCmdDisc) break;
@@ -194,7 +196,7 @@ awaitable<void> Session::transmission() {
       continue;
     }
     if (uint32_t error = validate_request(*request, limits_)) {
-      ++ctx_.metrics.client_errors[op_index(request->type)];
+      count(ctx_.metrics.client_errors, request->type);
       reply_nbd_error(*request, error, "invalid request");
       continue;
     }
@@ -393,7 +395,7 @@ void Session::reply_status(const RequestHeader& request, int error) {
     send(std::move(out));
     return;
   }
-  ++ctx_.metrics.client_errors[op_index(request.type)];
+  count(ctx_.metrics.client_errors, request.type);
   reply_nbd_error(request, nbd_error_from_errno(error), strerror(error));
 }
 
