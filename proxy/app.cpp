@@ -14,6 +14,8 @@
 #include <boost/asio/signal_set.hpp>
 
 #include "proxy/metrics_http.hpp"
+#include "proxy/server.hpp"
+#include "proxy/upstream_pool.hpp"
 
 extern char** environ;
 
@@ -35,6 +37,11 @@ class App {
   int run();
 
  private:
+  bool connect_upstream();
+  bool listen();
+  bool write_pidfile();
+  void handle_signals();
+  void teardown();
   void start_child();
   void reap_child();
   void write_stats();
@@ -46,16 +53,26 @@ class App {
     boost::system::error_code ignored;
     co_await t.async_wait(asio::redirect_error(use_awaitable, ignored));
   }
+  template <typename Handler>
+  void on_signals(asio::signal_set& signals, Handler handler) {
+    signals.async_wait([this, &signals, handler](boost::system::error_code ec, int signal) {
+      if (ec) return;
+      handler(signal);
+      on_signals(signals, handler);
+    });
+  }
 
   const Options& options_;
   asio::io_context io_;
-  std::unique_ptr<Upstream> upstream_;
-  ExportInfo info_;
   Metrics metrics_;
+  BufferPool buffers_;
+  std::unique_ptr<UpstreamPool> upstream_;
+  ExportInfo info_;
   std::unique_ptr<BlockStatusService> block_status_;
   std::unique_ptr<ProxyContext> context_;
   std::unique_ptr<Server> server_;
   std::unique_ptr<MetricsHttp> metrics_http_;
+  std::unique_ptr<asio::signal_set> stop_signals_, usr1_, children_;
   std::filesystem::path temp_dir_;
   pid_t child_ = -1;
   int exit_code_ = 0;
@@ -63,32 +80,45 @@ class App {
 };
 
 int App::run() {
+  if (!connect_upstream() || !listen() || !write_pidfile()) return 1;
+  handle_signals();
+  if (!options_.run.empty()) start_child();
+  if (options_.stats_interval.count() > 0) asio::co_spawn(io_, periodic_summary(), asio::detached);
+  io_.run();
+  teardown();
+  return exit_code_;
+}
+
+bool App::connect_upstream() {
   try {
-    upstream_ = std::make_unique<Upstream>(io_, options_.upstream, options_.upstream_options);
+    upstream_ = std::make_unique<UpstreamPool>(io_, options_.upstream, options_.upstream_options, metrics_);
   } catch (const std::exception& e) {
     spdlog::error("{}", e.what());
-    return 1;
+    return false;
   }
   info_ = make_export_info(upstream_->info(), options_.read_only);
   block_status_ = std::make_unique<BlockStatusService>(io_, *upstream_, info_, options_.block_status, metrics_);
-  upstream_->on_state_change([this](bool connected) {
-    if (connected) {
-      metrics_.upstream_reconnects = upstream_->reconnects();
-    } else {
-      // The upstream may change while we cannot see it: nothing cached stays.
-      block_status_->clear();
+  upstream_->on_state_change([this](const std::optional<UpstreamInfo>& reconnected) {
+    // The upstream may have changed while we could not see it: nothing cached stays.
+    block_status_->clear();
+    if (reconnected && (reconnected->size != info_.size || reconnected->contexts != upstream_->info().contexts)) {
+      spdlog::warn("upstream changed across the reconnect (size {} -> {}); clients keep what they negotiated",
+                   info_.size, reconnected->size);
     }
   });
-  context_ =
-      std::make_unique<ProxyContext>(ProxyContext{io_, *upstream_, info_, *block_status_, metrics_, options_.session});
+  context_ = std::make_unique<ProxyContext>(
+      ProxyContext{io_, *upstream_, info_, *block_status_, metrics_, buffers_, options_.session});
+  return true;
+}
 
+bool App::listen() {
   ListenConfig listen = options_.listen;
   if (!options_.run.empty() && listen.unix_path.empty() && !listen.port && !listen.systemd) {
     // Captive mode with no listener named: a private socket in a fresh directory.
     std::string pattern = (std::filesystem::temp_directory_path() / "bscacheXXXXXX").string();
     if (!mkdtemp(pattern.data())) {
       spdlog::error("mkdtemp: {}", strerror(errno));
-      return 1;
+      return false;
     }
     temp_dir_ = pattern;
     listen.unix_path = (temp_dir_ / "nbd.sock").string();
@@ -102,56 +132,44 @@ int App::run() {
     }
   } catch (const std::exception& e) {
     spdlog::error("cannot listen: {}", e.what());
-    return 1;
+    return false;
   }
   server_->start();
   if (metrics_http_) metrics_http_->start();
+  spdlog::info(
+      "bscache {}: upstream {} ({} bytes, contexts: {}, {} connection{}), policy {}, prefetch {}, listening on {}{}",
+      BSCACHE_VERSION, options_.upstream.uri.empty() ? join(options_.upstream.command) : options_.upstream.uri,
+      info_.size, join(upstream_->info().contexts), upstream_->connections(), upstream_->connections() == 1 ? "" : "s",
+      options_.block_status.coherence.describe(), options_.block_status.prefetch.enabled ? "on" : "off", server_->uri(),
+      metrics_http_ ? ", metrics on http://" + metrics_http_->endpoint() + "/metrics" : "");
+  return true;
+}
 
-  spdlog::info("bscache {}: upstream {} ({} bytes, contexts: {}), policy {}, prefetch {}, listening on {}{}",
-               BSCACHE_VERSION, options_.upstream.uri.empty() ? join(options_.upstream.command) : options_.upstream.uri,
-               info_.size, join(upstream_->info().contexts), options_.block_status.coherence.describe(),
-               options_.block_status.prefetch.enabled ? "on" : "off", server_->uri(),
-               metrics_http_ ? ", metrics on http://" + metrics_http_->endpoint() + "/metrics" : "");
-
-  if (!options_.pidfile.empty()) {
-    std::string error;
-    if (!write_file_atomically(options_.pidfile, std::to_string(getpid()) + "\n", error)) {
-      spdlog::error("pidfile: {}", error);
-      return 1;
-    }
+// The pidfile is the readiness signal: written once we accept connections.
+bool App::write_pidfile() {
+  if (options_.pidfile.empty()) return true;
+  std::string error;
+  if (!write_file_atomically(options_.pidfile, std::to_string(getpid()) + "\n", error)) {
+    spdlog::error("pidfile: {}", error);
+    return false;
   }
+  return true;
+}
 
-  asio::signal_set stop_signals(io_, SIGINT, SIGTERM);
-  std::function<void(boost::system::error_code, int)> on_stop = [&](boost::system::error_code ec, int signal) {
-    if (ec) return;
+void App::handle_signals() {
+  stop_signals_ = std::make_unique<asio::signal_set>(io_, SIGINT, SIGTERM);
+  on_signals(*stop_signals_, [this](int signal) {
     spdlog::info("signal {}: shutting down", signal);
     if (child_ > 0) kill(child_, SIGTERM);
     asio::co_spawn(io_, shutdown(), asio::detached);
-    stop_signals.async_wait(on_stop);
-  };
-  stop_signals.async_wait(on_stop);
+  });
+  usr1_ = std::make_unique<asio::signal_set>(io_, SIGUSR1);
+  on_signals(*usr1_, [this](int) { write_stats(); });
+  children_ = std::make_unique<asio::signal_set>(io_, SIGCHLD);
+  on_signals(*children_, [this](int) { reap_child(); });
+}
 
-  asio::signal_set usr1(io_, SIGUSR1);
-  std::function<void(boost::system::error_code, int)> on_usr1 = [&](boost::system::error_code ec, int) {
-    if (ec) return;
-    write_stats();
-    usr1.async_wait(on_usr1);
-  };
-  usr1.async_wait(on_usr1);
-
-  asio::signal_set children(io_, SIGCHLD);
-  std::function<void(boost::system::error_code, int)> on_child = [&](boost::system::error_code ec, int) {
-    if (ec) return;
-    reap_child();
-    children.async_wait(on_child);
-  };
-  children.async_wait(on_child);
-
-  if (!options_.run.empty()) start_child();
-  if (options_.stats_interval.count() > 0) asio::co_spawn(io_, periodic_summary(), asio::detached);
-
-  io_.run();
-
+void App::teardown() {
   log_summary();
   write_stats();
   if (!options_.pidfile.empty()) unlink(options_.pidfile.c_str());
@@ -160,7 +178,6 @@ int App::run() {
     std::error_code ignored;
     std::filesystem::remove_all(temp_dir_, ignored);
   }
-  return exit_code_;
 }
 
 void App::start_child() {

@@ -1,6 +1,5 @@
 #include "proxy/block_status_service.hpp"
 
-#include <libnbd.h>
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
@@ -21,7 +20,7 @@ cache::CacheLimits limits_for(const BlockStatusConfig& config) {
 }
 }  // namespace
 
-BlockStatusService::BlockStatusService(asio::io_context& io, Upstream& upstream, const ExportInfo& info,
+BlockStatusService::BlockStatusService(asio::io_context& io, BlockStatusUpstream& upstream, const ExportInfo& info,
                                        BlockStatusConfig config, Metrics& metrics)
     : io_(io), upstream_(upstream), info_(info), config_(config), metrics_(metrics), cache_(limits_for(config)) {
   scratch_.reserve(config_.max_descriptors);
@@ -29,7 +28,7 @@ BlockStatusService::BlockStatusService(asio::io_context& io, Upstream& upstream,
 
 bool BlockStatusService::try_answer(uint64_t offset, uint32_t length, bool req_one,
                                     std::vector<wire::Descriptor>& out) {
-  if (info_.upstream_index[static_cast<size_t>(info_.base_allocation)] < 0) {
+  if (!info_.upstream_context(static_cast<size_t>(info_.base_allocation))) {
     // Upstream cannot tell: everything is data, which is always a safe answer.
     out.assign(1, wire::Descriptor{length, 0});
     return true;
@@ -70,23 +69,11 @@ bool BlockStatusService::lookup(uint64_t offset, uint32_t length, bool req_one, 
 
 awaitable<int> BlockStatusService::ask_upstream_directly(uint64_t offset, uint32_t length, bool req_one,
                                                          std::vector<wire::Descriptor>& out) {
-  const int index = info_.upstream_index[static_cast<size_t>(info_.base_allocation)];
-  ++metrics_.upstream_requests[wire::kCmdBlockStatus];
-  auto result = co_await upstream_.block_status(length, offset, req_one ? LIBNBD_CMD_FLAG_REQ_ONE : 0);
-  if (result.error) {
-    ++metrics_.upstream_errors[wire::kCmdBlockStatus];
-    co_return result.error;
-  }
-  const auto& descriptors = result.extents[static_cast<size_t>(index)];
+  const size_t index = *info_.upstream_context(static_cast<size_t>(info_.base_allocation));
+  auto result = co_await upstream_.block_status(offset, length, {.req_one = req_one});
+  if (result.error) co_return result.error;
   out.clear();
-  uint64_t covered = 0;
-  for (const auto& d : descriptors) {
-    const auto piece = static_cast<uint32_t>(std::min<uint64_t>(d.length, length - covered));
-    if (piece == 0) break;
-    out.push_back({piece, d.flags});
-    covered += piece;
-    if (req_one) break;
-  }
+  if (index < result.extents.size()) wire::clip_descriptors(result.extents[index], length, req_one, out);
   co_return out.empty() ? EIO : 0;
 }
 
@@ -111,24 +98,20 @@ std::shared_ptr<BlockStatusService::Fetch> BlockStatusService::start_fetch(polic
 }
 
 awaitable<void> BlockStatusService::run_fetch(std::shared_ptr<Fetch> fetch) {
-  const int index = info_.upstream_index[static_cast<size_t>(info_.base_allocation)];
+  const size_t index = *info_.upstream_context(static_cast<size_t>(info_.base_allocation));
   // The ticket is taken in the same step that sends the command: any mutation
   // in flight now, or begun before the reply, taints what the reply says.
   auto ticket = cache_.begin_fetch();
-  ++metrics_.upstream_requests[wire::kCmdBlockStatus];
   const auto started = std::chrono::steady_clock::now();
-  auto result = co_await upstream_.block_status(fetch->length, fetch->offset, 0);
-  const auto elapsed = std::chrono::steady_clock::now() - started;
-  latency_.record(elapsed);
-  metrics_.upstream_block_status_latency.observe(std::chrono::duration<double>(elapsed).count());
+  auto result = co_await upstream_.block_status(fetch->offset, fetch->length, {});
+  latency_.record(std::chrono::steady_clock::now() - started);
+  if (!result.error && index >= result.extents.size()) result.error = EIO;  // upstream changed its contexts
   if (result.error) {
-    cache_.abort_fetch(ticket);
-    ++metrics_.upstream_errors[wire::kCmdBlockStatus];
-    spdlog::warn("upstream block status at {}+{} failed: {}", fetch->offset, fetch->length, strerror(result.error));
+    cache_.abort_fetch(ticket);  // the pool logged and counted it
     fetch->error = result.error;
   } else {
     std::vector<cache::Extent> extents;
-    const auto& descriptors = result.extents[static_cast<size_t>(index)];
+    const auto& descriptors = result.extents[index];
     extents.reserve(descriptors.size());
     uint64_t pos = fetch->offset;
     for (const auto& d : descriptors) {

@@ -19,7 +19,7 @@
 #include "proxy/asio.hpp"
 #include "proxy/export_info.hpp"
 #include "proxy/metrics.hpp"
-#include "proxy/upstream.hpp"
+#include "proxy/upstream_pool.hpp"
 
 namespace bscache::proxy {
 
@@ -35,8 +35,8 @@ struct BlockStatusConfig {
 
 class BlockStatusService {
  public:
-  BlockStatusService(asio::io_context& io, Upstream& upstream, const ExportInfo& info, BlockStatusConfig config,
-                     Metrics& metrics);
+  BlockStatusService(asio::io_context& io, BlockStatusUpstream& upstream, const ExportInfo& info,
+                     BlockStatusConfig config, Metrics& metrics);
 
   bool caching() const { return config_.coherence.mode != policy::CoherenceMode::Off; }
 
@@ -78,7 +78,7 @@ class BlockStatusService {
                                        std::vector<wire::Descriptor>& out);
 
   asio::io_context& io_;
-  Upstream& upstream_;
+  BlockStatusUpstream& upstream_;
   const ExportInfo& info_;
   BlockStatusConfig config_;
   Metrics& metrics_;

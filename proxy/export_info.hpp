@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -26,6 +27,13 @@ struct ExportInfo {
   // base:allocation synthesized locally when upstream lacks it.
   std::vector<int> upstream_index;
   int base_allocation = -1;  // index into contexts (always present)
+
+  // The upstream context behind offered context `context`; nullopt when
+  // bscache synthesizes it (base:allocation on an upstream that lacks it).
+  std::optional<size_t> upstream_context(size_t context) const {
+    const int index = upstream_index[context];
+    return index < 0 ? std::nullopt : std::optional<size_t>(static_cast<size_t>(index));
+  }
 };
 
 // Largest READ/WRITE payload we accept from a client, whatever upstream says.

@@ -68,6 +68,7 @@ std::string render_stats_json(const Metrics& m, const CacheGauges& cache, const 
   doc["upstream"] = {{"requests", by_op(m.upstream_requests)},
                      {"errors", by_op(m.upstream_errors)},
                      {"reconnects", m.upstream_reconnects},
+                     {"connections", m.upstream_connections},
                      {"block_status_latency_seconds",
                       {{"count", h.count}, {"mean", h.count ? h.sum / static_cast<double>(h.count) : 0.0}}}};
   doc["cache"] = {{"extents", cache.extents},
@@ -125,6 +126,8 @@ std::string render_prometheus(const Metrics& m, const CacheGauges& cache, const 
   per_op(out, "bscache_upstream_errors_total", m.upstream_errors);
   sample(out, "bscache_upstream_reconnects_total", "counter", "Times the upstream connection was re-established.",
          static_cast<double>(m.upstream_reconnects));
+  sample(out, "bscache_upstream_connections", "gauge", "Upstream connections up now.",
+         static_cast<double>(m.upstream_connections));
   const auto& h = m.upstream_block_status_latency;
   family(out, "bscache_upstream_request_duration_seconds", "histogram", "Upstream block-status latency.");
   uint64_t cumulative = 0;

@@ -42,6 +42,7 @@ struct Metrics {
   uint64_t ranges_invalidated = 0;
   uint64_t ranges_updated = 0;
   uint64_t upstream_reconnects = 0;
+  uint64_t upstream_connections = 0;  // upstream connections up now
 };
 
 // Values that live elsewhere (the cache) and are sampled when rendering.

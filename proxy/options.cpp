@@ -2,6 +2,8 @@
 
 #include <wordexp.h>
 
+#include <cctype>
+#include <cstdint>
 #include <sstream>
 
 #include <boost/program_options.hpp>
@@ -21,6 +23,28 @@ std::optional<std::vector<std::string>> split_command(const std::string& command
   return out;
 }
 
+// "64M", "1G", "4096": bytes with an optional K/M/G/T suffix (powers of 1024).
+std::optional<uint64_t> parse_bytes(const std::string& text) {
+  size_t used = 0;
+  uint64_t value = 0;
+  try {
+    if (text.empty() || text[0] == '-') return std::nullopt;
+    value = std::stoull(text, &used);
+  } catch (const std::exception&) {
+    return std::nullopt;
+  }
+  const std::string suffix = text.substr(used);
+  const std::string units = "KMGT";
+  if (suffix.empty()) return value;
+  const auto unit = units.find(static_cast<char>(std::toupper(static_cast<unsigned char>(suffix[0]))));
+  if (unit == std::string::npos || (suffix.size() > 1 && suffix.substr(1) != "iB" && suffix.substr(1) != "B")) {
+    return std::nullopt;
+  }
+  const unsigned shift = 10 * static_cast<unsigned>(unit + 1);
+  if (value > (UINT64_MAX >> shift)) return std::nullopt;
+  return value << shift;
+}
+
 ParseResult fail(const std::string& message) {
   return {std::nullopt, 2, "bscache: " + message};
 }
@@ -36,6 +60,7 @@ ParseResult parse_options(int argc, const char* const argv[]) {
   Options o;
   std::string policy = "exclusive", prefetch = "on", handshake_timeout = "30s", stats_interval = "60s";
   std::string socket_mode = "0600", upstream_command, export_name, reconnect = "on", upstream_timeout = "0";
+  std::string reply_backlog = "64M";
   std::optional<std::string> export_name_opt;
   int port = -1;
   uint64_t fetch_window = o.block_status.max_window;
@@ -54,6 +79,8 @@ ParseResult parse_options(int argc, const char* const argv[]) {
      "on | off: reconnect to upstream (backoff 100 ms to 5 s) when the connection dies")
     ("upstream-timeout", po::value(&upstream_timeout)->default_value("0"),
      "drop and reconnect an upstream connection that leaves a command unanswered this long (0: off)")
+    ("upstream-connections", po::value(&o.upstream_options.connections)->default_value(o.upstream_options.connections),
+     "upstream connections when upstream advertises multi-conn (else 1)")
     ("export-name", po::value<std::string>(), "upstream export name (default: the URI's, else \"\")")
     ("unix", po::value(&o.listen.unix_path), "listen on this Unix socket")
     ("port", po::value(&port), "listen on this TCP port (0: any free port)")
@@ -78,6 +105,8 @@ ParseResult parse_options(int argc, const char* const argv[]) {
      "most client connections at once")
     ("max-in-flight", po::value(&o.session.max_in_flight)->default_value(o.session.max_in_flight),
      "most requests in flight per client before we stop reading from it")
+    ("max-reply-backlog", po::value(&reply_backlog)->default_value("64M"),
+     "bytes one client may hold (payloads in flight + unread replies) before we stop reading from it")
     ("handshake-timeout", po::value(&handshake_timeout)->default_value("30s"), "time a client has to finish the handshake")
     ("stats-file", po::value(&o.stats_file), "write statistics as JSON here at exit and on SIGUSR1")
     ("stats-interval", po::value(&stats_interval)->default_value("60s"), "period of the logged summary (0: off)")
@@ -151,6 +180,12 @@ ParseResult parse_options(int argc, const char* const argv[]) {
   o.upstream_options.timeout = *timeout_value;
   if (o.session.max_in_flight == 0) return fail("--max-in-flight must be at least 1");
   if (o.listen.max_connections == 0) return fail("--max-connections must be at least 1");
+  if (o.upstream_options.connections < 1 || o.upstream_options.connections > 64) {
+    return fail("--upstream-connections must be 1..64");
+  }
+  auto backlog = parse_bytes(reply_backlog);
+  if (!backlog || *backlog < 1024 * 1024) return fail("--max-reply-backlog must be a size of at least 1M, e.g. 64M");
+  o.session.max_backlog_bytes = *backlog;
   return {std::move(o), 0, {}};
 }
 

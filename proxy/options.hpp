@@ -11,7 +11,8 @@
 #include "proxy/block_status_service.hpp"
 #include "proxy/server.hpp"
 #include "proxy/session.hpp"
-#include "proxy/upstream.hpp"
+#include "proxy/upstream_connect.hpp"
+#include "proxy/upstream_connection.hpp"
 
 namespace bscache::proxy {
 

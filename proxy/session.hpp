@@ -1,22 +1,29 @@
-// Session: one client connection. A thin loop: read, decode, decide, encode,
-// write. Requests are pipelined (one coroutine per request that must wait on
-// upstream); replies go out in completion order through one write queue.
+// Session: one client connection. A thin loop: read a request, validate it,
+// answer cache hits inline, and spawn one coroutine per request that waits on
+// upstream; replies leave in completion order through the ReplyWriter.
+//
+// The connection loop is session.cpp; what each command does (the filter
+// logic: the cache bracket around mutations, block-status hit and miss) is
+// session_commands.cpp, one short function per command.
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
-#include <deque>
 #include <memory>
+#include <span>
+#include <string_view>
 #include <vector>
-
-#include <boost/asio/generic/stream_protocol.hpp>
 
 #include "proxy/asio.hpp"
 #include "proxy/block_status_service.hpp"
+#include "proxy/buffer_pool.hpp"
 #include "proxy/export_info.hpp"
 #include "proxy/handshake.hpp"
 #include "proxy/metrics.hpp"
-#include "proxy/upstream.hpp"
+#include "proxy/reply_writer.hpp"
+#include "proxy/socket_io.hpp"
+#include "proxy/upstream_pool.hpp"
 #include "proxy/wire/codec.hpp"
 
 namespace bscache::proxy {
@@ -26,21 +33,27 @@ struct SessionLimits {
   unsigned max_in_flight = 64;
   // Time a client has to finish the handshake. Default: 30 s.
   std::chrono::milliseconds handshake_timeout{30'000};
+  // Bytes one client may hold in bscache: payloads of its requests in flight
+  // plus replies not yet written to it. At the limit bscache stops reading
+  // that client's requests until it reads its replies, so a client's memory is
+  // at most this plus one request's payload (32 MiB). Default: 64 MiB.
+  size_t max_backlog_bytes = size_t{64} << 20;
 };
 
 // What every session shares.
 struct ProxyContext {
   asio::io_context& io;
-  Upstream& upstream;
+  UpstreamPool& upstream;
   const ExportInfo& info;
   BlockStatusService& block_status;
   Metrics& metrics;
+  BufferPool& buffers;
   SessionLimits limits;
 };
 
 class Session : public std::enable_shared_from_this<Session> {
  public:
-  using Socket = asio::generic::stream_protocol::socket;
+  using Socket = ClientSocket;
 
   Session(ProxyContext& context, Socket socket, uint64_t id);
   awaitable<void> run();
@@ -49,43 +62,44 @@ class Session : public std::enable_shared_from_this<Session> {
   uint64_t id() const { return id_; }
 
  private:
-  awaitable<bool> handshake();
-  awaitable<bool> read_exact(std::span<uint8_t> buffer);
-  awaitable<bool> discard(uint64_t length);
+  // The connection loop (session.cpp).
   awaitable<void> transmission();
-  awaitable<void> serve(wire::RequestHeader request, wire::Bytes payload);
-  awaitable<void> serve_read(const wire::RequestHeader& request);
-  awaitable<void> serve_block_status(const wire::RequestHeader& request);
-  awaitable<void> serve_passthrough_block_status(const wire::RequestHeader& request);
-  awaitable<void> serve_mutation(const wire::RequestHeader& request, const wire::Bytes& payload);
-  bool try_block_status_hit(const wire::RequestHeader& request);
-  void reply_base_allocation(const wire::RequestHeader& request, std::span<const wire::Descriptor> descriptors);
-  void reply_status(const wire::RequestHeader& request, int error);
-  void reply_nbd_error(const wire::RequestHeader& request, uint32_t nbd_error, std::string_view message);
-  void send(wire::Bytes bytes);
-  awaitable<void> write_queue();
-  void request_done();
+  bool must_wait() const;
+  void dispatch(const wire::RequestHeader& request, PooledBuffer payload);
+  void request_done(size_t held_bytes);
+  awaitable<void> drain_replies();
+  void writer_progress();
   void close_when_idle();
   awaitable<void> wait_for_wakeup();
+
+  // What each command does (session_commands.cpp).
+  awaitable<void> serve(wire::RequestHeader request, PooledBuffer payload);
+  awaitable<void> serve_read(const wire::RequestHeader& request, PooledBuffer buffer);
+  awaitable<void> serve_mutation(const wire::RequestHeader& request, PooledBuffer payload);
+  awaitable<void> serve_cache(const wire::RequestHeader& request);
+  awaitable<void> serve_block_status(const wire::RequestHeader& request);
+  awaitable<void> serve_passthrough_block_status(const wire::RequestHeader& request);
+  bool try_block_status_hit(const wire::RequestHeader& request);
+
+  // Replies: every error a client sees goes through reply_error, which counts it.
+  void reply_result(const wire::RequestHeader& request, int error);
+  void reply_error(const wire::RequestHeader& request, uint32_t nbd_error, std::string_view message);
+  void reply_base_allocation(const wire::RequestHeader& request, std::span<const wire::Descriptor> descriptors);
 
   ProxyContext& ctx_;
   Socket socket_;
   uint64_t id_;
+  ReplyWriter writer_;
   Negotiated negotiated_;
   wire::TransmissionLimits limits_;
   bool only_base_allocation_ = false;
   bool stopping_ = false;
-  bool broken_ = false;
   unsigned in_flight_ = 0;
-  asio::steady_timer wakeup_;  // cancelled whenever a request finishes
-  struct Outgoing {
-    wire::Bytes bytes;
-    size_t sent = 0;  // already written by send()'s direct attempt
-  };
-  std::deque<Outgoing> outbox_;
-  bool writing_ = false;
-  // Reused for cache hits: building a hit reply allocates only the reply itself.
-  std::vector<wire::Descriptor> descriptors_;
+  size_t payload_bytes_in_flight_ = 0;
+  // Set when the client is gone: its commands not yet sent upstream are dropped.
+  std::shared_ptr<std::atomic<bool>> cancelled_ = std::make_shared<std::atomic<bool>>(false);
+  asio::steady_timer wakeup_;                  // cancelled whenever a request finishes or replies drain
+  std::vector<wire::Descriptor> descriptors_;  // reused by cache hits
 };
 
 }  // namespace bscache::proxy

@@ -1,5 +1,7 @@
 #include "proxy/upstream_connect.hpp"
 
+#include <libnbd.h>
+
 #include <algorithm>
 #include <cstdlib>
 #include <stdexcept>
@@ -27,11 +29,21 @@ std::string take_string(char* s) {
 }
 }  // namespace
 
+void NbdClose::operator()(nbd_handle* h) const {
+  nbd_close(h);
+}
+
 NbdHandlePtr open_upstream(const UpstreamTarget& target) {
   NbdHandlePtr handle(nbd_create());
   if (!handle) throw libnbd_failure("nbd_create");
   nbd_handle* h = handle.get();
   nbd_set_handle_name(h, "upstream");
+  // libnbd zero-fills every read buffer first unless told not to: a guard for
+  // callers that use a buffer whose read failed. bscache never sends such a
+  // buffer (a failed READ gets an error reply), and libnbd fails a structured
+  // READ whose chunks do not cover the request, so the fill would only write
+  // every byte once more (and fault in every page of the buffer).
+  if (nbd_set_pread_initialize(h, false) == -1) throw libnbd_failure("libnbd setup");
   // Option mode lets us ask which meta contexts upstream offers before GO.
   if (nbd_set_opt_mode(h, true) == -1 || nbd_set_full_info(h, true) == -1) throw libnbd_failure("libnbd setup");
   if (!target.command.empty()) {

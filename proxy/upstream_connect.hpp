@@ -3,18 +3,18 @@
 // on the loop thread, and for reconnects on a helper thread.
 #pragma once
 
-#include <libnbd.h>
-
 #include <memory>
 #include <string>
 #include <vector>
 
 #include "proxy/upstream_info.hpp"
 
+struct nbd_handle;  // libnbd's handle; libnbd.h stays inside proxy/upstream*.cpp
+
 namespace bscache::proxy {
 
 struct NbdClose {
-  void operator()(nbd_handle* h) const { nbd_close(h); }
+  void operator()(nbd_handle* h) const;
 };
 using NbdHandlePtr = std::unique_ptr<nbd_handle, NbdClose>;
 

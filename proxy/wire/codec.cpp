@@ -307,4 +307,16 @@ const char* command_name(uint16_t type) {
   }
 }
 
+void clip_descriptors(std::span<const Descriptor> descriptors, uint32_t length, bool req_one,
+                      std::vector<Descriptor>& out) {
+  uint32_t covered = 0;
+  for (const auto& d : descriptors) {
+    const uint32_t piece = std::min(d.length, length - covered);
+    if (piece == 0) break;
+    out.push_back({piece, d.flags});
+    covered += piece;
+    if (req_one) break;
+  }
+}
+
 }  // namespace bscache::wire

@@ -118,6 +118,10 @@ struct Descriptor {
   uint32_t flags = 0;
   bool operator==(const Descriptor&) const = default;
 };
+// Upstream's descriptors as a reply to a request of `length` bytes may carry
+// them: none past the request's end, and only the first with REQ_ONE.
+void clip_descriptors(std::span<const Descriptor> descriptors, uint32_t length, bool req_one,
+                      std::vector<Descriptor>& out);
 void encode_block_status_chunk(Bytes& out, uint64_t cookie, bool done, uint32_t context_id,
                                std::span<const Descriptor> descriptors);
 void encode_error_chunk(Bytes& out, uint64_t cookie, bool done, uint32_t error, std::string_view message);

@@ -1,0 +1,39 @@
+// The handshake's I/O: greeting, client flags, then one option at a time
+// through the Handshake state machine (proxy/handshake.hpp), which decides
+// everything; this file only reads, writes and keeps time.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <optional>
+
+#include <boost/asio/generic/stream_protocol.hpp>
+
+#include "proxy/asio.hpp"
+#include "proxy/export_info.hpp"
+#include "proxy/handshake.hpp"
+
+namespace bscache::proxy {
+
+// Closes a socket if it is still open when the time is up, unless disarmed
+// first (or destroyed, which disarms). For phases a peer could stall forever.
+class Deadline {
+ public:
+  using Socket = asio::generic::stream_protocol::socket;
+  Deadline(Socket& socket, std::chrono::milliseconds limit, uint64_t connection_id, const char* phase);
+  ~Deadline();
+  Deadline(const Deadline&) = delete;
+  Deadline& operator=(const Deadline&) = delete;
+
+ private:
+  struct State;
+  std::shared_ptr<State> state_;  // shared with the timer's handler, which may run after we are gone
+};
+
+// Runs the handshake on `socket`. Returns what was negotiated, or nullopt if
+// the connection is to be closed (the peer left, misbehaved or took too long).
+awaitable<std::optional<Negotiated>> negotiate(asio::generic::stream_protocol::socket& socket, const ExportInfo& info,
+                                               uint64_t connection_id, std::chrono::milliseconds timeout);
+
+}  // namespace bscache::proxy

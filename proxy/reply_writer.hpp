@@ -1,0 +1,91 @@
+// ReplyWriter: everything a session sends in transmission, in one queue.
+//
+// A Reply is a few header bytes plus, for READ, a view of the pooled buffer
+// upstream read the data into; it leaves in one gathered write (writev), so
+// the payload is never copied to put a header in front of it. Small replies
+// to an idle socket are written at once, without a trip through the reactor;
+// anything that does not fit in the socket buffer waits in the queue, whose
+// unsent bytes are the session's reply backlog (see SessionLimits).
+#pragma once
+
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <vector>
+
+#include <boost/asio/buffer.hpp>
+#include <boost/asio/generic/stream_protocol.hpp>
+#include <boost/container/small_vector.hpp>
+
+#include "proxy/asio.hpp"
+#include "proxy/buffer_pool.hpp"
+#include "proxy/wire/codec.hpp"
+
+namespace bscache::proxy {
+
+class Reply {
+ public:
+  // Header bytes are appended here by the wire encoders.
+  wire::Bytes& head() { return head_; }
+  // Marks head()[from, end) as the next piece of the reply.
+  void add_head_piece(size_t from);
+  // Marks payload()[offset, offset + length) as the next piece.
+  void add_payload_piece(size_t offset, size_t length);
+  // Takes the buffer the payload pieces point into.
+  void set_payload(PooledBuffer payload) { payload_ = std::move(payload); }
+
+  size_t size() const { return size_; }
+  // The unsent part, from byte `sent` on, as buffers for a gathered write.
+  void gather(size_t sent, std::vector<asio::const_buffer>& out) const;
+
+ private:
+  struct Piece {
+    bool from_payload;
+    size_t offset;
+    size_t length;
+  };
+  wire::Bytes head_;
+  PooledBuffer payload_;
+  boost::container::small_vector<Piece, 3> pieces_;
+  size_t size_ = 0;
+};
+
+// Convenience: a reply that is only header bytes (status, errors, block status).
+Reply head_only(wire::Bytes bytes);
+
+class ReplyWriter {
+ public:
+  using Socket = asio::generic::stream_protocol::socket;
+  struct Hooks {
+    std::function<void()> start_drain;  // spawn drain() keeping the session alive
+    std::function<void()> progress;     // bytes left the backlog, or the writer broke
+  };
+  ReplyWriter(Socket& socket, uint64_t connection_id, Hooks hooks);
+
+  void send(Reply reply);
+  awaitable<void> drain();
+
+  // Bytes queued and not yet written.
+  size_t backlog_bytes() const { return backlog_bytes_; }
+  bool idle() const { return !writing_ && queue_.empty(); }
+  // A write failed: the client is gone. Everything queued was dropped.
+  bool broken() const { return broken_; }
+
+ private:
+  void break_connection(const boost::system::error_code& ec);
+
+  struct Queued {
+    Reply reply;
+    size_t sent = 0;
+  };
+  Socket& socket_;
+  uint64_t id_;
+  Hooks hooks_;
+  std::deque<Queued> queue_;
+  size_t backlog_bytes_ = 0;
+  bool writing_ = false;
+  bool broken_ = false;
+  std::vector<asio::const_buffer> buffers_;  // reused by every write
+};
+
+}  // namespace bscache::proxy

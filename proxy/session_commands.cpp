@@ -1,0 +1,203 @@
+// What each command does: validated requests arrive here, one function each.
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <cstring>
+
+#include "proxy/errors.hpp"
+#include "proxy/session.hpp"
+
+namespace bscache::proxy {
+
+using namespace wire;
+
+namespace {
+constexpr uint16_t kMutationFlags = kCmdFlagFua | kCmdFlagNoHole | kCmdFlagFastZero;
+}  // namespace
+
+awaitable<void> Session::serve(RequestHeader request, PooledBuffer payload) {
+  auto self = shared_from_this();
+  const size_t held = payload.size();
+  try {
+    switch (request.type) {
+      case kCmdRead: co_await serve_read(request, std::move(payload)); break;
+      case kCmdWrite:
+      case kCmdTrim:
+      case kCmdWriteZeroes: co_await serve_mutation(request, std::move(payload)); break;
+      case kCmdFlush: reply_result(request, (co_await ctx_.upstream.flush(CommandFlags::from_wire(0))).error); break;
+      case kCmdCache: co_await serve_cache(request); break;
+      case kCmdBlockStatus: co_await serve_block_status(request); break;
+      default: reply_error(request, kErrInval, "unknown command");
+    }
+  } catch (const std::exception& e) {
+    spdlog::error("connection {}: {} failed: {}", id_, command_name(request.type), e.what());
+    reply_error(request, kErrIo, e.what());
+  }
+  request_done(held);
+}
+
+// Upstream reads into `buffer`; the reply is sent from it, headers in front
+// by a gathered write, holes passed on as OFFSET_HOLE chunks.
+awaitable<void> Session::serve_read(const RequestHeader& request, PooledBuffer buffer) {
+  auto result = co_await ctx_.upstream.run({.op = UpstreamOp::Read,
+                                            .buffer = buffer.span(),
+                                            .offset = request.offset,
+                                            .length = request.length,
+                                            .flags = CommandFlags::from_wire(request.flags & kCmdFlagDf)},
+                                           cancelled_);
+  if (result.error) {
+    reply_result(request, result.error);
+    co_return;
+  }
+  Reply reply;
+  auto& head = reply.head();
+  auto& chunks = result.chunks;
+  const bool holes = std::any_of(chunks.begin(), chunks.end(), [](const ReadChunk& c) { return c.hole; });
+  if (!negotiated_.structured_replies || !holes) {
+    // One piece of data (libnbd zero-fills holes in the buffer for a simple reply).
+    if (negotiated_.structured_replies) {
+      encode_offset_data_header(head, request.cookie, true, request.offset, request.length);
+    } else {
+      encode_simple_reply(head, request.cookie, 0);
+    }
+    reply.add_head_piece(0);
+    reply.add_payload_piece(0, request.length);
+  } else {
+    std::sort(chunks.begin(), chunks.end(), [](const ReadChunk& a, const ReadChunk& b) { return a.offset < b.offset; });
+    for (size_t i = 0; i < chunks.size(); ++i) {
+      const auto& c = chunks[i];
+      const bool done = i + 1 == chunks.size();
+      const size_t from = head.size();
+      if (c.hole) {
+        encode_offset_hole(head, request.cookie, done, c.offset, c.length);
+        reply.add_head_piece(from);
+      } else {
+        encode_offset_data_header(head, request.cookie, done, c.offset, c.length);
+        reply.add_head_piece(from);
+        reply.add_payload_piece(c.offset - request.offset, c.length);
+      }
+    }
+  }
+  reply.set_payload(std::move(buffer));
+  writer_.send(std::move(reply));
+}
+
+// The cache bracket: a mutation forgets its range when it starts and records
+// what it left when it ends (see CoherentCache).
+awaitable<void> Session::serve_mutation(const RequestHeader& request, PooledBuffer payload) {
+  const auto [op, kind] = request.type == kCmdWrite  ? std::pair{UpstreamOp::Write, policy::Mutation::Write}
+                          : request.type == kCmdTrim ? std::pair{UpstreamOp::Trim, policy::Mutation::Trim}
+                                                     : std::pair{UpstreamOp::Zero, policy::Mutation::WriteZeroes};
+  // The ticket is taken in the same loop step as the co_await that hands the
+  // command to the pool, so it is taken before the command can reach upstream.
+  auto ticket = ctx_.block_status.begin_mutation(request.offset, request.length);
+  auto result = co_await ctx_.upstream.run({.op = op,
+                                            .buffer = payload.span(),
+                                            .offset = request.offset,
+                                            .length = request.length,
+                                            .flags = CommandFlags::from_wire(request.flags & kMutationFlags)},
+                                           cancelled_);
+  ctx_.block_status.end_mutation(ticket, request.offset, request.length, kind, result.error == 0);
+  reply_result(request, result.error);
+}
+
+awaitable<void> Session::serve_cache(const RequestHeader& request) {
+  auto result = co_await ctx_.upstream.run(
+      {.op = UpstreamOp::Cache, .buffer = {}, .offset = request.offset, .length = request.length, .flags = {}},
+      cancelled_);
+  reply_result(request, result.error);
+}
+
+bool Session::try_block_status_hit(const RequestHeader& request) {
+  if (!only_base_allocation_) return false;
+  if (!ctx_.block_status.try_answer(request.offset, request.length, request.flags & kCmdFlagReqOne, descriptors_)) {
+    return false;
+  }
+  ++ctx_.metrics.block_status_hits;
+  reply_base_allocation(request, descriptors_);
+  return true;
+}
+
+awaitable<void> Session::serve_block_status(const RequestHeader& request) {
+  ++ctx_.metrics.block_status_misses;
+  if (!only_base_allocation_ || !ctx_.block_status.caching()) {
+    co_await serve_passthrough_block_status(request);
+    co_return;
+  }
+  std::vector<Descriptor> descriptors;
+  int error = co_await ctx_.block_status.answer_after_miss(request.offset, request.length,
+                                                           request.flags & kCmdFlagReqOne, descriptors);
+  if (error) {
+    reply_result(request, error);
+  } else {
+    reply_base_allocation(request, descriptors);
+  }
+}
+
+// Contexts other than base:allocation are never cached: ask upstream and
+// translate its per-context answer to this client's context ids.
+awaitable<void> Session::serve_passthrough_block_status(const RequestHeader& request) {
+  const bool req_one = request.flags & kCmdFlagReqOne;
+  auto result = co_await ctx_.upstream.block_status(request.offset, request.length, {.req_one = req_one});
+  if (result.error) {
+    reply_result(request, result.error);
+    co_return;
+  }
+  Bytes out;
+  std::vector<Descriptor> clipped;
+  for (size_t i = 0; i < negotiated_.contexts.size(); ++i) {
+    const uint32_t context = negotiated_.contexts[i];
+    clipped.clear();
+    if (auto upstream = ctx_.info.upstream_context(context)) {
+      if (*upstream < result.extents.size()) {
+        clip_descriptors(result.extents[*upstream], request.length, req_one, clipped);
+      }
+    } else {
+      clipped.push_back({request.length, 0});  // base:allocation synthesized: all data
+    }
+    if (clipped.empty()) {
+      reply_error(request, kErrIo, "upstream sent no extents for a selected context");
+      co_return;
+    }
+    encode_block_status_chunk(out, request.cookie, i + 1 == negotiated_.contexts.size(), context + 1, clipped);
+  }
+  writer_.send(head_only(std::move(out)));
+}
+
+void Session::reply_base_allocation(const RequestHeader& request, std::span<const Descriptor> descriptors) {
+  Bytes out;
+  out.reserve(kStructuredHeaderSize + 4 + 8 * descriptors.size());
+  encode_block_status_chunk(out, request.cookie, true, static_cast<uint32_t>(ctx_.info.base_allocation) + 1,
+                            descriptors);
+  writer_.send(head_only(std::move(out)));
+}
+
+void Session::reply_result(const RequestHeader& request, int error) {
+  if (error) {
+    reply_error(request, nbd_error_from_errno(error), strerror(error));
+    return;
+  }
+  Bytes out;
+  if (negotiated_.structured_replies) {
+    encode_done(out, request.cookie);
+  } else {
+    encode_simple_reply(out, request.cookie, 0);
+  }
+  writer_.send(head_only(std::move(out)));
+}
+
+// The one place a client error is sent, and so the one place it is counted.
+void Session::reply_error(const RequestHeader& request, uint32_t nbd_error, std::string_view message) {
+  if (request.type < kOpCount) ++ctx_.metrics.client_errors[request.type];
+  spdlog::debug("connection {}: {} at {}+{} fails: {}", id_, command_name(request.type), request.offset, request.length,
+                message);
+  Bytes out;
+  if (negotiated_.structured_replies) {
+    encode_error_chunk(out, request.cookie, true, nbd_error, message);
+  } else {
+    encode_simple_reply(out, request.cookie, nbd_error);
+  }
+  writer_.send(head_only(std::move(out)));
+}
+
+}  // namespace bscache::proxy

@@ -1,0 +1,55 @@
+// What bscache asks of its upstream and what comes back: plain data, no
+// libnbd. libnbd stays inside proxy/upstream_connection.cpp, which translates
+// these flags to LIBNBD_CMD_FLAG_* (the NBD wire bits and libnbd's bits are
+// different vocabularies that only happen to share some numbers).
+#pragma once
+
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "proxy/wire/codec.hpp"
+
+namespace bscache::proxy {
+
+enum class UpstreamOp : uint8_t { Read, Write, Flush, Trim, Zero, Cache, BlockStatus };
+
+// The NBD command number of an op, for per-op counters and logs.
+uint16_t wire_command(UpstreamOp op);
+
+struct CommandFlags {
+  bool fua = false;        // WRITE, TRIM, WRITE_ZEROES: durable before the reply
+  bool no_hole = false;    // WRITE_ZEROES: do not punch a hole
+  bool fast_zero = false;  // WRITE_ZEROES: fail rather than write zeroes slowly
+  bool df = false;         // READ: do not fragment the reply
+  bool req_one = false;    // BLOCK_STATUS: one descriptor is enough
+
+  // From a client request's NBD flag bits (only the ones meaningful upstream).
+  static CommandFlags from_wire(uint16_t flags);
+};
+
+// A piece of a structured READ reply.
+struct ReadChunk {
+  uint64_t offset = 0;
+  uint32_t length = 0;
+  bool hole = false;
+};
+
+struct CommandResult {
+  int error = 0;  // errno from upstream or libnbd; 0 on success
+  // BLOCK_STATUS: descriptors per upstream context (indexed like UpstreamInfo::contexts).
+  std::vector<std::vector<wire::Descriptor>> extents;
+  std::vector<ReadChunk> chunks;  // READ: the pieces upstream sent, in order received
+};
+
+// One command for upstream. `buffer` is READ's destination or WRITE's source;
+// it must stay valid until the command completes.
+struct CommandArgs {
+  UpstreamOp op = UpstreamOp::Flush;
+  std::span<uint8_t> buffer;
+  uint64_t offset = 0;
+  uint64_t length = 0;  // READ/WRITE: buffer.size()
+  CommandFlags flags;
+};
+
+}  // namespace bscache::proxy

@@ -1,0 +1,98 @@
+// UpstreamPool: the proxy's upstream, as one or more connections.
+//
+// When upstream advertises CAN_MULTI_CONN, bscache opens --upstream-connections
+// connections (each pumped by its own thread, see UpstreamConnection) and
+// spreads commands over them; otherwise exactly one. All of the pool's own
+// state lives on the loop thread: commands are counted when they are sent and
+// when they complete, in one place each (run() and complete()).
+//
+// A command is handed to its connection when run() is called, not when the
+// awaitable is first resumed, so a caller that takes a TaintTracker ticket
+// and then calls run() in the same loop step has taken the ticket before the
+// command can reach upstream (the race rule's precondition).
+//
+// FLUSH: a client FLUSH must cover every write any client saw completed
+// before it. Each connection remembers whether it carried a write since its
+// last flush was sent; flush() flushes every such connection (or one, if none
+// did) and fails if any of them fails.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <vector>
+
+#include "proxy/asio.hpp"
+#include "proxy/metrics.hpp"
+#include "proxy/upstream_command.hpp"
+#include "proxy/upstream_connection.hpp"
+#include "proxy/upstream_info.hpp"
+
+namespace bscache::proxy {
+
+// What BlockStatusService needs of upstream: small so tests can stand in for it.
+class BlockStatusUpstream {
+ public:
+  virtual ~BlockStatusUpstream() = default;
+  // Sent upstream at the call (see UpstreamPool); completes on the loop.
+  virtual awaitable<CommandResult> block_status(uint64_t offset, uint64_t length, CommandFlags flags) = 0;
+};
+
+class UpstreamPool final : public BlockStatusUpstream {
+ public:
+  // Connects (blocking: only at start-up). Throws std::runtime_error with
+  // libnbd's message if the first connection fails; further connections that
+  // fail are logged and left out.
+  UpstreamPool(asio::io_context& loop, const UpstreamTarget& target, UpstreamOptions options, Metrics& metrics);
+  ~UpstreamPool() override;
+  UpstreamPool(const UpstreamPool&) = delete;
+  UpstreamPool& operator=(const UpstreamPool&) = delete;
+
+  const UpstreamInfo& info() const { return info_; }
+  size_t connections() const { return connections_.size(); }
+  size_t connections_up() const;
+  size_t in_flight() const { return in_flight_; }
+
+  // A connection was lost (nullopt) or came back (with what it negotiated).
+  using StateChanged = std::function<void(std::optional<UpstreamInfo> reconnected)>;
+  void on_state_change(StateChanged callback) { on_state_ = std::move(callback); }
+
+  // Any single command (flush() may send several). `cancelled`, when set before the command is sent,
+  // drops it with ECANCELED.
+  awaitable<CommandResult> run(CommandArgs args, CancelFlag cancelled = {});
+  awaitable<CommandResult> flush(CommandFlags flags);
+  awaitable<CommandResult> block_status(uint64_t offset, uint64_t length, CommandFlags flags) override;
+
+  // Asks every connection to disconnect once what is in flight is answered.
+  void shutdown();
+
+ private:
+  struct Slot {
+    std::unique_ptr<UpstreamConnection> connection;
+    bool up = true;
+    bool wrote_since_flush = false;  // carried a WRITE/TRIM/ZERO since its last FLUSH was sent
+    unsigned writes_in_flight = 0;
+    uint64_t load = 0;  // bytes (and a page per command) in flight
+  };
+  template <typename Handler>
+  struct PendingWith;
+  struct FlushFanOut;
+
+  std::optional<size_t> pick() const;
+  std::optional<size_t> flush_target() const;
+  void send(size_t slot, std::unique_ptr<UpstreamCommand> command);
+  void complete(std::unique_ptr<UpstreamCommand> command);
+  void connection_changed(size_t index, std::optional<UpstreamInfo> reconnected);
+
+  asio::io_context& loop_;
+  Metrics& metrics_;
+  UpstreamInfo info_;
+  std::vector<Slot> connections_;
+  size_t in_flight_ = 0;
+  bool lost_unflushed_writes_ = false;  // a connection died with writes not yet flushed
+  StateChanged on_state_;
+};
+
+}  // namespace bscache::proxy
