@@ -170,10 +170,14 @@ void App::handle_signals() {
 }
 
 void App::teardown() {
+  server_.reset();
+  // Joins the upstream threads (their libnbd handles closed) before this
+  // thread opens files of its own: ThreadSanitizer cannot see libnbd close a
+  // descriptor, and would take the reuse of its number for a race.
+  upstream_.reset();
   log_summary();
   write_stats();
   if (!options_.pidfile.empty()) unlink(options_.pidfile.c_str());
-  server_.reset();
   if (!temp_dir_.empty()) {
     std::error_code ignored;
     std::filesystem::remove_all(temp_dir_, ignored);

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs dependencies, builds, and runs every test (unit and integration)
-# with CTest. Then the same suite again under AddressSanitizer + UBSan.
-# Usage: scripts/test.sh [--no-sanitize] [ctest args...]
+# with CTest. Then the same suite again under AddressSanitizer + UBSan, and
+# under ThreadSanitizer (upstream connections run on their own threads).
+# Usage: scripts/test.sh [--no-sanitize] [ctest args...]  (--no-sanitize skips both sanitizer passes)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,4 +23,9 @@ if ((sanitize)); then
   BUILD_DIR=build-asan BUILD_TYPE=Debug scripts/build.sh -DBSCACHE_SANITIZE=ON
   export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
   (cd build-asan && ctest --output-on-failure --timeout 600 -j2 "$@")
+  unset ASAN_OPTIONS
+  echo "== again under ThreadSanitizer =="
+  BUILD_DIR=build-tsan BUILD_TYPE=RelWithDebInfo scripts/build.sh -DBSCACHE_TSAN=ON
+  export TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1 suppressions=$PWD/tests/tsan.supp"
+  (cd build-tsan && ctest --output-on-failure --timeout 600 -j2 "$@")
 fi
