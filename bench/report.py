@@ -35,7 +35,7 @@ def libnbd_version():
     return version(["pkg-config", "--modversion", "libnbd"])
 
 
-lower_is_better = {"seconds", "microseconds", "rss_bytes_per_extent", "estimated_bytes_per_extent"}
+lower_is_better = {"seconds", "microseconds", "rss_bytes_per_extent", "estimated_bytes_per_extent", "peak_rss_mib"}
 lines = [
     "# bscache benchmark results",
     "",
@@ -62,7 +62,7 @@ for (workload, metric), contenders in by.items():
     if "bscache" in contenders:
         b = float(contenders["bscache"]["median"])
         ratios = []
-        for other in ("direct", "cacheextents", "floor", "nbdkit-nbd"):
+        for other in ("direct", "cacheextents", "floor", "nbdkit-nbd", "bscache-off", "bscache-baseline"):
             if other in contenders and float(contenders[other]["median"]) > 0:
                 ratio = b / float(contenders[other]["median"])
                 ratios.append(f"bscache/{other} = **{ratio:.3g}**")

@@ -10,6 +10,8 @@
 #                write-mix, tmpfs, hit-latency, data-path, memory, micro) and
 #                replace just their rows in an existing raw.tsv
 #   BENCH_TINY=1 one run on tiny images: only checks the harness works
+#   BSCACHE_BASELINE=PATH also runs an older bscache binary as contender
+#                "bscache-baseline" in the data-path and convert rows (before/after)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(dirname "$here")
@@ -56,9 +58,9 @@ raw=$out/raw.tsv
 want() { [[ -z $only || $only == *",$1,"* ]]; }
 section_workloads() {  # the workload names a section writes
   case $1 in
-    seq) echo "seq-map convert two-scanners" ;;
+    seq) echo "seq-map convert convert-instant two-scanners" ;;
     hit-latency) echo "hit-latency-qd1 hit-latency-qd16" ;;
-    data-path) echo "data-read data-write" ;;
+    data-path) echo "data-read data-read-convert data-write" ;;
     *) echo "$1" ;;
   esac
 }
@@ -92,15 +94,20 @@ front_up() {  # CONTENDER UPSTREAM_NAME: sets $target, the URI clients use
     bscache) start_bscache front --upstream "$(uri "$up")" --log-level warn --stats-file "$T/front.json" ;;
     bscache-off) start_bscache front --upstream "$(uri "$up")" --log-level warn --policy off \
                    --stats-file "$T/front.json" ;;
+    bscache-baseline) BSCACHE=$BSCACHE_BASELINE start_bscache front --upstream "$(uri "$up")" --log-level warn ;;
   esac
 }
 front_down() { [[ -f $T/front.pid ]] && { stop_server front; rm -f "$T/front.pid"; }; return 0; }
 
+# The contenders of the data-path and convert rows (with the baseline binary when given).
+data_contenders() { echo "direct nbdkit-nbd $* bscache bscache-off ${BSCACHE_BASELINE:+bscache-baseline}"; }
+
 # measure WORKLOAD CONTENDER UPSTREAM RUNS CLIENT_FUNCTION [REFERENCE]
 # Times CLIENT_FUNCTION URI OUTFILE, warm-up first; checks output vs REFERENCE.
+# With track_rss=1, also records a bscache contender's peak resident memory.
 measure() {
   local workload=$1 contender=$2 up=$3 n=$4 client=$5 reference=${6:-}
-  local times=() i
+  local times=() rss=() i
   ((n > 0)) || return 0
   for ((i = 0; i < n + warmup; i++)); do
     local t0 t1
@@ -108,6 +115,9 @@ measure() {
     t0=$(now)
     "$client" "$target" "$T/out.$contender"
     t1=$(now)
+    if [[ ${track_rss:-0} == 1 && $contender == bscache* ]] && ((i >= warmup)); then
+      rss+=("$(awk '/VmHWM/ { print $2 / 1024 }' "/proc/$(cat "$T/front.pid")/status")")
+    fi
     front_down
     if [[ -n $reference ]] && ! cmp -s "$T/out.$contender" "$reference"; then
       echo "ERROR: $workload: $contender's output differs from direct's" >&2
@@ -116,6 +126,7 @@ measure() {
     ((i >= warmup)) && times+=("$(echo "$t1 - $t0" | bc -l)")
   done
   record "$workload" "$contender" seconds "" "${times[@]}"
+  ((${#rss[@]} == 0)) || record "$workload" "$contender" peak_rss_mib "bscache's VmHWM after the run" "${rss[@]}"
 }
 
 client_map() { qemu-img map -f raw --output=json "$1" >"$2"; }
@@ -137,8 +148,9 @@ client_map "$(uri seqfast)" "$T/seq.ref"
 client_two "$(uri seqfast)" "$T/two.ref"
 for c in direct cacheextents bscache bscache-off; do measure seq-map $c seqslow $runs client_map "$T/seq.ref"; done
 measure seq-map floor seqfast $runs client_map "$T/seq.ref"
-for c in direct cacheextents bscache; do measure convert $c seqslow $runs client_convert; done
+for c in $(data_contenders cacheextents); do measure convert $c seqslow $runs client_convert; done
 measure convert floor seqfast $runs client_convert
+for c in $(data_contenders cacheextents); do measure convert-instant $c seqfast $runs client_convert; done
 for c in direct cacheextents bscache; do measure two-scanners $c seqslow $runs client_two "$T/two.ref"; done
 measure two-scanners floor seqfast $runs client_two "$T/two.ref"
 fi
@@ -216,19 +228,27 @@ want hit-latency && for depth in 1 16; do
   done
 done
 
-# ---- data-path: read and write through each contender ----
+# ---- data-path: bytes through each contender (upstream: nbdkit file on /dev/shm) ----
 if want data-path; then
-head -c "$data_size" /dev/urandom >"$T/random.img"
-start_nbdkit data memory $data_size
-nbdcopy "$T/random.img" "$(uri data)"
+shm=$(mktemp -d /dev/shm/bscache-bench.XXXXXX)
+head -c "$data_size" /dev/urandom >"$shm/random.img"
+cp "$shm/random.img" "$shm/target.img"
+start_nbdkit data file "$shm/random.img"
+start_nbdkit target file "$shm/target.img"
 client_read() { nbdcopy "$1" null: && : >"$2"; }
-client_write() { nbdcopy "$T/random.img" "$1" && : >"$2"; }
-for c in direct nbdkit-nbd bscache; do
+client_read_convert() {
+  qemu-img convert -n -f raw "$1" --target-image-opts "driver=null-co,size=$data_size" && : >"$2"
+}
+client_write() { nbdcopy --flush "$shm/random.img" "$1" && : >"$2"; }
+track_rss=1
+for c in $(data_contenders); do
   measure data-read $c data $runs client_read
-  measure data-write $c data $runs client_write
+  measure data-read-convert $c data $runs client_read_convert
+  measure data-write $c target $runs client_write
 done
-nbdcopy "$(uri data)" "$T/readback.img"
-cmp -s "$T/readback.img" "$T/random.img" || { echo "ERROR: data-path wrote wrong bytes" >&2; exit 1; }
+track_rss=0
+cmp -s "$shm/target.img" "$shm/random.img" || { echo "ERROR: data-path wrote wrong bytes" >&2; exit 1; }
+rm -rf "$shm"
 fi
 
 # ---- memory: bytes per cached extent ----
