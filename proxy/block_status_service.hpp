@@ -17,9 +17,9 @@
 #include "policy/fetch_window.hpp"
 #include "policy/prefetch.hpp"
 #include "proxy/asio.hpp"
+#include "proxy/block_status_upstream.hpp"
 #include "proxy/export_info.hpp"
 #include "proxy/metrics.hpp"
-#include "proxy/upstream_pool.hpp"
 
 namespace bscache::proxy {
 

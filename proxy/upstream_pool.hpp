@@ -6,10 +6,12 @@
 // state lives on the loop thread: commands are counted when they are sent and
 // when they complete, in one place each (run() and complete()).
 //
-// A command is handed to its connection when run() is called, not when the
-// awaitable is first resumed, so a caller that takes a TaintTracker ticket
-// and then calls run() in the same loop step has taken the ticket before the
-// command can reach upstream (the race rule's precondition).
+// A command is handed to its connection's thread at the co_await of run()'s
+// awaitable, in the same loop step as the caller's code before it: a caller
+// that takes a TaintTracker ticket and then awaits run() with no co_await in
+// between has taken the ticket before the command can reach upstream (the
+// race rule's precondition; taking it earlier than the send only widens the
+// taint, which is safe).
 //
 // FLUSH: a client FLUSH must cover every write any client saw completed
 // before it. Each connection remembers whether it carried a write since its
@@ -25,20 +27,13 @@
 #include <vector>
 
 #include "proxy/asio.hpp"
+#include "proxy/block_status_upstream.hpp"
 #include "proxy/metrics.hpp"
 #include "proxy/upstream_command.hpp"
 #include "proxy/upstream_connection.hpp"
 #include "proxy/upstream_info.hpp"
 
 namespace bscache::proxy {
-
-// What BlockStatusService needs of upstream: small so tests can stand in for it.
-class BlockStatusUpstream {
- public:
-  virtual ~BlockStatusUpstream() = default;
-  // Sent upstream at the call (see UpstreamPool); completes on the loop.
-  virtual awaitable<CommandResult> block_status(uint64_t offset, uint64_t length, CommandFlags flags) = 0;
-};
 
 class UpstreamPool final : public BlockStatusUpstream {
  public:
