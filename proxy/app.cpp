@@ -101,9 +101,16 @@ bool App::connect_upstream() {
   upstream_->on_state_change([this](const std::optional<UpstreamInfo>& reconnected) {
     // The upstream may have changed while we could not see it: nothing cached stays.
     block_status_->clear();
-    if (reconnected && (reconnected->size != info_.size || reconnected->contexts != upstream_->info().contexts)) {
-      spdlog::warn("upstream changed across the reconnect (size {} -> {}); clients keep what they negotiated",
-                   info_.size, reconnected->size);
+    if (!reconnected) return;
+    ExportInfo fresh = make_export_info(*reconnected, options_.read_only);
+    if (fresh != info_) {
+      // New clients get the export as it is now; connected ones keep what
+      // they negotiated (upstream refuses their requests past its new end).
+      spdlog::warn(
+          "upstream changed across the reconnect (size {} -> {}, flags {:#x} -> {:#x}, contexts {} -> {}): "
+          "new clients see the new export",
+          info_.size, fresh.size, info_.tx_flags, fresh.tx_flags, join(info_.contexts), join(fresh.contexts));
+      info_ = std::move(fresh);
     }
   });
   context_ = std::make_unique<ProxyContext>(

@@ -69,11 +69,12 @@ bool BlockStatusService::lookup(uint64_t offset, uint32_t length, bool req_one, 
 
 awaitable<int> BlockStatusService::ask_upstream_directly(uint64_t offset, uint32_t length, bool req_one,
                                                          std::vector<wire::Descriptor>& out) {
-  const size_t index = *info_.upstream_context(static_cast<size_t>(info_.base_allocation));
   auto result = co_await upstream_.block_status(offset, length, {.req_one = req_one});
   if (result.error) co_return result.error;
   out.clear();
-  if (index < result.extents.size()) wire::clip_descriptors(result.extents[index], length, req_one, out);
+  if (const auto* descriptors = result.extents_for(wire::kBaseAllocation)) {
+    wire::clip_descriptors(*descriptors, length, req_one, out);
+  }
   co_return out.empty() ? EIO : 0;
 }
 
@@ -98,30 +99,29 @@ std::shared_ptr<BlockStatusService::Fetch> BlockStatusService::start_fetch(polic
 }
 
 awaitable<void> BlockStatusService::run_fetch(std::shared_ptr<Fetch> fetch) {
-  const size_t index = *info_.upstream_context(static_cast<size_t>(info_.base_allocation));
   // The ticket is taken in the same step that sends the command: any mutation
   // in flight now, or begun before the reply, taints what the reply says.
   auto ticket = cache_.begin_fetch();
   const auto started = std::chrono::steady_clock::now();
   auto result = co_await upstream_.block_status(fetch->offset, fetch->length, {});
   latency_.record(std::chrono::steady_clock::now() - started);
-  if (!result.error && index >= result.extents.size()) result.error = EIO;  // upstream changed its contexts
+  const auto* descriptors = result.error ? nullptr : result.extents_for(wire::kBaseAllocation);
+  if (!result.error && !descriptors) result.error = EIO;  // upstream changed its contexts
   if (result.error) {
     cache_.abort_fetch(ticket);  // the pool logged and counted it
     fetch->error = result.error;
   } else {
     std::vector<cache::Extent> extents;
-    const auto& descriptors = result.extents[index];
-    extents.reserve(descriptors.size());
+    extents.reserve(descriptors->size());
     uint64_t pos = fetch->offset;
-    for (const auto& d : descriptors) {
+    for (const auto& d : *descriptors) {
       extents.push_back({pos, d.length, d.flags});
       pos += d.length;
     }
     const uint64_t end = std::min(info_.size, fetch->offset + fetch->length);
     cache_.complete_fetch(ticket, extents, end);
     if (pos > fetch->offset) note_window(fetch->offset, std::min(pos, end), fetch->prefetch);
-    spdlog::debug("fetched {} extents for {}+{}{}", descriptors.size(), fetch->offset, fetch->length,
+    spdlog::debug("fetched {} extents for {}+{}{}", descriptors->size(), fetch->offset, fetch->length,
                   fetch->prefetch ? " (prefetch)" : "");
   }
   fetch->finished = true;

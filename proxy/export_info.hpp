@@ -28,6 +28,8 @@ struct ExportInfo {
   std::vector<int> upstream_index;
   int base_allocation = -1;  // index into contexts (always present)
 
+  bool operator==(const ExportInfo&) const = default;
+
   // The upstream context behind offered context `context`; nullopt when
   // bscache synthesizes it (base:allocation on an upstream that lacks it).
   std::optional<size_t> upstream_context(size_t context) const {

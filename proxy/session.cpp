@@ -22,6 +22,7 @@ Session::Session(ProxyContext& context, Socket socket, uint64_t id)
     : ctx_(context),
       socket_(std::move(socket)),
       id_(id),
+      info_(context.info),
       writer_(socket_, id,
               {.start_drain = [this] { asio::co_spawn(ctx_.io, drain_replies(), asio::detached); },
                .progress = [this] { writer_progress(); }}),
@@ -32,17 +33,17 @@ Session::Session(ProxyContext& context, Socket socket, uint64_t id)
 awaitable<void> Session::run() {
   auto self = shared_from_this();
   try {
-    auto negotiated = co_await negotiate(socket_, ctx_.info, id_, ctx_.limits.handshake_timeout);
+    auto negotiated = co_await negotiate(socket_, info_, id_, ctx_.limits.handshake_timeout);
     if (negotiated) {
       negotiated_ = std::move(*negotiated);
-      limits_ = TransmissionLimits{ctx_.info.size,
-                                   ctx_.info.tx_flags,
-                                   ctx_.info.min_block,
-                                   ctx_.info.max_block,
+      limits_ = TransmissionLimits{info_.size,
+                                   info_.tx_flags,
+                                   info_.min_block,
+                                   info_.max_block,
                                    negotiated_.structured_replies,
                                    !negotiated_.contexts.empty()};
-      only_base_allocation_ = negotiated_.contexts.size() == 1 &&
-                              negotiated_.contexts[0] == static_cast<uint32_t>(ctx_.info.base_allocation);
+      only_base_allocation_ =
+          negotiated_.contexts.size() == 1 && negotiated_.contexts[0] == static_cast<uint32_t>(info_.base_allocation);
       spdlog::debug("connection {}: transmission, structured replies {}, {} meta contexts", id_,
                     negotiated_.structured_replies, negotiated_.contexts.size());
       socket_.non_blocking(true);  // the writer writes directly when it can

@@ -89,6 +89,10 @@ class Session : public std::enable_shared_from_this<Session> {
   ProxyContext& ctx_;
   Socket socket_;
   uint64_t id_;
+  // What this client was offered, fixed at accept: if upstream comes back from
+  // a reconnect with another size or contexts, new clients see the new export
+  // and this one keeps what it negotiated.
+  const ExportInfo info_;
   ReplyWriter writer_;
   Negotiated negotiated_;
   wire::TransmissionLimits limits_;

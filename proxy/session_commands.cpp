@@ -148,9 +148,9 @@ awaitable<void> Session::serve_passthrough_block_status(const RequestHeader& req
   for (size_t i = 0; i < negotiated_.contexts.size(); ++i) {
     const uint32_t context = negotiated_.contexts[i];
     clipped.clear();
-    if (auto upstream = ctx_.info.upstream_context(context)) {
-      if (*upstream < result.extents.size()) {
-        clip_descriptors(result.extents[*upstream], request.length, req_one, clipped);
+    if (info_.upstream_context(context)) {
+      if (const auto* descriptors = result.extents_for(info_.contexts[context])) {
+        clip_descriptors(*descriptors, request.length, req_one, clipped);
       }
     } else {
       clipped.push_back({request.length, 0});  // base:allocation synthesized: all data
@@ -167,8 +167,7 @@ awaitable<void> Session::serve_passthrough_block_status(const RequestHeader& req
 void Session::reply_base_allocation(const RequestHeader& request, std::span<const Descriptor> descriptors) {
   Bytes out;
   out.reserve(kStructuredHeaderSize + 4 + 8 * descriptors.size());
-  encode_block_status_chunk(out, request.cookie, true, static_cast<uint32_t>(ctx_.info.base_allocation) + 1,
-                            descriptors);
+  encode_block_status_chunk(out, request.cookie, true, static_cast<uint32_t>(info_.base_allocation) + 1, descriptors);
   writer_.send(head_only(std::move(out)));
 }
 

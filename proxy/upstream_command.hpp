@@ -5,7 +5,10 @@
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <span>
+#include <string>
+#include <string_view>
 #include <vector>
 
 #include "proxy/wire/codec.hpp"
@@ -37,9 +40,26 @@ struct ReadChunk {
 
 struct CommandResult {
   int error = 0;  // errno from upstream or libnbd; 0 on success
-  // BLOCK_STATUS: descriptors per upstream context (indexed like UpstreamInfo::contexts).
+  // BLOCK_STATUS: descriptors per meta context the answering connection
+  // negotiated, named by `contexts` (a reconnect may have changed them).
   std::vector<std::vector<wire::Descriptor>> extents;
+  std::shared_ptr<const std::vector<std::string>> contexts;
   std::vector<ReadChunk> chunks;  // READ: the pieces upstream sent, in order received
+
+  static CommandResult failed(int error) {
+    CommandResult r;
+    r.error = error;
+    return r;
+  }
+
+  // BLOCK_STATUS: upstream's descriptors for one context; null if it sent none.
+  const std::vector<wire::Descriptor>* extents_for(std::string_view context) const {
+    if (!contexts) return nullptr;
+    for (size_t i = 0; i < contexts->size() && i < extents.size(); ++i) {
+      if ((*contexts)[i] == context) return &extents[i];
+    }
+    return nullptr;
+  }
 };
 
 // One command for upstream. `buffer` is READ's destination or WRITE's source;

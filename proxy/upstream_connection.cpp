@@ -68,13 +68,14 @@ void UpstreamConnection::disconnect() {
 
 void UpstreamConnection::adopt(NbdHandlePtr handle) {
   handle_ = std::move(handle);
-  contexts_.clear();
+  auto contexts = std::make_shared<std::vector<std::string>>();
   for (size_t i = 0;; ++i) {
     char* name = nbd_get_meta_context(handle_.get(), i);
     if (!name) break;
-    if (nbd_can_meta_context(handle_.get(), name) == 1) contexts_.emplace_back(name);
+    if (nbd_can_meta_context(handle_.get(), name) == 1) contexts->emplace_back(name);
     free(name);  // NOLINT(cppcoreguidelines-no-malloc): libnbd's string
   }
+  contexts_ = std::move(contexts);
   socket_.assign(nbd_aio_get_fd(handle_.get()));
   pump();
 }
@@ -93,7 +94,10 @@ void UpstreamConnection::issue(std::unique_ptr<UpstreamCommand> command) {
   UpstreamCommand* raw = command.get();
   raw->via = this;
   raw->started = std::chrono::steady_clock::now();
-  if (raw->args.op == UpstreamOp::BlockStatus) raw->result.extents.resize(contexts_.size());
+  if (raw->args.op == UpstreamOp::BlockStatus) {
+    raw->result.contexts = contexts_;
+    raw->result.extents.resize(contexts_->size());
+  }
   pending_.emplace(raw, std::move(command));
   const int64_t cookie = start_command(handle_.get(), *raw);
   if (cookie == -1) {
@@ -146,7 +150,7 @@ int UpstreamConnection::on_complete(void* user_data, int* error) {
 int UpstreamConnection::on_extent(void* user_data, const char* context, uint64_t, uint32_t* entries, size_t count,
                                   int*) {
   auto* command = static_cast<UpstreamCommand*>(user_data);
-  const auto& contexts = command->via->contexts_;
+  const auto& contexts = *command->result.contexts;
   auto it = std::find(contexts.begin(), contexts.end(), context);
   if (it == contexts.end()) return 0;
   // libnbd reuses `entries` for the next chunk: copy.

@@ -114,7 +114,8 @@ class UpstreamConnection {
   asio::io_context io_;
   asio::executor_work_guard<asio::io_context::executor_type> work_;
   NbdHandlePtr handle_;
-  std::vector<std::string> contexts_;  // what handle_ negotiated: indexes result.extents
+  // What handle_ negotiated: names result.extents.
+  std::shared_ptr<const std::vector<std::string>> contexts_;
   asio::posix::stream_descriptor socket_;
   asio::steady_timer watchdog_;
   asio::steady_timer backoff_timer_;

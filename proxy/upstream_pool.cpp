@@ -153,7 +153,7 @@ awaitable<CommandResult> UpstreamPool::flush(CommandFlags flags) {
     // not have reached stable storage: say so once, to the next flusher.
     lost_unflushed_writes_ = false;
     spdlog::warn("FLUSH fails: an upstream connection carrying unflushed writes was lost");
-    co_return CommandResult{.error = EIO, .extents = {}, .chunks = {}};
+    co_return CommandResult::failed(EIO);
   }
   std::vector<size_t> targets;
   for (size_t i = 0; i < connections_.size(); ++i) {

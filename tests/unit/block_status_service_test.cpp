@@ -46,11 +46,14 @@ class ScriptedUpstream final : public BlockStatusUpstream {
   }
 
   void answer(size_t i, std::vector<Descriptor> extents) {
-    calls.at(i)->result = CommandResult{.error = 0, .extents = {std::move(extents)}, .chunks = {}};
+    CommandResult result;
+    result.extents = {std::move(extents)};
+    result.contexts = std::make_shared<const std::vector<std::string>>(1, "base:allocation");
+    calls.at(i)->result = std::move(result);
     calls.at(i)->answered.cancel();
   }
   void fail(size_t i, int error) {
-    calls.at(i)->result = CommandResult{.error = error, .extents = {}, .chunks = {}};
+    calls.at(i)->result = CommandResult::failed(error);
     calls.at(i)->answered.cancel();
   }
 

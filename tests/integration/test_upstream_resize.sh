@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Upstream comes back from a restart with another size: the cache is dropped,
+# new clients are offered the new size, a client connected across the change
+# keeps working within what it negotiated.
+source "$(dirname "$0")/lib.sh"
+
+start_nbdkit up memory 16M
+start_bscache bs --upstream "$(uri up)" --stats-file "$T/bs.json"
+[[ $(nbdinfo --size "$(uri bs)") == 16777216 ]] || fail "size before the restart"
+qemu-img map -f raw --output=json "$(uri bs)" >/dev/null  # fill the cache
+
+# A client that stays connected across the restart.
+/usr/bin/python3 - "$(uri bs)" "$T/restarted" >"$T/old.out" 2>&1 <<'PY' &
+import os, sys, time, nbd
+h = nbd.NBD()
+h.connect_uri(sys.argv[1])
+print("old size", h.get_size(), flush=True)
+h.pread(4096, 0)
+print("old client read", flush=True)
+for _ in range(600):          # wait for the test to restart upstream
+    if os.path.exists(sys.argv[2]):
+        break
+    time.sleep(0.05)
+for _ in range(100):          # then until bscache has reconnected
+    try:
+        h.pwrite(b"\xab" * 4096, 8 << 20)
+        break
+    except nbd.Error:
+        time.sleep(0.1)
+assert h.pread(4096, 8 << 20) == b"\xab" * 4096
+print("old client ok", flush=True)
+PY
+old=$!
+
+for _ in $(seq 200); do grep -q "old client read" "$T/old.out" && break; sleep 0.05; done
+grep -q "old client read" "$T/old.out" || { cat "$T/old.out"; fail "the old client could not read"; }
+kill -9 "$(cat "$T/up.pid")"  # nbdkit would wait for bscache's connections to close
+rm -f "$T/up.pid" "$T/up.sock"
+start_nbdkit up memory 32M
+touch "$T/restarted"
+for _ in $(seq 100); do grep -q "new clients see the new export" "$T/bs.log" && break; sleep 0.1; done
+grep -q "new clients see the new export" "$T/bs.log" || fail "the size change is not logged"
+[[ $(nbdinfo --size "$(uri bs)") == 33554432 ]] || fail "new clients should see the new size, got $(nbdinfo --size "$(uri bs)")"
+qemu-io -f raw -c 'write -P 0x5a 30M 64k' "$(uri bs)" >/dev/null || fail "write past the old end"
+qemu-img map -f raw --output=json "$(uri bs)" >"$T/new.map"
+qemu-img map -f raw --output=json "$(uri up)" >"$T/direct.map"
+cmp -s "$T/new.map" "$T/direct.map" || fail "map of the resized export differs from direct"
+wait "$old" || { cat "$T/old.out"; fail "the client connected across the restart failed"; }
+grep -q "old client ok" "$T/old.out" || fail "old client"
+pass "resized upstream: new size for new clients, old client keeps working, map equals direct"
