@@ -17,8 +17,9 @@ ExtentCache filled(int64_t n) {
   CacheLimits limits;
   limits.max_extents = static_cast<size_t>(n) * 2;
   ExtentCache cache(limits);
+  const auto stamp = cache.now();
   for (int64_t i = 0; i < n; ++i)
-    cache.store(static_cast<uint64_t>(i) * 65536, 65536, static_cast<uint32_t>(i % 2) * 3);
+    cache.store(static_cast<uint64_t>(i) * 65536, 65536, static_cast<uint32_t>(i % 2) * 3, stamp);
   return cache;
 }
 
@@ -40,7 +41,8 @@ void BM_Store(benchmark::State& state) {
   auto cache = filled(state.range(0));
   std::mt19937_64 rng(2);
   const uint64_t span = static_cast<uint64_t>(state.range(0)) * 65536;
-  for (auto _ : state) cache.store(rng() % span / 4096 * 4096, 4096, static_cast<uint32_t>(rng() % 4));
+  const auto stamp = cache.now();
+  for (auto _ : state) cache.store(rng() % span / 4096 * 4096, 4096, static_cast<uint32_t>(rng() % 4), stamp);
   state.SetItemsProcessed(state.iterations());
 }
 BENCHMARK(BM_Store)->RangeMultiplier(10)->Range(1000, 1000000);

@@ -18,32 +18,38 @@ CoherentCache::Range CoherentCache::widen(uint64_t offset, uint64_t length) cons
   return {start, std::max(rounded_end, end) - start};  // max(): rounding past UINT64_MAX
 }
 
-void CoherentCache::complete_fetch(Ticket ticket, std::span<const Extent> extents, uint64_t clip_end) {
-  const RangeSet taint = taint_.finish(ticket);
+std::vector<Extent> CoherentCache::complete_fetch(Ticket ticket, std::vector<Extent> extents, uint64_t clip_end) {
+  const RangeSet taint = taint_.finish(ticket.id);
+  std::vector<Extent> usable;
+  usable.reserve(extents.size());
   for (const auto& e : extents) {
     const uint64_t end = std::min(e.end(), clip_end);
     if (e.offset >= end) continue;
     if (taint.empty()) {
-      cache_.store(e.offset, end - e.offset, e.flags);
+      usable.push_back({e.offset, end - e.offset, e.flags});
       continue;
     }
-    // Only what no mutation could have changed under the fetch is stored.
+    // Only what no mutation could have changed under the fetch is usable.
     RangeSet clean;
     clean += Interval(e.offset, end);
     clean -= taint;
-    for (const auto& piece : clean) cache_.store(piece.lower(), piece.upper() - piece.lower(), e.flags);
+    for (const auto& piece : clean) usable.push_back({piece.lower(), piece.upper() - piece.lower(), e.flags});
   }
+  for (const auto& e : usable) {
+    if (!cache_.store(e.offset, e.length, e.flags, ticket.sent)) break;  // older than the TTL: store none
+  }
+  return usable;
 }
 
 CoherentCache::Ticket CoherentCache::begin_mutation(uint64_t offset, uint64_t length) {
   const Range affected = widen(offset, length);
   cache_.erase(affected.offset, affected.length);
-  return taint_.begin_mutation(affected.offset, affected.length);
+  return {taint_.begin_mutation(affected.offset, affected.length), cache_.now()};
 }
 
 void CoherentCache::complete_mutation(Ticket ticket, uint64_t offset, uint64_t length,
                                       std::optional<uint32_t> state_after) {
-  const RangeSet taint = taint_.finish(ticket);
+  const RangeSet taint = taint_.finish(ticket.id);
   if (length == 0) return;
   // No fetch stored into the widened range while this was pending (tainted),
   // but a concurrent mutation may have completed there: what upstream reports
@@ -51,7 +57,15 @@ void CoherentCache::complete_mutation(Ticket ticket, uint64_t offset, uint64_t l
   const Range affected = widen(offset, length);
   cache_.erase(affected.offset, affected.length);
   if (!state_after) return;
-  cache_.store(offset, length, 0);  // "data" is always a safe answer
+  // Stamps. "Data" (0) is a safe answer at any age: its stamp cannot make an
+  // answer wrong, only keep an imprecise one around. We stamp it with the
+  // completion time rather than "never expires" so that, under a TTL, every
+  // cached state is at most TTL old and a range trimmed behind our back is
+  // reported as a hole again within the TTL. A ZERO claim is different: an
+  // outside write that completes while this WRITE_ZEROES is in flight may land
+  // after it, so the claim is only known to reflect writes completed before
+  // this command was sent: it gets the send time, like a fetch.
+  cache_.store(offset, length, 0, cache_.now());
   if (*state_after == 0) return;
   // ZERO is claimed only for whole allocation units (upstream may report a
   // partly zeroed unit as allocated data) and only where no overlapping
@@ -62,7 +76,7 @@ void CoherentCache::complete_mutation(Ticket ticket, uint64_t offset, uint64_t l
   RangeSet claim;
   claim += Interval(first, last);
   claim -= taint;
-  for (const auto& piece : claim) cache_.store(piece.lower(), piece.upper() - piece.lower(), *state_after);
+  for (const auto& piece : claim) cache_.store(piece.lower(), piece.upper() - piece.lower(), *state_after, ticket.sent);
 }
 
 }  // namespace bscache::cache

@@ -2,12 +2,14 @@
 //
 // The proxy calls begin_* before sending a command upstream and complete_*
 // when its reply arrives. Every state it stores is one upstream could report
-// now, or a more conservative one (fewer flag bits).
+// now, or a more conservative one (fewer flag bits), and carries the stamp of
+// the command that established it (see ExtentCache): the ticket records when
+// the command was sent.
 #pragma once
 
 #include <cstdint>
 #include <optional>
-#include <span>
+#include <vector>
 
 #include "cache/extent.hpp"
 #include "cache/extent_cache.hpp"
@@ -17,14 +19,20 @@ namespace bscache::cache {
 
 class CoherentCache {
  public:
-  using Ticket = TaintTracker::Ticket;
+  struct Ticket {
+    TaintTracker::Ticket id = 0;
+    TimePoint sent;  // taken with the ticket, just before the command goes upstream
+  };
 
   explicit CoherentCache(CacheLimits limits = {}, Clock clock = &std::chrono::steady_clock::now);
 
-  Ticket begin_fetch() { return taint_.begin_fetch(); }
-  // Stores the parts of `extents` outside the fetch's taint, clipped to [0, clip_end).
-  void complete_fetch(Ticket ticket, std::span<const Extent> extents, uint64_t clip_end);
-  void abort_fetch(Ticket ticket) { taint_.finish(ticket); }
+  Ticket begin_fetch() { return {taint_.begin_fetch(), cache_.now()}; }
+  // Clips `extents` to [0, clip_end), removes the parts inside the fetch's
+  // taint, stores the rest stamped with the ticket's send time (unless that is
+  // already older than the TTL), and returns it: what the reply may be used to
+  // answer, stored or not.
+  std::vector<Extent> complete_fetch(Ticket ticket, std::vector<Extent> extents, uint64_t clip_end);
+  void abort_fetch(Ticket ticket) { taint_.finish(ticket.id); }
 
   // Forgets the range, rounded out to the allocation granularity, at once:
   // while the mutation is in flight nothing is known about it.

@@ -17,8 +17,9 @@ ExtentCache::ExtentCache(CacheLimits limits, Clock clock) : limits_(limits), clo
   if (limits_.granule_bytes == 0) limits_.granule_bytes = uint64_t{1} << 30;
 }
 
-void ExtentCache::store(uint64_t offset, uint64_t length, uint32_t flags) {
-  if (length == 0) return;
+bool ExtentCache::store(uint64_t offset, uint64_t length, uint32_t flags, TimePoint stamp) {
+  if (length == 0) return true;
+  if (too_old(stamp)) return false;
   const uint64_t end = saturating_add(offset, length);
   // Data stored into a stale granule would inherit its age: expire it first.
   if (limits_.ttl) {
@@ -27,8 +28,9 @@ void ExtentCache::store(uint64_t offset, uint64_t length, uint32_t flags) {
     }
   }
   map_.set(std::make_pair(Interval(offset, end), flags));
-  touch(offset, end, true);
+  touch(offset, end, stamp);
   evict_to_limit();
+  return true;
 }
 
 void ExtentCache::erase(uint64_t offset, uint64_t length) {
@@ -73,7 +75,7 @@ size_t ExtentCache::lookup(uint64_t offset, uint64_t limit, std::vector<Extent>&
     pos = piece_end;
     if (pos >= it->first.upper()) ++it;
   }
-  touch(offset, pos, false);
+  touch(offset, pos, std::nullopt);
   if (stale_granule) {
     erase_granule(*stale_granule);
     ++expirations_;
@@ -91,10 +93,14 @@ size_t ExtentCache::memory_bytes() const {
   return map_.iterative_size() * kPerInterval + granules_.size() * kPerGranule;
 }
 
+bool ExtentCache::too_old(TimePoint stamp) const {
+  return limits_.ttl && clock_() - stamp > *limits_.ttl;
+}
+
 bool ExtentCache::is_stale(uint64_t granule) const {
   if (!limits_.ttl) return false;
   auto it = granules_.find(granule);
-  return it != granules_.end() && clock_() - it->second.oldest_store > *limits_.ttl;
+  return it != granules_.end() && too_old(it->second.oldest_stamp);
 }
 
 void ExtentCache::expire_if_stale(uint64_t offset) {
@@ -105,18 +111,20 @@ void ExtentCache::expire_if_stale(uint64_t offset) {
   }
 }
 
-void ExtentCache::touch(uint64_t offset, uint64_t end, bool stored) {
+void ExtentCache::touch(uint64_t offset, uint64_t end, std::optional<TimePoint> stored_stamp) {
   if (end <= offset) return;
-  const auto now = limits_.ttl ? clock_() : std::chrono::steady_clock::time_point{};
   for (uint64_t g = offset / limits_.granule_bytes; g <= (end - 1) / limits_.granule_bytes; ++g) {
     auto it = granules_.find(g);
     if (it == granules_.end()) {
-      if (!stored) continue;  // lookups only touch granules that hold data
+      if (!stored_stamp) continue;  // lookups only touch granules that hold data
       lru_.push_front(g);
-      granules_.emplace(g, Granule{lru_.begin(), now});
-    } else if (it->second.lru_pos != lru_.begin()) {
-      lru_.splice(lru_.begin(), lru_, it->second.lru_pos);
+      granules_.emplace(g, Granule{lru_.begin(), *stored_stamp});
+      continue;
     }
+    // A slow fetch may deliver an older stamp than what the granule holds:
+    // the granule is as old as the oldest state in it.
+    if (stored_stamp) it->second.oldest_stamp = std::min(it->second.oldest_stamp, *stored_stamp);
+    if (it->second.lru_pos != lru_.begin()) lru_.splice(lru_.begin(), lru_, it->second.lru_pos);
   }
 }
 

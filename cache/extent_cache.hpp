@@ -7,9 +7,15 @@
 //
 // Memory is bounded by a maximum number of stored intervals. Eviction works on
 // fixed-size granules of the address space, least recently used first: a granule
-// is touched by every lookup and store that covers it. With a TTL, a granule
-// expires when its oldest stored data is older than the TTL (conservative: a
-// granule may expire early, never late).
+// is touched by every lookup and store that covers it.
+//
+// With a TTL, every store carries a *stamp*: the moment the upstream command
+// that established the state was sent (a block-status reply describes upstream
+// at some moment after that, never before). A granule remembers the oldest
+// stamp stored into it and expires once that stamp is older than the TTL
+// (conservative: a granule may expire early, never late). A store whose stamp
+// is already older than the TTL is refused: it would be stale the moment it
+// became visible.
 #pragma once
 
 #include <chrono>
@@ -41,14 +47,20 @@ struct CacheLimits {
   uint64_t allocation_granularity = 64 * 1024;
 };
 
-using Clock = std::function<std::chrono::steady_clock::time_point()>;
+using TimePoint = std::chrono::steady_clock::time_point;
+using Clock = std::function<TimePoint()>;
 
 class ExtentCache {
  public:
   explicit ExtentCache(CacheLimits limits = {}, Clock clock = &std::chrono::steady_clock::now);
 
-  // Records that [offset, offset+length) has `flags` now, replacing what was there.
-  void store(uint64_t offset, uint64_t length, uint32_t flags);
+  // The cache's clock: stamps must come from it.
+  TimePoint now() const { return clock_(); }
+
+  // Records that [offset, offset+length) has `flags`, as upstream described it
+  // no earlier than `stamp`, replacing what was there. Returns false (and
+  // stores nothing) if a TTL is set and `stamp` is already older than it.
+  bool store(uint64_t offset, uint64_t length, uint32_t flags, TimePoint stamp);
   // Forgets [offset, offset+length).
   void erase(uint64_t offset, uint64_t length);
   void clear();
@@ -71,10 +83,11 @@ class ExtentCache {
                                boost::icl::inter_section, boost::icl::right_open_interval<uint64_t>>;
   struct Granule {
     std::list<uint64_t>::iterator lru_pos;
-    std::chrono::steady_clock::time_point oldest_store;
+    TimePoint oldest_stamp;  // of everything stored here since the granule was created
   };
 
-  void touch(uint64_t offset, uint64_t end, bool stored);
+  bool too_old(TimePoint stamp) const;
+  void touch(uint64_t offset, uint64_t end, std::optional<TimePoint> stored_stamp);
   bool is_stale(uint64_t granule) const;
   void expire_if_stale(uint64_t offset);
   void evict_to_limit();

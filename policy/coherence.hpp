@@ -20,6 +20,10 @@ struct CoherencePolicy {
   CoherenceMode mode = CoherenceMode::Exclusive;
   std::chrono::nanoseconds ttl{0};  // only for Ttl
   std::string describe() const;     // "exclusive", "ttl=1.5s", "off"
+  // Whether what upstream said in reply to a command sent `age` ago may still
+  // answer a query: under a TTL only if age <= ttl. (The cache applies the
+  // same rule to the stamps it stores; see ExtentCache.)
+  bool fresh(std::chrono::nanoseconds age) const { return mode != CoherenceMode::Ttl || age <= ttl; }
 };
 
 // Parses "exclusive", "off" or "ttl=DURATION"; nullopt if malformed or a ttl is not > 0.

@@ -44,14 +44,17 @@ awaitable<int> BlockStatusService::answer_after_miss(uint64_t offset, uint32_t l
   // Two rounds: a write racing the fetch can leave the offset uncached once;
   // after that, ask upstream for exactly this request rather than loop.
   for (int round = 0; round < 2; ++round) {
-    auto fetch = fetch_covering(offset);
+    auto fetch = joinable_fetch(offset);
     if (!fetch) fetch = start_fetch(policy::plan_fetch(offset, info_.size, info_.min_block, config_.max_window), false);
     while (!fetch->finished) {
       boost::system::error_code ignored;  // cancellation is the "finished" signal
       co_await fetch->done.async_wait(asio::redirect_error(use_awaitable, ignored));
     }
     if (fetch->error) break;  // e.g. upstream refuses long windows: ask exactly
-    if (lookup(offset, length, req_one, out)) {
+    // The reply answers its waiters even if it was not stored (too old for
+    // the TTL, or evicted since), as a pass-through would have; the cache
+    // may know the offset when the reply does not (a write completed there).
+    if (answer_from(*fetch, offset, length, req_one, out) || lookup(offset, length, req_one, out)) {
       maybe_prefetch(offset);
       co_return 0;
     }
@@ -62,6 +65,17 @@ awaitable<int> BlockStatusService::answer_after_miss(uint64_t offset, uint32_t l
 bool BlockStatusService::lookup(uint64_t offset, uint32_t length, bool req_one, std::vector<wire::Descriptor>& out) {
   scratch_.clear();
   if (cache_.extents().lookup(offset, length, scratch_, req_one ? 1 : config_.max_descriptors) == 0) return false;
+  out.clear();
+  for (const auto& e : scratch_) out.push_back({static_cast<uint32_t>(e.length), e.flags});
+  return true;
+}
+
+bool BlockStatusService::answer_from(const Fetch& fetch, uint64_t offset, uint32_t length, bool req_one,
+                                     std::vector<wire::Descriptor>& out) {
+  scratch_.clear();
+  if (cache::lookup_run(fetch.usable, offset, length, scratch_, req_one ? 1 : config_.max_descriptors) == 0) {
+    return false;
+  }
   out.clear();
   for (const auto& e : scratch_) out.push_back({static_cast<uint32_t>(e.length), e.flags});
   return true;
@@ -86,11 +100,20 @@ std::shared_ptr<BlockStatusService::Fetch> BlockStatusService::fetch_covering(ui
   return offset < f->offset + f->length ? f : nullptr;
 }
 
+std::shared_ptr<BlockStatusService::Fetch> BlockStatusService::joinable_fetch(uint64_t offset) const {
+  auto fetch = fetch_covering(offset);
+  // Under a TTL a query may wait on a fetch only if it was sent at most the
+  // TTL ago: its reply describes upstream no earlier than that.
+  if (fetch && !config_.coherence.fresh(cache_.extents().now() - fetch->sent)) return nullptr;
+  return fetch;
+}
+
 std::shared_ptr<BlockStatusService::Fetch> BlockStatusService::start_fetch(policy::FetchWindow window, bool prefetch) {
   auto fetch = std::make_shared<Fetch>(io_);
   fetch->offset = window.offset;
   fetch->length = window.length;
   fetch->prefetch = prefetch;
+  fetch->sent = cache_.extents().now();
   fetch->done.expires_at(asio::steady_timer::time_point::max());
   fetches_[window.offset] = fetch;
   // Detached: a fetch outlives the client that caused it, others may wait on it.
@@ -102,6 +125,7 @@ awaitable<void> BlockStatusService::run_fetch(std::shared_ptr<Fetch> fetch) {
   // The ticket is taken in the same step that sends the command: any mutation
   // in flight now, or begun before the reply, taints what the reply says.
   auto ticket = cache_.begin_fetch();
+  fetch->sent = ticket.sent;
   const auto started = std::chrono::steady_clock::now();
   auto result = co_await upstream_.block_status(fetch->offset, fetch->length, {});
   latency_.record(std::chrono::steady_clock::now() - started);
@@ -119,7 +143,7 @@ awaitable<void> BlockStatusService::run_fetch(std::shared_ptr<Fetch> fetch) {
       pos += d.length;
     }
     const uint64_t end = std::min(info_.size, fetch->offset + fetch->length);
-    cache_.complete_fetch(ticket, extents, end);
+    fetch->usable = cache_.complete_fetch(ticket, std::move(extents), end);
     if (pos > fetch->offset) note_window(fetch->offset, std::min(pos, end), fetch->prefetch);
     spdlog::debug("fetched {} extents for {}+{}{}", descriptors->size(), fetch->offset, fetch->length,
                   fetch->prefetch ? " (prefetch)" : "");

@@ -61,7 +61,9 @@ class BlockStatusService {
     bool prefetch = false;
     bool finished = false;
     int error = 0;
-    asio::steady_timer done;  // cancelled when the fetch finishes
+    cache::TimePoint sent;              // when its ticket was taken (its creation until then)
+    std::vector<cache::Extent> usable;  // the reply outside its taint: answers whoever waited
+    asio::steady_timer done;            // cancelled when the fetch finishes
   };
   struct Window {
     uint64_t end = 0;
@@ -69,11 +71,14 @@ class BlockStatusService {
   };
 
   std::shared_ptr<Fetch> fetch_covering(uint64_t offset) const;
+  std::shared_ptr<Fetch> joinable_fetch(uint64_t offset) const;
   std::shared_ptr<Fetch> start_fetch(policy::FetchWindow window, bool prefetch);
   awaitable<void> run_fetch(std::shared_ptr<Fetch> fetch);
   void note_window(uint64_t start, uint64_t end, bool prefetch);
   void maybe_prefetch(uint64_t offset);
   bool lookup(uint64_t offset, uint32_t length, bool req_one, std::vector<wire::Descriptor>& out);
+  bool answer_from(const Fetch& fetch, uint64_t offset, uint32_t length, bool req_one,
+                   std::vector<wire::Descriptor>& out);
   awaitable<int> ask_upstream_directly(uint64_t offset, uint32_t length, bool req_one,
                                        std::vector<wire::Descriptor>& out);
 

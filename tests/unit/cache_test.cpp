@@ -19,8 +19,8 @@ std::vector<Extent> run(ExtentCache& c, uint64_t offset, uint64_t limit = ~uint6
 
 TEST(ExtentCache, StoreAndLookup) {
   ExtentCache c;
-  c.store(0, 64 * KiB, 3);
-  c.store(64 * KiB, 64 * KiB, 0);
+  c.store(0, 64 * KiB, 3, c.now());
+  c.store(64 * KiB, 64 * KiB, 0, c.now());
   EXPECT_EQ(run(c, 0), (std::vector<Extent>{{0, 64 * KiB, 3}, {64 * KiB, 64 * KiB, 0}}));
   EXPECT_TRUE(run(c, 128 * KiB).empty()) << "past the stored range is a miss";
 }
@@ -28,35 +28,35 @@ TEST(ExtentCache, StoreAndLookup) {
 TEST(ExtentCache, ZeroNextToThreeIsKept) {
   // ICL's default absorber would drop the 0 ("data") interval entirely.
   ExtentCache c;
-  c.store(4096, 4096, 0);
-  c.store(8192, 4096, 3);
+  c.store(4096, 4096, 0, c.now());
+  c.store(8192, 4096, 3, c.now());
   EXPECT_EQ(c.extent_count(), 2u);
   EXPECT_EQ(run(c, 4096), (std::vector<Extent>{{4096, 4096, 0}, {8192, 4096, 3}}));
 }
 
 TEST(ExtentCache, AdjacentEqualStatesCoalesce) {
   ExtentCache c;
-  c.store(0, 4096, 0);
-  c.store(4096, 4096, 0);
-  c.store(8192, 4096, 2);
-  c.store(12288, 4096, 2);
+  c.store(0, 4096, 0, c.now());
+  c.store(4096, 4096, 0, c.now());
+  c.store(8192, 4096, 2, c.now());
+  c.store(12288, 4096, 2, c.now());
   EXPECT_EQ(c.extent_count(), 2u);
   EXPECT_EQ(run(c, 0), (std::vector<Extent>{{0, 8192, 0}, {8192, 8192, 2}}));
 }
 
 TEST(ExtentCache, StoreOverwritesRatherThanAggregates) {
   ExtentCache c;
-  c.store(0, 16384, 3);
-  c.store(4096, 4096, 0);  // a write in the middle of a hole
+  c.store(0, 16384, 3, c.now());
+  c.store(4096, 4096, 0, c.now());  // a write in the middle of a hole
   EXPECT_EQ(run(c, 0), (std::vector<Extent>{{0, 4096, 3}, {4096, 4096, 0}, {8192, 8192, 3}}));
-  c.store(0, 16384, 2);
+  c.store(0, 16384, 2, c.now());
   EXPECT_EQ(run(c, 0), (std::vector<Extent>{{0, 16384, 2}}));
 }
 
 TEST(ExtentCache, LookupStartsMidIntervalAndClipsToLimit) {
   ExtentCache c;
-  c.store(0, 1 * MiB, 3);
-  c.store(1 * MiB, 1 * MiB, 0);
+  c.store(0, 1 * MiB, 3, c.now());
+  c.store(1 * MiB, 1 * MiB, 0, c.now());
   EXPECT_EQ(run(c, 512 * KiB, 64 * KiB), (std::vector<Extent>{{512 * KiB, 64 * KiB, 3}}));
   EXPECT_EQ(run(c, 512 * KiB, 1 * MiB), (std::vector<Extent>{{512 * KiB, 512 * KiB, 3}, {1 * MiB, 512 * KiB, 0}}));
   EXPECT_EQ(run(c, 512 * KiB, 10 * MiB, 1), (std::vector<Extent>{{512 * KiB, 512 * KiB, 3}})) << "max_count";
@@ -64,15 +64,15 @@ TEST(ExtentCache, LookupStartsMidIntervalAndClipsToLimit) {
 
 TEST(ExtentCache, LookupStopsAtAGap) {
   ExtentCache c;
-  c.store(0, 4096, 0);
-  c.store(8192, 4096, 3);
+  c.store(0, 4096, 0, c.now());
+  c.store(8192, 4096, 3, c.now());
   EXPECT_EQ(run(c, 0), (std::vector<Extent>{{0, 4096, 0}}));
   EXPECT_TRUE(run(c, 4096).empty()) << "uncached offset";
 }
 
 TEST(ExtentCache, EraseAtPartialOverlaps) {
   ExtentCache c;
-  c.store(0, 64 * KiB, 3);
+  c.store(0, 64 * KiB, 3, c.now());
   c.erase(16 * KiB, 16 * KiB);
   EXPECT_EQ(run(c, 0), (std::vector<Extent>{{0, 16 * KiB, 3}}));
   EXPECT_EQ(run(c, 32 * KiB), (std::vector<Extent>{{32 * KiB, 32 * KiB, 3}}));
@@ -85,8 +85,8 @@ TEST(ExtentCache, EvictsLeastRecentlyUsedGranule) {
   limits.granule_bytes = 1 * MiB;
   ExtentCache c(limits);
   auto fill = [&](uint64_t base) {  // two intervals per granule
-    c.store(base, 4096, 0);
-    c.store(base + 4096, 4096, 3);
+    c.store(base, 4096, 0, c.now());
+    c.store(base + 4096, 4096, 3, c.now());
   };
   fill(0);
   fill(1 * MiB);
@@ -105,7 +105,7 @@ TEST(ExtentCache, ASingleOversizedGranuleIsKept) {
   limits.max_extents = 2;
   limits.granule_bytes = 1 * GiB;
   ExtentCache c(limits);
-  for (uint64_t i = 0; i < 8; ++i) c.store(i * 4096, 4096, static_cast<uint32_t>(i % 2));
+  for (uint64_t i = 0; i < 8; ++i) c.store(i * 4096, 4096, static_cast<uint32_t>(i % 2), c.now());
   EXPECT_EQ(c.extent_count(), 8u) << "the granule just stored is never evicted";
   EXPECT_EQ(c.evictions(), 0u);
 }
@@ -116,9 +116,9 @@ TEST(ExtentCache, ExpiresAfterTtl) {
   limits.ttl = 10s;
   limits.granule_bytes = 1 * MiB;
   ExtentCache c(limits, [&] { return now; });
-  c.store(0, 4096, 3);
+  c.store(0, 4096, 3, c.now());
   now += 5s;
-  c.store(1 * MiB, 4096, 3);
+  c.store(1 * MiB, 4096, 3, c.now());
   now += 6s;  // granule 0 is 11 s old, granule 1 is 6 s old
   EXPECT_TRUE(run(c, 0).empty());
   EXPECT_EQ(c.expirations(), 1u);
@@ -133,9 +133,9 @@ TEST(ExtentCache, TtlRunStopsAtAnExpiredGranule) {
   limits.ttl = 10s;
   limits.granule_bytes = 1 * MiB;
   ExtentCache c(limits, [&] { return now; });
-  c.store(1 * MiB, 1 * MiB, 0);  // granule 1, old
+  c.store(1 * MiB, 1 * MiB, 0, c.now());  // granule 1, old
   now += 8s;
-  c.store(0, 1 * MiB, 3);  // granule 0, fresh
+  c.store(0, 1 * MiB, 3, c.now());  // granule 0, fresh
   now += 3s;
   EXPECT_EQ(run(c, 0), (std::vector<Extent>{{0, 1 * MiB, 3}}));
 }
@@ -146,9 +146,9 @@ TEST(ExtentCache, StoringIntoAStaleGranuleRefreshesIt) {
   limits.ttl = 10s;
   limits.granule_bytes = 1 * MiB;
   ExtentCache c(limits, [&] { return now; });
-  c.store(0, 4096, 3);
+  c.store(0, 4096, 3, c.now());
   now += 11s;
-  c.store(8192, 4096, 0);
+  c.store(8192, 4096, 0, c.now());
   EXPECT_TRUE(run(c, 0).empty()) << "old data went with the stale granule";
   EXPECT_EQ(run(c, 8192), (std::vector<Extent>{{8192, 4096, 0}}));
 }
@@ -156,8 +156,25 @@ TEST(ExtentCache, StoringIntoAStaleGranuleRefreshesIt) {
 TEST(ExtentCache, MemoryEstimateGrowsWithExtents) {
   ExtentCache c;
   const size_t empty = c.memory_bytes();
-  for (uint64_t i = 0; i < 1000; ++i) c.store(i * 8192, 4096, 3);
+  for (uint64_t i = 0; i < 1000; ++i) c.store(i * 8192, 4096, 3, c.now());
   EXPECT_GE(c.memory_bytes() - empty, 1000 * 48u);
+}
+
+TEST(LookupRun, AnswersFromAReplyLikeTheCache) {
+  const std::vector<Extent> reply = {{0, 4096, 3}, {4096, 4096, 3}, {8192, 8192, 0}, {24576, 4096, 2}};
+  std::vector<Extent> out;
+  EXPECT_EQ(lookup_run(reply, 1024, 1 << 20, out, 10), 2u);
+  EXPECT_EQ(out, (std::vector<Extent>{{1024, 7168, 3}, {8192, 8192, 0}})) << "equal neighbours join; a gap ends it";
+  out.clear();
+  EXPECT_EQ(lookup_run(reply, 8192, 4096, out, 10), 1u);
+  EXPECT_EQ(out, (std::vector<Extent>{{8192, 4096, 0}})) << "clipped to the limit";
+  out.clear();
+  EXPECT_EQ(lookup_run(reply, 0, 1 << 20, out, 1), 1u);
+  EXPECT_EQ(out, (std::vector<Extent>{{0, 8192, 3}})) << "max_count";
+  out.clear();
+  EXPECT_EQ(lookup_run(reply, 16384, 4096, out, 10), 0u) << "in the gap";
+  EXPECT_EQ(lookup_run(reply, 1 << 20, 4096, out, 10), 0u) << "past the end";
+  EXPECT_EQ(lookup_run({}, 0, 4096, out, 10), 0u);
 }
 
 // Random stores and erases against a byte-per-block model.
@@ -176,7 +193,7 @@ TEST_P(ExtentCacheModel, MatchesANaiveModel) {
       for (uint64_t i = a; i < a + n; ++i) model[i] = -1;
     } else {
       const uint32_t flags = rng() % 4;
-      c.store(a * kBlock, n * kBlock, flags);
+      c.store(a * kBlock, n * kBlock, flags, c.now());
       for (uint64_t i = a; i < a + n; ++i) model[i] = static_cast<int>(flags);
     }
     const uint64_t q = rng() % kBlocks;
