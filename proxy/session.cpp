@@ -83,9 +83,16 @@ bool Session::must_wait() const {
 
 awaitable<void> Session::transmission() {
   std::array<uint8_t, kRequestHeaderSize> header_bytes{};
+  // False when the client vanished (EOF or error mid-stream, no DISC): then
+  // nobody waits for the answers to what it still has in flight.
+  bool orderly = true;
   while (!writer_.broken()) {
     while (must_wait() && !writer_.broken()) co_await wait_for_wakeup();
-    if (writer_.broken() || !co_await read_exact(socket_, header_bytes)) break;
+    if (writer_.broken()) break;
+    if (!co_await read_exact(socket_, header_bytes)) {
+      orderly = false;
+      break;
+    }
     auto request = decode_request_header(header_bytes);
     if (!request) {
       spdlog::warn("connection {}: bad request magic, closing", id_);
@@ -94,24 +101,28 @@ awaitable<void> Session::transmission() {
     if (request->type < kOpCount) ++ctx_.metrics.client_requests[request->type];
     spdlog::debug("connection {}: {} cookie={:#x} offset={} length={} flags={:#x}", id_, command_name(request->type),
                   request->cookie, request->offset, request->length, request->flags);
-    if (request->type == kCmdDisc) break;
+    if (request->type == kCmdDisc) break;  // the spec: finish what is in flight, then close
 
     PooledBuffer payload;
     if (request->type == kCmdWrite) {
       if (request->length > limits_.max_payload) {
         if (request->length > kMaxDiscard || !co_await discard(socket_, request->length)) {
           spdlog::warn("connection {}: write of {} bytes is too large, closing", id_, request->length);
+          orderly = false;
           break;
         }
       } else {
         // Straight into the buffer that upstream will be sent from.
         payload = ctx_.buffers.acquire(request->length);
-        if (!co_await read_exact(socket_, payload.span())) break;
+        if (!co_await read_exact(socket_, payload.span())) {
+          orderly = false;
+          break;
+        }
       }
     }
     dispatch(*request, std::move(payload));
   }
-  if (writer_.broken()) cancelled_->store(true);
+  if (!orderly || writer_.broken()) cancelled_->store(true);
   // Let requests in flight finish and their replies go out.
   while (in_flight_ > 0 || !writer_.idle()) co_await wait_for_wakeup();
 }
