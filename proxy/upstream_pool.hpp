@@ -3,8 +3,8 @@
 // When upstream advertises CAN_MULTI_CONN, bscache opens --upstream-connections
 // connections (each pumped by its own thread, see UpstreamConnection) and
 // spreads commands over them; otherwise exactly one. All of the pool's own
-// state lives on the loop thread: commands are counted when they are sent and
-// when they complete, in one place each (run() and complete()).
+// state lives on the loop thread, and every upstream request and error is
+// counted in one place, complete(), when the command comes back.
 //
 // A command is handed to its connection's thread at the co_await of run()'s
 // awaitable, in the same loop step as the caller's code before it: a caller
