@@ -191,6 +191,36 @@ TEST_F(HandshakeTest, OversizedExportNameCloses) {
   EXPECT_EQ(h.refuse_oversized(kOptInfo, out), OptionOutcome::Continue);
 }
 
+TEST(TransmissionLimitsTest, ComeFromTheExportAndTheNegotiation) {
+  UpstreamInfo up;
+  up.size = 1 << 30;
+  up.can_fua = true;
+  up.min_block = 4096;
+  up.max_block = 1 << 20;
+  const ExportInfo info = make_export_info(up, false);
+  Handshake h(info, true);
+  EXPECT_FALSE(transmission_limits(info, h.negotiated()).structured_replies);
+  EXPECT_FALSE(transmission_limits(info, h.negotiated()).has_meta_contexts);
+  Bytes out;
+  h.handle(kOptStructuredReply, {}, out);
+  Bytes request = meta_request({"base:allocation"});
+  h.handle(kOptSetMetaContext, request, out);
+  const TransmissionLimits limits = transmission_limits(info, h.negotiated());
+  EXPECT_EQ(limits.export_size, uint64_t{1} << 30);
+  EXPECT_EQ(limits.tx_flags, info.tx_flags);
+  EXPECT_TRUE(limits.tx_flags & kTxSendFua);
+  EXPECT_EQ(limits.min_block, 4096u);
+  EXPECT_EQ(limits.max_payload, 1u << 20) << "upstream's maximum block size bounds READ/WRITE";
+  EXPECT_TRUE(limits.structured_replies);
+  EXPECT_TRUE(limits.has_meta_contexts);
+}
+
+TEST(TransmissionLimitsTest, PayloadNeverExceedsOurOwnMaximum) {
+  UpstreamInfo up;
+  up.max_block = 0xffffffff;
+  EXPECT_EQ(transmission_limits(make_export_info(up, false), Negotiated{}).max_payload, kMaxPayload);
+}
+
 TEST(ExportInfoTest, SynthesizesBaseAllocationWhenUpstreamLacksIt) {
   UpstreamInfo up;
   up.contexts = {"qemu:dirty-bitmap:x"};
