@@ -164,6 +164,28 @@ TEST_F(Validate, EveryCommandWithGoodArguments) {
   EXPECT_EQ(check(kCmdBlockStatus, 0, 1 << 30, kCmdFlagReqOne), 0u);
 }
 
+// The spec: with NBD_FLAG_SEND_FUA advertised "the server MUST accept all
+// commands with this bit set (even by ignoring the bit)"; without it, a
+// client must not set it.
+TEST_F(Validate, FuaIsAcceptedOnEveryCommandOnceAdvertised) {
+  EXPECT_EQ(check(kCmdRead, 0, 4096, kCmdFlagFua), 0u);
+  EXPECT_EQ(check(kCmdRead, 0, 4096, kCmdFlagFua | kCmdFlagDf), 0u);
+  EXPECT_EQ(check(kCmdWrite, 0, 4096, kCmdFlagFua), 0u);
+  EXPECT_EQ(check(kCmdFlush, 0, 0, kCmdFlagFua), 0u);
+  EXPECT_EQ(check(kCmdTrim, 0, 4096, kCmdFlagFua), 0u);
+  EXPECT_EQ(check(kCmdCache, 0, 4096, kCmdFlagFua), 0u);
+  EXPECT_EQ(check(kCmdWriteZeroes, 0, 4096, kCmdFlagFua), 0u);
+  EXPECT_EQ(check(kCmdBlockStatus, 0, 4096, kCmdFlagFua), 0u);
+  EXPECT_EQ(check(kCmdBlockStatus, 0, 4096, kCmdFlagFua | kCmdFlagReqOne), 0u);
+  EXPECT_EQ(check(kCmdBlockStatus, 0, 4096, kCmdFlagFua | kCmdFlagNoHole), kErrInval) << "only FUA is valid everywhere";
+
+  limits.tx_flags &= static_cast<uint16_t>(~kTxSendFua);
+  for (uint16_t type : {kCmdRead, kCmdWrite, kCmdTrim, kCmdCache, kCmdWriteZeroes, kCmdBlockStatus}) {
+    EXPECT_EQ(check(type, 0, 4096, kCmdFlagFua), kErrInval) << command_name(type) << ": FUA not advertised";
+  }
+  EXPECT_EQ(check(kCmdFlush, 0, 0, kCmdFlagFua), kErrInval) << "flush: FUA not advertised";
+}
+
 TEST_F(Validate, MalformedRequestsAreInvalid) {
   EXPECT_EQ(check(42, 0, 512), kErrInval) << "unknown command";
   EXPECT_EQ(check(kCmdDisc, 0, 0), kErrInval);
