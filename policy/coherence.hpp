@@ -19,7 +19,7 @@ enum class CoherenceMode {
 struct CoherencePolicy {
   CoherenceMode mode = CoherenceMode::Exclusive;
   std::chrono::nanoseconds ttl{0};  // only for Ttl
-  std::string describe() const;     // "exclusive", "ttl=1.5s", "off"
+  std::string describe() const;     // "exclusive", "ttl=1500ms" (always in ms), "off"
 };
 
 // Parses "exclusive", "off" or "ttl=DURATION"; nullopt if malformed or a ttl is not > 0.
