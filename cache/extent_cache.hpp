@@ -40,7 +40,7 @@ struct CacheLimits {
   // around a write (nbdkit's memory plugin allocates 32 KiB pages, filesystems
   // whole blocks, qcow2 whole clusters): a mutation forgets its range rounded
   // out to this alignment. Used by CoherentCache. Default: 64 KiB.
-  uint64_t allocation_granularity = 64 * 1024;
+  uint64_t allocation_granularity = uint64_t{64} * 1024;
 };
 
 using Clock = std::function<std::chrono::steady_clock::time_point()>;

@@ -80,8 +80,9 @@ OptionOutcome Handshake::handle_info_or_go(uint32_t option, ByteSpan payload, By
         if (!info_.description.empty()) encode_info_description(reply, option, info_.description);
         break;
       case kInfoBlockSize:
-        if (info_.advertise_block_size)
+        if (info_.advertise_block_size) {
           encode_info_block_size(reply, option, info_.min_block, info_.preferred_block, info_.max_block);
+        }
         break;
       default: break;  // unknown info requests are ignored, as the spec says
     }

@@ -217,7 +217,7 @@ std::vector<OptionSpec> option_table() {
     // window always holds a whole block; at most what a 32-bit request carries.
     {"fetch-window", "BYTES", "largest block-status window asked of upstream on a miss",
      std::to_string(d.block_status.max_window),
-     integer([](Options& o) -> auto& { return o.block_status.max_window; }, 64 * 1024, policy::kMaxRequestLength)},
+     integer([](Options& o) -> auto& { return o.block_status.max_window; }, uint64_t{64} * 1024, policy::kMaxRequestLength)},
     // Each connection is a descriptor; Linux allows at most ~1M per process.
     {"max-connections", "N", "most client connections at once", std::to_string(d.listen.max_connections),
      integer([](Options& o) -> auto& { return o.listen.max_connections; }, 1, 1'000'000)},

@@ -66,7 +66,7 @@ constexpr uint64_t kBlock = 512;
 // Upstream may change the reported allocation of whole units around a
 // mutation (nbdkit's memory plugin: 32 KiB pages); treat a mutation as
 // reaching its range rounded out to this.
-constexpr uint64_t kReach = 64 * 1024;
+constexpr uint64_t kReach = uint64_t{64} * 1024;
 
 enum class Op { Write, Zero, Trim, Flush, Status, StatusOne, Read };
 const char* name(Op op) {
@@ -108,6 +108,7 @@ class Test {
     while (done < operations) {
       std::vector<Action> batch;
       const int n = 1 + static_cast<int>(rng_() % 4);
+      batch.reserve(static_cast<size_t>(n));
       for (int i = 0; i < n; ++i) batch.push_back(random_action());
       const std::vector<uint8_t> reach = mutations_reaching(batch);
       // What the batch may change is read now; the rest reads the same after.
@@ -138,7 +139,7 @@ class Test {
     a.pattern = static_cast<uint8_t>(rng_());
     const uint64_t blocks = size_ / 512;
     a.offset = (rng_() % blocks) * 512;
-    const uint64_t max_len = (a.op == Op::Status || a.op == Op::StatusOne) ? size_ - a.offset : 256 * 1024;
+    const uint64_t max_len = (a.op == Op::Status || a.op == Op::StatusOne) ? size_ - a.offset : uint64_t{256} * 1024;
     a.length = std::min<uint64_t>(size_ - a.offset, 512 * (1 + rng_() % (max_len / 512)));
     if (a.op == Op::Flush) a.offset = a.length = 0;
     if (a.pattern == 0 && a.op == Op::Write) a.pattern = 1;  // all-zero writes are legal but make holes likely
@@ -164,6 +165,7 @@ class Test {
 
   void execute(std::vector<Action>& batch) {
     std::vector<std::thread> threads;
+    threads.reserve(batch.size());
     for (auto& a : batch) threads.emplace_back([this, &a] { perform(a); });
     for (auto& t : threads) t.join();
   }

@@ -36,7 +36,7 @@ std::vector<Reply> replies(const Bytes& bytes) {
   return out;
 }
 
-Bytes meta_request(std::vector<std::string> queries) {
+Bytes meta_request(const std::vector<std::string>& queries) {
   Bytes b;
   put_u32(b, 0);
   put_u32(b, static_cast<uint32_t>(queries.size()));
