@@ -34,7 +34,9 @@ namespace bscache::cache {
 
 struct CacheLimits {
   // Most intervals kept before least recently used granules are evicted.
-  // Default: 1,000,000 (about 100 MB at ~100 bytes per interval).
+  // Default: 1,000,000 (about 64 MB: memory_bytes() counts 64 bytes per
+  // interval, which is what the heap holds; the README measured 75 bytes of
+  // resident memory per extent).
   size_t max_extents = 1'000'000;
   // Size of an eviction/expiry granule in bytes. Default: 1 GiB.
   uint64_t granule_bytes = uint64_t{1} << 30;
@@ -44,7 +46,7 @@ struct CacheLimits {
   // around a write (nbdkit's memory plugin allocates 32 KiB pages, filesystems
   // whole blocks, qcow2 whole clusters): a mutation forgets its range rounded
   // out to this alignment. Used by CoherentCache. Default: 64 KiB.
-  uint64_t allocation_granularity = 64 * 1024;
+  uint64_t allocation_granularity = uint64_t{64} * 1024;
 };
 
 using TimePoint = std::chrono::steady_clock::time_point;

@@ -19,7 +19,7 @@ enum class CoherenceMode {
 struct CoherencePolicy {
   CoherenceMode mode = CoherenceMode::Exclusive;
   std::chrono::nanoseconds ttl{0};  // only for Ttl
-  std::string describe() const;     // "exclusive", "ttl=1.5s", "off"
+  std::string describe() const;     // "exclusive", "ttl=1500ms" (always in ms), "off"
   // Whether what upstream said in reply to a command sent `age` ago may still
   // answer a query: under a TTL only if age <= ttl. (The cache applies the
   // same rule to the stamps it stores; see ExtentCache.)

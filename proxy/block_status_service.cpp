@@ -40,7 +40,9 @@ bool BlockStatusService::try_answer(uint64_t offset, uint32_t length, bool req_o
 
 awaitable<int> BlockStatusService::answer_after_miss(uint64_t offset, uint32_t length, bool req_one,
                                                      std::vector<wire::Descriptor>& out) {
-  if (!caching()) co_return co_await ask_upstream_directly(offset, length, req_one, out);
+  if (!caching()) {
+    co_return co_await ask_upstream_directly(offset, length, req_one, out);
+  }
   // Two rounds: a write racing the fetch can leave the offset uncached once;
   // after that, ask upstream for exactly this request rather than loop.
   for (int round = 0; round < 2; ++round) {

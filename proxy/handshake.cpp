@@ -6,6 +6,17 @@ namespace bscache::proxy {
 
 using namespace wire;
 
+TransmissionLimits transmission_limits(const ExportInfo& info, const Negotiated& negotiated) {
+  TransmissionLimits limits;
+  limits.export_size = info.size;
+  limits.tx_flags = info.tx_flags;
+  limits.min_block = info.min_block;
+  limits.max_payload = info.max_block;  // already capped to kMaxPayload
+  limits.structured_replies = negotiated.structured_replies;
+  limits.has_meta_contexts = !negotiated.contexts.empty();
+  return limits;
+}
+
 Handshake::Handshake(const ExportInfo& info, bool client_no_zeroes) : info_(info) {
   negotiated_.no_zeroes = client_no_zeroes;
 }
@@ -69,8 +80,9 @@ OptionOutcome Handshake::handle_info_or_go(uint32_t option, ByteSpan payload, By
         if (!info_.description.empty()) encode_info_description(reply, option, info_.description);
         break;
       case kInfoBlockSize:
-        if (info_.advertise_block_size)
+        if (info_.advertise_block_size) {
           encode_info_block_size(reply, option, info_.min_block, info_.preferred_block, info_.max_block);
+        }
         break;
       default: break;  // unknown info requests are ignored, as the spec says
     }

@@ -22,6 +22,11 @@ struct Negotiated {
   std::vector<uint32_t> contexts;  // selected, as indexes into ExportInfo::contexts
 };
 
+// What requests in the transmission phase are validated against: the export
+// as advertised and what this client negotiated. Derived here only, so the
+// session and the fuzz target cannot drift apart.
+wire::TransmissionLimits transmission_limits(const ExportInfo& info, const Negotiated& negotiated);
+
 enum class OptionOutcome {
   Continue,      // read the next option
   Transmission,  // the export was chosen: switch to the transmission phase

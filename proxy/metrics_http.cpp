@@ -16,7 +16,7 @@ namespace http = beast::http;
 using tcp = asio::ip::tcp;
 
 struct MetricsHttp::State {
-  State(asio::io_context& io, tcp::endpoint endpoint, Render r)
+  State(asio::io_context& io, const tcp::endpoint& endpoint, Render r)
       : io(io), acceptor(io, endpoint), render(std::move(r)) {}
   asio::io_context& io;
   tcp::acceptor acceptor;

@@ -2,9 +2,13 @@
 
 #include <wordexp.h>
 
+#include <algorithm>
 #include <cctype>
-#include <cstdint>
+#include <charconv>
+#include <functional>
+#include <limits>
 #include <sstream>
+#include <type_traits>
 
 #include <boost/program_options.hpp>
 
@@ -13,6 +17,30 @@ namespace bscache::proxy {
 namespace po = boost::program_options;
 
 namespace {
+
+// Every option is one row of a table: --help, parsing and per-option
+// validation all come from it, so they cannot disagree. Boost.Program_options
+// stays the parser (it handles "--x=v", "-r", abbreviations, repeats and their
+// error messages); every value reaches us as text, and the row's `store`
+// parses, range-checks and assigns it. Defaults are not in the table: they are
+// the Options structs' own member initialisers, printed through `default_text`.
+
+// Why a value was refused ("must be on or off"), or nothing if it was stored.
+using Refusal = std::optional<std::string>;
+using Store = std::function<Refusal(const std::string& text, Options& options)>;
+
+struct OptionSpec {
+  const char* name;        // long name, plus ",x" for a short one (Program_options syntax)
+  const char* value_name;  // shown in --help; nullptr: a switch that takes no value
+  const char* help;
+  std::string default_text;  // shown in --help as (=...); empty: none shown
+  Store store;               // called only when the option was given
+};
+
+// Longest duration any option accepts: a week is past any sensible timeout or
+// period, and far from overflowing the steady clock when added to now.
+constexpr std::chrono::milliseconds kMaxDuration = std::chrono::hours(24 * 7);
+
 // Shell-style word splitting (quotes, escapes) without running anything.
 std::optional<std::vector<std::string>> split_command(const std::string& command) {
   wordexp_t words{};
@@ -23,170 +51,305 @@ std::optional<std::vector<std::string>> split_command(const std::string& command
   return out;
 }
 
-// "64M", "1G", "4096": bytes with an optional K/M/G/T suffix (powers of 1024).
-std::optional<uint64_t> parse_bytes(const std::string& text) {
-  size_t used = 0;
+// Digits only: "-5", "+5", " 5", "5k" and values past 64 bits are refused
+// rather than wrapped or truncated.
+std::optional<uint64_t> parse_unsigned(std::string_view text, int base = 10) {
   uint64_t value = 0;
-  try {
-    if (text.empty() || text[0] == '-') return std::nullopt;
-    value = std::stoull(text, &used);
-  } catch (const std::exception&) {
-    return std::nullopt;
-  }
-  const std::string suffix = text.substr(used);
-  const std::string units = "KMGT";
+  const char* end = text.data() + text.size();
+  auto [stop, ec] = std::from_chars(text.data(), end, value, base);
+  if (text.empty() || ec != std::errc() || stop != end) return std::nullopt;
+  return value;
+}
+
+// "64M", "1G", "4096": bytes, with an optional K/M/G/T suffix (powers of 1024,
+// "MiB" and "MB" read the same).
+std::optional<uint64_t> parse_bytes(std::string_view text) {
+  const size_t digits = std::min(text.find_first_not_of("0123456789"), text.size());
+  auto value = parse_unsigned(text.substr(0, digits));
+  if (!value) return std::nullopt;
+  const std::string_view suffix = text.substr(digits);
   if (suffix.empty()) return value;
-  const auto unit = units.find(static_cast<char>(std::toupper(static_cast<unsigned char>(suffix[0]))));
-  if (unit == std::string::npos || (suffix.size() > 1 && suffix.substr(1) != "iB" && suffix.substr(1) != "B")) {
+  const auto unit =
+      std::string_view("KMGT").find(static_cast<char>(std::toupper(static_cast<unsigned char>(suffix[0]))));
+  if (unit == std::string_view::npos || (suffix.size() > 1 && suffix.substr(1) != "iB" && suffix.substr(1) != "B")) {
     return std::nullopt;
   }
   const unsigned shift = 10 * static_cast<unsigned>(unit + 1);
-  if (value > (UINT64_MAX >> shift)) return std::nullopt;
-  return value << shift;
+  if (*value > (std::numeric_limits<uint64_t>::max() >> shift)) return std::nullopt;
+  return *value << shift;
+}
+
+std::string format_bytes(uint64_t bytes) {
+  for (const auto& [shift, suffix] : {std::pair{30u, "G"}, std::pair{20u, "M"}, std::pair{10u, "K"}}) {
+    if (bytes >= (uint64_t{1} << shift) && bytes % (uint64_t{1} << shift) == 0) {
+      return std::to_string(bytes >> shift) + suffix;
+    }
+  }
+  return std::to_string(bytes);
+}
+
+std::string format_duration(std::chrono::milliseconds d) {
+  const auto ms = d.count();
+  if (ms == 0) return "0";
+  if (ms % 3'600'000 == 0) return std::to_string(ms / 3'600'000) + "h";
+  if (ms % 60'000 == 0) return std::to_string(ms / 60'000) + "m";
+  if (ms % 1000 == 0) return std::to_string(ms / 1000) + "s";
+  return std::to_string(ms) + "ms";
+}
+
+std::string on_off(bool value) {
+  return value ? "on" : "off";
+}
+
+// ---- How a row stores its value. `field` maps Options to the member set. ----
+
+template <typename Field>
+Store text(Field field) {
+  return [field](const std::string& value, Options& o) -> Refusal {
+    field(o) = value;
+    return std::nullopt;
+  };
+}
+
+template <typename Field>
+Store flag(Field field) {
+  return [field](const std::string&, Options& o) -> Refusal {
+    field(o) = true;
+    return std::nullopt;
+  };
+}
+
+template <typename Field>
+Store on_or_off(Field field) {
+  return [field](const std::string& value, Options& o) -> Refusal {
+    if (value != "on" && value != "off") return "must be on or off";
+    field(o) = value == "on";
+    return std::nullopt;
+  };
+}
+
+// An integer in [min, max], which must fit the field's type.
+template <typename Field>
+Store integer(Field field, uint64_t min, uint64_t max) {
+  using T = std::remove_cvref_t<std::invoke_result_t<Field, Options&>>;
+  static_assert(std::is_unsigned_v<T>, "options are unsigned: a sign is a mistake to refuse, not to wrap");
+  return [field, min, max](const std::string& value, Options& o) -> Refusal {
+    const uint64_t limit = std::min<uint64_t>(max, std::numeric_limits<T>::max());
+    auto parsed = parse_unsigned(value);
+    if (!parsed || *parsed < min || *parsed > limit) {
+      return "must be a whole number from " + std::to_string(min) + " to " + std::to_string(limit);
+    }
+    field(o) = static_cast<T>(*parsed);
+    return std::nullopt;
+  };
+}
+
+// A byte count ("64M") in [min, max].
+template <typename Field>
+Store bytes(Field field, uint64_t min, uint64_t max) {
+  using T = std::remove_cvref_t<std::invoke_result_t<Field, Options&>>;
+  return [field, min, max](const std::string& value, Options& o) -> Refusal {
+    auto parsed = parse_bytes(value);
+    if (!parsed || *parsed < min || *parsed > max) {
+      return "must be a size from " + format_bytes(min) + " to " + format_bytes(max) + ", such as 64M";
+    }
+    field(o) = static_cast<T>(*parsed);
+    return std::nullopt;
+  };
+}
+
+// "250ms", "30s", "5m", "1h" (a bare number is seconds), at most kMaxDuration;
+// 0 only when `zero_means` says what it means.
+template <typename Field>
+Store duration(Field field, const char* zero_means = nullptr) {
+  return [field, zero_means](const std::string& value, Options& o) -> Refusal {
+    const std::string expected = std::string("must be a duration such as 30s or 250ms, at most ") +
+                                 format_duration(kMaxDuration) +
+                                 (zero_means ? ", or 0 for " + std::string(zero_means) : "");
+    auto parsed = policy::parse_duration(value);
+    if (!parsed) return expected;
+    const auto ms = std::chrono::duration_cast<std::chrono::milliseconds>(*parsed);
+    if (ms > kMaxDuration || (ms.count() == 0 && (!zero_means || parsed->count() != 0))) return expected;
+    field(o) = ms;
+    return std::nullopt;
+  };
+}
+
+std::vector<OptionSpec> option_table() {
+  const Options d{};  // the defaults, shown in --help
+  std::ostringstream mode;
+  mode << '0' << std::oct << d.listen.socket_mode;
+  // clang-format off
+  return {
+    {"help,h", nullptr, "show this help and exit", "", nullptr},
+    {"version", nullptr, "show the version and exit", "", nullptr},
+    {"upstream", "URI", "upstream NBD URI (nbd://, nbd+unix://, nbds://)", "",
+     text([](Options& o) -> auto& { return o.upstream.uri; })},
+    {"upstream-command", "'CMD ARGS'",
+     "start this upstream server as a child with systemd socket activation, e.g. 'nbdkit memory 1G'", "",
+     [](const std::string& value, Options& o) -> Refusal {
+       auto words = split_command(value);
+       if (!words) return "must be a command line such as 'nbdkit memory 1G'";
+       o.upstream.command = std::move(*words);
+       return std::nullopt;
+     }},
+    {"reconnect", "on|off", "reconnect to upstream (backoff 100 ms to 5 s) when the connection dies",
+     on_off(d.upstream_options.reconnect), on_or_off([](Options& o) -> auto& { return o.upstream_options.reconnect; })},
+    {"upstream-timeout", "D",
+     "drop and reconnect an upstream connection that leaves a command unanswered this long (0: off)",
+     format_duration(d.upstream_options.timeout),
+     duration([](Options& o) -> auto& { return o.upstream_options.timeout; }, "off")},
+    // More connections than that only add threads contending for two cores' worth of copying.
+    {"upstream-connections", "N", "upstream connections when upstream advertises multi-conn (else 1)",
+     std::to_string(d.upstream_options.connections),
+     integer([](Options& o) -> auto& { return o.upstream_options.connections; }, 1, 64)},
+    {"export-name", "NAME", "upstream export name (default: the URI's, else \"\")", "",
+     [](const std::string& value, Options& o) -> Refusal {
+       o.upstream.export_name = value;
+       o.upstream.export_name_set = true;
+       return std::nullopt;
+     }},
+    {"unix", "PATH", "listen on this Unix socket", "", text([](Options& o) -> auto& { return o.listen.unix_path; })},
+    {"port", "N", "listen on this TCP port (0: any free port)", "",
+     [](const std::string& value, Options& o) -> Refusal {
+       auto port = parse_unsigned(value);
+       if (!port || *port > 65535) return "must be a port number from 0 to 65535";
+       o.listen.port = static_cast<uint16_t>(*port);
+       return std::nullopt;
+     }},
+    {"bind", "ADDR", "TCP address to listen on", d.listen.bind, text([](Options& o) -> auto& { return o.listen.bind; })},
+    {"systemd", nullptr, "listen on sockets passed by systemd (LISTEN_FDS)", "",
+     flag([](Options& o) -> auto& { return o.listen.systemd; })},
+    {"socket-mode", "MODE", "permissions of the Unix socket (octal)", mode.str(),
+     [](const std::string& value, Options& o) -> Refusal {
+       auto parsed = parse_unsigned(value, 8);
+       if (!parsed || *parsed > 0777) return "must be an octal mode such as 0600";
+       o.listen.socket_mode = static_cast<unsigned>(*parsed);
+       return std::nullopt;
+     }},
+    {"run", "CMD", "run CMD once listening, with $uri $nbd $unixsocket $port set; exit with its status", "",
+     text([](Options& o) -> auto& { return o.run; })},
+    {"readonly,r", nullptr, "refuse writes (EPERM)", "", flag([](Options& o) -> auto& { return o.read_only; })},
+    {"pidfile", "PATH", "write our PID here once accepting connections", "",
+     text([](Options& o) -> auto& { return o.pidfile; })},
+    {"log-level", "LEVEL", "trace|debug|info|warn|error", d.log_level,
+     [](const std::string& value, Options& o) -> Refusal {
+       static const char* const levels[] = {"trace", "debug", "info", "warn", "error"};
+       if (std::find(std::begin(levels), std::end(levels), value) == std::end(levels)) {
+         return "must be trace, debug, info, warn or error";
+       }
+       o.log_level = value;
+       return std::nullopt;
+     }},
+    {"policy", "P", "exclusive | ttl=DURATION | off", d.block_status.coherence.describe(),
+     [](const std::string& value, Options& o) -> Refusal {
+       auto coherence = policy::parse_policy(value);
+       if (!coherence) return "must be exclusive, off or ttl=DURATION (e.g. ttl=30s)";
+       o.block_status.coherence = *coherence;
+       return std::nullopt;
+     }},
+    {"prefetch", "on|off", "fetch ahead of sequential scans", on_off(d.block_status.prefetch.enabled),
+     on_or_off([](Options& o) -> auto& { return o.block_status.prefetch.enabled; })},
+    // A billion extents would take ~75 GB: more is a typo.
+    {"cache-max-extents", "N", "most cached extents before least recently used regions are evicted",
+     std::to_string(d.block_status.limits.max_extents),
+     integer([](Options& o) -> auto& { return o.block_status.limits.max_extents; }, 1, 1'000'000'000)},
+    // Beyond the 1 GiB eviction granule a write would forget more than a granule.
+    {"allocation-granularity", "BYTES",
+     "a write forgets cached state around it rounded out to this many bytes (upstream allocation unit)",
+     std::to_string(d.block_status.limits.allocation_granularity),
+     integer([](Options& o) -> auto& { return o.block_status.limits.allocation_granularity; }, 1, uint64_t{1} << 30)},
+    // At least 64 KiB, the largest minimum block size the NBD spec allows, so a
+    // window always holds a whole block; at most what a 32-bit request carries.
+    {"fetch-window", "BYTES", "largest block-status window asked of upstream on a miss",
+     std::to_string(d.block_status.max_window),
+     integer([](Options& o) -> auto& { return o.block_status.max_window; }, uint64_t{64} * 1024, policy::kMaxRequestLength)},
+    // Each connection is a descriptor; Linux allows at most ~1M per process.
+    {"max-connections", "N", "most client connections at once", std::to_string(d.listen.max_connections),
+     integer([](Options& o) -> auto& { return o.listen.max_connections; }, 1, 1'000'000)},
+    // Each request in flight may hold a 32 MiB write payload.
+    {"max-in-flight", "N", "most requests in flight per client before we stop reading from it",
+     std::to_string(d.session.max_in_flight),
+     integer([](Options& o) -> auto& { return o.session.max_in_flight; }, 1, 4096)},
+    // At least 1 MiB so a client can have a few requests in flight; at most 16 GiB.
+    {"max-reply-backlog", "BYTES",
+     "bytes one client may hold (payloads in flight + unread replies) before we stop reading from it",
+     format_bytes(d.session.max_backlog_bytes),
+     bytes([](Options& o) -> auto& { return o.session.max_backlog_bytes; }, uint64_t{1} << 20, uint64_t{16} << 30)},
+    {"handshake-timeout", "D", "time a client has to finish the handshake", format_duration(d.session.handshake_timeout),
+     duration([](Options& o) -> auto& { return o.session.handshake_timeout; })},
+    {"stats-file", "PATH", "write statistics as JSON here at exit and on SIGUSR1", "",
+     text([](Options& o) -> auto& { return o.stats_file; })},
+    {"stats-interval", "D", "period of the logged summary (0: off)", format_duration(d.stats_interval),
+     duration([](Options& o) -> auto& { return o.stats_interval; }, "off")},
+    {"metrics", "ADDR:PORT", "serve Prometheus metrics at http://ADDR:PORT/metrics", "",
+     text([](Options& o) -> auto& { return o.metrics_address; })},
+  };
+  // clang-format on
+}
+
+std::string long_name(const char* name) {
+  std::string_view n(name);
+  return std::string(n.substr(0, n.find(',')));
 }
 
 ParseResult fail(const std::string& message) {
   return {std::nullopt, 2, "bscache: " + message};
 }
 
-std::optional<std::chrono::milliseconds> to_millis(const std::string& text) {
-  auto d = policy::parse_duration(text);
-  if (!d) return std::nullopt;
-  return std::chrono::duration_cast<std::chrono::milliseconds>(*d);
+// The rules that involve more than one option; each option's own value was
+// checked when it was stored.
+std::optional<std::string> validate(const Options& o) {
+  if (o.upstream.uri.empty() == o.upstream.command.empty()) {
+    return "give exactly one of --upstream URI and --upstream-command CMD";
+  }
+  if (o.listen.unix_path.empty() && !o.listen.port && !o.listen.systemd && o.run.empty()) {
+    return "nothing to listen on: give --unix PATH, --port N, --systemd or --run CMD";
+  }
+  return std::nullopt;
 }
+
 }  // namespace
 
 ParseResult parse_options(int argc, const char* const argv[]) {
-  Options o;
-  std::string policy = "exclusive", prefetch = "on", handshake_timeout = "30s", stats_interval = "60s";
-  std::string socket_mode = "0600", upstream_command, export_name, reconnect = "on", upstream_timeout = "0";
-  std::string reply_backlog = "64M";
-  std::optional<std::string> export_name_opt;
-  int port = -1;
-  uint64_t fetch_window = o.block_status.max_window;
-
+  const std::vector<OptionSpec> table = option_table();
   po::options_description desc(
       "bscache: a caching block-status proxy for NBD\n\n"
       "Usage: bscache --upstream URI (--unix PATH | --port N | --run CMD) [options]\n\nOptions");
-  // clang-format off
-  desc.add_options()
-    ("help,h", "show this help and exit")
-    ("version", "show the version and exit")
-    ("upstream", po::value(&o.upstream.uri), "upstream NBD URI (nbd://, nbd+unix://, nbds://)")
-    ("upstream-command", po::value(&upstream_command),
-     "start this upstream server as a child with systemd socket activation, e.g. 'nbdkit memory 1G'")
-    ("reconnect", po::value(&reconnect)->default_value("on"),
-     "on | off: reconnect to upstream (backoff 100 ms to 5 s) when the connection dies")
-    ("upstream-timeout", po::value(&upstream_timeout)->default_value("0"),
-     "drop and reconnect an upstream connection that leaves a command unanswered this long (0: off)")
-    ("upstream-connections", po::value(&o.upstream_options.connections)->default_value(o.upstream_options.connections),
-     "upstream connections when upstream advertises multi-conn (else 1)")
-    ("export-name", po::value<std::string>(), "upstream export name (default: the URI's, else \"\")")
-    ("unix", po::value(&o.listen.unix_path), "listen on this Unix socket")
-    ("port", po::value(&port), "listen on this TCP port (0: any free port)")
-    ("bind", po::value(&o.listen.bind)->default_value("127.0.0.1"), "TCP address to listen on")
-    ("systemd", po::bool_switch(&o.listen.systemd), "listen on sockets passed by systemd (LISTEN_FDS)")
-    ("socket-mode", po::value(&socket_mode)->default_value("0600"), "permissions of the Unix socket (octal)")
-    ("run", po::value(&o.run),
-     "run CMD once listening, with $uri $nbd $unixsocket $port set; exit with its status")
-    ("readonly,r", po::bool_switch(&o.read_only), "refuse writes (EPERM)")
-    ("pidfile", po::value(&o.pidfile), "write our PID here once accepting connections")
-    ("log-level", po::value(&o.log_level)->default_value("info"), "trace|debug|info|warn|error")
-    ("policy", po::value(&policy)->default_value("exclusive"), "exclusive | ttl=DURATION | off")
-    ("prefetch", po::value(&prefetch)->default_value("on"), "on | off: fetch ahead of sequential scans")
-    ("cache-max-extents", po::value(&o.block_status.limits.max_extents)->default_value(o.block_status.limits.max_extents),
-     "most cached extents before least recently used regions are evicted")
-    ("allocation-granularity", po::value(&o.block_status.limits.allocation_granularity)
-       ->default_value(o.block_status.limits.allocation_granularity),
-     "a write forgets cached state around it rounded out to this many bytes (upstream allocation unit)")
-    ("fetch-window", po::value(&fetch_window)->default_value(fetch_window),
-     "largest block-status window asked of upstream on a miss, in bytes")
-    ("max-connections", po::value(&o.listen.max_connections)->default_value(o.listen.max_connections),
-     "most client connections at once")
-    ("max-in-flight", po::value(&o.session.max_in_flight)->default_value(o.session.max_in_flight),
-     "most requests in flight per client before we stop reading from it")
-    ("max-reply-backlog", po::value(&reply_backlog)->default_value("64M"),
-     "bytes one client may hold (payloads in flight + unread replies) before we stop reading from it")
-    ("handshake-timeout", po::value(&handshake_timeout)->default_value("30s"), "time a client has to finish the handshake")
-    ("stats-file", po::value(&o.stats_file), "write statistics as JSON here at exit and on SIGUSR1")
-    ("stats-interval", po::value(&stats_interval)->default_value("60s"), "period of the logged summary (0: off)")
-    ("metrics", po::value(&o.metrics_address), "serve Prometheus metrics at http://ADDR:PORT/metrics");
-  // clang-format on
+  for (const auto& spec : table) {
+    if (!spec.value_name) {
+      desc.add_options()(spec.name, spec.help);
+      continue;
+    }
+    auto* value = po::value<std::string>()->value_name(spec.value_name);
+    if (!spec.default_text.empty()) value->default_value(spec.default_text);
+    desc.add_options()(spec.name, value, spec.help);
+  }
 
-  po::variables_map vm;
+  po::variables_map given;
   try {
-    po::store(po::command_line_parser(argc, argv).options(desc).run(), vm);
-    po::notify(vm);
+    po::store(po::command_line_parser(argc, argv).options(desc).run(), given);
   } catch (const po::error& e) {
     return fail(std::string(e.what()) + " (see --help)");
   }
-  if (vm.count("help")) {
-    std::ostringstream text;
-    text << desc;
-    return {std::nullopt, 0, text.str()};
+  if (given.count("help")) {
+    std::ostringstream help;
+    help << desc;
+    return {std::nullopt, 0, help.str()};
   }
-  if (vm.count("version")) return {std::nullopt, 0, "bscache " BSCACHE_VERSION};
+  if (given.count("version")) return {std::nullopt, 0, "bscache " BSCACHE_VERSION};
 
-  if (o.upstream.uri.empty() == upstream_command.empty()) {
-    return fail("give exactly one of --upstream URI and --upstream-command CMD");
+  Options options;
+  for (const auto& spec : table) {
+    const std::string name = long_name(spec.name);
+    if (!spec.store || !given.count(name) || given[name].defaulted()) continue;
+    const std::string value = spec.value_name ? given[name].as<std::string>() : std::string();
+    if (auto refusal = spec.store(value, options)) {
+      return fail("--" + name + " " + *refusal + (spec.value_name ? " (got '" + value + "')" : ""));
+    }
   }
-  if (!upstream_command.empty()) {
-    auto words = split_command(upstream_command);
-    if (!words) return fail("cannot parse --upstream-command '" + upstream_command + "'");
-    o.upstream.command = *words;
-  }
-  if (vm.count("export-name")) {
-    o.upstream.export_name = vm["export-name"].as<std::string>();
-    o.upstream.export_name_set = true;
-  }
-  if (port >= 0) {
-    if (port > 65535) return fail("--port must be 0..65535");
-    o.listen.port = static_cast<uint16_t>(port);
-  }
-  if (o.listen.unix_path.empty() && !o.listen.port && !o.listen.systemd && o.run.empty()) {
-    return fail("nothing to listen on: give --unix PATH, --port N, --systemd or --run CMD");
-  }
-  try {
-    size_t used = 0;
-    o.listen.socket_mode = static_cast<unsigned>(std::stoul(socket_mode, &used, 8));
-    if (used != socket_mode.size() || o.listen.socket_mode > 0777) throw std::invalid_argument("mode");
-  } catch (const std::exception&) {
-    return fail("--socket-mode must be an octal mode such as 0600");
-  }
-  static const char* const levels[] = {"trace", "debug", "info", "warn", "error"};
-  if (std::find(std::begin(levels), std::end(levels), o.log_level) == std::end(levels)) {
-    return fail("--log-level must be trace, debug, info, warn or error");
-  }
-  auto coherence = policy::parse_policy(policy);
-  if (!coherence) return fail("--policy must be exclusive, off or ttl=DURATION (e.g. ttl=30s)");
-  o.block_status.coherence = *coherence;
-  if (prefetch != "on" && prefetch != "off") return fail("--prefetch must be on or off");
-  o.block_status.prefetch.enabled = prefetch == "on";
-  if (o.block_status.limits.max_extents == 0) return fail("--cache-max-extents must be at least 1");
-  if (fetch_window == 0) return fail("--fetch-window must be at least 1");
-  if (o.block_status.limits.allocation_granularity == 0) return fail("--allocation-granularity must be at least 1");
-  o.block_status.max_window = fetch_window;
-  auto timeout = to_millis(handshake_timeout);
-  if (!timeout || timeout->count() <= 0) return fail("--handshake-timeout must be a duration such as 30s");
-  o.session.handshake_timeout = *timeout;
-  auto interval = stats_interval == "0" ? std::optional(std::chrono::milliseconds(0)) : to_millis(stats_interval);
-  if (!interval) return fail("--stats-interval must be a duration such as 60s, or 0");
-  o.stats_interval = *interval;
-  if (reconnect != "on" && reconnect != "off") return fail("--reconnect must be on or off");
-  o.upstream_options.reconnect = reconnect == "on";
-  auto timeout_value =
-      upstream_timeout == "0" ? std::optional(std::chrono::milliseconds(0)) : to_millis(upstream_timeout);
-  if (!timeout_value) return fail("--upstream-timeout must be a duration such as 30s, or 0");
-  o.upstream_options.timeout = *timeout_value;
-  if (o.session.max_in_flight == 0) return fail("--max-in-flight must be at least 1");
-  if (o.listen.max_connections == 0) return fail("--max-connections must be at least 1");
-  if (o.upstream_options.connections < 1 || o.upstream_options.connections > 64) {
-    return fail("--upstream-connections must be 1..64");
-  }
-  auto backlog = parse_bytes(reply_backlog);
-  if (!backlog || *backlog < 1024 * 1024) return fail("--max-reply-backlog must be a size of at least 1M, e.g. 64M");
-  o.session.max_backlog_bytes = *backlog;
-  return {std::move(o), 0, {}};
+  if (auto refusal = validate(options)) return fail(*refusal);
+  return {std::move(options), 0, {}};
 }
 
 }  // namespace bscache::proxy

@@ -1,4 +1,6 @@
-// Command-line options: one plain struct, parsed by Boost.Program_options.
+// Command-line options: one plain struct. The fields' own initialisers are the
+// defaults; options.cpp holds the table of options that --help, parsing and
+// validation all come from.
 #pragma once
 
 #include <chrono>

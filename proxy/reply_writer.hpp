@@ -25,6 +25,12 @@ namespace bscache::proxy {
 
 class Reply {
  public:
+  Reply() = default;
+  // small_vector's move is not declared noexcept, but moving trivially
+  // copyable pieces (inline) or stealing its heap block cannot throw.
+  Reply(Reply&&) noexcept = default;             // NOLINT(bugprone-exception-escape)
+  Reply& operator=(Reply&&) noexcept = default;  // NOLINT(bugprone-exception-escape)
+
   // Header bytes are appended here by the wire encoders.
   wire::Bytes& head() { return head_; }
   // Marks head()[from, end) as the next piece of the reply.
@@ -74,7 +80,7 @@ class ReplyWriter {
  private:
   void break_connection(const boost::system::error_code& ec);
 
-  struct Queued {
+  struct Queued {  // NOLINT(bugprone-exception-escape): see Reply's move
     Reply reply;
     size_t sent = 0;
   };

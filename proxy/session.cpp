@@ -15,7 +15,7 @@ using namespace wire;
 namespace {
 // A WRITE longer than we accept is read and thrown away up to this size so
 // the connection survives; beyond it the client is not speaking NBD sanely.
-constexpr uint64_t kMaxDiscard = 256 * 1024 * 1024;
+constexpr uint64_t kMaxDiscard = uint64_t{256} * 1024 * 1024;
 }  // namespace
 
 Session::Session(ProxyContext& context, Socket socket, uint64_t id)
@@ -36,12 +36,7 @@ awaitable<void> Session::run() {
     auto negotiated = co_await negotiate(socket_, info_, id_, ctx_.limits.handshake_timeout);
     if (negotiated) {
       negotiated_ = std::move(*negotiated);
-      limits_ = TransmissionLimits{info_.size,
-                                   info_.tx_flags,
-                                   info_.min_block,
-                                   info_.max_block,
-                                   negotiated_.structured_replies,
-                                   !negotiated_.contexts.empty()};
+      limits_ = transmission_limits(info_, negotiated_);
       only_base_allocation_ =
           negotiated_.contexts.size() == 1 && negotiated_.contexts[0] == static_cast<uint32_t>(info_.base_allocation);
       spdlog::debug("connection {}: transmission, structured replies {}, {} meta contexts", id_,
@@ -87,7 +82,9 @@ awaitable<void> Session::transmission() {
   // nobody waits for the answers to what it still has in flight.
   bool orderly = true;
   while (!writer_.broken()) {
-    while (must_wait() && !writer_.broken()) co_await wait_for_wakeup();
+    while (must_wait() && !writer_.broken()) {
+      co_await wait_for_wakeup();
+    }
     if (writer_.broken()) break;
     if (!co_await read_exact(socket_, header_bytes)) {
       orderly = false;
@@ -124,7 +121,9 @@ awaitable<void> Session::transmission() {
   }
   if (!orderly || writer_.broken()) cancelled_->store(true);
   // Let requests in flight finish and their replies go out.
-  while (in_flight_ > 0 || !writer_.idle()) co_await wait_for_wakeup();
+  while (in_flight_ > 0 || !writer_.idle()) {
+    co_await wait_for_wakeup();
+  }
 }
 
 void Session::dispatch(const RequestHeader& request, PooledBuffer payload) {

@@ -16,7 +16,7 @@ awaitable<bool> read_exact(ClientSocket& socket, std::span<uint8_t> buffer) {
 }
 
 awaitable<bool> discard(ClientSocket& socket, uint64_t length) {
-  std::array<uint8_t, 64 * 1024> sink;
+  std::array<uint8_t, size_t{64} * 1024> sink;
   while (length > 0) {
     const size_t piece = std::min<uint64_t>(length, sink.size());
     if (!co_await read_exact(socket, std::span(sink.data(), piece))) co_return false;

@@ -20,14 +20,14 @@ int meta_context_collector(void* user_data, const char* name) {
   return 0;
 }
 
-// libnbd returns malloc'd strings.
-std::string take_string(char* s) {
+}  // namespace
+
+std::string take_libnbd_string(char* s) {
   if (!s) return {};
   std::string out(s);
-  free(s);  // NOLINT(cppcoreguidelines-no-malloc)
+  free(s);  // NOLINT(cppcoreguidelines-no-malloc,cppcoreguidelines-owning-memory): libnbd's malloc
   return out;
 }
-}  // namespace
 
 void NbdClose::operator()(nbd_handle* h) const {
   nbd_close(h);
@@ -87,13 +87,13 @@ UpstreamInfo read_upstream_info(nbd_handle* h) {
   }
   if (int64_t v = nbd_get_block_size(h, LIBNBD_SIZE_PREFERRED); v > 0) info.preferred_block = static_cast<uint32_t>(v);
   if (int64_t v = nbd_get_block_size(h, LIBNBD_SIZE_MAXIMUM); v > 0) info.max_block = static_cast<uint32_t>(v);
-  info.export_name = take_string(nbd_get_canonical_export_name(h));
-  info.description = take_string(nbd_get_export_description(h));
+  info.export_name = take_libnbd_string(nbd_get_canonical_export_name(h));
+  info.description = take_libnbd_string(nbd_get_export_description(h));
   // Ask libnbd which contexts were really selected, in a stable order.
   for (size_t i = 0;; ++i) {
     char* name = nbd_get_meta_context(h, i);
     if (!name) break;
-    std::string context = take_string(name);
+    std::string context = take_libnbd_string(name);
     if (nbd_can_meta_context(h, context.c_str()) == 1) info.contexts.push_back(context);
   }
   auto it = std::find(info.contexts.begin(), info.contexts.end(), wire::kBaseAllocation);

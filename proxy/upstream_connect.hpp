@@ -29,5 +29,7 @@ struct UpstreamTarget {
 // Throws std::runtime_error with libnbd's message on failure.
 NbdHandlePtr open_upstream(const UpstreamTarget& target);
 UpstreamInfo read_upstream_info(nbd_handle* h);
+// Takes ownership of a string libnbd allocated (nullptr gives "").
+std::string take_libnbd_string(char* s);
 
 }  // namespace bscache::proxy

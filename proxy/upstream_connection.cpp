@@ -70,10 +70,10 @@ void UpstreamConnection::adopt(NbdHandlePtr handle) {
   handle_ = std::move(handle);
   auto contexts = std::make_shared<std::vector<std::string>>();
   for (size_t i = 0;; ++i) {
-    char* name = nbd_get_meta_context(handle_.get(), i);
-    if (!name) break;
-    if (nbd_can_meta_context(handle_.get(), name) == 1) contexts->emplace_back(name);
-    free(name);  // NOLINT(cppcoreguidelines-no-malloc): libnbd's string
+    char* raw_name = nbd_get_meta_context(handle_.get(), i);
+    if (!raw_name) break;
+    std::string name = take_libnbd_string(raw_name);
+    if (nbd_can_meta_context(handle_.get(), name.c_str()) == 1) contexts->push_back(std::move(name));
   }
   contexts_ = std::move(contexts);
   socket_.assign(nbd_aio_get_fd(handle_.get()));

@@ -89,7 +89,10 @@ UpstreamPool::UpstreamPool(asio::io_context& loop, const UpstreamTarget& target,
   metrics_.upstream_connections = connections_.size();
 }
 
-UpstreamPool::~UpstreamPool() = default;
+UpstreamPool::~UpstreamPool() {
+  connections_.clear();  // joins every connection's thread
+  metrics_.upstream_connections = 0;
+}
 
 size_t UpstreamPool::connections_up() const {
   size_t up = 0;
@@ -159,7 +162,9 @@ awaitable<CommandResult> UpstreamPool::flush(CommandFlags flags) {
   for (size_t i = 0; i < connections_.size(); ++i) {
     if (connections_[i].up && connections_[i].wrote_since_flush) targets.push_back(i);
   }
-  if (targets.size() <= 1) co_return co_await run(args);  // the common case; run() picks if none is due
+  if (targets.size() <= 1) {
+    co_return co_await run(args);  // the common case; run() picks if none is due
+  }
 
   auto fan = std::make_shared<FlushFanOut>(loop_);
   fan->remaining = targets.size();

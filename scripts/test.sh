@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs dependencies, builds, and runs every test (unit and integration)
+# Installs dependencies, builds, runs the static checks (scripts/check.sh:
+# clang-format, layering, clang-tidy) and every test (unit and integration)
 # with CTest. Then the same suite again under AddressSanitizer + UBSan, and
 # under ThreadSanitizer (upstream connections run on their own threads).
 # Usage: scripts/test.sh [--no-sanitize] [ctest args...]  (--no-sanitize skips both sanitizer passes)
@@ -10,9 +11,8 @@ sanitize=1
 if [[ ${1:-} == --no-sanitize ]]; then sanitize=0; shift; fi
 
 scripts/deps.sh
-scripts/check-format.sh
-
 BUILD_DIR=build scripts/build.sh
+BUILD_DIR=build scripts/check.sh
 (cd build && ctest --output-on-failure --timeout 300 -j2 "$@")
 
 echo "== fuzzing the handshake and request decoder =="

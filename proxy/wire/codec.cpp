@@ -246,16 +246,25 @@ void encode_done(Bytes& out, uint64_t cookie) {
 // ---- Request validation ----------------------------------------------------
 
 namespace {
+// Flags a command may carry. FUA is the one flag the spec makes valid on every
+// command once NBD_FLAG_SEND_FUA is advertised ("the server MUST accept all
+// commands with this bit set (even by ignoring the bit)"): clients such as the
+// kernel set it on reads and block status too. Where it means nothing (READ,
+// FLUSH, CACHE, BLOCK_STATUS) it is ignored: the session forwards only the
+// flags each upstream command understands. Every other flag is valid only on
+// the commands the spec names for it.
 uint16_t allowed_flags(uint16_t type, const TransmissionLimits& l) {
-  const bool fua = l.tx_flags & kTxSendFua;
+  const uint16_t fua = (l.tx_flags & kTxSendFua) ? kCmdFlagFua : 0;
   switch (type) {
-    case kCmdRead: return (l.structured_replies && (l.tx_flags & kTxSendDf)) ? kCmdFlagDf : 0;
-    case kCmdWrite:
-    case kCmdTrim: return fua ? kCmdFlagFua : 0;
+    case kCmdRead:
+      return static_cast<uint16_t>(fua | ((l.structured_replies && (l.tx_flags & kTxSendDf)) ? kCmdFlagDf : 0));
     case kCmdWriteZeroes:
-      return static_cast<uint16_t>((fua ? kCmdFlagFua : 0) | kCmdFlagNoHole |
-                                   ((l.tx_flags & kTxSendFastZero) ? kCmdFlagFastZero : 0));
-    case kCmdBlockStatus: return kCmdFlagReqOne;
+      return static_cast<uint16_t>(fua | kCmdFlagNoHole | ((l.tx_flags & kTxSendFastZero) ? kCmdFlagFastZero : 0));
+    case kCmdBlockStatus: return static_cast<uint16_t>(fua | kCmdFlagReqOne);
+    case kCmdWrite:
+    case kCmdTrim:
+    case kCmdFlush:
+    case kCmdCache: return fua;
     default: return 0;
   }
 }

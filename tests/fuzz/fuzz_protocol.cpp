@@ -60,9 +60,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     if (outcome == proxy::OptionOutcome::Close) return 0;
     if (outcome == proxy::OptionOutcome::Transmission) break;
   }
-  const auto& n = handshake.negotiated();
-  wire::TransmissionLimits limits{info.size,      info.tx_flags,        info.min_block,
-                                  info.max_block, n.structured_replies, !n.contexts.empty()};
+  const wire::TransmissionLimits limits = proxy::transmission_limits(info, handshake.negotiated());
   while (size - pos >= 24) {
     wire::Bytes request;
     wire::put_u32(request, wire::kRequestMagic);

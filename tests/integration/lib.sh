@@ -60,7 +60,7 @@ start_bscache() {
   wait_for_file "$T/$name.pid"
 }
 
-# stop_pid NAME: SIGTERM the server started as NAME and wait for it to exit.
+# stop_server NAME: SIGTERM the server started as NAME and wait for it to exit.
 stop_server() {
   local pid
   pid=$(cat "$T/$1.pid")

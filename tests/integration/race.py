@@ -67,7 +67,11 @@ elif mode == "slow-fetch":
     asker = threading.Thread(target=lambda: during.append(status(b)))
     asker.start()  # the fetch goes upstream, slowly
     time.sleep(seconds)
-    a.pwrite(b"\xab" * length, offset)  # completes while the fetch is pending
+    assert asker.is_alive(), "the fetch finished before the write began: raise the delay"
+    a.pwrite(b"\xab" * length, offset)
+    # Without this the test would pass without racing: the write must have
+    # completed while the fetch was still pending.
+    assert asker.is_alive(), "the fetch finished before the write completed: raise the delay"
     asker.join()
 else:
     sys.exit(f"unknown mode {mode}")

@@ -16,6 +16,7 @@ OPT_REPLY = 0x3E889045565A9
 REQ_MAGIC = 0x25609513
 ERR_UNSUP, ERR_POLICY, ERR_INVALID, ERR_TOO_BIG = (1 << 31) | 1, (1 << 31) | 2, (1 << 31) | 3, (1 << 31) | 9
 EINVAL, EPERM = 22, 1
+FUA, SEND_FUA = 1 << 0, 1 << 3
 checks = []
 
 
@@ -74,6 +75,24 @@ class Conn:
 
     def request(self, cmd, offset, length, flags=0, cookie=1, payload=b""):
         self.s.sendall(struct.pack(">IHHQQI", REQ_MAGIC, flags, cmd, cookie, offset, length) + payload)
+
+    def reply_error(self):
+        """Reads one whole reply, simple or structured; returns its error (0: success)."""
+        magic = struct.unpack(">I", self.recv(4))[0]
+        if magic == 0x67446698:
+            error, _cookie = struct.unpack(">IQ", self.recv(12))
+            return error
+        assert magic == 0x668E33EF, hex(magic)
+        error = 0
+        while True:
+            flags, rtype, _cookie, length = struct.unpack(">HHQI", self.recv(16))
+            body = self.recv(length)
+            if rtype & 0x8000:
+                error = struct.unpack(">I", body[:4])[0]
+            if flags & 1:  # DONE
+                return error
+            magic = struct.unpack(">I", self.recv(4))[0]
+            assert magic == 0x668E33EF, hex(magic)
 
     def structured_error(self):
         magic, flags, rtype, cookie, length = struct.unpack(">IHHQI", self.recv(20))
@@ -161,6 +180,19 @@ def requests_past_the_end_zero_length_unknown_flags_and_commands():
     magic, flags, rtype, cookie, length = struct.unpack(">IHHQI", c.recv(20))
     assert rtype == 1 and length == 512 + 8, (rtype, length)
     c.recv(length)
+
+
+@check
+def fua_is_accepted_and_ignored_where_it_means_nothing():
+    # NBD spec: once SEND_FUA is advertised the server MUST accept FUA on
+    # every command, ignoring it where nothing is written.
+    c = start()
+    c.go()
+    assert c.txflags & SEND_FUA, f"test setup: upstream should advertise FUA (flags {c.txflags:#x})"
+    for cmd, length in [(7, 4096), (0, 4096), (3, 0), (1, 512)]:  # BLOCK_STATUS, READ, FLUSH, WRITE
+        c.request(cmd, 0, length, flags=FUA, cookie=cmd, payload=b"\0" * 512 if cmd == 1 else b"")
+        error = c.reply_error()
+        assert error == 0, f"command {cmd} with FUA: error {error}"
 
 
 @check

@@ -44,6 +44,42 @@ expect_error "connecting to upstream" --upstream "nbd+unix:///?socket=$T/nobody.
 expect_error "log-level" --upstream "$(uri up)" --unix "$T/x.sock" --log-level loud
 pass "bad options and unreachable upstream fail fast"
 
+# Out-of-range values: exit 2, one line naming the option, nothing started.
+expect_refused() {
+  local option=$1; shift
+  local rc=0
+  timeout 20 "$BSCACHE" --upstream "$(uri up)" --unix "$T/x.sock" "$@" >"$T/err.out" 2>&1 || rc=$?
+  ((rc == 2)) || { cat "$T/err.out"; fail "bscache $* should exit 2, got $rc"; }
+  grep -q -- "^bscache: $option " "$T/err.out" || { cat "$T/err.out"; fail "bscache $*: message does not name $option"; }
+  [[ ! -e $T/x.sock ]] || fail "bscache $* listened before refusing"
+}
+expect_refused --cache-max-extents --cache-max-extents=-5
+expect_refused --cache-max-extents --cache-max-extents 0
+expect_refused --cache-max-extents --cache-max-extents 18446744073709551621
+expect_refused --fetch-window --fetch-window 4096
+expect_refused --fetch-window --fetch-window 4294967296
+expect_refused --max-in-flight --max-in-flight 0
+expect_refused --max-in-flight --max-in-flight=-1
+expect_refused --max-connections --max-connections 0
+expect_refused --max-connections --max-connections 4294967297
+expect_refused --allocation-granularity --allocation-granularity 0
+expect_refused --port --port 65536
+expect_refused --port --port=-1
+expect_refused --socket-mode --socket-mode 0999
+expect_refused --handshake-timeout --handshake-timeout 0
+expect_refused --stats-interval --stats-interval 5x
+expect_refused --stats-interval --stats-interval 1000h
+expect_refused --upstream-timeout --upstream-timeout=-1s
+expect_refused --reconnect --reconnect maybe
+pass "out-of-range values refused with exit 2 naming the option"
+
+# The smallest accepted values work.
+"$BSCACHE" --upstream "$(uri up)" --fetch-window 65536 --cache-max-extents 1 --max-in-flight 1 --max-connections 1 \
+  --allocation-granularity 1 --handshake-timeout 1s --stats-interval 0 --upstream-timeout 0 \
+  --run 'qemu-img map --output=json "$uri"' >"$T/small.map" 2>"$T/run.log" || fail "smallest values refused"
+jq -e '.[0].length == 16777216' "$T/small.map" >/dev/null || fail "map with the smallest values wrong"
+pass "smallest accepted values work"
+
 # SIGTERM: clean exit 0, pidfile and socket removed.
 start_bscache bs --upstream "$(uri up)"
 pid=$(cat "$T/bs.pid")

@@ -16,7 +16,7 @@ namespace bscache::proxy {
 namespace {
 
 using wire::Descriptor;
-constexpr uint64_t kMiB = 1 << 20;
+constexpr uint64_t kMiB = uint64_t{1} << 20;
 constexpr uint32_t kHoleZero = 3;
 
 // A test double of our own interface: every call waits until answer() or fail().
@@ -74,7 +74,7 @@ class BlockStatusServiceTest : public ::testing::Test {
     BlockStatusConfig config;
     config.prefetch.enabled = prefetch;
     config.max_window = 16 * kMiB;
-    config.limits.allocation_granularity = 64 * 1024;
+    config.limits.allocation_granularity = uint64_t{64} * 1024;
     service = std::make_unique<BlockStatusService>(io, fake, info, config, metrics);
   }
 

@@ -15,22 +15,28 @@ struct Reply {
   Bytes payload;
 };
 
-// Splits a byte stream of option replies.
+// Splits a byte stream of option replies. Bytes that do not form whole
+// replies are a test failure (and end the list), never a read past the end.
 std::vector<Reply> replies(const Bytes& bytes) {
   std::vector<Reply> out;
   ByteReader r(bytes);
   while (r.remaining() > 0) {
-    EXPECT_EQ(r.u64(), kOptReplyMagic);
-    Reply reply{*r.u32(), *r.u32(), {}};
-    auto length = *r.u32();
-    auto payload = r.string(length);
-    reply.payload.assign(payload->begin(), payload->end());
-    out.push_back(reply);
+    auto magic = r.u64();
+    auto option = r.u32();
+    auto type = r.u32();
+    auto length = r.u32();
+    auto payload = length ? r.string(*length) : std::nullopt;
+    if (!magic || !option || !type || !length || !payload) {
+      ADD_FAILURE() << "truncated option reply after " << out.size() << " whole replies";
+      break;
+    }
+    EXPECT_EQ(*magic, kOptReplyMagic) << "reply " << out.size();
+    out.push_back({*option, *type, Bytes(payload->begin(), payload->end())});
   }
   return out;
 }
 
-Bytes meta_request(std::vector<std::string> queries) {
+Bytes meta_request(const std::vector<std::string>& queries) {
   Bytes b;
   put_u32(b, 0);
   put_u32(b, static_cast<uint32_t>(queries.size()));
@@ -68,9 +74,10 @@ TEST_F(HandshakeTest, UnknownOptionIsUnsupportedAndNegotiationContinues) {
 TEST_F(HandshakeTest, StartTlsIsRefusedByPolicyAndExtendedHeadersUnsupported) {
   Handshake h(info, true);
   Bytes out;
-  h.handle(kOptStartTls, {}, out);
-  h.handle(kOptExtendedHeaders, {}, out);
+  EXPECT_EQ(h.handle(kOptStartTls, {}, out), OptionOutcome::Continue);
+  EXPECT_EQ(h.handle(kOptExtendedHeaders, {}, out), OptionOutcome::Continue);
   auto r = replies(out);
+  ASSERT_EQ(r.size(), 2u);
   EXPECT_EQ(r[0].type, kRepErrPolicy);
   EXPECT_EQ(r[1].type, kRepErrUnsup);
 }
@@ -80,7 +87,9 @@ TEST_F(HandshakeTest, SetMetaContextNeedsStructuredRepliesFirst) {
   Bytes out;
   Bytes request = meta_request({"base:allocation"});
   h.handle(kOptSetMetaContext, request, out);
-  EXPECT_EQ(replies(out).back().type, kRepErrInvalid);
+  auto r = replies(out);
+  ASSERT_EQ(r.size(), 1u);
+  EXPECT_EQ(r[0].type, kRepErrInvalid);
   EXPECT_TRUE(h.negotiated().contexts.empty());
 }
 
@@ -150,7 +159,9 @@ TEST_F(HandshakeTest, MalformedGoIsInvalid) {
   put_u32(request, 100);  // name longer than the payload
   Bytes out;
   EXPECT_EQ(h.handle(kOptGo, request, out), OptionOutcome::Continue);
-  EXPECT_EQ(replies(out).back().type, kRepErrInvalid);
+  auto r = replies(out);
+  ASSERT_EQ(r.size(), 1u);
+  EXPECT_EQ(r[0].type, kRepErrInvalid);
 }
 
 TEST_F(HandshakeTest, ExportNameRepliesWithZeroesUnlessNoZeroes) {
@@ -168,7 +179,9 @@ TEST_F(HandshakeTest, AbortIsAcknowledgedAndCloses) {
   Handshake h(info, true);
   Bytes out;
   EXPECT_EQ(h.handle(kOptAbort, {}, out), OptionOutcome::Close);
-  EXPECT_EQ(replies(out)[0].type, kRepAck);
+  auto r = replies(out);
+  ASSERT_EQ(r.size(), 1u);
+  EXPECT_EQ(r[0].type, kRepAck);
 }
 
 TEST_F(HandshakeTest, OversizedExportNameCloses) {
@@ -176,6 +189,36 @@ TEST_F(HandshakeTest, OversizedExportNameCloses) {
   Bytes out;
   EXPECT_EQ(h.refuse_oversized(kOptExportName, out), OptionOutcome::Close);
   EXPECT_EQ(h.refuse_oversized(kOptInfo, out), OptionOutcome::Continue);
+}
+
+TEST(TransmissionLimitsTest, ComeFromTheExportAndTheNegotiation) {
+  UpstreamInfo up;
+  up.size = 1 << 30;
+  up.can_fua = true;
+  up.min_block = 4096;
+  up.max_block = 1 << 20;
+  const ExportInfo info = make_export_info(up, false);
+  Handshake h(info, true);
+  EXPECT_FALSE(transmission_limits(info, h.negotiated()).structured_replies);
+  EXPECT_FALSE(transmission_limits(info, h.negotiated()).has_meta_contexts);
+  Bytes out;
+  h.handle(kOptStructuredReply, {}, out);
+  Bytes request = meta_request({"base:allocation"});
+  h.handle(kOptSetMetaContext, request, out);
+  const TransmissionLimits limits = transmission_limits(info, h.negotiated());
+  EXPECT_EQ(limits.export_size, uint64_t{1} << 30);
+  EXPECT_EQ(limits.tx_flags, info.tx_flags);
+  EXPECT_TRUE(limits.tx_flags & kTxSendFua);
+  EXPECT_EQ(limits.min_block, 4096u);
+  EXPECT_EQ(limits.max_payload, 1u << 20) << "upstream's maximum block size bounds READ/WRITE";
+  EXPECT_TRUE(limits.structured_replies);
+  EXPECT_TRUE(limits.has_meta_contexts);
+}
+
+TEST(TransmissionLimitsTest, PayloadNeverExceedsOurOwnMaximum) {
+  UpstreamInfo up;
+  up.max_block = 0xffffffff;
+  EXPECT_EQ(transmission_limits(make_export_info(up, false), Negotiated{}).max_payload, kMaxPayload);
 }
 
 TEST(ExportInfoTest, SynthesizesBaseAllocationWhenUpstreamLacksIt) {

@@ -12,9 +12,9 @@ using namespace std::chrono_literals;
 constexpr uint64_t GiB = uint64_t{1} << 30;
 
 TEST(FetchWindow, LargestAlignedWindowClippedAtTheEnd) {
-  EXPECT_EQ(plan_fetch(0, 64 * GiB, 512), (FetchWindow{0, 0xffffffffu / 512 * 512}));
+  EXPECT_EQ(plan_fetch(0, 64 * GiB, 512), (FetchWindow{0, uint64_t{0xffffffffu} / 512 * 512}));
   EXPECT_EQ(plan_fetch(3 * GiB, 4 * GiB, 512), (FetchWindow{3 * GiB, GiB}));
-  EXPECT_EQ(plan_fetch(1000, 4 * GiB, 512), (FetchWindow{512, 0xffffffffu / 512 * 512}));
+  EXPECT_EQ(plan_fetch(1000, 4 * GiB, 512), (FetchWindow{512, uint64_t{0xffffffffu} / 512 * 512}));
   EXPECT_EQ(plan_fetch(4 * GiB, 4 * GiB, 512).length, 0u);
   EXPECT_EQ(plan_fetch(0, 4 * GiB, 0, 1 << 20), (FetchWindow{0, 1 << 20})) << "min_block 0 means 1";
   EXPECT_EQ(plan_fetch(0, 4 * GiB, 4096, 100), (FetchWindow{0, 4096})) << "never below one block";
