@@ -42,9 +42,11 @@ for _ in $(seq 100); do grep -q "new clients see the new export" "$T/bs.log" && 
 grep -q "new clients see the new export" "$T/bs.log" || fail "the size change is not logged"
 [[ $(nbdinfo --size "$(uri bs)") == 33554432 ]] || fail "new clients should see the new size, got $(nbdinfo --size "$(uri bs)")"
 qemu-io -f raw -c 'write -P 0x5a 30M 64k' "$(uri bs)" >/dev/null || fail "write past the old end"
+# The old client's write (retried until upstream is back) must be done before
+# the two maps are taken, or they could describe different disks.
+wait "$old" || { cat "$T/old.out"; fail "the client connected across the restart failed"; }
+grep -q "old client ok" "$T/old.out" || fail "old client"
 qemu-img map -f raw --output=json "$(uri bs)" >"$T/new.map"
 qemu-img map -f raw --output=json "$(uri up)" >"$T/direct.map"
 cmp -s "$T/new.map" "$T/direct.map" || fail "map of the resized export differs from direct"
-wait "$old" || { cat "$T/old.out"; fail "the client connected across the restart failed"; }
-grep -q "old client ok" "$T/old.out" || fail "old client"
 pass "resized upstream: new size for new clients, old client keeps working, map equals direct"
