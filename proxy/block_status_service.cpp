@@ -160,7 +160,7 @@ awaitable<void> BlockStatusService::run_fetch(std::shared_ptr<Fetch> fetch) {
       pos += d.length;
     }
     const uint64_t end = std::min(info_.size, fetch->offset + fetch->length);
-    fetch->usable = cache_.complete_fetch(ticket, std::move(extents), end);
+    fetch->usable = cache_.complete_fetch(ticket, std::move(extents), end).usable;
     if (pos > fetch->offset) note_window(fetch->offset, std::min(pos, end), fetch->prefetch);
     spdlog::debug("fetched {} extents for {}+{}{}", descriptors.size(), fetch->offset, fetch->length,
                   fetch->prefetch ? " (prefetch)" : "");

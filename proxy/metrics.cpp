@@ -139,9 +139,9 @@ std::string render_prometheus(const Metrics& m, const CacheGauges& cache, const 
   sample(out, "bscache_cache_extents", "gauge", "Extents held in the cache.", static_cast<double>(cache.extents));
   sample(out, "bscache_cache_memory_bytes", "gauge", "Estimated heap bytes held by the cache.",
          static_cast<double>(cache.memory_bytes));
-  sample(out, "bscache_cache_evictions_total", "counter", "Cache regions evicted to stay under --cache-max-extents.",
-         static_cast<double>(cache.evictions));
-  sample(out, "bscache_cache_expirations_total", "counter", "Cache regions dropped by --policy ttl.",
+  sample(out, "bscache_cache_evictions_total", "counter",
+         "Stored windows evicted (or cut short) to stay under the limit.", static_cast<double>(cache.evictions));
+  sample(out, "bscache_cache_expirations_total", "counter", "Stored windows dropped by --policy ttl.",
          static_cast<double>(cache.expirations));
   sample(out, "bscache_prefetches_total", "counter", "Windows fetched ahead of a scan.",
          static_cast<double>(m.prefetches_issued));
