@@ -42,6 +42,7 @@ struct Metrics {
   uint64_t ranges_invalidated = 0;
   uint64_t ranges_updated = 0;
   uint64_t upstream_reconnects = 0;
+  uint64_t cache_bypassed = 0;  // block-status misses forwarded unchanged: the cache could not keep a window
 };
 
 // Values that live elsewhere (the cache) and are sampled when rendering.
@@ -50,9 +51,13 @@ struct CacheGauges {
   uint64_t memory_bytes = 0;
   uint64_t evictions = 0;
   uint64_t expirations = 0;
+  uint64_t max_extents = 0;  // the limit in force
 };
 
 double hit_rate(const Metrics& m);
+// Client block-status requests minus those sent upstream: negative when the
+// cache cost more upstream calls than forwarding every request would have.
+int64_t upstream_calls_saved(const Metrics& m);
 // The stats-file document (keys documented in README.md).
 std::string render_stats_json(const Metrics& m, const CacheGauges& cache, const std::string& policy);
 // Prometheus text exposition format 0.0.4.

@@ -6,6 +6,8 @@
 
 #include <boost/program_options.hpp>
 
+#include "policy/capacity.hpp"
+
 namespace bscache::proxy {
 
 namespace po = boost::program_options;
@@ -39,6 +41,8 @@ ParseResult parse_options(int argc, const char* const argv[]) {
   std::optional<std::string> export_name_opt;
   int port = -1;
   uint64_t fetch_window = o.block_status.max_window;
+  std::string cache_max_memory = "256M";
+  size_t cache_max_extents = 0;
 
   po::options_description desc(
       "bscache: a caching block-status proxy for NBD\n\n"
@@ -67,8 +71,10 @@ ParseResult parse_options(int argc, const char* const argv[]) {
     ("log-level", po::value(&o.log_level)->default_value("info"), "trace|debug|info|warn|error")
     ("policy", po::value(&policy)->default_value("exclusive"), "exclusive | ttl=DURATION | off")
     ("prefetch", po::value(&prefetch)->default_value("on"), "on | off: fetch ahead of sequential scans")
-    ("cache-max-extents", po::value(&o.block_status.limits.max_extents)->default_value(o.block_status.limits.max_extents),
-     "most cached extents before least recently used regions are evicted")
+    ("cache-max-memory", po::value(&cache_max_memory)->default_value("256M"),
+     "memory the cache may take (K/M/G suffixes); sets the most cached extents")
+    ("cache-max-extents", po::value(&cache_max_extents),
+     "most cached extents (default: what --cache-max-memory allows; the smaller wins)")
     ("allocation-granularity", po::value(&o.block_status.limits.allocation_granularity)
        ->default_value(o.block_status.limits.allocation_granularity),
      "a write forgets cached state around it rounded out to this many bytes (upstream allocation unit)")
@@ -133,7 +139,14 @@ ParseResult parse_options(int argc, const char* const argv[]) {
   o.block_status.coherence = *coherence;
   if (prefetch != "on" && prefetch != "off") return fail("--prefetch must be on or off");
   o.block_status.prefetch.enabled = prefetch == "on";
-  if (o.block_status.limits.max_extents == 0) return fail("--cache-max-extents must be at least 1");
+  // --cache-max-memory and --cache-max-extents: the smaller limit wins.
+  auto memory = policy::parse_byte_size(cache_max_memory);
+  if (!memory) return fail("--cache-max-memory must be a size such as 256M");
+  o.block_status.limits.max_extents = std::max<size_t>(cache::max_extents_for_memory(*memory), 1);
+  if (vm.count("cache-max-extents")) {
+    if (cache_max_extents == 0) return fail("--cache-max-extents must be at least 1");
+    o.block_status.limits.max_extents = std::min(o.block_status.limits.max_extents, cache_max_extents);
+  }
   if (fetch_window == 0) return fail("--fetch-window must be at least 1");
   if (o.block_status.limits.allocation_granularity == 0) return fail("--allocation-granularity must be at least 1");
   o.block_status.max_window = fetch_window;

@@ -42,7 +42,20 @@ expect_error "policy" --upstream "$(uri up)" --unix "$T/x.sock" --policy ttl=0s
 expect_error "prefetch" --upstream "$(uri up)" --unix "$T/x.sock" --prefetch maybe
 expect_error "connecting to upstream" --upstream "nbd+unix:///?socket=$T/nobody.sock" --unix "$T/x.sock"
 expect_error "log-level" --upstream "$(uri up)" --unix "$T/x.sock" --log-level loud
+expect_error "cache-max-memory" --upstream "$(uri up)" --unix "$T/x.sock" --cache-max-memory 12X
+expect_error "cache-max-extents" --upstream "$(uri up)" --unix "$T/x.sock" --cache-max-extents 0
 pass "bad options and unreachable upstream fail fast"
+
+# The cache limit: from --cache-max-memory (176 bytes per extent), or
+# --cache-max-extents when that is smaller.
+max_extents() {
+  "$BSCACHE" --upstream "$(uri up)" --stats-file "$T/limit.json" --run true "$@" 2>"$T/run.log" || fail "--run true $*"
+  jq '.cache.max_extents' "$T/limit.json"
+}
+[[ $(max_extents) == 1525201 ]] || fail "default limit: $(max_extents)"
+[[ $(max_extents --cache-max-memory 1M --cache-max-extents 100000) == 5957 ]] || fail "--cache-max-memory 1M"
+[[ $(max_extents --cache-max-memory 1G --cache-max-extents 100) == 100 ]] || fail "--cache-max-extents 100"
+pass "cache limit from --cache-max-memory and --cache-max-extents, the smaller wins"
 
 # SIGTERM: clean exit 0, pidfile and socket removed.
 start_bscache bs --upstream "$(uri up)"
