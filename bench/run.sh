@@ -7,8 +7,9 @@
 # usage: bench/run.sh [--quick] [--out DIR] [--only SECTIONS]
 #   --quick      3 runs per contender and smaller images (under 3 minutes)
 #   --only S     run only these sections (comma-separated: seq, big-sparse,
-#                write-mix, tmpfs, hit-latency, data-path, memory, micro) and
-#                replace just their rows in an existing raw.tsv
+#                write-mix, tmpfs, hit-latency, data-path, memory,
+#                capacity-pressure, micro) and replace just their rows in an
+#                existing raw.tsv
 #   BENCH_TINY=1 one run on tiny images: only checks the harness works
 #   BSCACHE_BASELINE=PATH also runs an older bscache binary as contender
 #                "bscache-baseline" in the data-path and convert rows (before/after)
@@ -43,13 +44,13 @@ G=$((1 << 30)) M=$((1 << 20))
 case $mode in
   full) runs=5 warmup=1 seq_size=$((4 * G)) seq_extents=2500 sparse_size=$((64 * G)) sparse_direct_runs=1
         mix_queries=2000 mix_extents=3000 tmpfs_size=$((8 * G)) tmpfs_chunks=8192 data_size=$G mem_extents=1000000
-        latency_seconds=2 micro_time=0.2 ;;
+        latency_seconds=2 micro_time=0.2 pressure_size=$((8 * G)) pressure_extents=5000 ;;
   quick) runs=3 warmup=1 seq_size=$((1 * G)) seq_extents=600 sparse_size=$((16 * G)) sparse_direct_runs=0
          mix_queries=500 mix_extents=1000 tmpfs_size=$((1 * G)) tmpfs_chunks=1024 data_size=$((128 * M))
-         mem_extents=100000 latency_seconds=1 micro_time=0.02 ;;
+         mem_extents=100000 latency_seconds=1 micro_time=0.02 pressure_size=$((8 * G)) pressure_extents=5000 ;;
   tiny) runs=1 warmup=0 seq_size=$((64 * M)) seq_extents=40 sparse_size=$((2 * G)) sparse_direct_runs=0
         mix_queries=50 mix_extents=20 tmpfs_size=$((16 * M)) tmpfs_chunks=16 data_size=$((8 * M)) mem_extents=1000
-        latency_seconds=0.2 micro_time=0.001 ;;
+        latency_seconds=0.2 micro_time=0.001 pressure_size=$((256 * M)) pressure_extents=100 ;;
 esac
 delay=5ms sparse_delay=50ms
 [[ $mode == tiny ]] && delay=1ms sparse_delay=2ms
@@ -61,6 +62,7 @@ section_workloads() {  # the workload names a section writes
     seq) echo "seq-map convert convert-instant two-scanners" ;;
     hit-latency) echo "hit-latency-qd1 hit-latency-qd16" ;;
     data-path) echo "data-read data-read-convert data-write" ;;
+    capacity-pressure) echo "capacity-pressure" ;;
     *) echo "$1" ;;
   esac
 }
@@ -84,6 +86,7 @@ record() {
 }
 
 # Fronts (proxies) started fresh for each run so every run starts cold.
+bscache_args=()  # extra options for the bscache contender (one section sets them)
 front_up() {  # CONTENDER UPSTREAM_NAME: sets $target, the URI clients use
   local contender=$1 up=$2
   target=$(uri front)
@@ -91,7 +94,8 @@ front_up() {  # CONTENDER UPSTREAM_NAME: sets $target, the URI clients use
     direct | floor) target=$(uri "$up") ;;
     cacheextents) start_nbdkit front --filter=cacheextents nbd socket="$T/$up.sock" ;;
     nbdkit-nbd) start_nbdkit front nbd socket="$T/$up.sock" ;;
-    bscache) start_bscache front --upstream "$(uri "$up")" --log-level warn --stats-file "$T/front.json" ;;
+    bscache) start_bscache front --upstream "$(uri "$up")" --log-level warn --stats-file "$T/front.json" \
+               ${bscache_args[@]+"${bscache_args[@]}"} ;;
     bscache-off) start_bscache front --upstream "$(uri "$up")" --log-level warn --policy off \
                    --stats-file "$T/front.json" ;;
     bscache-baseline) BSCACHE=$BSCACHE_BASELINE start_bscache front --upstream "$(uri "$up")" --log-level warn ;;
@@ -279,6 +283,19 @@ record memory bscache rss_bytes_per_extent "RSS growth / cached extents ($extent
   "$(echo "($rss_after - $rss_before) / $extents" | bc -l)"
 record memory bscache estimated_bytes_per_extent "cache.memory_bytes / extents" "$(echo "$estimate / $extents" | bc -l)"
 stop_server memb
+fi
+
+# ---- capacity-pressure: a cache far too small for the disk must not cost more than no cache ----
+# qemu-img map of 8 GiB with 5,000 extents through a 16-extent cache, against
+# an instant upstream: nothing to gain, so the target is direct's time.
+if want capacity-pressure; then
+"$make_extents" "$pressure_size" "$pressure_extents" 42 >"$T/pressure.ext"
+start_nbdkit pressure --filter=extentlist null size=$pressure_size extentlist="$T/pressure.ext"
+client_map "$(uri pressure)" "$T/pressure.ref"
+measure capacity-pressure direct pressure $runs client_map "$T/pressure.ref"
+bscache_args=(--cache-max-extents 16)
+measure capacity-pressure bscache pressure $runs client_map "$T/pressure.ref"
+bscache_args=()
 fi
 
 # ---- cache micro-benchmarks ----

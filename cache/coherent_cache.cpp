@@ -18,9 +18,11 @@ CoherentCache::Range CoherentCache::widen(uint64_t offset, uint64_t length) cons
   return {start, std::max(rounded_end, end) - start};  // max(): rounding past UINT64_MAX
 }
 
-std::vector<Extent> CoherentCache::complete_fetch(Ticket ticket, std::vector<Extent> extents, uint64_t clip_end) {
+CoherentCache::FetchOutcome CoherentCache::complete_fetch(Ticket ticket, const std::vector<Extent>& extents,
+                                                          uint64_t clip_end, size_t max_stored) {
   const RangeSet taint = taint_.finish(ticket.id);
-  std::vector<Extent> usable;
+  FetchOutcome outcome;
+  auto& usable = outcome.usable;
   usable.reserve(extents.size());
   for (const auto& e : extents) {
     const uint64_t end = std::min(e.end(), clip_end);
@@ -35,10 +37,9 @@ std::vector<Extent> CoherentCache::complete_fetch(Ticket ticket, std::vector<Ext
     clean -= taint;
     for (const auto& piece : clean) usable.push_back({piece.lower(), piece.upper() - piece.lower(), e.flags});
   }
-  for (const auto& e : usable) {
-    if (!cache_.store(e.offset, e.length, e.flags, ticket.sent)) break;  // older than the TTL: store none
-  }
-  return usable;
+  const size_t count = std::min(max_stored, usable.size());
+  if (cache_.store(std::span(usable).first(count), ticket.sent)) outcome.stored = count;  // else older than the TTL
+  return outcome;
 }
 
 CoherentCache::Ticket CoherentCache::begin_mutation(uint64_t offset, uint64_t length) {

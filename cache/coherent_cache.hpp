@@ -27,11 +27,17 @@ class CoherentCache {
   explicit CoherentCache(CacheLimits limits = {}, Clock clock = &std::chrono::steady_clock::now);
 
   Ticket begin_fetch() { return {taint_.begin_fetch(), cache_.now()}; }
-  // Clips `extents` to [0, clip_end), removes the parts inside the fetch's
-  // taint, stores the rest stamped with the ticket's send time (unless that is
-  // already older than the TTL), and returns it: what the reply may be used to
-  // answer, stored or not.
-  std::vector<Extent> complete_fetch(Ticket ticket, std::vector<Extent> extents, uint64_t clip_end);
+
+  struct FetchOutcome {
+    std::vector<Extent> usable;  // the reply, clipped, outside the taint: may answer queries
+    size_t stored = 0;           // how many of `usable` (a prefix) were cached
+  };
+  // Clips `extents` to [0, clip_end) and removes the parts inside the fetch's
+  // taint: that is what the reply may answer, stored or not. Stores at most
+  // the first `max_stored` of them (what the cache can hold), stamped with the
+  // ticket's send time, unless that is already older than the TTL.
+  FetchOutcome complete_fetch(Ticket ticket, const std::vector<Extent>& extents, uint64_t clip_end,
+                              size_t max_stored = SIZE_MAX);
   void abort_fetch(Ticket ticket) { taint_.finish(ticket.id); }
 
   // Forgets the range, rounded out to the allocation granularity, at once:

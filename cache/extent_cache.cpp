@@ -14,136 +14,219 @@ uint64_t saturating_add(uint64_t a, uint64_t b) {
 }  // namespace
 
 ExtentCache::ExtentCache(CacheLimits limits, Clock clock) : limits_(limits), clock_(std::move(clock)) {
-  if (limits_.granule_bytes == 0) limits_.granule_bytes = uint64_t{1} << 30;
+  limits_.max_extents = std::max<size_t>(limits_.max_extents, 1);
 }
 
 bool ExtentCache::store(uint64_t offset, uint64_t length, uint32_t flags, TimePoint stamp) {
-  if (length == 0) return true;
+  const Extent one{offset, saturating_add(offset, length) - offset, flags};
+  return store(std::span(&one, 1), stamp);
+}
+
+bool ExtentCache::store(std::span<const Extent> run, TimePoint stamp) {
   if (too_old(stamp)) return false;
-  const uint64_t end = saturating_add(offset, length);
-  // Data stored into a stale granule would inherit its age: expire it first.
-  if (limits_.ttl) {
-    for (uint64_t g = offset / limits_.granule_bytes; g <= (end - 1) / limits_.granule_bytes; ++g) {
-      expire_if_stale(g * limits_.granule_bytes);
+  ++generation_;
+  size_t i = 0;
+  while (i < run.size()) {
+    if (run[i].length == 0) {
+      ++i;
+      continue;
     }
+    // One segment per contiguous stretch: a gap (a tainted piece of a fetch
+    // reply) may hold another store's data, with its own stamp.
+    const uint64_t start = run[i].offset;
+    size_t j = i;
+    while (j + 1 < run.size() && run[j + 1].offset == run[j].end()) ++j;
+    const uint64_t end = run[j].end();
+    carve(start, end);
+    // Clear the stretch, then append its pieces in order with a hint: each
+    // insertion lands right after the previous one (amortized O(1), where
+    // set() searches the tree for every piece).
+    map_.erase(Interval(start, end));
+    auto hint = map_.lower_bound(Interval(start, start + 1));
+    for (size_t k = i; k <= j; ++k) {
+      if (run[k].length > 0) hint = map_.add(hint, std::make_pair(Interval(run[k].offset, run[k].end()), run[k].flags));
+    }
+    add_segment(start, end, stamp, generation_, lru_.begin());
+    i = j + 1;
   }
-  map_.set(std::make_pair(Interval(offset, end), flags));
-  touch(offset, end, stamp);
   evict_to_limit();
   return true;
 }
 
 void ExtentCache::erase(uint64_t offset, uint64_t length) {
   if (length == 0) return;
-  map_.erase(Interval(offset, saturating_add(offset, length)));
+  const uint64_t end = saturating_add(offset, length);
+  carve(offset, end);
+  map_.erase(Interval(offset, end));
 }
 
 void ExtentCache::clear() {
   map_.clear();
+  segments_.clear();
   lru_.clear();
-  granules_.clear();
 }
 
 size_t ExtentCache::lookup(uint64_t offset, uint64_t limit, std::vector<Extent>& out, size_t max_count) {
   if (limit == 0 || max_count == 0) return 0;
-  expire_if_stale(offset);
+  auto segment = segment_at(offset);
+  if (segment == segments_.end()) return 0;
+  if (too_old(segment->second.stamp)) {
+    drop(segment);
+    ++expirations_;
+    return 0;
+  }
+  touch(segment->second);
   auto it = map_.find(offset);
-  if (it == map_.end()) return 0;
   const uint64_t end = saturating_add(offset, limit);
   uint64_t pos = offset;
-  uint64_t granule = offset / limits_.granule_bytes;
-  std::optional<uint64_t> stale_granule;
   size_t added = 0;
-  while (it != map_.end() && added < max_count && pos < end) {
-    if (it->first.lower() > pos) break;  // a gap: the run ends here
-    if (limits_.ttl && pos / limits_.granule_bytes != granule) {
-      granule = pos / limits_.granule_bytes;
-      if (is_stale(granule)) {
-        stale_granule = granule;
+  while (pos < end) {
+    if (pos == segment->second.end) {
+      // Into the next segment only if it starts right here and is fresh.
+      auto next = std::next(segment);
+      if (next == segments_.end() || next->first != pos) break;
+      if (too_old(next->second.stamp)) {
+        drop(next);  // invalidates `it`: we stop here
+        ++expirations_;
         break;
       }
+      segment = next;
+      touch(segment->second);
     }
-    // Do not run past the granule boundary unchecked: clip to it under a TTL.
-    uint64_t piece_end = std::min(it->first.upper(), end);
-    if (limits_.ttl) piece_end = std::min(piece_end, (granule + 1) * limits_.granule_bytes);
-    if (!out.empty() && added > 0 && out.back().flags == it->second && out.back().end() == pos) {
-      out.back().length += piece_end - pos;  // the same interval split at a granule boundary
+    while (it != map_.end() && it->first.upper() <= pos) ++it;
+    if (it == map_.end() || it->first.lower() > pos) break;  // unreachable: segments are covered
+    // Pieces end at segment boundaries (each has its own stamp); equal
+    // neighbours are joined again in `out`.
+    const uint64_t piece_end = std::min({it->first.upper(), end, segment->second.end});
+    if (added > 0 && out.back().flags == it->second && out.back().end() == pos) {
+      out.back().length += piece_end - pos;
     } else {
+      if (added == max_count) break;
       out.push_back({pos, piece_end - pos, it->second});
       ++added;
     }
     pos = piece_end;
-    if (pos >= it->first.upper()) ++it;
-  }
-  touch(offset, pos, std::nullopt);
-  if (stale_granule) {
-    erase_granule(*stale_granule);
-    ++expirations_;
   }
   return added;
 }
 
 size_t ExtentCache::memory_bytes() const {
-  // A std::map node holding (interval, value): 32 bytes of tree links and
-  // colour, 16 of interval, 8 of padded value, plus ~8 of malloc header.
-  // A granule: a list node (24 + 8) and an unordered_map node with its
-  // bucket (~64).
-  constexpr size_t kPerInterval = 64;
-  constexpr size_t kPerGranule = 104;
-  return map_.iterative_size() * kPerInterval + granules_.size() * kPerGranule;
+  return map_.iterative_size() * kBytesPerInterval + segments_.size() * kBytesPerSegment;
+}
+
+bool ExtentCache::invariants_hold() const {
+  if (lru_.size() != segments_.size()) return false;
+  for (uint64_t start : lru_) {
+    auto it = segments_.find(start);
+    if (it == segments_.end() || *it->second.lru_pos != start) return false;
+  }
+  uint64_t segment_bytes = 0;
+  for (const auto& [start, segment] : segments_) {
+    if (segment.end <= start) return false;
+    segment_bytes += segment.end - start;
+    // Covered: the data inside the segment adds up to its length.
+    Map inside = map_ & Interval(start, segment.end);
+    if (boost::icl::length(inside) != segment.end - start) return false;
+  }
+  return boost::icl::length(map_) == segment_bytes;  // segments are disjoint: no data outside them
 }
 
 bool ExtentCache::too_old(TimePoint stamp) const {
   return limits_.ttl && clock_() - stamp > *limits_.ttl;
 }
 
-bool ExtentCache::is_stale(uint64_t granule) const {
-  if (!limits_.ttl) return false;
-  auto it = granules_.find(granule);
-  return it != granules_.end() && too_old(it->second.oldest_stamp);
+bool ExtentCache::over_limit() const {
+  return std::max(map_.iterative_size(), segments_.size()) > limits_.max_extents;
 }
 
-void ExtentCache::expire_if_stale(uint64_t offset) {
-  const uint64_t granule = offset / limits_.granule_bytes;
-  if (is_stale(granule)) {
-    erase_granule(granule);
-    ++expirations_;
-  }
+ExtentCache::Segments::iterator ExtentCache::segment_at(uint64_t offset) {
+  auto it = segments_.upper_bound(offset);
+  if (it == segments_.begin()) return segments_.end();
+  --it;
+  return offset < it->second.end ? it : segments_.end();
 }
 
-void ExtentCache::touch(uint64_t offset, uint64_t end, std::optional<TimePoint> stored_stamp) {
-  if (end <= offset) return;
-  for (uint64_t g = offset / limits_.granule_bytes; g <= (end - 1) / limits_.granule_bytes; ++g) {
-    auto it = granules_.find(g);
-    if (it == granules_.end()) {
-      if (!stored_stamp) continue;  // lookups only touch granules that hold data
-      lru_.push_front(g);
-      granules_.emplace(g, Granule{lru_.begin(), *stored_stamp});
-      continue;
+void ExtentCache::add_segment(uint64_t start, uint64_t end, TimePoint stamp, uint64_t generation,
+                              std::list<uint64_t>::iterator lru_before) {
+  auto pos = lru_.insert(lru_before, start);
+  segments_.emplace(start, Segment{end, stamp, generation, pos});
+}
+
+ExtentCache::Segments::iterator ExtentCache::remove_segment(Segments::iterator it) {
+  lru_.erase(it->second.lru_pos);
+  return segments_.erase(it);
+}
+
+void ExtentCache::drop(Segments::iterator it) {
+  map_.erase(Interval(it->first, it->second.end));
+  remove_segment(it);
+}
+
+void ExtentCache::carve(uint64_t start, uint64_t end) {
+  // The first segment overlapping [start, end).
+  auto it = segments_.upper_bound(start);
+  if (it != segments_.begin() && std::prev(it)->second.end > start) --it;
+  while (it != segments_.end() && it->first < end) {
+    Segment& segment = it->second;
+    if (it->first < start && segment.end > end) {
+      // [start, end) is strictly inside: the right part becomes a segment of
+      // its own, with the same stamp, just behind in recency.
+      const Segment right = segment;
+      segment.end = start;
+      add_segment(end, right.end, right.stamp, right.generation, std::next(right.lru_pos));
+      return;
     }
-    // A slow fetch may deliver an older stamp than what the granule holds:
-    // the granule is as old as the oldest state in it.
-    if (stored_stamp) it->second.oldest_stamp = std::min(it->second.oldest_stamp, *stored_stamp);
-    if (it->second.lru_pos != lru_.begin()) lru_.splice(lru_.begin(), lru_, it->second.lru_pos);
+    if (it->first < start) {  // overlaps on the left: keep its left part
+      segment.end = start;
+      ++it;
+    } else if (segment.end > end) {  // overlaps on the right: keep its right part
+      auto node = segments_.extract(it);
+      node.key() = end;
+      *node.mapped().lru_pos = end;
+      segments_.insert(std::move(node));
+      return;
+    } else {
+      it = remove_segment(it);
+    }
   }
+}
+
+void ExtentCache::touch(Segment& segment) {
+  if (segment.lru_pos != lru_.begin()) lru_.splice(lru_.begin(), lru_, segment.lru_pos);
 }
 
 void ExtentCache::evict_to_limit() {
-  // The most recently used granule is never evicted: it holds what was just
-  // stored. A single granule may therefore exceed the limit on its own.
-  while (map_.iterative_size() > limits_.max_extents && lru_.size() > 1) {
-    erase_granule(lru_.back());
+  // Least recently used segments first, never one the last store made.
+  while (over_limit() && !lru_.empty()) {
+    auto victim = segments_.find(lru_.back());
+    if (victim->second.generation == generation_) break;
+    drop(victim);
     ++evictions_;
   }
+  // Only what was just stored is left and it alone is too much: keep its
+  // beginning, nearest the query that caused the store.
+  while (over_limit() && !segments_.empty()) trim_last_segment();
 }
 
-void ExtentCache::erase_granule(uint64_t index) {
-  const uint64_t start = index * limits_.granule_bytes;
-  map_.erase(Interval(start, saturating_add(start, limits_.granule_bytes)));
-  if (auto it = granules_.find(index); it != granules_.end()) {
-    lru_.erase(it->second.lru_pos);
-    granules_.erase(it);
+void ExtentCache::trim_last_segment() {
+  auto last = std::prev(segments_.end());
+  const uint64_t start = last->first, end = last->second.end;
+  const size_t intervals = map_.iterative_size();
+  uint64_t cut = start;
+  if (intervals > limits_.max_extents && segments_.size() <= limits_.max_extents) {
+    // Drop just enough intervals from the segment's end.
+    size_t excess = intervals - limits_.max_extents;
+    auto it = map_.find(end - 1);
+    while (--excess > 0 && it != map_.begin() && it->first.lower() > start) --it;
+    cut = std::max(start, it->first.lower());
   }
+  ++evictions_;
+  if (cut == start) {
+    drop(last);
+    return;
+  }
+  map_.erase(Interval(cut, end));
+  last->second.end = cut;
 }
 
 }  // namespace bscache::cache

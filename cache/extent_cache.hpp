@@ -5,25 +5,35 @@
 // partial_enricher with set() so 0 is kept and writes overwrite rather than
 // aggregate. Adjacent equal values coalesce.
 //
-// Memory is bounded by a maximum number of stored intervals. Eviction works on
-// fixed-size granules of the address space, least recently used first: a granule
-// is touched by every lookup and store that covers it.
+// Eviction and expiry work on *segments*: each contiguous stretch one store
+// put into the cache (a fetched window, a mutation's range) is one segment,
+// least recently used first. A later store over part of a segment carves it
+// (what is left keeps its recency and stamp). Invariant: every segment's range
+// is exactly covered by cached data, and all cached data lies in segments.
+// Evicting by segment rather than by fixed regions of the address space means
+// storing a window never evicts the window itself or the one being read: only
+// least recently used windows go, and when what was just stored alone exceeds
+// the limit, its beginning (nearest the query that caused it) is kept.
+//
+// The limit counts intervals and segments (the larger of the two must stay
+// under it), so memory is bounded by max_extents * (per-interval + per-segment
+// cost) whatever the workload (many small writes coalesce into few intervals
+// but stay separate segments).
 //
 // With a TTL, every store carries a *stamp*: the moment the upstream command
 // that established the state was sent (a block-status reply describes upstream
-// at some moment after that, never before). A granule remembers the oldest
-// stamp stored into it and expires once that stamp is older than the TTL
-// (conservative: a granule may expire early, never late). A store whose stamp
-// is already older than the TTL is refused: it would be stale the moment it
-// became visible.
+// at some moment after that, never before). A segment expires once its stamp
+// is older than the TTL. A store whose stamp is already older than the TTL is
+// refused: it would be stale the moment it became visible.
 #pragma once
 
 #include <chrono>
 #include <cstdint>
 #include <functional>
 #include <list>
+#include <map>
 #include <optional>
-#include <unordered_map>
+#include <span>
 #include <vector>
 
 #include <boost/icl/interval_map.hpp>
@@ -32,14 +42,26 @@
 
 namespace bscache::cache {
 
+// Estimated heap bytes per cached interval: a std::map node holding
+// (interval, value): 32 bytes of tree links and colour, 16 of interval, 8 of
+// padded value, plus ~8 of malloc header. (Measured RSS: ~75 per extent.)
+inline constexpr size_t kBytesPerInterval = 64;
+// Per segment: a std::map node with its Segment (~80) and a list node (~32).
+inline constexpr size_t kBytesPerSegment = 112;
+
+// The most extents a cache may hold so that its memory estimate stays under
+// `bytes` even if every extent were its own segment.
+constexpr size_t max_extents_for_memory(uint64_t bytes) {
+  return static_cast<size_t>(bytes / (kBytesPerInterval + kBytesPerSegment));
+}
+
+// Default --cache-max-memory: 256 MiB, i.e. 1,525,201 extents.
+inline constexpr uint64_t kDefaultMaxMemory = uint64_t{256} << 20;
+
 struct CacheLimits {
-  // Most intervals kept before least recently used granules are evicted.
-  // Default: 1,000,000 (about 64 MB: memory_bytes() counts 64 bytes per
-  // interval, which is what the heap holds; the README measured 75 bytes of
-  // resident memory per extent).
-  size_t max_extents = 1'000'000;
-  // Size of an eviction/expiry granule in bytes. Default: 1 GiB.
-  uint64_t granule_bytes = uint64_t{1} << 30;
+  // Most intervals (and most segments) kept before least recently used
+  // segments are evicted. Default: what kDefaultMaxMemory holds, 1,525,201.
+  size_t max_extents = max_extents_for_memory(kDefaultMaxMemory);
   // Entries older than this are treated as absent. Default: none (live forever).
   std::optional<std::chrono::nanoseconds> ttl;
   // Upstream may change the reported allocation of whole units of this size
@@ -60,9 +82,12 @@ class ExtentCache {
   TimePoint now() const { return clock_(); }
 
   // Records that [offset, offset+length) has `flags`, as upstream described it
-  // no earlier than `stamp`, replacing what was there. Returns false (and
-  // stores nothing) if a TTL is set and `stamp` is already older than it.
+  // no earlier than `stamp`, replacing what was there: one segment. Returns
+  // false (and stores nothing) if a TTL is set and `stamp` is already older.
   bool store(uint64_t offset, uint64_t length, uint32_t flags, TimePoint stamp);
+  // The same for a run of extents (sorted, non-overlapping, gaps allowed):
+  // each contiguous stretch becomes one segment.
+  bool store(std::span<const Extent> run, TimePoint stamp);
   // Forgets [offset, offset+length).
   void erase(uint64_t offset, uint64_t length);
   void clear();
@@ -74,32 +99,46 @@ class ExtentCache {
   size_t lookup(uint64_t offset, uint64_t limit, std::vector<Extent>& out, size_t max_count);
 
   size_t extent_count() const { return map_.iterative_size(); }
-  // Approximate heap bytes held by the map and the granule bookkeeping.
+  size_t segment_count() const { return segments_.size(); }
+  size_t max_extents() const { return limits_.max_extents; }
+  // Approximate heap bytes held by the map and the segment bookkeeping.
   size_t memory_bytes() const;
   uint64_t evictions() const { return evictions_; }
   uint64_t expirations() const { return expirations_; }
+  // For tests: every segment is exactly covered by data, all data lies in
+  // segments, and the LRU list names every segment once.
+  bool invariants_hold() const;
 
  private:
   using Map =
       boost::icl::interval_map<uint64_t, uint32_t, boost::icl::partial_enricher, std::less, boost::icl::inplace_plus,
                                boost::icl::inter_section, boost::icl::right_open_interval<uint64_t>>;
-  struct Granule {
+  struct Segment {
+    uint64_t end = 0;
+    TimePoint stamp;
+    uint64_t generation = 0;  // which store() call made it
     std::list<uint64_t>::iterator lru_pos;
-    TimePoint oldest_stamp;  // of everything stored here since the granule was created
   };
+  using Segments = std::map<uint64_t, Segment>;  // by start offset; disjoint
 
   bool too_old(TimePoint stamp) const;
-  void touch(uint64_t offset, uint64_t end, std::optional<TimePoint> stored_stamp);
-  bool is_stale(uint64_t granule) const;
-  void expire_if_stale(uint64_t offset);
+  bool over_limit() const;
+  Segments::iterator segment_at(uint64_t offset);
+  void add_segment(uint64_t start, uint64_t end, TimePoint stamp, uint64_t generation,
+                   std::list<uint64_t>::iterator lru_before);
+  Segments::iterator remove_segment(Segments::iterator it);
+  void drop(Segments::iterator it);  // its data too
+  void carve(uint64_t start, uint64_t end);
+  void touch(Segment& segment);
   void evict_to_limit();
-  void erase_granule(uint64_t index);
+  void trim_last_segment();
 
   CacheLimits limits_;
   Clock clock_;
   Map map_;
-  std::list<uint64_t> lru_;  // granule indexes, most recently used first
-  std::unordered_map<uint64_t, Granule> granules_;
+  Segments segments_;
+  std::list<uint64_t> lru_;  // segment start offsets, most recently used first
+  uint64_t generation_ = 0;
   uint64_t evictions_ = 0;
   uint64_t expirations_ = 0;
 };

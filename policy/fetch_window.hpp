@@ -20,4 +20,11 @@ struct FetchWindow {
 FetchWindow plan_fetch(uint64_t offset, uint64_t export_size, uint32_t min_block,
                        uint64_t max_window = kMaxRequestLength);
 
+// The window a miss fetches: `planned`, or, for a query without REQ_ONE that
+// reaches past its end, exactly the query's range. Such a client wants every
+// extent in its range: one upstream call of the client's own shape answers it
+// in one reply, as direct access would, where windows sized for the cache
+// would split it into several round trips.
+FetchWindow window_for_miss(uint64_t offset, uint32_t length, bool req_one, FetchWindow planned);
+
 }  // namespace bscache::policy

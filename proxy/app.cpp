@@ -245,7 +245,7 @@ void App::log_summary() {
   const uint64_t sent = metrics_.upstream_requests[wire::kCmdBlockStatus];
   spdlog::info("block status: {} hits, {} misses (hit rate {:.1f}%), {} client requests, {} sent upstream, {} saved",
                metrics_.block_status_hits, metrics_.block_status_misses, 100 * hit_rate(metrics_), asked, sent,
-               asked > sent ? asked - sent : 0);
+               upstream_calls_saved(metrics_));
 }
 
 awaitable<void> App::periodic_summary() {

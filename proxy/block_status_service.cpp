@@ -12,6 +12,9 @@ namespace bscache::proxy {
 
 namespace {
 constexpr size_t kMaxRememberedWindows = 4096;
+// Answers taken from a fetch reply carry as many descriptors as upstream sent
+// for the range, up to the protocol's limit for one chunk (NBD-NOTES).
+constexpr size_t kMaxReplyDescriptors = (size_t{1} << 20) - 1;
 
 cache::CacheLimits limits_for(const BlockStatusConfig& config) {
   cache::CacheLimits limits = config.limits;
@@ -24,6 +27,10 @@ BlockStatusService::BlockStatusService(asio::io_context& io, BlockStatusUpstream
                                        BlockStatusConfig config, Metrics& metrics)
     : io_(io), upstream_(upstream), info_(info), config_(config), metrics_(metrics), cache_(limits_for(config)) {
   scratch_.reserve(config_.max_descriptors);
+  if (caching()) {
+    spdlog::info("cache holds at most {} extents (about {} MiB)", cache_.extents().max_extents(),
+                 cache_.extents().max_extents() * (cache::kBytesPerInterval + cache::kBytesPerSegment) >> 20);
+  }
 }
 
 bool BlockStatusService::try_answer(uint64_t offset, uint32_t length, bool req_one,
@@ -43,25 +50,56 @@ awaitable<int> BlockStatusService::answer_after_miss(uint64_t offset, uint32_t l
   if (!caching()) {
     co_return co_await ask_upstream_directly(offset, length, req_one, out);
   }
-  // Two rounds: a write racing the fetch can leave the offset uncached once;
-  // after that, ask upstream for exactly this request rather than loop.
-  for (int round = 0; round < 2; ++round) {
-    auto fetch = joinable_fetch(offset);
-    if (!fetch) fetch = start_fetch(policy::plan_fetch(offset, info_.size, info_.min_block, config_.max_window), false);
-    while (!fetch->finished) {
-      boost::system::error_code ignored;  // cancellation is the "finished" signal
-      co_await fetch->done.async_wait(asio::redirect_error(use_awaitable, ignored));
+  auto fetch = joinable_fetch(offset);
+  if (!fetch) {
+    if (policy::should_bypass(cache_.extents().max_extents())) {
+      co_return co_await forward_unchanged(offset, length, req_one, out);
     }
-    if (fetch->error) break;  // e.g. upstream refuses long windows: ask exactly
-    // The reply answers its waiters even if it was not stored (too old for
-    // the TTL, or evicted since), as a pass-through would have; the cache
-    // may know the offset when the reply does not (a write completed there).
-    if (answer_from(*fetch, offset, length, req_one, out) || lookup(offset, length, req_one, out)) {
-      maybe_prefetch(offset);
-      co_return 0;
-    }
+    fetch = start_fetch(policy::window_for_miss(offset, length, req_one, planned_window(offset)), false);
   }
+  while (!fetch->finished) {
+    boost::system::error_code ignored;  // cancellation is the "finished" signal
+    co_await fetch->done.async_wait(asio::redirect_error(use_awaitable, ignored));
+  }
+  // The reply answers its waiters even if it was not stored (too old for the
+  // TTL, more than the cache can hold, or evicted since), as a pass-through
+  // would have: a miss never costs more than one upstream call. The cache may
+  // know the offset when the reply does not (a write completed there).
+  if (!fetch->error && (answer_from(*fetch, offset, length, req_one, out) || lookup(offset, length, req_one, out))) {
+    maybe_prefetch(offset);
+    co_return 0;
+  }
+  // The fetch failed (e.g. upstream refuses long windows) or a write racing
+  // it left this offset unknown: ask for exactly this request.
   co_return co_await ask_upstream_directly(offset, length, req_one, out);
+}
+
+awaitable<int> BlockStatusService::forward_unchanged(uint64_t offset, uint32_t length, bool req_one,
+                                                     std::vector<wire::Descriptor>& out) {
+  if (!bypass_logged_) {
+    bypass_logged_ = true;
+    spdlog::warn(
+        "the cache holds at most {} extents, too few to keep a window of {} beside the one being read: "
+        "block-status misses are forwarded upstream as they come (see cache.bypassed)",
+        cache_.extents().max_extents(), policy::kMinWindowExtents);
+  }
+  ++metrics_.cache_bypassed;
+  co_return co_await ask_upstream_directly(offset, length, req_one, out);
+}
+
+unsigned BlockStatusService::prefetch_depth() const {
+  if (!config_.prefetch.enabled) return 0;
+  return policy::affordable_depth(cache_.extents().max_extents(),
+                                  policy::prefetch_depth(config_.prefetch, latency_.estimate()));
+}
+
+size_t BlockStatusService::window_budget() const {
+  return policy::window_extent_budget(cache_.extents().max_extents(), prefetch_depth());
+}
+
+policy::FetchWindow BlockStatusService::planned_window(uint64_t offset) const {
+  const uint64_t bytes = policy::window_bytes(window_budget(), density_.bytes_per_extent(), config_.max_window);
+  return policy::plan_fetch(offset, info_.size, info_.min_block, bytes);
 }
 
 bool BlockStatusService::lookup(uint64_t offset, uint32_t length, bool req_one, std::vector<wire::Descriptor>& out) {
@@ -75,7 +113,7 @@ bool BlockStatusService::lookup(uint64_t offset, uint32_t length, bool req_one, 
 bool BlockStatusService::answer_from(const Fetch& fetch, uint64_t offset, uint32_t length, bool req_one,
                                      std::vector<wire::Descriptor>& out) {
   scratch_.clear();
-  if (cache::lookup_run(fetch.usable, offset, length, scratch_, req_one ? 1 : config_.max_descriptors) == 0) {
+  if (cache::lookup_run(fetch.usable, offset, length, scratch_, req_one ? 1 : kMaxReplyDescriptors) == 0) {
     return false;
   }
   out.clear();
@@ -86,7 +124,7 @@ bool BlockStatusService::answer_from(const Fetch& fetch, uint64_t offset, uint32
 awaitable<int> BlockStatusService::ask_upstream_directly(uint64_t offset, uint32_t length, bool req_one,
                                                          std::vector<wire::Descriptor>& out) {
   auto result = co_await upstream_.block_status(offset, length, {.req_one = req_one});
-  if (result.error) co_return result.error;
+  if (result.error) co_return result.error;  // the pool logged and counted it
   out.clear();
   if (const auto* descriptors = result.extents_for(wire::kBaseAllocation)) {
     wire::clip_descriptors(*descriptors, length, req_one, out);
@@ -116,6 +154,7 @@ std::shared_ptr<BlockStatusService::Fetch> BlockStatusService::start_fetch(polic
   fetch->length = window.length;
   fetch->prefetch = prefetch;
   fetch->sent = cache_.extents().now();
+  fetch->store_limit = window_budget();
   fetch->done.expires_at(asio::steady_timer::time_point::max());
   fetches_[window.offset] = fetch;
   // Detached: a fetch outlives the client that caused it, others may wait on it.
@@ -145,8 +184,10 @@ awaitable<void> BlockStatusService::run_fetch(std::shared_ptr<Fetch> fetch) {
       pos += d.length;
     }
     const uint64_t end = std::min(info_.size, fetch->offset + fetch->length);
-    fetch->usable = cache_.complete_fetch(ticket, std::move(extents), end);
-    if (pos > fetch->offset) note_window(fetch->offset, std::min(pos, end), fetch->prefetch);
+    density_.record(descriptors->size(), std::min(pos, end) - std::min(fetch->offset, end));
+    auto outcome = cache_.complete_fetch(ticket, extents, end, fetch->store_limit);
+    fetch->usable = std::move(outcome.usable);
+    if (outcome.stored > 0) note_window(fetch->offset, fetch->usable[outcome.stored - 1].end(), fetch->prefetch);
     spdlog::debug("fetched {} extents for {}+{}{}", descriptors->size(), fetch->offset, fetch->length,
                   fetch->prefetch ? " (prefetch)" : "");
   }
@@ -172,9 +213,10 @@ void BlockStatusService::maybe_prefetch(uint64_t offset) {
     ++metrics_.prefetches_used;
   }
   if (!policy::should_prefetch(offset, it->first, window.end, info_.size)) return;
-  const unsigned depth = policy::prefetch_depth(config_.prefetch, latency_.estimate());
+  const unsigned depth = prefetch_depth();
+  unsigned allowance = policy::prefetch_allowance(depth, upstream_calls_saved(metrics_));
   uint64_t pos = window.end;
-  for (unsigned i = 0; i < depth && pos < info_.size; ++i) {
+  for (unsigned i = 0; i < depth && allowance > 0 && pos < info_.size; ++i) {
     if (auto f = fetch_covering(pos)) {
       pos = f->offset + f->length;
       continue;
@@ -183,10 +225,11 @@ void BlockStatusService::maybe_prefetch(uint64_t offset) {
       pos = next->second.end;
       continue;
     }
-    const auto planned = policy::plan_fetch(pos, info_.size, info_.min_block, config_.max_window);
+    const auto planned = planned_window(pos);
     if (planned.length == 0) break;
     start_fetch(planned, true);
     ++metrics_.prefetches_issued;
+    --allowance;
     pos = planned.offset + planned.length;
   }
 }
@@ -211,7 +254,7 @@ void BlockStatusService::clear() {
 
 CacheGauges BlockStatusService::gauges() const {
   const auto& e = cache_.extents();
-  return {e.extent_count(), e.memory_bytes(), e.evictions(), e.expirations()};
+  return {e.extent_count(), e.memory_bytes(), e.evictions(), e.expirations(), e.max_extents()};
 }
 
 }  // namespace bscache::proxy

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "cache/coherent_cache.hpp"
+#include "policy/capacity.hpp"
 #include "policy/coherence.hpp"
 #include "policy/fetch_window.hpp"
 #include "policy/prefetch.hpp"
@@ -61,6 +62,7 @@ class BlockStatusService {
     bool prefetch = false;
     bool finished = false;
     int error = 0;
+    size_t store_limit = 0;             // most extents of the reply the cache keeps
     cache::TimePoint sent;              // when its ticket was taken (its creation until then)
     std::vector<cache::Extent> usable;  // the reply outside its taint: answers whoever waited
     asio::steady_timer done;            // cancelled when the fetch finishes
@@ -79,6 +81,10 @@ class BlockStatusService {
   bool lookup(uint64_t offset, uint32_t length, bool req_one, std::vector<wire::Descriptor>& out);
   bool answer_from(const Fetch& fetch, uint64_t offset, uint32_t length, bool req_one,
                    std::vector<wire::Descriptor>& out);
+  awaitable<int> forward_unchanged(uint64_t offset, uint32_t length, bool req_one, std::vector<wire::Descriptor>& out);
+  unsigned prefetch_depth() const;
+  size_t window_budget() const;
+  policy::FetchWindow planned_window(uint64_t offset) const;
   awaitable<int> ask_upstream_directly(uint64_t offset, uint32_t length, bool req_one,
                                        std::vector<wire::Descriptor>& out);
 
@@ -89,6 +95,8 @@ class BlockStatusService {
   Metrics& metrics_;
   cache::CoherentCache cache_;
   policy::LatencyEstimator latency_;
+  policy::DensityEstimator density_;
+  bool bypass_logged_ = false;
   std::map<uint64_t, std::shared_ptr<Fetch>> fetches_;  // in flight, by start offset
   std::map<uint64_t, Window> windows_;                  // fetched windows, by start offset
   std::vector<cache::Extent> scratch_;                  // reused by lookups: no allocation on a hit

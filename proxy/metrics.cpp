@@ -42,13 +42,6 @@ nlohmann::json by_op(const std::array<uint64_t, kOpCount>& counts) {
 double uptime(const Metrics& m) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - m.started).count();
 }
-
-// Upstream block-status calls clients would have made without the cache.
-uint64_t calls_saved(const Metrics& m) {
-  const uint64_t asked = m.client_requests[wire::kCmdBlockStatus];
-  const uint64_t sent = m.upstream_requests[wire::kCmdBlockStatus];
-  return asked > sent ? asked - sent : 0;
-}
 }  // namespace
 
 std::string render_stats_json(const Metrics& m, const CacheGauges& cache, const std::string& policy) {
@@ -63,7 +56,7 @@ std::string render_stats_json(const Metrics& m, const CacheGauges& cache, const 
   doc["block_status"] = {{"hits", m.block_status_hits},
                          {"misses", m.block_status_misses},
                          {"hit_rate", hit_rate(m)},
-                         {"upstream_calls_saved", calls_saved(m)}};
+                         {"upstream_calls_saved", upstream_calls_saved(m)}};
   const auto& h = m.upstream_block_status_latency;
   doc["upstream"] = {{"requests", by_op(m.upstream_requests)},
                      {"errors", by_op(m.upstream_errors)},
@@ -72,9 +65,11 @@ std::string render_stats_json(const Metrics& m, const CacheGauges& cache, const 
                      {"block_status_latency_seconds",
                       {{"count", h.count}, {"mean", h.count ? h.sum / static_cast<double>(h.count) : 0.0}}}};
   doc["cache"] = {{"extents", cache.extents},
+                  {"max_extents", cache.max_extents},
                   {"memory_bytes", cache.memory_bytes},
                   {"evictions", cache.evictions},
                   {"expirations", cache.expirations},
+                  {"bypassed", m.cache_bypassed},
                   {"prefetches", m.prefetches_issued},
                   {"prefetches_used", m.prefetches_used},
                   {"ranges_invalidated", m.ranges_invalidated},
@@ -118,8 +113,11 @@ std::string render_prometheus(const Metrics& m, const CacheGauges& cache, const 
   sample(out, "bscache_block_status_misses_total", "counter", "Block-status requests that waited on upstream.",
          static_cast<double>(m.block_status_misses));
   sample(out, "bscache_block_status_hit_ratio", "gauge", "hits / (hits + misses), 0 before any request.", hit_rate(m));
-  sample(out, "bscache_upstream_calls_saved_total", "counter",
-         "Client block-status requests minus upstream block-status requests.", static_cast<double>(calls_saved(m)));
+  // A gauge: it falls when the cache costs more calls than it saves. The name
+  // keeps its _total suffix so existing dashboards keep working.
+  sample(out, "bscache_upstream_calls_saved_total", "gauge",
+         "Client block-status requests minus upstream block-status requests (negative: the cache cost calls).",
+         static_cast<double>(upstream_calls_saved(m)));
   family(out, "bscache_upstream_requests_total", "counter", "Requests sent upstream, by operation.");
   per_op(out, "bscache_upstream_requests_total", m.upstream_requests);
   family(out, "bscache_upstream_errors_total", "counter", "Upstream requests that failed, by operation.");
@@ -142,9 +140,14 @@ std::string render_prometheus(const Metrics& m, const CacheGauges& cache, const 
   sample(out, "bscache_cache_extents", "gauge", "Extents held in the cache.", static_cast<double>(cache.extents));
   sample(out, "bscache_cache_memory_bytes", "gauge", "Estimated heap bytes held by the cache.",
          static_cast<double>(cache.memory_bytes));
-  sample(out, "bscache_cache_evictions_total", "counter", "Cache regions evicted to stay under --cache-max-extents.",
-         static_cast<double>(cache.evictions));
-  sample(out, "bscache_cache_expirations_total", "counter", "Cache regions dropped by --policy ttl.",
+  sample(out, "bscache_cache_max_extents", "gauge", "Most extents the cache holds (--cache-max-extents/-memory).",
+         static_cast<double>(cache.max_extents));
+  sample(out, "bscache_cache_evictions_total", "counter",
+         "Stored windows evicted (or cut short) to stay under the limit.", static_cast<double>(cache.evictions));
+  sample(out, "bscache_cache_bypassed_total", "counter",
+         "Block-status misses forwarded unchanged because the cache could not keep a window.",
+         static_cast<double>(m.cache_bypassed));
+  sample(out, "bscache_cache_expirations_total", "counter", "Stored windows dropped by --policy ttl.",
          static_cast<double>(cache.expirations));
   sample(out, "bscache_prefetches_total", "counter", "Windows fetched ahead of a scan.",
          static_cast<double>(m.prefetches_issued));

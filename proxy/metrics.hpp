@@ -10,6 +10,8 @@
 #include <cstdint>
 #include <string>
 
+#include "proxy/wire/protocol.hpp"
+
 namespace bscache::proxy {
 
 inline constexpr size_t kOpCount = 8;  // indexed by NBD command number (READ..BLOCK_STATUS)
@@ -43,6 +45,7 @@ struct Metrics {
   uint64_t ranges_updated = 0;
   uint64_t upstream_reconnects = 0;
   uint64_t upstream_connections = 0;  // upstream connections up now
+  uint64_t cache_bypassed = 0;        // block-status misses forwarded unchanged: the cache could not keep a window
 };
 
 // Values that live elsewhere (the cache) and are sampled when rendering.
@@ -51,9 +54,16 @@ struct CacheGauges {
   uint64_t memory_bytes = 0;
   uint64_t evictions = 0;
   uint64_t expirations = 0;
+  uint64_t max_extents = 0;  // the limit in force
 };
 
 double hit_rate(const Metrics& m);
+// Client block-status requests minus those sent upstream: negative when the
+// cache cost more upstream calls than forwarding every request would have.
+inline int64_t upstream_calls_saved(const Metrics& m) {
+  return static_cast<int64_t>(m.client_requests[wire::kCmdBlockStatus]) -
+         static_cast<int64_t>(m.upstream_requests[wire::kCmdBlockStatus]);
+}
 // The stats-file document (keys documented in README.md).
 std::string render_stats_json(const Metrics& m, const CacheGauges& cache, const std::string& policy);
 // Prometheus text exposition format 0.0.4.

@@ -12,6 +12,10 @@
 
 #include <boost/program_options.hpp>
 
+#include "policy/capacity.hpp"
+
+#include "policy/capacity.hpp"
+
 namespace bscache::proxy {
 
 namespace po = boost::program_options;
@@ -59,24 +63,6 @@ std::optional<uint64_t> parse_unsigned(std::string_view text, int base = 10) {
   auto [stop, ec] = std::from_chars(text.data(), end, value, base);
   if (text.empty() || ec != std::errc() || stop != end) return std::nullopt;
   return value;
-}
-
-// "64M", "1G", "4096": bytes, with an optional K/M/G/T suffix (powers of 1024,
-// "MiB" and "MB" read the same).
-std::optional<uint64_t> parse_bytes(std::string_view text) {
-  const size_t digits = std::min(text.find_first_not_of("0123456789"), text.size());
-  auto value = parse_unsigned(text.substr(0, digits));
-  if (!value) return std::nullopt;
-  const std::string_view suffix = text.substr(digits);
-  if (suffix.empty()) return value;
-  const auto unit =
-      std::string_view("KMGT").find(static_cast<char>(std::toupper(static_cast<unsigned char>(suffix[0]))));
-  if (unit == std::string_view::npos || (suffix.size() > 1 && suffix.substr(1) != "iB" && suffix.substr(1) != "B")) {
-    return std::nullopt;
-  }
-  const unsigned shift = 10 * static_cast<unsigned>(unit + 1);
-  if (*value > (std::numeric_limits<uint64_t>::max() >> shift)) return std::nullopt;
-  return *value << shift;
 }
 
 std::string format_bytes(uint64_t bytes) {
@@ -149,7 +135,7 @@ template <typename Field>
 Store bytes(Field field, uint64_t min, uint64_t max) {
   using T = std::remove_cvref_t<std::invoke_result_t<Field, Options&>>;
   return [field, min, max](const std::string& value, Options& o) -> Refusal {
-    auto parsed = parse_bytes(value);
+    auto parsed = policy::parse_byte_size(value);
     if (!parsed || *parsed < min || *parsed > max) {
       return "must be a size from " + format_bytes(min) + " to " + format_bytes(max) + ", such as 64M";
     }
@@ -250,10 +236,13 @@ std::vector<OptionSpec> option_table() {
      }},
     {"prefetch", "on|off", "fetch ahead of sequential scans", on_off(d.block_status.prefetch.enabled),
      on_or_off([](Options& o) -> auto& { return o.block_status.prefetch.enabled; })},
-    // A billion extents would take ~75 GB: more is a typo.
-    {"cache-max-extents", "N", "most cached extents before least recently used regions are evicted",
-     std::to_string(d.block_status.limits.max_extents),
-     integer([](Options& o) -> auto& { return o.block_status.limits.max_extents; }, 1, 1'000'000'000)},
+    // The cache's size: from memory by default, in extents if asked; the smaller wins.
+    {"cache-max-memory", "BYTES", "memory the cache may take (K/M/G suffixes); sets the most cached extents",
+     format_bytes(d.cache_max_memory),
+     bytes([](Options& o) -> auto& { return o.cache_max_memory; }, uint64_t{1} << 20, uint64_t{1} << 40)},
+    // A billion extents would take ~170 GB: more is a typo.
+    {"cache-max-extents", "N", "most cached extents (default: what --cache-max-memory allows; the smaller wins)", "",
+     integer([](Options& o) -> auto& { return o.cache_max_extents; }, 1, 1'000'000'000)},
     // Beyond the 1 GiB eviction granule a write would forget more than a granule.
     {"allocation-granularity", "BYTES",
      "a write forgets cached state around it rounded out to this many bytes (upstream allocation unit)",
@@ -349,6 +338,9 @@ ParseResult parse_options(int argc, const char* const argv[]) {
     }
   }
   if (auto refusal = validate(options)) return fail(*refusal);
+  auto& limits = options.block_status.limits;
+  limits.max_extents = std::max<size_t>(cache::max_extents_for_memory(options.cache_max_memory), 1);
+  if (options.cache_max_extents > 0) limits.max_extents = std::min(limits.max_extents, options.cache_max_extents);
   return {std::move(options), 0, {}};
 }
 

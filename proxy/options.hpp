@@ -24,6 +24,10 @@ struct Options {
   ListenConfig listen;
   SessionLimits session;
   BlockStatusConfig block_status;
+  // Memory the cache may take; sets block_status.limits.max_extents. Default: 256 MiB.
+  uint64_t cache_max_memory = cache::kDefaultMaxMemory;
+  // Most cached extents, if given (0: not given); the smaller of the two limits wins.
+  size_t cache_max_extents = 0;
   std::string run;  // command started once listening
   bool read_only = false;
   std::string pidfile;

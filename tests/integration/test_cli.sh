@@ -42,6 +42,8 @@ expect_error "policy" --upstream "$(uri up)" --unix "$T/x.sock" --policy ttl=0s
 expect_error "prefetch" --upstream "$(uri up)" --unix "$T/x.sock" --prefetch maybe
 expect_error "connecting to upstream" --upstream "nbd+unix:///?socket=$T/nobody.sock" --unix "$T/x.sock"
 expect_error "log-level" --upstream "$(uri up)" --unix "$T/x.sock" --log-level loud
+expect_error "cache-max-memory" --upstream "$(uri up)" --unix "$T/x.sock" --cache-max-memory 12X
+expect_error "cache-max-extents" --upstream "$(uri up)" --unix "$T/x.sock" --cache-max-extents 0
 pass "bad options and unreachable upstream fail fast"
 
 # Out-of-range values: exit 2, one line naming the option, nothing started.
@@ -79,6 +81,17 @@ pass "out-of-range values refused with exit 2 naming the option"
   --run 'qemu-img map --output=json "$uri"' >"$T/small.map" 2>"$T/run.log" || fail "smallest values refused"
 jq -e '.[0].length == 16777216' "$T/small.map" >/dev/null || fail "map with the smallest values wrong"
 pass "smallest accepted values work"
+
+# The cache limit: from --cache-max-memory (176 bytes per extent), or
+# --cache-max-extents when that is smaller.
+max_extents() {
+  "$BSCACHE" --upstream "$(uri up)" --stats-file "$T/limit.json" --run true "$@" 2>"$T/run.log" || fail "--run true $*"
+  jq '.cache.max_extents' "$T/limit.json"
+}
+[[ $(max_extents) == 1525201 ]] || fail "default limit: $(max_extents)"
+[[ $(max_extents --cache-max-memory 1M --cache-max-extents 100000) == 5957 ]] || fail "--cache-max-memory 1M"
+[[ $(max_extents --cache-max-memory 1G --cache-max-extents 100) == 100 ]] || fail "--cache-max-extents 100"
+pass "cache limit from --cache-max-memory and --cache-max-extents, the smaller wins"
 
 # SIGTERM: clean exit 0, pidfile and socket removed.
 start_bscache bs --upstream "$(uri up)"

@@ -11,7 +11,7 @@ namespace bscache::cache {
 namespace {
 
 using namespace std::chrono_literals;
-constexpr uint64_t KiB = 1024, MiB = 1024 * KiB, GiB = 1024 * MiB;
+constexpr uint64_t KiB = 1024, MiB = 1024 * KiB;
 
 std::vector<Extent> run(ExtentCache& c, uint64_t offset, uint64_t limit = ~uint64_t{0} >> 1, size_t max = 1000) {
   std::vector<Extent> out;
@@ -81,78 +81,131 @@ TEST(ExtentCache, EraseAtPartialOverlaps) {
   EXPECT_TRUE(run(c, 16 * KiB).empty());
 }
 
-TEST(ExtentCache, EvictsLeastRecentlyUsedGranule) {
-  CacheLimits limits;
-  limits.max_extents = 4;
-  limits.granule_bytes = 1 * MiB;
-  ExtentCache c(limits);
-  auto fill = [&](uint64_t base) {  // two intervals per granule
-    c.store(base, 4096, 0, c.now());
-    c.store(base + 4096, 4096, 3, c.now());
-  };
-  fill(0);
-  fill(1 * MiB);
-  EXPECT_EQ(c.evictions(), 0u);
-  EXPECT_FALSE(run(c, 0).empty());  // granule 0 is now the most recently used
-  fill(2 * MiB);                    // over the limit: granule 1 goes
-  EXPECT_EQ(c.evictions(), 1u);
-  EXPECT_TRUE(run(c, 1 * MiB).empty());
-  EXPECT_FALSE(run(c, 0).empty());
-  EXPECT_FALSE(run(c, 2 * MiB).empty());
-  EXPECT_LE(c.extent_count(), 4u);
+// A "window": a run of extents stored at once, like a fetch reply.
+std::vector<Extent> window(uint64_t base, size_t count, uint64_t each = 4096) {
+  std::vector<Extent> out;
+  for (size_t i = 0; i < count; ++i) out.push_back({base + i * each, each, static_cast<uint32_t>(i % 2) * 3});
+  return out;
 }
 
-TEST(ExtentCache, ASingleOversizedGranuleIsKept) {
+TEST(ExtentCache, EvictsTheLeastRecentlyUsedWindow) {
   CacheLimits limits;
-  limits.max_extents = 2;
-  limits.granule_bytes = 1 * GiB;
+  limits.max_extents = 4;
   ExtentCache c(limits);
-  for (uint64_t i = 0; i < 8; ++i) c.store(i * 4096, 4096, static_cast<uint32_t>(i % 2), c.now());
-  EXPECT_EQ(c.extent_count(), 8u) << "the granule just stored is never evicted";
+  c.store(window(0, 2), c.now());
+  c.store(window(1 * MiB, 2), c.now());
   EXPECT_EQ(c.evictions(), 0u);
+  EXPECT_FALSE(run(c, 0).empty());  // window 0 is now the most recently used
+  c.store(window(2 * MiB, 2), c.now());
+  EXPECT_EQ(c.evictions(), 1u);
+  EXPECT_TRUE(run(c, 1 * MiB).empty()) << "the least recently used window went";
+  EXPECT_FALSE(run(c, 0).empty());
+  EXPECT_FALSE(run(c, 2 * MiB).empty()) << "the window just stored stays";
+  EXPECT_LE(c.extent_count(), 4u);
+  EXPECT_TRUE(c.invariants_hold());
+}
+
+TEST(ExtentCache, NeighbouringWindowsAreEvictedSeparately) {
+  // Three windows in the same gigabyte: evicting the oldest must not take the
+  // one being read or the one just fetched with it.
+  CacheLimits limits;
+  limits.max_extents = 4;
+  ExtentCache c(limits);
+  c.store(window(0, 2), c.now());
+  c.store(window(8 * KiB, 2), c.now());
+  EXPECT_EQ(run(c, 8 * KiB).size(), 2u);  // a client reads the second window
+  c.store(window(16 * KiB, 2), c.now());  // and the third arrives
+  EXPECT_TRUE(run(c, 0).empty());
+  EXPECT_EQ(run(c, 8 * KiB),
+            (std::vector<Extent>{
+                {8 * KiB, 4 * KiB, 0}, {12 * KiB, 4 * KiB, 3}, {16 * KiB, 4 * KiB, 0}, {20 * KiB, 4 * KiB, 3}}));
+  EXPECT_TRUE(c.invariants_hold());
+}
+
+TEST(ExtentCache, AStoreLargerThanTheLimitKeepsItsBeginning) {
+  CacheLimits limits;
+  limits.max_extents = 3;
+  ExtentCache c(limits);
+  c.store(window(1 * MiB, 2), c.now());
+  c.store(window(0, 8), c.now());
+  EXPECT_EQ(c.extent_count(), 3u) << "the limit holds even for what was just stored";
+  EXPECT_EQ(run(c, 0), window(0, 3)) << "the part nearest the query that caused it";
+  EXPECT_TRUE(run(c, 1 * MiB).empty());
+  EXPECT_TRUE(c.invariants_hold());
+}
+
+TEST(ExtentCache, AWriteInsideAWindowCarvesIt) {
+  ExtentCache c;
+  c.store(window(0, 4), c.now());
+  c.store(5 * KiB, 2 * KiB, 0, c.now());
+  EXPECT_EQ(c.segment_count(), 3u) << "left of the write, the write, right of it";
+  EXPECT_EQ(run(c, 0), (std::vector<Extent>{{0, 4 * KiB, 0},
+                                            {4 * KiB, 1 * KiB, 3},
+                                            {5 * KiB, 2 * KiB, 0},
+                                            {7 * KiB, 1 * KiB, 3},
+                                            {8 * KiB, 4 * KiB, 0},
+                                            {12 * KiB, 4 * KiB, 3}}));
+  c.erase(0, 6 * KiB);
+  EXPECT_EQ(c.segment_count(), 2u);
+  EXPECT_TRUE(c.invariants_hold());
+}
+
+TEST(ExtentCache, ManySmallWritesAreBoundedToo) {
+  // Equal neighbours coalesce into one interval, but each write is its own
+  // segment: the limit counts those as well.
+  CacheLimits limits;
+  limits.max_extents = 4;
+  ExtentCache c(limits);
+  for (uint64_t i = 0; i < 10; ++i) c.store(i * 4096, 4096, 0, c.now());
+  EXPECT_LE(c.segment_count(), 4u);
+  EXPECT_LE(c.extent_count(), 4u);
+  EXPECT_EQ(run(c, 36 * KiB), (std::vector<Extent>{{36 * KiB, 4 * KiB, 0}}));
+  EXPECT_TRUE(c.invariants_hold());
 }
 
 TEST(ExtentCache, ExpiresAfterTtl) {
   auto now = std::chrono::steady_clock::time_point{} + 1h;
   CacheLimits limits;
   limits.ttl = 10s;
-  limits.granule_bytes = 1 * MiB;
   ExtentCache c(limits, [&] { return now; });
   c.store(0, 4096, 3, c.now());
   now += 5s;
   c.store(1 * MiB, 4096, 3, c.now());
-  now += 6s;  // granule 0 is 11 s old, granule 1 is 6 s old
+  now += 6s;  // window 0 is 11 s old, window 1 is 6 s old
   EXPECT_TRUE(run(c, 0).empty());
   EXPECT_EQ(c.expirations(), 1u);
   EXPECT_FALSE(run(c, 1 * MiB).empty());
   now += 5s;
   EXPECT_TRUE(run(c, 1 * MiB).empty());
+  EXPECT_TRUE(c.invariants_hold());
 }
 
-TEST(ExtentCache, TtlRunStopsAtAnExpiredGranule) {
+TEST(ExtentCache, TtlRunStopsAtAnExpiredWindow) {
   auto now = std::chrono::steady_clock::time_point{} + 1h;
   CacheLimits limits;
   limits.ttl = 10s;
-  limits.granule_bytes = 1 * MiB;
   ExtentCache c(limits, [&] { return now; });
-  c.store(1 * MiB, 1 * MiB, 0, c.now());  // granule 1, old
+  c.store(1 * MiB, 1 * MiB, 0, c.now());  // old
   now += 8s;
-  c.store(0, 1 * MiB, 3, c.now());  // granule 0, fresh
+  c.store(0, 1 * MiB, 3, c.now());  // fresh, right before it
   now += 3s;
   EXPECT_EQ(run(c, 0), (std::vector<Extent>{{0, 1 * MiB, 3}}));
+  EXPECT_TRUE(c.invariants_hold());
 }
 
-TEST(ExtentCache, StoringIntoAStaleGranuleRefreshesIt) {
+TEST(ExtentCache, CarvedPiecesKeepTheirOwnStamps) {
   auto now = std::chrono::steady_clock::time_point{} + 1h;
   CacheLimits limits;
   limits.ttl = 10s;
-  limits.granule_bytes = 1 * MiB;
   ExtentCache c(limits, [&] { return now; });
-  c.store(0, 4096, 3, c.now());
-  now += 11s;
-  c.store(8192, 4096, 0, c.now());
-  EXPECT_TRUE(run(c, 0).empty()) << "old data went with the stale granule";
-  EXPECT_EQ(run(c, 8192), (std::vector<Extent>{{8192, 4096, 0}}));
+  c.store(0, 16 * KiB, 3, c.now());
+  now += 8s;
+  c.store(4 * KiB, 4 * KiB, 0, c.now());  // a write inside the old window
+  now += 3s;
+  EXPECT_TRUE(run(c, 0).empty()) << "11 s old";
+  EXPECT_EQ(run(c, 4 * KiB), (std::vector<Extent>{{4 * KiB, 4 * KiB, 0}})) << "3 s old; stops at the stale rest";
+  EXPECT_TRUE(run(c, 8 * KiB).empty());
+  EXPECT_TRUE(c.invariants_hold());
 }
 
 // memory_bytes() is what --cache-max-extents is sized by and what the stats
@@ -174,20 +227,19 @@ TEST(ExtentCache, MemoryEstimateFollowsTheHeap) {
 #endif
 }
 
-TEST(ExtentCache, MemoryEstimateCountsStoredIntervalsNotStores) {
+// What the estimate counts: each interval of the map, and each stored window
+// (its LRU bookkeeping), which adjacent stores of equal flags do not share.
+TEST(ExtentCache, MemoryEstimateCountsIntervalsAndStoredWindows) {
   ExtentCache c;
   const size_t empty = c.memory_bytes();
   c.store(0, 4096, 3, c.now());
-  const size_t one = c.memory_bytes();
-  EXPECT_GT(one, empty);
-  for (uint64_t i = 1; i < 1000; ++i) c.store(i * 4096, 4096, 3, c.now());  // coalesces into the first
-  EXPECT_EQ(c.memory_bytes(), one);
-  c.store(4096, 4096, 0, c.now());  // splits it in three
-  const size_t three = c.memory_bytes();
-  c.store(8 * MiB, 4096, 3, c.now());  // one more interval, apart, in the same granule
-  const size_t per_interval = c.memory_bytes() - three;
-  EXPECT_GT(per_interval, 0u);
-  EXPECT_EQ(three - one, 2 * per_interval);
+  EXPECT_EQ(c.memory_bytes() - empty, kBytesPerInterval + kBytesPerSegment);
+  for (uint64_t i = 1; i < 1000; ++i) c.store(i * 4096, 4096, 3, c.now());  // one interval, 1000 windows
+  EXPECT_EQ(c.extent_count(), 1u);
+  EXPECT_EQ(c.memory_bytes() - empty, kBytesPerInterval + 1000 * kBytesPerSegment);
+  c.store(8 * MiB, 4096, 0, c.now());  // one more interval and window, apart
+  EXPECT_EQ(c.extent_count(), 2u);
+  EXPECT_EQ(c.memory_bytes() - empty, 2 * kBytesPerInterval + 1001 * kBytesPerSegment);
   c.clear();
   EXPECT_EQ(c.memory_bytes(), empty);
 }
@@ -246,6 +298,43 @@ TEST_P(ExtentCacheModel, MatchesANaiveModel) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Seeds, ExtentCacheModel, ::testing::Values(1u, 2u, 3u, 4u, 5u));
+
+// Under a tiny limit whatever is cached must still be what was stored there
+// last, within the limit, with the bookkeeping consistent.
+TEST_P(ExtentCacheModel, EvictionNeverInventsStates) {
+  const unsigned seed = GetParam();
+  std::mt19937 rng(seed);
+  constexpr uint64_t kBlocks = 256, kBlock = 512;
+  CacheLimits limits;
+  limits.max_extents = 1 + seed * 3;
+  ExtentCache c(limits);
+  std::vector<int> model(kBlocks, -1);
+  for (int step = 0; step < 3000; ++step) {
+    const uint64_t a = rng() % kBlocks, n = 1 + rng() % std::min<uint64_t>(kBlocks - a, 32);
+    if (rng() % 4 == 0) {
+      c.erase(a * kBlock, n * kBlock);
+      for (uint64_t i = a; i < a + n; ++i) model[i] = -1;
+    } else {
+      std::vector<Extent> reply;
+      for (uint64_t i = a; i < a + n; ++i) {
+        const auto flags = static_cast<uint32_t>(rng() % 4);
+        reply.push_back({i * kBlock, kBlock, flags});
+        model[i] = static_cast<int>(flags);
+      }
+      c.store(reply, c.now());
+      ASSERT_EQ(run(c, a * kBlock, kBlock, 1).size(), 1u) << "a store keeps at least its beginning, seed " << seed;
+    }
+    ASSERT_LE(c.extent_count(), limits.max_extents) << "seed " << seed;
+    ASSERT_LE(c.segment_count(), limits.max_extents) << "seed " << seed;
+    ASSERT_TRUE(c.invariants_hold()) << "seed " << seed << " step " << step;
+    const uint64_t q = rng() % kBlocks;
+    for (const auto& e : run(c, q * kBlock)) {
+      for (uint64_t i = e.offset / kBlock; i < e.end() / kBlock; ++i) {
+        ASSERT_EQ(model[i], static_cast<int>(e.flags)) << "seed " << seed << " block " << i;
+      }
+    }
+  }
+}
 
 }  // namespace
 }  // namespace bscache::cache

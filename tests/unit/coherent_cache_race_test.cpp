@@ -117,6 +117,21 @@ TEST_F(Race, FetchClippedToTheExportEnd) {
   EXPECT_EQ(state_at(1024 * KiB), std::nullopt);
 }
 
+TEST_F(Race, AReplyLargerThanTheCacheAnswersInFullButStoresItsBeginning) {
+  std::vector<Extent> reply;
+  for (uint64_t i = 0; i < 16; ++i) reply.push_back({i * 64 * KiB, 64 * KiB, i % 2 ? kHoleZero : kData});
+  auto write = cache.begin_mutation(128 * KiB, 64 * KiB);  // races the fetch below
+  auto fetch = cache.begin_fetch();
+  cache.complete_mutation(write, 128 * KiB, 64 * KiB, kData);
+  auto outcome = cache.complete_fetch(fetch, reply, 1024 * KiB, 4);
+  EXPECT_EQ(outcome.usable.size(), 15u) << "all but the tainted piece may answer the waiting queries";
+  EXPECT_EQ(outcome.stored, 4u);
+  EXPECT_EQ(state_at(0), kData);
+  EXPECT_EQ(state_at(128 * KiB), kData) << "the write's state, not the reply's";
+  EXPECT_EQ(state_at(256 * KiB), kData) << "the fourth usable extent";
+  EXPECT_EQ(state_at(320 * KiB), std::nullopt) << "not stored: more than the cache may take";
+}
+
 TEST(TaintTracker, TaintIsTheUnionOfOverlappingMutations) {
   TaintTracker t;
   auto m1 = t.begin_mutation(0, 100);
