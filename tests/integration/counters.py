@@ -34,10 +34,7 @@ PY = sys.executable
 KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
 
 # key -> reason; see the module docstring.
-KNOWN_BAD = {
-    "upstream.connections@exit": "the stats file written at exit still counts the upstream connections "
-                                 "that shutdown has just closed (README: 'upstream connections up now')",
-}
+KNOWN_BAD = {}
 
 failures = []
 covered = set()
@@ -528,8 +525,7 @@ else:
 g.stats_at_exit = flatten(json.load(open(g.stats)))
 # Every upstream connection is closed before the stats file is written at exit.
 if g.stats_at_exit["upstream.connections"] != 0:
-    known_bad("upstream.connections@exit", f"g: stats file at exit says {g.stats_at_exit['upstream.connections']}, "
-                                           "expected 0")
+    failure(f"g: stats file at exit says {g.stats_at_exit['upstream.connections']} upstream connections, expected 0")
 else:
     print("ok: g: no upstream connection is up in the stats file at exit")
 expected = plus(op("read"), op("flush", upstream=False, error=True), {"client.connections_current": -1})
