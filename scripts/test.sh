@@ -16,7 +16,7 @@ BUILD_DIR=build scripts/check.sh
 (cd build && ctest --output-on-failure --timeout 300 -j2 "$@")
 
 echo "== fuzzing the handshake and request decoder =="
-FUZZ_SECONDS=${FUZZ_SECONDS:-60} scripts/fuzz.sh
+FUZZ_SECONDS=${FUZZ_SECONDS:-30} scripts/fuzz.sh
 
 if ((sanitize)); then
   echo "== again under AddressSanitizer + UBSan =="

@@ -211,8 +211,8 @@ TEST(ExtentCache, CarvedPiecesKeepTheirOwnStamps) {
 // memory_bytes() is what --cache-max-extents is sized by and what the stats
 // report: it must follow the heap the cache really takes, not a constant.
 TEST(ExtentCache, MemoryEstimateFollowsTheHeap) {
-#if defined(__SANITIZE_ADDRESS__)
-  GTEST_SKIP() << "AddressSanitizer's allocator is not glibc's: mallinfo2 does not see it";
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+  GTEST_SKIP() << "the sanitizer's allocator is not glibc's: mallinfo2 does not see it";
 #else
   ExtentCache c;
   const size_t empty_estimate = c.memory_bytes();
