@@ -4,7 +4,8 @@
 // Each client connection is driven by its own thread with up to DEPTH
 // commands in flight (libnbd aio), so bscache sees pipelined requests from
 // every connection and spreads them over its upstream connections. Sizes run
-// from 1 byte to 32 MiB (mostly small), offsets are arbitrary bytes.
+// from 1 byte to 32 MiB (mostly small), offsets are arbitrary bytes. Even
+// clients use structured replies, odd ones simple replies.
 //
 // The model is the disk's expected contents. Commands that overlap never run
 // at the same time (a range lock shared by all threads; reads may share), so
@@ -51,9 +52,11 @@ using Handle = std::unique_ptr<nbd_handle, Close>;
   std::_Exit(1);
 }
 
-Handle connect(const char* uri) {
+// Odd-numbered clients ask for simple replies (holes arrive as zeroes), even ones for structured replies.
+Handle connect(const char* uri, int client) {
   Handle h(nbd_create());
   if (!h) die("nbd_create");
+  if (client % 2 == 1) nbd_set_request_structured_replies(h.get(), false);
   if (nbd_connect_uri(h.get(), uri) == -1) die(std::string("connect: ") + nbd_get_error());
   return h;
 }
@@ -154,7 +157,7 @@ void compare(const Shared& s, const Op& op, int client) {
 }
 
 void run_client(Shared& s, int client, unsigned depth, uint64_t seed) {
-  Handle handle = connect(s.uri);
+  Handle handle = connect(s.uri, client);
   nbd_handle* h = handle.get();
   std::mt19937_64 rng(seed * 1000003 + static_cast<uint64_t>(client));
   const uint64_t size = s.model.size();
@@ -228,7 +231,7 @@ void run_client(Shared& s, int client, unsigned depth, uint64_t seed) {
 void verify_all(const Shared& s, int clients) {
   const uint64_t size = s.model.size();
   for (int c = 0; c < clients; ++c) {
-    Handle h = connect(s.uri);
+    Handle h = connect(s.uri, c);
     Op op;
     op.kind = Kind::Read;
     for (op.offset = 0; op.offset < size; op.offset += op.length) {
