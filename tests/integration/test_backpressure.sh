@@ -47,3 +47,31 @@ $py "$here/backpressure.py" --sock "$T/drain.sock" --uri "$(uri drain)" --pid "$
   --stats "$T/drain.json" --size 65536 --hold 1 --bound-mib 80 --max-accepted 1100 \
   --upstream-log "$T/slow.txt" --max-late 64 || fail "drain after the hostile client closed"
 pass "slow upstream: after the hostile client closed, upstream got only what was already in flight"
+
+# ---- a sparse upstream: READ replies made of OFFSET_HOLE chunks ----
+# A structured-reply client reading holes gets replies of a few header bytes,
+# but each queued reply still holds the pooled buffer upstream read into (up
+# to 32 MiB, which libnbd zero-fills for the holes). The documented bound is
+# on memory ("at most that plus one request's payload"), so it must hold here
+# too. The first READ carries 1 MiB of data, which fills the socket so that
+# every later reply queues. At most 24 READs, so a bscache that does not bound
+# this grows by at most 768 MiB before the RSS check stops the test.
+#
+# FAILS with bscache 29759ac (bug reported): the RSS assertion in
+# backpressure.py ("RSS grew ... over the baseline") fires: queued hole-only
+# replies count their header bytes, not their 32 MiB buffers, against
+# --max-reply-backlog, so bscache keeps accepting READs (measured: all 24
+# accepted, RSS +700 MiB and more).
+stop_server drain
+stop_server slow
+truncate -s 2G "$T/sparse.img"
+head -c $MiB /dev/urandom | dd of="$T/sparse.img" bs=64K iflag=fullblock conv=notrunc status=none
+rm -f "$T/qnbd.pid"
+qemu-nbd -t -e 4 -f raw -k "$T/qnbd.sock" --pid-file="$T/qnbd.pid" "$T/sparse.img" >"$T/qnbd.log" 2>&1 &
+PIDS+=($!)
+wait_for_file "$T/qnbd.pid"
+start_bscache holes --upstream "$(uri qnbd)" --stats-file "$T/holes.json"
+$py "$here/backpressure.py" --sock "$T/holes.sock" --uri "$(uri holes)" --pid "$(cat "$T/holes.pid")" \
+  --stats "$T/holes.json" --structured --count 24 --size $((32 * MiB)) --bound-mib $((64 + 32 + 16)) \
+  || fail "sparse upstream: a structured client that reads no replies made bscache exceed its memory bound"
+pass "sparse upstream, structured hostile client: RSS within +112 MiB"
