@@ -47,7 +47,7 @@ def finished(log, op, start=0):
     return out
 
 # ---- every connection that carried a write is flushed before FLUSH returns ----
-for label, count, size, base in (("round 1", 32, 1 << 20, 0), ("round 2", 12, 256 << 10, 64 << 20)):
+for label, count, size, base in (("round 1", 32, 1 << 20, 0), ("round 2", 16, 1 << 20, 64 << 20)):
     mark = len(lines(nbdkit_log))
     write_burst(A, count, size, base, 0x5A)
     writers = finished(lines(nbdkit_log), "Write", mark)
