@@ -262,7 +262,8 @@ int main(int argc, char** argv) {
   const uint64_t seed = std::strtoull(argv[4], nullptr, 10);
   const int clients = std::atoi(argv[5]);
   const unsigned depth = static_cast<unsigned>(std::atoi(argv[6]));
-  s.deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(static_cast<long>(1000 * std::atof(argv[7])));
+  s.deadline =
+      std::chrono::steady_clock::now() + std::chrono::milliseconds(static_cast<long>(1000 * std::atof(argv[7])));
   s.ops_left = std::atol(argv[8]);
 
   std::vector<std::thread> threads;
@@ -273,12 +274,12 @@ int main(int argc, char** argv) {
   std::ofstream out(argv[3], std::ios::binary);
   out.write(reinterpret_cast<const char*>(s.model.data()), static_cast<std::streamsize>(s.model.size()));
   if (!out) die(std::string("cannot write ") + argv[3]);
-  std::printf("integrity: seed %llu, %d clients x depth %u: %llu reads (%llu MiB), %llu writes (%llu MiB), "
-              "%llu flushes, %llu of them >= 4 MiB; final read-back of every connection equal\n",
-              static_cast<unsigned long long>(seed), clients, depth, static_cast<unsigned long long>(s.reads.load()),
-              static_cast<unsigned long long>(s.bytes_read.load() >> 20),
-              static_cast<unsigned long long>(s.writes.load()),
-              static_cast<unsigned long long>(s.bytes_written.load() >> 20),
-              static_cast<unsigned long long>(s.flushes.load()), static_cast<unsigned long long>(s.large.load()));
+  std::printf(
+      "integrity: seed %llu, %d clients x depth %u: %llu reads (%llu MiB), %llu writes (%llu MiB), "
+      "%llu flushes, %llu of them >= 4 MiB; final read-back of every connection equal\n",
+      static_cast<unsigned long long>(seed), clients, depth, static_cast<unsigned long long>(s.reads.load()),
+      static_cast<unsigned long long>(s.bytes_read.load() >> 20), static_cast<unsigned long long>(s.writes.load()),
+      static_cast<unsigned long long>(s.bytes_written.load() >> 20), static_cast<unsigned long long>(s.flushes.load()),
+      static_cast<unsigned long long>(s.large.load()));
   return 0;
 }
