@@ -1,0 +1,225 @@
+"""A hostile client against bscache's back-pressure, and what must hold meanwhile.
+
+The hostile client (raw socket, simple replies) pipelines COUNT READs of SIZE
+bytes on one connection and never reads a reply. While it sits there:
+  - bscache's resident memory (VmRSS, sampled, and VmHWM, the kernel's peak)
+    must stay within BOUND MiB of the baseline measured before it connected;
+  - bscache must have accepted at most MAX_ACCEPTED of its requests (it stops
+    reading a client whose payloads in flight plus unread replies reach
+    --max-reply-backlog);
+  - a second, well-behaved client is served (write, read back, block status).
+Then the hostile client closes its socket and its work must drain: the
+session ends (client.connections_current returns to 0), and with --upstream-log
+no more than --max-late upstream reads start after the close (bscache must not
+go on serving requests of a client that is gone).
+
+usage: backpressure.py --sock S --uri U --pid P --stats F --size N --bound-mib M --max-accepted K [...]
+Exits non-zero with a FAIL line when an assertion fails; prints measurements.
+"""
+import argparse
+import json
+import os
+import signal
+import socket
+import struct
+import sys
+import time
+
+import nbd
+
+p = argparse.ArgumentParser()
+p.add_argument("--sock", required=True)
+p.add_argument("--uri", required=True)
+p.add_argument("--pid", type=int, required=True)
+p.add_argument("--stats", required=True)
+p.add_argument("--size", type=int, required=True, help="bytes per hostile READ")
+p.add_argument("--count", type=int, default=2000)
+p.add_argument("--hold", type=float, default=3.0, help="seconds the hostile client sits on its replies")
+p.add_argument("--bound-mib", type=float, required=True)
+p.add_argument("--max-accepted", type=int, default=0, help="0: not checked")
+p.add_argument("--upstream-log", help="nbdkit log filter file: count upstream reads after the close")
+p.add_argument("--max-late", type=int, default=64)
+p.add_argument("--structured", action="store_true", help="the hostile client negotiates structured replies")
+args = p.parse_args()
+signal.alarm(50)  # the whole scenario is bounded, whatever happens
+
+IHAVEOPT, OPT_REPLY, REQ_MAGIC = 0x49484156454F5054, 0x3E889045565A9, 0x25609513
+MIB = 1 << 20
+
+
+def fail(msg):
+    print(f"FAIL: {msg}", flush=True)
+    sys.exit(1)
+
+
+def rss_kib(field="VmRSS"):
+    with open(f"/proc/{args.pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    fail(f"no {field} for pid {args.pid}")
+
+
+def stats():
+    """bscache's stats file, freshly written on SIGUSR1."""
+    try:
+        os.unlink(args.stats)
+    except FileNotFoundError:
+        pass
+    os.kill(args.pid, signal.SIGUSR1)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with open(args.stats) as f:
+                return json.load(f)
+        except (FileNotFoundError, json.JSONDecodeError):
+            time.sleep(0.02)
+    fail("bscache did not write its stats file on SIGUSR1")
+
+
+def upstream_reads():
+    if not args.upstream_log:
+        return 0
+    with open(args.upstream_log) as f:
+        return sum(1 for line in f if " Read id=" in line)
+
+
+def recv_exact(s, n):
+    data = b""
+    while len(data) < n:
+        chunk = s.recv(n - len(data))
+        if not chunk:
+            fail("bscache closed the connection during the handshake")
+        data += chunk
+    return data
+
+
+def hostile_connect():
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.connect(args.sock)
+    assert recv_exact(s, 18)[:16] == b"NBDMAGICIHAVEOPT"
+    s.sendall(struct.pack(">I", 3))  # FIXED_NEWSTYLE | NO_ZEROES
+    if args.structured:
+        s.sendall(struct.pack(">QII", IHAVEOPT, 8, 0))  # STRUCTURED_REPLY
+        magic, _, rtype, length = struct.unpack(">QIII", recv_exact(s, 20))
+        recv_exact(s, length)
+        if rtype != 1:
+            fail(f"STRUCTURED_REPLY refused: {rtype:#x}")
+    s.sendall(struct.pack(">QII", IHAVEOPT, 7, 6) + struct.pack(">IH", 0, 0))  # GO, default export
+    while True:
+        magic, _, rtype, length = struct.unpack(">QIII", recv_exact(s, 20))
+        assert magic == OPT_REPLY
+        payload = recv_exact(s, length)
+        if rtype == 3 and struct.unpack(">H", payload[:2])[0] == 0:
+            size = struct.unpack(">Q", payload[2:10])[0]
+        if rtype == 1:
+            return s, size
+        if rtype & (1 << 31):
+            fail(f"GO refused: {rtype:#x}")
+
+
+def served(h, label):
+    """The well-behaved client: write, read back, block status; at most 20 s."""
+    start = time.monotonic()
+
+    def wait(cookie):
+        while not h.aio_command_completed(cookie):
+            if time.monotonic() - start > 20:
+                fail(f"{label}: the second client was not served within 20 s")
+            h.poll(100)
+
+    data = bytes([0x3C]) * MIB
+    wait(h.aio_pwrite(nbd.Buffer.from_bytearray(bytearray(data)), 100 * MIB))
+    buf = nbd.Buffer(MIB)
+    wait(h.aio_pread(buf, 100 * MIB))
+    if buf.to_bytearray() != data:
+        fail(f"{label}: the second client read back wrong data")
+    extents = []
+    wait(h.aio_block_status(100 * MIB, MIB, lambda ctx, off, e, err: extents.extend(e) or 0))
+    if not extents:
+        fail(f"{label}: no block status")
+    return time.monotonic() - start
+
+
+# ---- baseline: a warm proxy (the second client connected and served once) ----
+second = nbd.NBD()
+second.add_meta_context(nbd.CONTEXT_BASE_ALLOCATION)
+second.connect_uri(args.uri)
+served(second, "warm-up")
+warm = stats()
+baseline = rss_kib()
+try:
+    with open(f"/proc/{args.pid}/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    hwm_reset = True
+except OSError:
+    hwm_reset = False
+
+# ---- the hostile client ----
+hostile, size = hostile_connect()
+requests = b"".join(struct.pack(">IHHQQI", REQ_MAGIC, 0, 0, i + 1, (i * args.size) % (size - args.size), args.size)
+                    for i in range(args.count))
+hostile.settimeout(2)
+sent = 0
+try:
+    while sent < len(requests):
+        sent += hostile.send(requests[sent:])
+except socket.timeout:
+    pass  # bscache stopped reading and the socket buffer is full: the rest stays unsent
+sent //= 28
+t_sent = time.monotonic()
+peak = baseline
+second_took = None
+while time.monotonic() - t_sent < args.hold:
+    peak = max(peak, rss_kib())
+    if (peak - baseline) / 1024 > args.bound_mib:
+        time.sleep(0.5)  # how far it goes (the hostile client sent at most --count READs)
+        peak = max(peak, rss_kib())
+        now = stats()
+        hostile.close()
+        fail(f"RSS grew {(peak - baseline) / 1024:.0f} MiB over the baseline ({baseline // 1024} MiB), bound "
+             f"{args.bound_mib:g} MiB; bscache had accepted {now['client']['requests']['read'] - warm['client']['requests']['read']} "
+             f"of the {sent} READs of {args.size / MIB:g} MiB the client sent and never read replies to")
+    if second_took is None and time.monotonic() - t_sent > args.hold / 3:
+        second_took = served(second, "during the hostile client")
+    time.sleep(0.02)
+if second_took is None:
+    second_took = served(second, "during the hostile client")
+held = stats()
+accepted = held["client"]["requests"]["read"] - warm["client"]["requests"]["read"] - 1  # minus the second's read
+peak = max(peak, rss_kib("VmHWM") if hwm_reset else 0, rss_kib())
+grown = (peak - baseline) / 1024
+print(f"hostile: sent {sent} READs of {args.size / MIB:g} MiB; bscache accepted {accepted}; "
+      f"RSS baseline {baseline / 1024:.1f} MiB, peak {peak / 1024:.1f} MiB (+{grown:.1f} MiB, bound {args.bound_mib:g}); "
+      f"second client served in {second_took:.2f} s", flush=True)
+# FAILING ASSERTIONS of back-pressure:
+if grown > args.bound_mib:
+    fail(f"peak RSS grew {grown:.1f} MiB, more than the bound of {args.bound_mib:g} MiB")
+if args.max_accepted and accepted > args.max_accepted:
+    fail(f"bscache accepted {accepted} READs from a client that reads no replies; at most {args.max_accepted} fit "
+         f"in the backlog plus one request")
+if held["client"]["connections_current"] != 2:
+    fail(f"expected 2 client connections, stats say {held['client']['connections_current']}")
+
+# ---- the hostile client goes away: its work must drain ----
+second.shutdown()
+reads_at_close = upstream_reads()
+hostile.close()
+t_close = time.monotonic()
+while True:
+    now = stats()
+    if now["client"]["connections_current"] == 0:
+        break
+    if time.monotonic() - t_close > 5:
+        fail(f"5 s after the hostile client closed, bscache still has {now['client']['connections_current']} "
+             f"client connection(s)")
+    time.sleep(0.1)
+drained = time.monotonic() - t_close
+time.sleep(0.5)
+late = upstream_reads() - reads_at_close
+after = rss_kib()
+print(f"after the close: session gone within {drained:.2f} s; {late} upstream reads started after the close; "
+      f"RSS {after / 1024:.1f} MiB", flush=True)
+if args.upstream_log and late > args.max_late:
+    fail(f"{late} upstream reads started after the hostile client closed (at most {args.max_late} were in flight)")
