@@ -2,6 +2,8 @@
 
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
+
 #include <boost/asio/redirect_error.hpp>
 
 namespace bscache::proxy {
@@ -40,6 +42,10 @@ void Reply::gather(size_t sent, std::vector<asio::const_buffer>& out) const {
   }
 }
 
+bool Reply::has_payload_pieces() const {
+  return std::any_of(pieces_.begin(), pieces_.end(), [](const Piece& p) { return p.from_payload; });
+}
+
 Reply head_only(wire::Bytes bytes) {
   Reply reply;
   reply.head() = std::move(bytes);
@@ -68,7 +74,7 @@ void ReplyWriter::send(Reply reply) {
       return;
     }
   }
-  backlog_bytes_ += reply.size() - sent;
+  backlog_bytes_ += reply.memory();
   queue_.push_back({std::move(reply), sent});
   if (!writing_) {
     writing_ = true;
@@ -90,7 +96,6 @@ awaitable<void> ReplyWriter::drain() {
       break_connection(ec);
       break;
     }
-    backlog_bytes_ -= written;
     while (written > 0) {
       auto& front = queue_.front();
       const size_t left = front.reply.size() - front.sent;
@@ -99,6 +104,7 @@ awaitable<void> ReplyWriter::drain() {
         break;
       }
       written -= left;
+      backlog_bytes_ -= front.reply.memory();
       queue_.pop_front();  // its payload buffer goes back to the pool
     }
     hooks_.progress();

@@ -40,7 +40,12 @@ class Reply {
   // Takes the buffer the payload pieces point into.
   void set_payload(PooledBuffer payload) { payload_ = std::move(payload); }
 
+  // Bytes to send.
   size_t size() const { return size_; }
+  // Bytes the reply keeps alive until it is sent: its header bytes and its
+  // whole payload buffer (a READ answered with holes sends little of it).
+  size_t memory() const { return head_.size() + payload_.size(); }
+  bool has_payload_pieces() const;
   // The unsent part, from byte `sent` on, as buffers for a gathered write.
   void gather(size_t sent, std::vector<asio::const_buffer>& out) const;
 
@@ -71,7 +76,7 @@ class ReplyWriter {
   void send(Reply reply);
   awaitable<void> drain();
 
-  // Bytes queued and not yet written.
+  // Memory held by replies queued and not yet fully written (see Reply::memory).
   size_t backlog_bytes() const { return backlog_bytes_; }
   bool idle() const { return !writing_ && queue_.empty(); }
   // A write failed: the client is gone. Everything queued was dropped.

@@ -34,7 +34,8 @@ struct SessionLimits {
   // Time a client has to finish the handshake. Default: 30 s.
   std::chrono::milliseconds handshake_timeout{30'000};
   // Bytes one client may hold in bscache: payloads of its requests in flight
-  // plus replies not yet written to it. At the limit bscache stops reading
+  // plus replies not yet written to it (their headers and whole payload
+  // buffers, however little of a buffer a reply of holes sends). At the limit bscache stops reading
   // that client's requests until it reads its replies, so a client's memory is
   // at most this plus one request's payload (32 MiB). Default: 64 MiB.
   size_t max_backlog_bytes = size_t{64} << 20;

@@ -78,7 +78,8 @@ awaitable<void> Session::serve_read(const RequestHeader& request, PooledBuffer b
       }
     }
   }
-  reply.set_payload(std::move(buffer));
+  // A reply of holes only sends none of the buffer: give it back now.
+  if (reply.has_payload_pieces()) reply.set_payload(std::move(buffer));
   writer_.send(std::move(reply));
 }
 

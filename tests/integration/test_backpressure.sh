@@ -61,11 +61,9 @@ pass "slow upstream: after the hostile client closed, upstream got only what was
 # every later reply queues. At most 24 READs, so a bscache that does not bound
 # this grows by at most 768 MiB before the RSS check stops the test.
 #
-# FAILS with bscache 29759ac (bug reported): the RSS assertion in
-# backpressure.py ("RSS grew ... over the baseline") fires: queued hole-only
-# replies count their header bytes, not their 32 MiB buffers, against
-# --max-reply-backlog, so bscache keeps accepting READs (measured: all 24
-# accepted, RSS +700 MiB and more).
+# bscache 29759ac failed here (all 24 READs accepted, RSS +700 MiB and more):
+# queued hole-only replies counted their header bytes, not their 32 MiB
+# buffers, against --max-reply-backlog. Replies now count the memory they hold.
 stop_server drain
 stop_server slow
 truncate -s 2G "$T/sparse.img"
