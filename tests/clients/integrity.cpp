@@ -122,9 +122,9 @@ uint64_t random_length(std::mt19937_64& rng, uint64_t size) {
   if (bucket < 50) {
     length = 1 + rng() % 4096;  // mostly small
   } else if (bucket < 75) {
-    length = 4097 + rng() % (256 * 1024);
+    length = 4097 + rng() % (size_t{256} * 1024);
   } else if (bucket < 90) {
-    length = (256 * 1024) + rng() % (4u << 20);
+    length = (size_t{256} * 1024) + rng() % (4u << 20);
   } else if (bucket < 97) {
     length = (4u << 20) + rng() % (kMaxRequest - (4u << 20) + 1);
   } else {
@@ -151,7 +151,7 @@ void compare(const Shared& s, const Op& op, int client) {
   for (uint64_t i = first; i < op.length; ++i) differing += op.buffer[i] != want[i];
   char detail[160];
   std::snprintf(detail, sizeof detail, ": first difference at offset %llu (got 0x%02x, want 0x%02x), %llu bytes differ",
-                static_cast<unsigned long long>(op.offset + first), op.buffer[first], want[first],
+                static_cast<unsigned long long>(op.offset) + first, op.buffer[first], want[first],
                 static_cast<unsigned long long>(differing));
   die("data mismatch in " + describe(op, client) + detail);
 }
@@ -267,6 +267,7 @@ int main(int argc, char** argv) {
   s.ops_left = std::atol(argv[8]);
 
   std::vector<std::thread> threads;
+  threads.reserve(static_cast<size_t>(clients));
   for (int c = 0; c < clients; ++c) threads.emplace_back(run_client, std::ref(s), c, depth, seed);
   for (auto& t : threads) t.join();
   verify_all(s, clients);
