@@ -80,7 +80,7 @@ class App {
 };
 
 int App::run() {
-  if (!connect_upstream() || !listen() || !write_pidfile()) return 1;
+  if (!connect_upstream() || !listen() || !write_pidfile()) return exit_code_ ? exit_code_ : 1;
   handle_signals();
   if (!options_.run.empty()) start_child();
   if (options_.stats_interval.count() > 0) asio::co_spawn(io_, periodic_summary(), asio::detached);
@@ -97,6 +97,13 @@ bool App::connect_upstream() {
     return false;
   }
   info_ = make_export_info(upstream_->info(), options_.read_only);
+  if (options_.block_status.max_window < info_.min_block) {
+    // A window must hold at least one whole block of the upstream's.
+    spdlog::error("bscache: --fetch-window {} is below the upstream's minimum block size {}",
+                  options_.block_status.max_window, info_.min_block);
+    exit_code_ = 2;  // a usage error, like every other refused option
+    return false;
+  }
   block_status_ = std::make_unique<BlockStatusService>(io_, *upstream_, info_, options_.block_status, metrics_);
   upstream_->on_state_change([this](const std::optional<UpstreamInfo>& reconnected) {
     // The upstream may have changed while we could not see it: nothing cached stays.
