@@ -8,11 +8,12 @@ NAME.pid, NAME.log, stats file NAME.json, metrics endpoint in NAME.log).
 Each step snapshots a proxy (SIGUSR1 -> stats file, and GET /metrics), runs
 one action, snapshots again and compares EVERY counter: those named in
 `delta` must move by exactly that much, every other one must not move. Every
-snapshot also checks the JSON keys against README's table, every README
-metric name against /metrics, each metric against its JSON value, and the
+snapshot also checks the JSON keys against README's table, README's metric
+names against /metrics (both ways), each metric against its JSON value, and the
 invariants (hit_rate, upstream_calls_saved, hits + misses = validated
 block-status requests). At the end every README key must have been seen to
-move under an explicit expectation.
+move under an explicit expectation (cache.max_extents, fixed for a process, by
+differing as asserted between proxies started with different limits).
 
 A counter found not to do what README says is listed in KNOWN_BAD (key ->
 why): its mismatch is printed as "KNOWN BAD" and does not fail the test.
@@ -96,6 +97,8 @@ def prom_name(key):
         "upstream.block_status_latency_seconds.count":
             'bscache_upstream_request_duration_seconds_count{op="block_status"}',
         "cache.extents": "bscache_cache_extents",
+        "cache.max_extents": "bscache_cache_max_extents",
+        "cache.bypassed": "bscache_cache_bypassed_total",
         "cache.memory_bytes": "bscache_cache_memory_bytes",
         "cache.evictions": "bscache_cache_evictions_total",
         "cache.expirations": "bscache_cache_expirations_total",
@@ -135,6 +138,7 @@ class Proxy:
         self.url = m.group(1)
         self.not_validated_bs = 0  # invalid block-status requests sent: neither hit nor miss
         self.last = None
+        self.last_metrics = None  # /metrics read with the last snapshot
 
     def read(self):
         try:
@@ -173,9 +177,19 @@ class Proxy:
             else:
                 want = [name + (labels or "")]
             out += [f"/metrics lacks {w} (README names {name}{labels or ''})" for w in want if w not in p]
+        named = {name for name, _, _ in METRICS}
+        histograms = {name for name, _, histogram in METRICS if histogram}
+        for sample in p:
+            family = sample.split("{", 1)[0]
+            base = re.sub(r"_(bucket|sum|count)$", "", family)
+            if family not in named and base not in histograms:
+                out.append(f"/metrics has {sample}, a metric README does not name")
         for key in KEYS:
             name = prom_name(key)
-            if name is None or name not in p or key not in s:
+            if name is None or key not in s:
+                continue
+            if name not in p:
+                out.append(f"/metrics lacks {name}, the metric of {key}")
                 continue
             if key == "uptime_seconds":
                 if not 0 < s[key] <= p[name]:
@@ -198,7 +212,7 @@ class Proxy:
         validated = s["client.requests.block_status"] - self.not_validated_bs
         if hits + misses != validated:
             out.append(f"hits {hits} + misses {misses} != validated block-status requests {validated}")
-        saved = max(0, s["client.requests.block_status"] - s["upstream.requests.block_status"])
+        saved = s["client.requests.block_status"] - s["upstream.requests.block_status"]  # signed
         if s["block_status.upstream_calls_saved"] != saved:
             out.append(f"upstream_calls_saved {s['block_status.upstream_calls_saved']} != client - upstream = {saved}")
         extents, memory = s["cache.extents"], s["cache.memory_bytes"]
@@ -211,6 +225,7 @@ class Proxy:
         while True:
             s, p = self.read()
             problems = self.problems(s, p)
+            self.last_metrics = p
             reached = until is None or until(s)
             if reached and not problems:
                 return s
@@ -274,6 +289,22 @@ def block_status(h, length, offset):
     seen = []
     h.block_status(length, offset, lambda ctx, off, entries, err: seen.extend(entries) or 0)
     return seen
+
+
+def block_status_req_one(h, length, offset):
+    seen = []
+    h.block_status(length, offset, lambda ctx, off, entries, err: seen.extend(entries) or 0,
+                   flags=nbd.CMD_FLAG_REQ_ONE)
+    return seen
+
+
+def answers(what, fn, want):
+    """An action whose block-status answer (length, flags, ...) must be `want`."""
+    def run():
+        got = fn()
+        if got != want:
+            failure(f"{what}: block status answered {got}, expected {want}")
+    return run
 
 
 def fails(errnum, fn, *args):
@@ -453,19 +484,60 @@ c.step("now another may connect", lambda: client(c.uri).shutdown(), {"client.con
        until=lambda s: s["client.connections_current"] == 0)
 
 # ================================================================================================
-# D: 4 GiB, 4 extents per GiB, --fetch-window 1G (one eviction granule per fetch),
-#    --cache-max-extents 6: the second GiB fetched evicts the first.
+# D: eviction by stored window. upd: 4 GiB of 256 MiB extents, data and hole,zero in turn;
+#    --cache-max-extents 8, --prefetch off (depth 0), --fetch-window 2G. README's capacity
+#    rule: a window holds at most limit / (2 + depth) = 8 / 2 = 4 extents, sized from the
+#    density seen so far; only that many extents of a reply are stored, those nearest the
+#    query; past the limit (on extents or on stored windows) the least recently used
+#    stored window goes. A window starts at the query's offset (rounded down to the block
+#    size); every query here is on an extent boundary, so every window holds whole
+#    extents, and W0 (ending in a hole) never coalesces with W1 (starting with data).
+#  1. 0: a miss. Density unknown: the window is --fetch-window, [0, 2G), 8 extents. The
+#     first 4 are stored: W0 = [0, 1G), 4 extents. Density 2G / 8 = 256 MiB per extent.
+#  2. 1G: a miss: the reply's other 4 extents were not stored. Window 4 x 256 MiB = 1 GiB:
+#     W1 = [1G, 2G). 8 extents in 2 windows: at the limit, nothing evicted.
+#  3. 512M: a hit in W0, which becomes the most recently used window (W0, W1).
+#  4. 2G: a miss, W2 = [2G, 3G): 12 extents, so the least recently used window goes: W1,
+#     not the older W0. 8 extents, 1 eviction (W2, W0).
+#  5. 0: a hit: W0 was kept (W0, W2).
+#  6. 1G: a miss (W1 is gone): W1 stored again, W2 evicted (W1, W0).
+#  The limit also counts stored windows: a 64 KiB write (aligned to the 64 KiB allocation
+#  granularity, so it forgets nothing around it) stores its range as data, one stored
+#  window; writes side by side coalesce into one extent but stay separate windows.
+#  7. write at 3G (uncached): 9 extents in 3 windows: W0 (least recent) goes: 5 extents.
+#  8. 6 more writes right after it: still 5 extents, now 8 windows: at the limit.
+#  9. one more: 9 windows: W1 goes although there are only 5 extents: 1 extent left
+#     (the 512 KiB written), in 8 windows.
+# 10. 1G: a miss (W1 is gone; density still 256 MiB, so 1 GiB again): W1 stored: 5
+#     extents, 9 windows: the first write's window (least recent) goes.
 d = Proxy("d")
 hd = d.step("connect", lambda: client(d.uri), {"client.connections_total": 1, "client.connections_current": 1})
 miss = plus(op("block_status"), {"block_status.misses": 1, "upstream.block_status_latency_seconds.count": 1})
-d.step("GiB 0 fetched: 4 extents", lambda: block_status(hd, 4096, 0), miss,
-       values={"cache.extents": 4, "cache.memory_bytes": grew})
-d.step("a hit", lambda: block_status(hd, 4096, 300 * MIB),
-       {"client.requests.block_status": 1, "block_status.hits": 1})
-d.step("GiB 1 fetched: GiB 0 evicted", lambda: block_status(hd, 4096, GIB), plus(miss, {"cache.evictions": 1}),
-       values={"cache.extents": 4})
-d.step("GiB 0 again: a miss, GiB 1 evicted", lambda: block_status(hd, 4096, 0), plus(miss, {"cache.evictions": 1}),
-       values={"cache.extents": 4})
+hit = {"client.requests.block_status": 1, "block_status.hits": 1}
+d.step("1. miss at 0: a 2 GiB window, 8 extents, 4 of them stored", lambda: block_status(hd, 4096, 0), miss,
+       values={"cache.extents": 4, "cache.max_extents": 8, "cache.memory_bytes": grew})
+d.step("2. miss at 1G: a 1 GiB window of 4 extents stored, 8 cached, none evicted",
+       lambda: block_status(hd, 4096, GIB), miss, values={"cache.extents": 8})
+d.step("3. hit at 512M: window 0 is the most recently used", lambda: block_status(hd, 4096, 512 * MIB), hit)
+d.step("4. miss at 2G: window 1 (least recently used) evicted, not window 0",
+       lambda: block_status(hd, 4096, 2 * GIB), plus(miss, {"cache.evictions": 1}), values={"cache.extents": 8})
+d.step("5. hit at 0: window 0 kept", lambda: block_status(hd, 4096, 0), hit)
+d.step("6. miss at 1G: window 1 again, window 2 evicted", lambda: block_status(hd, 4096, GIB),
+       plus(miss, {"cache.evictions": 1}), values={"cache.extents": 8})
+
+
+def writes(h, offset, n):
+    return lambda: [h.pwrite(b"d" * (64 * KIB), offset + i * 64 * KIB) for i in range(n)]
+
+
+d.step("7. a 64 KiB write at 3G: 9 extents, window 0 evicted", writes(hd, 3 * GIB, 1),
+       plus(mutation("write"), {"cache.evictions": 1}), values={"cache.extents": 5})
+d.step("8. 6 writes beside it: 8 stored windows, 5 extents, none evicted", writes(hd, 3 * GIB + 64 * KIB, 6),
+       mutation("write", 6), values={"cache.extents": 5})
+d.step("9. one more: 9 stored windows: window 1 evicted, 1 extent left", writes(hd, 3 * GIB + 7 * 64 * KIB, 1),
+       plus(mutation("write"), {"cache.evictions": 1}), values={"cache.extents": 1})
+d.step("10. miss at 1G: window 1 stored, the first write's window evicted", lambda: block_status(hd, 4096, GIB),
+       plus(miss, {"cache.evictions": 1}), values={"cache.extents": 5})
 hd.shutdown()
 
 # ================================================================================================
@@ -496,6 +568,78 @@ f.step("a hit in window 1: the prefetch was used", lambda: block_status(hf, 4096
         "block_status.upstream_calls_saved": 1},
        values={"block_status.hit_rate": 2 / 3})
 hf.shutdown()
+
+# ================================================================================================
+# L: the limit in force (cache.max_extents, bscache_cache_max_extents, the start-up log):
+#    --cache-max-memory BYTES allows BYTES / 176 extents (README: 64 bytes per extent plus
+#    112 per stored window); --cache-max-extents N; given both, the smaller wins.
+limits_seen = {}
+
+
+def check_limit(proxy, expected, how):
+    s = proxy.snap()
+    prom = proxy.last_metrics.get("bscache_cache_max_extents")
+    logged = f"cache holds at most {expected} extents" in open(f"{T}/{proxy.name}.log").read()
+    if s["cache.max_extents"] != expected or prom != expected or not logged:
+        failure(f"{proxy.name}: {how}: cache.max_extents {s['cache.max_extents']}, "
+                f"bscache_cache_max_extents {prom}, start-up log names it: {logged}; expected {expected}")
+    else:
+        limits_seen[proxy.name] = expected
+        print(f"ok: {proxy.name}: {how}: the limit is {expected}")
+
+
+check_limit(a, (256 << 20) // 176, "default --cache-max-memory 256M")
+check_limit(Proxy("m"), (1 << 20) // 176, "--cache-max-memory 1M")
+check_limit(Proxy("mx"), (1 << 20) // 176, "--cache-max-memory 1M --cache-max-extents 6000: memory is smaller")
+x3 = Proxy("x3")
+check_limit(x3, 3, "--cache-max-memory 1M --cache-max-extents 3: extents are smaller")
+x4 = Proxy("x4")
+check_limit(x4, 4, "--cache-max-extents 4")
+check_limit(d, 8, "--cache-max-extents 8")
+if len(limits_seen) == 6 and len(set(limits_seen.values())) > 1:
+    covered.add("cache.max_extents")
+
+# x3: a limit of 3 cannot keep a window of 2 beside the one being read (3 / 2 < 2): every
+#    miss goes upstream as it came (REQ_ONE or not, the same range), nothing is cached,
+#    and each is counted in cache.bypassed; the first is logged.
+GIB0 = [256 * MIB, 0, 256 * MIB, 3, 256 * MIB, 0, 256 * MIB, 3]  # upd's first GiB: data, hole, ...
+h3 = x3.step("connect", lambda: client(x3.uri), {"client.connections_total": 1, "client.connections_current": 1})
+bypass = plus(miss, {"cache.bypassed": 1})
+x3.step("a miss forwarded unchanged: 1 GiB, 4 extents", answers("x3", lambda: block_status(h3, GIB, 0), GIB0),
+        bypass, values={"cache.extents": 0})
+x3.step("with REQ_ONE: forwarded unchanged, 1 extent",
+        answers("x3", lambda: block_status_req_one(h3, GIB, 0), GIB0[:2]), bypass, values={"cache.extents": 0})
+x3.step("the same query again: nothing was kept, bypassed again",
+        answers("x3", lambda: block_status(h3, GIB, 0), GIB0), bypass, values={"cache.extents": 0})
+if open(f"{T}/x3.log").read().count("forwarded upstream as they come") != 1:
+    failure("x3: the bypass is not logged exactly once")
+h3.shutdown()
+
+# x4: a limit of 4 keeps windows of 4 / 2 = 2 extents (prefetch on, but the depth shrinks to
+#    0 so windows keep 2): no bypass. The window is the whole 4 GiB (density unknown), its
+#    first 2 extents are stored, a hit in the second one sends no prefetch.
+h4 = x4.step("connect", lambda: client(x4.uri), {"client.connections_total": 1, "client.connections_current": 1})
+x4.step("a miss is cached, not bypassed: 2 extents stored", lambda: block_status(h4, 4096, 0), miss,
+        values={"cache.extents": 2})
+x4.step("a hit in the second extent; no prefetch at depth 0", lambda: block_status(h4, 4096, 300 * MIB), hit)
+h4.shutdown()
+
+# ================================================================================================
+# N: upstream refuses block status longer than 1 MiB (python plugin, 16 MiB, all hole): the
+#    window fetch for a miss ([0, 16M), --fetch-window clipped to the export) fails, and the
+#    exact query is asked once more and answered (README: "a failed fetch" costs one extra
+#    call). Two upstream calls for one client call: upstream_calls_saved goes to -1, then -2.
+n = Proxy("n")
+hn = n.step("connect", lambda: client(n.uri), {"client.connections_total": 1, "client.connections_current": 1})
+costly = plus(op("block_status"), {"upstream.requests.block_status": 1, "upstream.errors.block_status": 1,
+                                   "block_status.misses": 1, "upstream.block_status_latency_seconds.count": 1})
+n.step("the window is refused, the exact query answered: one call lost",
+       answers("n", lambda: block_status(hn, 4096, 0), [4096, 3]), costly,
+       values={"block_status.upstream_calls_saved": -1, "cache.extents": 0, "block_status.hit_rate": 0.0})
+n.step("the same again: nothing cached, -2",
+       answers("n", lambda: block_status(hn, 4096, 0), [4096, 3]), costly,
+       values={"block_status.upstream_calls_saved": -2, "cache.extents": 0})
+hn.shutdown()
 
 # ================================================================================================
 # G: shutdown. A read is in flight (upstream delays reads 4 s) when SIGTERM arrives; a FLUSH

@@ -3,7 +3,8 @@
 # action behind it implies, in the stats file (SIGUSR1) and in /metrics:
 # requests and errors per op (invalid, failed upstream, refused at shutdown),
 # upstream requests/errors/connections/reconnects/latency, hits and misses,
-# connection limits, evictions, TTL expirations, prefetches, cache brackets.
+# connection limits, evictions, TTL expirations, prefetches, cache brackets,
+# the cache limit in force, bypassed misses, and calls saved going negative.
 # The servers are started here; counters.py drives clients and checks.
 source "$(dirname "$0")/lib.sh"
 here=$(cd "$(dirname "$0")" && pwd)
@@ -59,15 +60,57 @@ start_proxy b upb --prefetch off
 start_nbdkit upc memory 64M
 start_proxy c upc --prefetch off --max-connections 1
 
-# D and E: 4 GiB, 4 extents in every GiB; a fetch window of 1 GiB = one eviction/expiry granule.
+# D and E: 4 GiB of 256 MiB extents, data and hole,zero in turn (4 in every GiB).
 for ((gib = 0; gib < 4; gib++)); do
   base=$((gib << 30)) quarter=$((1 << 28))
   printf '%d %d\n%d %d hole,zero\n%d %d\n%d %d hole,zero\n' "$base" "$quarter" $((base + quarter)) "$quarter" \
     $((base + 2 * quarter)) "$quarter" $((base + 3 * quarter)) "$quarter"
 done >"$T/extents"
 start_nbdkit upd --filter=extentlist null size=4G extentlist="$T/extents"
-start_proxy d upd --prefetch off --fetch-window $((1 << 30)) --cache-max-extents 6
+# D: 8 extents, depth 0: windows of 8 / 2 = 4 extents; the first one asked is 2 GiB (8 extents).
+start_proxy d upd --prefetch off --fetch-window $((2 << 30)) --cache-max-extents 8
+# E: the default limit; a fetch window of 1 GiB (4 extents) = one expiry granule.
 start_proxy e upd --prefetch off --fetch-window $((1 << 30)) --policy ttl=1s
+
+# L: the limit in force, from --cache-max-memory, --cache-max-extents, the smaller of both;
+# under 4 extents (x3) misses are forwarded unchanged, at 4 (x4) they are not.
+start_proxy m upd --cache-max-memory 1M
+start_proxy mx upd --cache-max-memory 1M --cache-max-extents 6000
+start_proxy x3 upd --cache-max-memory 1M --cache-max-extents 3
+start_proxy x4 upd --cache-max-extents 4
+
+# N: an upstream that refuses block-status requests longer than 1 MiB (one connection).
+cat >"$T/short_windows.py" <<'PY'
+import errno
+import nbdkit
+
+API_VERSION = 2
+
+
+def open(readonly):
+    return 1
+
+
+def get_size(h):
+    return 16 << 20
+
+
+def pread(h, buf, offset, flags):
+    buf[:] = bytes(len(buf))
+
+
+def can_extents(h):
+    return True
+
+
+def extents(h, count, offset, flags):
+    if count > 1 << 20:
+        nbdkit.set_error(errno.EINVAL)
+        raise RuntimeError("injected: block status longer than 1 MiB refused")
+    return [(offset, count, nbdkit.EXTENT_HOLE | nbdkit.EXTENT_ZERO)]
+PY
+start_nbdkit upn python "$T/short_windows.py"
+start_proxy n upn --prefetch off
 
 # F: prefetch on; two 256 MiB windows.
 start_nbdkit upf null size=512M
