@@ -15,7 +15,7 @@ namespace bscache::proxy {
 
 namespace {
 // TLS records carry at most 16 KiB of data.
-constexpr size_t kMaxRecord = 16 * 1024;
+constexpr size_t kMaxRecord = size_t{16} * 1024;
 }  // namespace
 
 ClientStream::ClientStream(Socket socket) : socket_(std::move(socket)) {

@@ -277,11 +277,15 @@ std::vector<OptionSpec> option_table() {
      duration([](Options& o) -> auto& { return o.session.handshake_timeout; })},
     {"tls", "off|on|require", "offer STARTTLS to clients (require: nothing else before it)", "off",
      [](const std::string& value, Options& o) -> Refusal {
-       if (value == "off") o.tls.mode = TlsMode::Off;
-       else if (value == "on") o.tls.mode = TlsMode::On;
-       else if (value == "require") o.tls.mode = TlsMode::Require;
-       else return "must be off, on or require";
-       return std::nullopt;
+       static const std::pair<const char*, TlsMode> modes[] = {
+           {"off", TlsMode::Off}, {"on", TlsMode::On}, {"require", TlsMode::Require}};
+       for (const auto& [name, mode] : modes) {
+         if (value == name) {
+           o.tls.mode = mode;
+           return std::nullopt;
+         }
+       }
+       return "must be off, on or require";
      }},
     {"tls-certificates", "DIR", "X.509: ca-cert.pem, server-cert.pem, server-key.pem [, ca-crl.pem]", "",
      text([](Options& o) -> auto& { return o.tls.certificates_dir; })},

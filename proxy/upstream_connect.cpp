@@ -29,8 +29,9 @@ void configure_tls(nbd_handle* h, const UpstreamTarget& target) {
   const UpstreamTls& tls = target.tls;
   const bool wanted = is_tls_uri(target.uri) || tls.any();
   if (!wanted) return;
-  if (nbd_supports_tls(h) != 1)
+  if (nbd_supports_tls(h) != 1) {
     throw std::runtime_error("upstream TLS asked for, but this libnbd was built without TLS");
+  }
   if (!target.uri.empty() && !is_tls_uri(target.uri)) {
     // libnbd turns TLS off for nbd:// URIs whatever was set before.
     throw std::runtime_error("--upstream-tls-* options need an nbds:// or nbds+unix:// URI (got " + target.uri + ")");
