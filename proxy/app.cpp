@@ -15,6 +15,7 @@
 
 #include "proxy/metrics_http.hpp"
 #include "proxy/server.hpp"
+#include "proxy/service_notify.hpp"
 #include "proxy/upstream_pool.hpp"
 
 extern char** environ;
@@ -64,6 +65,7 @@ class App {
 
   const Options& options_;
   asio::io_context io_;
+  ServiceNotifier notifier_{io_};  // first: it takes NOTIFY_SOCKET out of the environment before any child starts
   Metrics metrics_;
   BufferPool buffers_;
   std::unique_ptr<UpstreamPool> upstream_;
@@ -81,6 +83,7 @@ class App {
 
 int App::run() {
   if (!connect_upstream() || !listen() || !write_pidfile()) return exit_code_ ? exit_code_ : 1;
+  notifier_.ready("listening on " + server_->uri());
   handle_signals();
   if (!options_.run.empty()) start_child();
   if (options_.stats_interval.count() > 0) asio::co_spawn(io_, periodic_summary(), asio::detached);
@@ -225,6 +228,7 @@ void App::reap_child() {
 awaitable<void> App::shutdown() {
   if (shutting_down_) co_return;
   shutting_down_ = true;
+  notifier_.stopping("stopping: finishing the requests in flight");
   server_->stop();
   if (metrics_http_) metrics_http_->stop();
   // Sessions finish the requests they have in flight; a bounded wait.
@@ -258,7 +262,12 @@ void App::log_summary() {
 awaitable<void> App::periodic_summary() {
   while (!shutting_down_) {
     co_await sleep(options_.stats_interval);
-    if (!shutting_down_) log_summary();
+    if (shutting_down_) break;
+    log_summary();
+    notifier_.status(
+        fmt::format("hit rate {:.1f}%, {} upstream calls saved, {} clients, {} of {} upstream connections up",
+                    100 * hit_rate(metrics_), upstream_calls_saved(metrics_), metrics_.connections_current,
+                    metrics_.upstream_connections, upstream_->connections()));
   }
 }
 

@@ -23,3 +23,17 @@ for file in usr/share/man/man1/bscache.1.gz usr/share/doc/bscache/bscache@.servi
 done
 zcat "$T/root/usr/share/man/man1/bscache.1.gz" | grep -q '^\.TH BSCACHE' || fail "the man page is not a man page"
 pass "unpacked with dpkg -x: $version, man page and units present"
+
+# The example units parse: no unknown keys, no bad values (systemd-analyze
+# prints nothing for clean units), with ExecStart pointed at the unpacked binary.
+command -v systemd-analyze >/dev/null || skip "systemd-analyze missing (Debian package systemd): units not checked"
+mkdir "$T/units"
+for kind in service socket; do
+  sed "s|^ExecStart=bscache |ExecStart=$T/root/usr/bin/bscache |" "$T/root/usr/share/doc/bscache/bscache@.$kind" \
+    >"$T/units/bscache@test.$kind"
+done
+grep -q "^ExecStart=$T/root/usr/bin/bscache " "$T/units/bscache@test.service" || fail "no ExecStart=bscache in the unit"
+(cd "$T/units" && timeout 60 systemd-analyze verify --man=no ./bscache@test.service ./bscache@test.socket) \
+  >"$T/verify.out" 2>&1 || { cat "$T/verify.out"; fail "systemd-analyze verify failed"; }
+[[ ! -s $T/verify.out ]] || { cat "$T/verify.out"; fail "systemd-analyze verify complains about the units"; }
+pass "systemd-analyze verify: the example units are clean"
