@@ -273,6 +273,12 @@ std::vector<OptionSpec> option_table() {
      duration([](Options& o) -> auto& { return o.stats_interval; }, "off")},
     {"metrics", "ADDR:PORT", "serve Prometheus metrics at http://ADDR:PORT/metrics", "",
      text([](Options& o) -> auto& { return o.metrics_address; })},
+    {"log-format", "FORMAT", "text | json (one object per line: time, level, message)", d.log_format,
+     [](const std::string& value, Options& o) -> Refusal {
+       if (value != "text" && value != "json") return "must be text or json";
+       o.log_format = value;
+       return std::nullopt;
+     }},
   };
   // clang-format on
 }

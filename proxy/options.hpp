@@ -32,6 +32,7 @@ struct Options {
   bool read_only = false;
   std::string pidfile;
   std::string log_level = "info";
+  std::string log_format = "text";  // or "json": one object per line
   std::string stats_file;
   std::chrono::milliseconds stats_interval{60'000};  // 0: no periodic summary
   std::string metrics_address;                       // ADDR:PORT, empty: off
