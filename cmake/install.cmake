@@ -29,12 +29,20 @@ add_custom_command(
   COMMAND gzip -9nkf ${BSCACHE_MANPAGE}
   DEPENDS ${BSCACHE_MANPAGE}
   VERBATIM)
-add_custom_target(manpage ALL DEPENDS ${BSCACHE_MANPAGE} ${BSCACHE_MANPAGE}.gz)
+# The example config file is --print-config's output: every option with its
+# help and default, so it cannot drift from the options table either.
+set(BSCACHE_EXAMPLE_CONF ${CMAKE_BINARY_DIR}/bscache.conf.example)
+add_custom_command(
+  OUTPUT ${BSCACHE_EXAMPLE_CONF}
+  COMMAND sh -c "\"$1\" --print-config > \"$2\"" sh $<TARGET_FILE:bscache> ${BSCACHE_EXAMPLE_CONF}
+  DEPENDS bscache
+  VERBATIM)
+add_custom_target(manpage ALL DEPENDS ${BSCACHE_MANPAGE} ${BSCACHE_MANPAGE}.gz ${BSCACHE_EXAMPLE_CONF})
 
 install(TARGETS bscache RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR})
 install(FILES ${BSCACHE_MANPAGE}.gz DESTINATION ${CMAKE_INSTALL_MANDIR}/man1)
 set(units contrib/bscache@.service contrib/bscache@.socket)
-install(FILES ${units} README.md
+install(FILES ${units} ${BSCACHE_EXAMPLE_CONF} README.md
         DESTINATION ${CMAKE_INSTALL_DOCDIR})
 if(BSCACHE_INSTALL_SYSTEMD_UNITS)
   install(FILES ${units} DESTINATION lib/systemd/system)
