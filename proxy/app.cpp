@@ -25,6 +25,8 @@ namespace bscache::proxy {
 namespace {
 
 constexpr auto kDrainTimeout = std::chrono::seconds(10);
+// --reconnect-max ran out: a service manager should restart us.
+constexpr int kExitUpstreamLost = 3;
 
 std::string join(const std::vector<std::string>& items) {
   std::string out;
@@ -47,6 +49,7 @@ class App {
   void reap_child();
   void write_stats();
   void log_summary();
+  void watch_upstream();
   awaitable<void> shutdown();
   awaitable<void> periodic_summary();
   awaitable<void> sleep(std::chrono::milliseconds d) {
@@ -76,6 +79,8 @@ class App {
   std::unique_ptr<MetricsHttp> metrics_http_;
   std::unique_ptr<asio::signal_set> stop_signals_, usr1_, children_;
   std::filesystem::path temp_dir_;
+  asio::steady_timer give_up_{io_};  // --reconnect-max: armed while no upstream connection is up
+  bool give_up_armed_ = false;
   pid_t child_ = -1;
   int exit_code_ = 0;
   bool shutting_down_ = false;
@@ -109,6 +114,7 @@ bool App::connect_upstream() {
   }
   block_status_ = std::make_unique<BlockStatusService>(io_, *upstream_, info_, options_.block_status, metrics_);
   upstream_->on_state_change([this](const std::optional<UpstreamInfo>& reconnected) {
+    watch_upstream();
     // The upstream may have changed while we could not see it: nothing cached stays.
     block_status_->clear();
     if (!reconnected) return;
@@ -257,6 +263,32 @@ void App::log_summary() {
   spdlog::info("block status: {} hits, {} misses (hit rate {:.1f}%), {} client requests, {} sent upstream, {} saved",
                metrics_.block_status_hits, metrics_.block_status_misses, 100 * hit_rate(metrics_), asked, sent,
                upstream_calls_saved(metrics_));
+}
+
+// With --reconnect-max D: once no upstream connection is up, give the
+// reconnects D to bring one back, else exit so systemd's Restart= starts a
+// fresh bscache (whose start-up fails fast and visibly if upstream is gone).
+void App::watch_upstream() {
+  const bool any_up = upstream_->connections_up() > 0;
+  if (any_up || shutting_down_) {
+    if (give_up_armed_) give_up_.cancel();
+    give_up_armed_ = false;
+    return;
+  }
+  notifier_.status("no upstream connection: reconnecting");
+  if (options_.reconnect_max.count() == 0 || give_up_armed_) return;
+  give_up_armed_ = true;
+  give_up_.expires_after(options_.reconnect_max);
+  give_up_.async_wait([this](boost::system::error_code ec) {
+    if (ec || !give_up_armed_ || shutting_down_) return;
+    const std::string why =
+        fmt::format("no upstream connection for {} ms (--reconnect-max): giving up", options_.reconnect_max.count());
+    spdlog::error("{}", why);
+    notifier_.status(why);
+    exit_code_ = kExitUpstreamLost;
+    if (child_ > 0) kill(child_, SIGTERM);
+    asio::co_spawn(io_, shutdown(), asio::detached);
+  });
 }
 
 awaitable<void> App::periodic_summary() {

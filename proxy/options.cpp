@@ -287,6 +287,9 @@ std::vector<OptionSpec> option_table() {
        o.log_format = value;
        return std::nullopt;
      }},
+    {"reconnect-max", "D",
+     "exit with status 3 after this long without any upstream connection, for systemd's Restart= (0: retry forever)",
+     format_duration(d.reconnect_max), duration([](Options& o) -> auto& { return o.reconnect_max; }, "forever")},
   };
   // clang-format on
 }

@@ -36,6 +36,9 @@ struct Options {
   std::string stats_file;
   std::chrono::milliseconds stats_interval{60'000};  // 0: no periodic summary
   std::string metrics_address;                       // ADDR:PORT, empty: off
+  // Exit (status 3) after this long with no upstream connection up, so that a
+  // service manager restarts bscache from scratch. Default: 0, retry forever.
+  std::chrono::milliseconds reconnect_max{0};
 };
 
 struct ParseResult {
