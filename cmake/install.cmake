@@ -42,7 +42,7 @@ add_custom_target(manpage ALL DEPENDS ${BSCACHE_MANPAGE} ${BSCACHE_MANPAGE}.gz $
 install(TARGETS bscache RUNTIME DESTINATION ${CMAKE_INSTALL_BINDIR})
 install(FILES ${BSCACHE_MANPAGE}.gz DESTINATION ${CMAKE_INSTALL_MANDIR}/man1)
 set(units contrib/bscache@.service contrib/bscache@.socket)
-install(FILES ${units} ${BSCACHE_EXAMPLE_CONF} README.md
+install(FILES ${units} ${BSCACHE_EXAMPLE_CONF} contrib/grafana/bscache.json README.md
         DESTINATION ${CMAKE_INSTALL_DOCDIR})
 if(BSCACHE_INSTALL_SYSTEMD_UNITS)
   install(FILES ${units} DESTINATION lib/systemd/system)

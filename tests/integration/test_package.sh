@@ -19,7 +19,7 @@ dpkg -x "$deb" "$T/root"
 version=$("$T/root/usr/bin/bscache" --version) || fail "the unpacked bscache does not run"
 [[ $version == "bscache $(dpkg-deb -f "$deb" Version)" ]] || fail "--version says '$version'"
 for file in usr/share/man/man1/bscache.1.gz usr/share/doc/bscache/bscache@.service usr/share/doc/bscache/bscache@.socket \
-  usr/share/doc/bscache/bscache.conf.example; do
+  usr/share/doc/bscache/bscache.conf.example usr/share/doc/bscache/bscache.json; do
   [[ -s $T/root/$file ]] || fail "the package lacks $file"
 done
 zcat "$T/root/usr/share/man/man1/bscache.1.gz" | grep -q '^\.TH BSCACHE' || fail "the man page is not a man page"
