@@ -347,8 +347,14 @@ std::string render_config(const std::vector<OptionSpec>& table, const Given& giv
     const std::string name = long_name(spec.name);
     auto it = given.find(name);
     std::string value = it != given.end() ? it->second : spec.value_name ? spec.default_text : "false";
-    out << "\n# " << (spec.value_name ? std::string(spec.value_name) + ": " : "") << spec.help << '\n';
-    out << (value.empty() ? "# " + name + " =" : name + " = " + value) << '\n';
+    out << "\n# ";
+    if (spec.value_name) out << spec.value_name << ": ";
+    out << spec.help << '\n';
+    if (value.empty()) {
+      out << "# " << name << " =\n";
+    } else {
+      out << name << " = " << value << '\n';
+    }
   }
   return out.str();
 }
