@@ -20,6 +20,7 @@ inline Handle connect(const char* uri) {
   Handle h(nbd_create());
   if (!h) std::abort();
   nbd_add_meta_context(h.get(), LIBNBD_CONTEXT_BASE_ALLOCATION);
+  nbd_set_uri_allow_local_file(h.get(), true);  // nbds:// URIs name certificate directories
   if (nbd_connect_uri(h.get(), uri) == -1) {
     std::fprintf(stderr, "connect %s: %s\n", uri, nbd_get_error());
     std::exit(2);

@@ -59,13 +59,19 @@ for (workload, metric), contenders in by.items():
     note = next((r["note"] for r in contenders.values() if r["note"]), "")
     if note:
         lines += ["", f"_{note}_"]
-    if "bscache" in contenders:
-        b = float(contenders["bscache"]["median"])
+    # In the tls rows the subject is bscache over TLS, against direct over TLS
+    # and against itself in plain text.
+    subject = "bscache-tls" if "bscache-tls" in contenders else "bscache"
+    if subject in contenders:
+        b = float(contenders[subject]["median"])
         ratios = []
-        for other in ("direct", "cacheextents", "floor", "nbdkit-nbd", "bscache-off", "bscache-baseline"):
+        others = ("direct", "cacheextents", "floor", "nbdkit-nbd", "bscache-off", "bscache-baseline")
+        if subject == "bscache-tls":
+            others = ("direct-tls", "bscache", "direct")
+        for other in others:
             if other in contenders and float(contenders[other]["median"]) > 0:
                 ratio = b / float(contenders[other]["median"])
-                ratios.append(f"bscache/{other} = **{ratio:.3g}**")
+                ratios.append(f"{subject}/{other} = **{ratio:.3g}**")
                 ratio_rows.append((f"{workload}:{metric}", other, ratio, metric in lower_is_better))
         if ratios:
             lines += ["", "Ratios: " + ", ".join(ratios)]

@@ -8,7 +8,7 @@
 #   --quick      3 runs per contender and smaller images (under 3 minutes)
 #   --only S     run only these sections (comma-separated: seq, big-sparse,
 #                write-mix, tmpfs, hit-latency, data-path, memory,
-#                capacity-pressure, micro) and replace just their rows in an
+#                capacity-pressure, tls, micro) and replace just their rows in an
 #                existing raw.tsv
 #   BENCH_TINY=1 one run on tiny images: only checks the harness works
 #   BSCACHE_BASELINE=PATH also runs an older bscache binary as contender
@@ -63,6 +63,7 @@ section_workloads() {  # the workload names a section writes
     hit-latency) echo "hit-latency-qd1 hit-latency-qd16" ;;
     data-path) echo "data-read data-read-convert data-write" ;;
     capacity-pressure) echo "capacity-pressure" ;;
+    tls) echo "tls-data-read tls-seq-map tls-hit-latency-qd1 tls-hit-latency-qd16" ;;
     *) echo "$1" ;;
   esac
 }
@@ -99,6 +100,13 @@ front_up() {  # CONTENDER UPSTREAM_NAME: sets $target, the URI clients use
     bscache-off) start_bscache front --upstream "$(uri "$up")" --log-level warn --policy off \
                    --stats-file "$T/front.json" ;;
     bscache-baseline) BSCACHE=$BSCACHE_BASELINE start_bscache front --upstream "$(uri "$up")" --log-level warn ;;
+    # The tls section: clients speak TLS; upstreams whose name ends in "tls" too.
+    direct-tls) target=$(tls_target "$up") ;;
+    bscache-tls)
+      local up_uri; up_uri=$(uri "$up")
+      [[ $up == *tls ]] && up_uri=$(tls_target "$up")
+      start_bscache front --upstream "$up_uri" --log-level warn --tls require --tls-certificates "$pki/server"
+      target=$(tls_target front) ;;
   esac
 }
 front_down() { [[ -f $T/front.pid ]] && { stop_server front; rm -f "$T/front.pid"; }; return 0; }
@@ -253,6 +261,57 @@ done
 track_rss=0
 cmp -s "$shm/target.img" "$shm/random.img" || { echo "ERROR: data-path wrote wrong bytes" >&2; exit 1; }
 rm -rf "$shm"
+fi
+
+# ---- tls: data and the cache's hit path over TLS (X.509, both sides) ----
+# Contenders: direct-tls (client to a TLS nbdkit), bscache-tls (TLS to the
+# client and to upstream), and the same two in plain text for reference. The
+# question is what TLS costs bscache, not TLS itself: bscache-tls/bscache.
+if want tls; then
+pki=$T/pki
+bash "$repo/tests/integration/tls_pki.sh" "$pki"
+tls_target() { echo "nbds+unix:///?socket=$T/$1.sock&tls-certificates=$pki/client"; }
+# qemu has no nbds:// URIs: a tls-creds object and image options instead.
+qemu_tls_map() {
+  local sock=${1#*socket=}
+  sock=${sock%%&*}
+  qemu-img map --output=json --object "tls-creds-x509,id=tls0,dir=$pki/client,endpoint=client" --image-opts \
+    "driver=nbd,server.type=unix,server.path=$sock,tls-creds=tls0,tls-hostname=localhost" >"$2"
+}
+client_any_map() { if [[ $1 == nbds* ]]; then qemu_tls_map "$@"; else client_map "$@"; fi; }
+shm=$(mktemp -d /dev/shm/bscache-bench.XXXXXX)
+head -c "$data_size" /dev/urandom >"$shm/random.img"
+start_nbdkit tlsdata file "$shm/random.img"
+start_nbdkit tlsdatatls --tls=require --tls-certificates="$pki/server" file "$shm/random.img"
+client_read() { nbdcopy "$1" null: && : >"$2"; }
+measure tls-data-read direct tlsdata $runs client_read
+measure tls-data-read direct-tls tlsdatatls $runs client_read
+measure tls-data-read bscache tlsdata $runs client_read
+measure tls-data-read bscache-tls tlsdatatls $runs client_read
+rm -rf "$shm"
+"$make_extents" "$seq_size" "$seq_extents" 42 >"$T/tlsseq.ext"
+start_nbdkit tlsseq --filter=delay --filter=extentlist null size=$seq_size extentlist="$T/tlsseq.ext" \
+  delay-extents=$delay
+start_nbdkit tlsseqtls --tls=require --tls-certificates="$pki/server" --filter=delay --filter=extentlist null \
+  size=$seq_size extentlist="$T/tlsseq.ext" delay-extents=$delay
+start_nbdkit tlsseqfast --filter=extentlist null size=$seq_size extentlist="$T/tlsseq.ext"
+client_map "$(uri tlsseq)" "$T/tlsseq.ref"
+for c in direct bscache; do measure tls-seq-map $c tlsseq $runs client_any_map "$T/tlsseq.ref"; done
+for c in direct-tls bscache-tls; do measure tls-seq-map $c tlsseqtls $runs client_any_map "$T/tlsseq.ref"; done
+for depth in 1 16; do
+  for c in bscache bscache-tls; do
+    rates=() lats=()
+    for ((i = 0; i < runs; i++)); do
+      front_up $c tlsseqfast
+      "$tools/hit_latency" "$target" "$seq_size" "$latency_seconds" $depth >/dev/null  # warm the cache
+      read -r rate lat < <("$tools/hit_latency" "$target" "$seq_size" "$latency_seconds" $depth)
+      front_down
+      rates+=("$rate") lats+=("$lat")
+    done
+    record "tls-hit-latency-qd$depth" $c requests_per_second "" "${rates[@]}"
+    record "tls-hit-latency-qd$depth" $c microseconds "" "${lats[@]}"
+  done
+done
 fi
 
 # ---- memory: bytes per cached extent ----

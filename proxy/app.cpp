@@ -16,6 +16,7 @@
 #include "proxy/metrics_http.hpp"
 #include "proxy/server.hpp"
 #include "proxy/service_notify.hpp"
+#include "proxy/tls/tls_server.hpp"
 #include "proxy/upstream_pool.hpp"
 
 extern char** environ;
@@ -74,6 +75,7 @@ class App {
   std::unique_ptr<UpstreamPool> upstream_;
   ExportInfo info_;
   std::unique_ptr<BlockStatusService> block_status_;
+  std::unique_ptr<TlsServerCredentials> tls_;
   std::unique_ptr<ProxyContext> context_;
   std::unique_ptr<Server> server_;
   std::unique_ptr<MetricsHttp> metrics_http_;
@@ -129,8 +131,17 @@ bool App::connect_upstream() {
       info_ = std::move(fresh);
     }
   });
+  if (options_.tls.mode != TlsMode::Off) {
+    try {
+      tls_ = std::make_unique<TlsServerCredentials>(options_.tls);
+    } catch (const std::exception& e) {
+      spdlog::error("bscache: {}", e.what());
+      exit_code_ = 2;  // a file named by an option is unusable: a usage error
+      return false;
+    }
+  }
   context_ = std::make_unique<ProxyContext>(
-      ProxyContext{io_, *upstream_, info_, *block_status_, metrics_, buffers_, options_.session});
+      ProxyContext{io_, *upstream_, info_, *block_status_, metrics_, buffers_, options_.session, tls_.get()});
   return true;
 }
 
@@ -160,11 +171,14 @@ bool App::listen() {
   server_->start();
   if (metrics_http_) metrics_http_->start();
   spdlog::info(
-      "bscache {}: upstream {} ({} bytes, contexts: {}, {} connection{}), policy {}, prefetch {}, listening on {}{}",
+      "bscache {}: upstream {} ({} bytes, contexts: {}, {} connection{}), policy {}, prefetch {}, listening on {}{}{}",
       BSCACHE_VERSION, options_.upstream.uri.empty() ? join(options_.upstream.command) : options_.upstream.uri,
       info_.size, join(upstream_->info().contexts), upstream_->connections(), upstream_->connections() == 1 ? "" : "s",
       options_.block_status.coherence.describe(), options_.block_status.prefetch.enabled ? "on" : "off", server_->uri(),
-      metrics_http_ ? ", metrics on http://" + metrics_http_->endpoint() + "/metrics" : "");
+      metrics_http_ ? ", metrics on http://" + metrics_http_->endpoint() + "/metrics" : "",
+      tls_ ? std::string(options_.tls.mode == TlsMode::Require ? ", TLS required (" : ", TLS offered (") +
+                 tls_->describe() + ")"
+           : "");
   return true;
 }
 

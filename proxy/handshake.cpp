@@ -17,8 +17,15 @@ TransmissionLimits transmission_limits(const ExportInfo& info, const Negotiated&
   return limits;
 }
 
-Handshake::Handshake(const ExportInfo& info, bool client_no_zeroes) : info_(info) {
+Handshake::Handshake(const ExportInfo& info, bool client_no_zeroes, TlsMode tls) : info_(info), tls_(tls) {
   negotiated_.no_zeroes = client_no_zeroes;
+}
+
+void Handshake::tls_started() {
+  tls_active_ = true;
+  const bool no_zeroes = negotiated_.no_zeroes;  // client flags came before any option
+  negotiated_ = Negotiated{};
+  negotiated_.no_zeroes = no_zeroes;
 }
 
 OptionOutcome Handshake::refuse_oversized(uint32_t option, Bytes& reply) {
@@ -28,6 +35,12 @@ OptionOutcome Handshake::refuse_oversized(uint32_t option, Bytes& reply) {
 }
 
 OptionOutcome Handshake::handle(uint32_t option, ByteSpan payload, Bytes& reply) {
+  if (tls_ == TlsMode::Require && !tls_active_ && option != kOptStartTls && option != kOptAbort) {
+    // EXPORT_NAME has no error reply: the only answer is to close.
+    if (option == kOptExportName) return OptionOutcome::Close;
+    encode_option_reply(reply, option, kRepErrTlsReqd, "TLS is required: send NBD_OPT_STARTTLS first");
+    return OptionOutcome::Continue;
+  }
   switch (option) {
     case kOptExportName:
       // Any name selects the one export bscache proxies, as nbdkit does.
@@ -42,10 +55,7 @@ OptionOutcome Handshake::handle(uint32_t option, ByteSpan payload, Bytes& reply)
       encode_server_reply(reply, option, info_.name);
       encode_option_reply(reply, option, kRepAck);
       return OptionOutcome::Continue;
-    case kOptStartTls:
-      encode_option_reply(reply, option, payload.empty() ? kRepErrPolicy : kRepErrInvalid,
-                          "TLS is not supported by this server");
-      return OptionOutcome::Continue;
+    case kOptStartTls: return handle_start_tls(payload, reply);
     case kOptInfo:
     case kOptGo: return handle_info_or_go(option, payload, reply);
     case kOptStructuredReply:
@@ -63,6 +73,20 @@ OptionOutcome Handshake::handle(uint32_t option, ByteSpan payload, Bytes& reply)
       return OptionOutcome::Continue;
     default: encode_option_reply(reply, option, kRepErrUnsup, "unknown option"); return OptionOutcome::Continue;
   }
+}
+
+OptionOutcome Handshake::handle_start_tls(ByteSpan payload, Bytes& reply) {
+  if (!payload.empty()) {
+    encode_option_reply(reply, kOptStartTls, kRepErrInvalid, "STARTTLS takes no payload");
+  } else if (tls_ == TlsMode::Off) {
+    encode_option_reply(reply, kOptStartTls, kRepErrPolicy, "TLS is not enabled on this server (--tls)");
+  } else if (tls_active_) {
+    encode_option_reply(reply, kOptStartTls, kRepErrInvalid, "TLS is already negotiated");
+  } else {
+    encode_option_reply(reply, kOptStartTls, kRepAck);
+    return OptionOutcome::StartTls;
+  }
+  return OptionOutcome::Continue;
 }
 
 OptionOutcome Handshake::handle_info_or_go(uint32_t option, ByteSpan payload, Bytes& reply) {

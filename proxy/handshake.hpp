@@ -27,29 +27,47 @@ struct Negotiated {
 // session and the fuzz target cannot drift apart.
 wire::TransmissionLimits transmission_limits(const ExportInfo& info, const Negotiated& negotiated);
 
+// --tls: whether STARTTLS is offered, and whether anything else is served
+// before it.
+enum class TlsMode {
+  Off,      // STARTTLS refused (ERR_POLICY)
+  On,       // STARTTLS offered; plain clients are served too
+  Require,  // before STARTTLS only STARTTLS and ABORT are honoured
+};
+
 enum class OptionOutcome {
   Continue,      // read the next option
   Transmission,  // the export was chosen: switch to the transmission phase
   Close,         // end the connection once the reply is sent
+  StartTls,      // send the reply, then the TLS handshake; then tls_started()
 };
 
 class Handshake {
  public:
-  Handshake(const ExportInfo& info, bool client_no_zeroes);
+  Handshake(const ExportInfo& info, bool client_no_zeroes, TlsMode tls = TlsMode::Off);
 
   // Handles one option whose payload was read in full; appends the reply.
   OptionOutcome handle(uint32_t option, wire::ByteSpan payload, wire::Bytes& reply);
   // An option whose payload was too long to read: refuse it.
   OptionOutcome refuse_oversized(uint32_t option, wire::Bytes& reply);
 
+  // The TLS handshake that followed StartTls succeeded. Everything negotiated
+  // in plain text is forgotten: a man in the middle could have chosen it
+  // (nbdkit's CVE-2021-3716 was keeping it).
+  void tls_started();
+  bool tls_active() const { return tls_active_; }
+
   const Negotiated& negotiated() const { return negotiated_; }
 
  private:
+  OptionOutcome handle_start_tls(wire::ByteSpan payload, wire::Bytes& reply);
   OptionOutcome handle_info_or_go(uint32_t option, wire::ByteSpan payload, wire::Bytes& reply);
   OptionOutcome handle_meta_context(uint32_t option, wire::ByteSpan payload, wire::Bytes& reply);
 
   const ExportInfo& info_;
   Negotiated negotiated_;
+  TlsMode tls_;
+  bool tls_active_ = false;
 };
 
 }  // namespace bscache::proxy

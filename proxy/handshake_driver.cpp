@@ -1,13 +1,10 @@
 #include "proxy/handshake_driver.hpp"
 
-#include "proxy/socket_io.hpp"
-
 #include <spdlog/spdlog.h>
 
 #include <array>
 
-#include <boost/asio/redirect_error.hpp>
-#include <boost/asio/write.hpp>
+#include "proxy/tls/tls_server.hpp"
 
 namespace bscache::proxy {
 
@@ -41,12 +38,12 @@ Deadline::~Deadline() {
 
 namespace {
 // Greeting out, client flags in. False: close the connection.
-awaitable<bool> exchange_flags(Socket& socket, uint64_t id, bool& no_zeroes) {
+awaitable<bool> exchange_flags(ClientStream& stream, uint64_t id, bool& no_zeroes) {
   Bytes out;
   encode_server_greeting(out, kFlagFixedNewstyle | kFlagNoZeroes);
-  co_await asio::async_write(socket, asio::buffer(out), use_awaitable);
+  co_await stream.write_all(out);
   std::array<uint8_t, 4> flag_bytes{};
-  if (!co_await read_exact(socket, flag_bytes)) co_return false;
+  if (!co_await stream.read_exact(flag_bytes)) co_return false;
   const uint32_t client_flags = *ByteReader(flag_bytes).u32();
   if (client_flags & ~(kClientFlagFixedNewstyle | kClientFlagNoZeroes)) {
     spdlog::warn("connection {}: unknown client flags {:#x}, closing", id, client_flags);
@@ -61,18 +58,18 @@ awaitable<bool> exchange_flags(Socket& socket, uint64_t id, bool& no_zeroes) {
 }
 }  // namespace
 
-awaitable<std::optional<Negotiated>> negotiate(Socket& socket, const ExportInfo& info, uint64_t id,
-                                               std::chrono::milliseconds timeout) {
+awaitable<std::optional<Negotiated>> negotiate(ClientStream& stream, const ExportInfo& info, uint64_t id,
+                                               std::chrono::milliseconds timeout, const TlsServerCredentials* tls) {
   // A client that never finishes the handshake must not hold a slot forever.
-  Deadline deadline(socket, timeout, id, "handshake");
+  Deadline deadline(stream.socket(), timeout, id, "handshake");
   bool no_zeroes = false;
-  if (!co_await exchange_flags(socket, id, no_zeroes)) co_return std::nullopt;
+  if (!co_await exchange_flags(stream, id, no_zeroes)) co_return std::nullopt;
 
-  Handshake handshake(info, no_zeroes);
+  Handshake handshake(info, no_zeroes, tls ? tls->mode() : TlsMode::Off);
   Bytes out;
   for (;;) {
     std::array<uint8_t, kOptionHeaderSize> header_bytes{};
-    if (!co_await read_exact(socket, header_bytes)) co_return std::nullopt;
+    if (!co_await stream.read_exact(header_bytes)) co_return std::nullopt;
     auto header = decode_option_header(header_bytes);
     if (!header) {
       spdlog::warn("connection {}: bad option magic, closing", id);
@@ -82,15 +79,22 @@ awaitable<std::optional<Negotiated>> negotiate(Socket& socket, const ExportInfo&
     OptionOutcome outcome;
     if (header->length > kMaxOptionLength) {
       spdlog::warn("connection {}: option {} with {} byte payload refused", id, header->option, header->length);
-      if (!co_await discard(socket, header->length)) co_return std::nullopt;
+      if (!co_await stream.discard(header->length)) co_return std::nullopt;
       outcome = handshake.refuse_oversized(header->option, out);
     } else {
       Bytes payload(header->length);
-      if (!co_await read_exact(socket, payload)) co_return std::nullopt;
+      if (!co_await stream.read_exact(payload)) co_return std::nullopt;
       outcome = handshake.handle(header->option, payload, out);
     }
-    co_await asio::async_write(socket, asio::buffer(out), use_awaitable);
+    co_await stream.write_all(out);
     if (outcome == OptionOutcome::Close) co_return std::nullopt;
+    if (outcome == OptionOutcome::StartTls) {
+      // Only bytes read from here on count: anything the client sent in plain
+      // text after STARTTLS is taken as the start of its TLS handshake, which
+      // then fails, never as options.
+      if (!co_await stream.start_tls(*tls, id)) co_return std::nullopt;
+      handshake.tls_started();
+    }
     if (outcome == OptionOutcome::Transmission) co_return handshake.negotiated();
   }
 }

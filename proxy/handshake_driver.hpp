@@ -11,6 +11,7 @@
 #include <boost/asio/generic/stream_protocol.hpp>
 
 #include "proxy/asio.hpp"
+#include "proxy/client_stream.hpp"
 #include "proxy/export_info.hpp"
 #include "proxy/handshake.hpp"
 
@@ -31,9 +32,13 @@ class Deadline {
   std::shared_ptr<State> state_;  // shared with the timer's handler, which may run after we are gone
 };
 
-// Runs the handshake on `socket`. Returns what was negotiated, or nullopt if
-// the connection is to be closed (the peer left, misbehaved or took too long).
-awaitable<std::optional<Negotiated>> negotiate(asio::generic::stream_protocol::socket& socket, const ExportInfo& info,
-                                               uint64_t connection_id, std::chrono::milliseconds timeout);
+class TlsServerCredentials;
+
+// Runs the handshake on `stream`, the TLS handshake included if the client
+// sends STARTTLS (`tls` null: --tls off). Returns what was negotiated, or
+// nullopt if the connection is to be closed (the peer left, misbehaved or
+// took too long: the deadline covers the whole handshake, TLS included).
+awaitable<std::optional<Negotiated>> negotiate(ClientStream& stream, const ExportInfo& info, uint64_t connection_id,
+                                               std::chrono::milliseconds timeout, const TlsServerCredentials* tls);
 
 }  // namespace bscache::proxy

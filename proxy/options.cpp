@@ -17,8 +17,6 @@
 #include <boost/program_options.hpp>
 
 #include "policy/capacity.hpp"
-
-#include "policy/capacity.hpp"
 #include "proxy/config_file.hpp"
 
 namespace bscache::proxy {
@@ -200,6 +198,16 @@ std::vector<OptionSpec> option_table() {
        o.upstream.export_name_set = true;
        return std::nullopt;
      }},
+    // TLS to upstream: what an nbds:// URI cannot say in libnbd 1.14 (set on
+    // every upstream handle before it connects, reconnects included).
+    {"upstream-tls-certificates", "DIR", "upstream TLS: CA (and client certificate) directory, libnbd's layout", "",
+     text([](Options& o) -> auto& { return o.upstream.tls.certificates_dir; })},
+    {"upstream-tls-psk", "FILE", "upstream TLS: PSK file (username:hexkey lines)", "",
+     text([](Options& o) -> auto& { return o.upstream.tls.psk_file; })},
+    {"upstream-tls-username", "NAME", "upstream TLS: PSK username (default: the URI's user, else the login name)", "",
+     text([](Options& o) -> auto& { return o.upstream.tls.username; })},
+    {"upstream-tls-verify-peer", "on|off", "upstream TLS: verify the server's certificate", on_off(d.upstream.tls.verify_peer),
+     on_or_off([](Options& o) -> auto& { return o.upstream.tls.verify_peer; })},
     {"unix", "PATH", "listen on this Unix socket", "", text([](Options& o) -> auto& { return o.listen.unix_path; })},
     {"port", "N", "listen on this TCP port (0: any free port)", "",
      [](const std::string& value, Options& o) -> Refusal {
@@ -272,6 +280,26 @@ std::vector<OptionSpec> option_table() {
      bytes([](Options& o) -> auto& { return o.session.max_backlog_bytes; }, uint64_t{1} << 20, uint64_t{16} << 30)},
     {"handshake-timeout", "D", "time a client has to finish the handshake", format_duration(d.session.handshake_timeout),
      duration([](Options& o) -> auto& { return o.session.handshake_timeout; })},
+    {"tls", "off|on|require", "offer STARTTLS to clients (require: nothing else before it)", "off",
+     [](const std::string& value, Options& o) -> Refusal {
+       static const std::pair<const char*, TlsMode> modes[] = {
+           {"off", TlsMode::Off}, {"on", TlsMode::On}, {"require", TlsMode::Require}};
+       for (const auto& [name, mode] : modes) {
+         if (value == name) {
+           o.tls.mode = mode;
+           return std::nullopt;
+         }
+       }
+       return "must be off, on or require";
+     }},
+    {"tls-certificates", "DIR", "X.509: ca-cert.pem, server-cert.pem, server-key.pem [, ca-crl.pem]", "",
+     text([](Options& o) -> auto& { return o.tls.certificates_dir; })},
+    {"tls-psk", "FILE", "PSK: username:hexkey lines (read at every TLS handshake)", "",
+     text([](Options& o) -> auto& { return o.tls.psk_file; })},
+    {"tls-verify-peer", nullptr, "require a client certificate signed by ca-cert.pem", "",
+     flag([](Options& o) -> auto& { return o.tls.verify_peer; })},
+    {"tls-priority", "STRING", "GnuTLS priority string (TLS 1.2 at least in any case)", d.tls.priority,
+     text([](Options& o) -> auto& { return o.tls.priority; })},
     {"stats-file", "PATH", "write statistics as JSON here at exit and on SIGUSR1", "",
      text([](Options& o) -> auto& { return o.stats_file; })},
     {"stats-interval", "D", "period of the logged summary (0: off)", format_duration(d.stats_interval),
@@ -367,6 +395,17 @@ std::optional<std::string> validate(const Options& o) {
   }
   if (o.listen.unix_path.empty() && !o.listen.port && !o.listen.systemd && o.run.empty()) {
     return "nothing to listen on: give --unix PATH, --port N, --systemd or --run CMD";
+  }
+  const bool tls_credentials = !o.tls.certificates_dir.empty() || !o.tls.psk_file.empty();
+  if (o.tls.mode == TlsMode::Off && (tls_credentials || o.tls.verify_peer)) {
+    return "--tls-certificates, --tls-psk and --tls-verify-peer need --tls on or --tls require";
+  }
+  if (o.tls.mode != TlsMode::Off && o.tls.certificates_dir.empty() == o.tls.psk_file.empty()) {
+    return "--tls needs exactly one of --tls-certificates DIR and --tls-psk FILE";
+  }
+  if (o.tls.verify_peer && o.tls.certificates_dir.empty()) return "--tls-verify-peer needs --tls-certificates";
+  if (!o.upstream.tls.certificates_dir.empty() && !o.upstream.tls.psk_file.empty()) {
+    return "give at most one of --upstream-tls-certificates and --upstream-tls-psk";
   }
   return std::nullopt;
 }

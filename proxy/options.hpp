@@ -13,6 +13,7 @@
 #include "proxy/block_status_service.hpp"
 #include "proxy/server.hpp"
 #include "proxy/session.hpp"
+#include "proxy/tls/tls_server.hpp"
 #include "proxy/upstream_connect.hpp"
 #include "proxy/upstream_connection.hpp"
 
@@ -23,6 +24,7 @@ struct Options {
   UpstreamOptions upstream_options;
   ListenConfig listen;
   SessionLimits session;
+  TlsServerOptions tls;
   BlockStatusConfig block_status;
   // Memory the cache may take; sets block_status.limits.max_extents. Default: 256 MiB.
   uint64_t cache_max_memory = cache::kDefaultMaxMemory;

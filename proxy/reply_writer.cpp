@@ -53,8 +53,8 @@ Reply head_only(wire::Bytes bytes) {
   return reply;
 }
 
-ReplyWriter::ReplyWriter(Socket& socket, uint64_t connection_id, Hooks hooks)
-    : socket_(socket), id_(connection_id), hooks_(std::move(hooks)) {}
+ReplyWriter::ReplyWriter(ClientStream& stream, uint64_t connection_id, Hooks hooks)
+    : stream_(stream), id_(connection_id), hooks_(std::move(hooks)) {}
 
 void ReplyWriter::send(Reply reply) {
   if (broken_) return;  // the client is gone: nobody to tell
@@ -65,7 +65,7 @@ void ReplyWriter::send(Reply reply) {
     buffers_.clear();
     reply.gather(0, buffers_);
     boost::system::error_code ec;
-    sent = socket_.write_some(buffers_, ec);
+    sent = stream_.write_now(buffers_, ec);
     if (!ec && sent == reply.size()) return;
     if (ec == asio::error::would_block || ec == asio::error::try_again) {
       sent = 0;
@@ -91,7 +91,7 @@ awaitable<void> ReplyWriter::drain() {
       q.reply.gather(q.sent, buffers_);
     }
     boost::system::error_code ec;
-    size_t written = co_await socket_.async_write_some(buffers_, asio::redirect_error(use_awaitable, ec));
+    size_t written = co_await stream_.write_some(buffers_, ec);
     if (ec) {
       break_connection(ec);
       break;
@@ -118,8 +118,7 @@ void ReplyWriter::break_connection(const boost::system::error_code& ec) {
   broken_ = true;
   queue_.clear();
   backlog_bytes_ = 0;
-  boost::system::error_code ignored;
-  socket_.shutdown(Socket::shutdown_receive, ignored);  // ends the session's read loop
+  stream_.shutdown_receive();  // ends the session's read loop
   hooks_.progress();
 }
 

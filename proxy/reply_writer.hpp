@@ -14,11 +14,11 @@
 #include <vector>
 
 #include <boost/asio/buffer.hpp>
-#include <boost/asio/generic/stream_protocol.hpp>
 #include <boost/container/small_vector.hpp>
 
 #include "proxy/asio.hpp"
 #include "proxy/buffer_pool.hpp"
+#include "proxy/client_stream.hpp"
 #include "proxy/wire/codec.hpp"
 
 namespace bscache::proxy {
@@ -66,12 +66,11 @@ Reply head_only(wire::Bytes bytes);
 
 class ReplyWriter {
  public:
-  using Socket = asio::generic::stream_protocol::socket;
   struct Hooks {
     std::function<void()> start_drain;  // spawn drain() keeping the session alive
     std::function<void()> progress;     // bytes left the backlog, or the writer broke
   };
-  ReplyWriter(Socket& socket, uint64_t connection_id, Hooks hooks);
+  ReplyWriter(ClientStream& stream, uint64_t connection_id, Hooks hooks);
 
   void send(Reply reply);
   awaitable<void> drain();
@@ -89,7 +88,7 @@ class ReplyWriter {
     Reply reply;
     size_t sent = 0;
   };
-  Socket& socket_;
+  ClientStream& stream_;
   uint64_t id_;
   Hooks hooks_;
   std::deque<Queued> queue_;

@@ -20,10 +20,10 @@ constexpr uint64_t kMaxDiscard = uint64_t{256} * 1024 * 1024;
 
 Session::Session(ProxyContext& context, Socket socket, uint64_t id)
     : ctx_(context),
-      socket_(std::move(socket)),
+      stream_(std::move(socket)),
       id_(id),
       info_(context.info),
-      writer_(socket_, id,
+      writer_(stream_, id,
               {.start_drain = [this] { asio::co_spawn(ctx_.io, drain_replies(), asio::detached); },
                .progress = [this] { writer_progress(); }}),
       wakeup_(context.io) {
@@ -33,7 +33,7 @@ Session::Session(ProxyContext& context, Socket socket, uint64_t id)
 awaitable<void> Session::run() {
   auto self = shared_from_this();
   try {
-    auto negotiated = co_await negotiate(socket_, info_, id_, ctx_.limits.handshake_timeout);
+    auto negotiated = co_await negotiate(stream_, info_, id_, ctx_.limits.handshake_timeout, ctx_.tls);
     if (negotiated) {
       negotiated_ = std::move(*negotiated);
       limits_ = transmission_limits(info_, negotiated_);
@@ -41,16 +41,20 @@ awaitable<void> Session::run() {
           negotiated_.contexts.size() == 1 && negotiated_.contexts[0] == static_cast<uint32_t>(info_.base_allocation);
       spdlog::debug("connection {}: transmission, structured replies {}, {} meta contexts", id_,
                     negotiated_.structured_replies, negotiated_.contexts.size());
-      socket_.non_blocking(true);  // the writer writes directly when it can
       co_await transmission();
     }
+  } catch (const boost::system::system_error& e) {
+    // A client that hangs up while we write its handshake replies (libnbd does
+    // after a refusal) has simply left.
+    const auto& ec = e.code();
+    const bool left = ec == asio::error::broken_pipe || ec == asio::error::connection_reset || ec == asio::error::eof;
+    if (left) spdlog::debug("connection {}: client left: {}", id_, ec.message());
+    if (!left) spdlog::warn("connection {}: {}", id_, e.what());
   } catch (const std::exception& e) {
     spdlog::warn("connection {}: {}", id_, e.what());
   }
   cancelled_->store(true);
-  boost::system::error_code ignored;
-  socket_.shutdown(Socket::shutdown_both, ignored);
-  socket_.close(ignored);
+  stream_.close();
 }
 
 void Session::stop() {
@@ -64,9 +68,7 @@ void Session::stop() {
 // writes that upstream did complete.
 void Session::close_when_idle() {
   if (!stopping_ || in_flight_ > 0 || !writer_.idle()) return;
-  boost::system::error_code ignored;
-  socket_.shutdown(Socket::shutdown_both, ignored);
-  socket_.close(ignored);
+  stream_.close();
 }
 
 // Back-pressure: too many requests in flight, or too many bytes held for
@@ -86,7 +88,7 @@ awaitable<void> Session::transmission() {
       co_await wait_for_wakeup();
     }
     if (writer_.broken()) break;
-    if (!co_await read_exact(socket_, header_bytes)) {
+    if (!co_await stream_.read_exact(header_bytes)) {
       orderly = false;
       break;
     }
@@ -103,7 +105,7 @@ awaitable<void> Session::transmission() {
     PooledBuffer payload;
     if (request->type == kCmdWrite) {
       if (request->length > limits_.max_payload) {
-        if (request->length > kMaxDiscard || !co_await discard(socket_, request->length)) {
+        if (request->length > kMaxDiscard || !co_await stream_.discard(request->length)) {
           spdlog::warn("connection {}: write of {} bytes is too large, closing", id_, request->length);
           orderly = false;
           break;
@@ -111,7 +113,7 @@ awaitable<void> Session::transmission() {
       } else {
         // Straight into the buffer that upstream will be sent from.
         payload = ctx_.buffers.acquire(request->length);
-        if (!co_await read_exact(socket_, payload.span())) {
+        if (!co_await stream_.read_exact(payload.span())) {
           orderly = false;
           break;
         }

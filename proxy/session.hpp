@@ -18,11 +18,11 @@
 #include "proxy/asio.hpp"
 #include "proxy/block_status_service.hpp"
 #include "proxy/buffer_pool.hpp"
+#include "proxy/client_stream.hpp"
 #include "proxy/export_info.hpp"
 #include "proxy/handshake.hpp"
 #include "proxy/metrics.hpp"
 #include "proxy/reply_writer.hpp"
-#include "proxy/socket_io.hpp"
 #include "proxy/upstream_pool.hpp"
 #include "proxy/wire/codec.hpp"
 
@@ -50,11 +50,12 @@ struct ProxyContext {
   Metrics& metrics;
   BufferPool& buffers;
   SessionLimits limits;
+  const TlsServerCredentials* tls = nullptr;  // --tls off: null
 };
 
 class Session : public std::enable_shared_from_this<Session> {
  public:
-  using Socket = ClientSocket;
+  using Socket = ClientStream::Socket;
 
   Session(ProxyContext& context, Socket socket, uint64_t id);
   awaitable<void> run();
@@ -88,7 +89,7 @@ class Session : public std::enable_shared_from_this<Session> {
   void reply_base_allocation(const wire::RequestHeader& request, std::span<const wire::Descriptor> descriptors);
 
   ProxyContext& ctx_;
-  Socket socket_;
+  ClientStream stream_;
   uint64_t id_;
   // What this client was offered, fixed at accept: if upstream comes back from
   // a reconnect with another size or contexts, new clients see the new export

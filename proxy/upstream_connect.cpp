@@ -20,6 +20,32 @@ int meta_context_collector(void* user_data, const char* name) {
   return 0;
 }
 
+bool is_tls_uri(const std::string& uri) {
+  return uri.rfind("nbds:", 0) == 0 || uri.rfind("nbds+", 0) == 0;
+}
+
+// Applied before connecting, so reconnects negotiate TLS the same way.
+void configure_tls(nbd_handle* h, const UpstreamTarget& target) {
+  const UpstreamTls& tls = target.tls;
+  const bool wanted = is_tls_uri(target.uri) || tls.any();
+  if (!wanted) return;
+  if (nbd_supports_tls(h) != 1) {
+    throw std::runtime_error("upstream TLS asked for, but this libnbd was built without TLS");
+  }
+  if (!target.uri.empty() && !is_tls_uri(target.uri)) {
+    // libnbd turns TLS off for nbd:// URIs whatever was set before.
+    throw std::runtime_error("--upstream-tls-* options need an nbds:// or nbds+unix:// URI (got " + target.uri + ")");
+  }
+  // The URI's tls-certificates and tls-psk-file keys name local files.
+  if (nbd_set_uri_allow_local_file(h, true) == -1 || nbd_set_tls(h, LIBNBD_TLS_REQUIRE) == -1 ||
+      (!tls.certificates_dir.empty() && nbd_set_tls_certificates(h, tls.certificates_dir.c_str()) == -1) ||
+      (!tls.psk_file.empty() && nbd_set_tls_psk_file(h, tls.psk_file.c_str()) == -1) ||
+      (!tls.username.empty() && nbd_set_tls_username(h, tls.username.c_str()) == -1) ||
+      nbd_set_tls_verify_peer(h, tls.verify_peer) == -1) {
+    throw libnbd_failure("upstream TLS setup");
+  }
+}
+
 }  // namespace
 
 std::string take_libnbd_string(char* s) {
@@ -46,6 +72,7 @@ NbdHandlePtr open_upstream(const UpstreamTarget& target) {
   if (nbd_set_pread_initialize(h, false) == -1) throw libnbd_failure("libnbd setup");
   // Option mode lets us ask which meta contexts upstream offers before GO.
   if (nbd_set_opt_mode(h, true) == -1 || nbd_set_full_info(h, true) == -1) throw libnbd_failure("libnbd setup");
+  configure_tls(h, target);
   if (!target.command.empty()) {
     std::vector<char*> argv;
     for (const auto& arg : target.command) argv.push_back(const_cast<char*>(arg.c_str()));

@@ -18,12 +18,23 @@ struct NbdClose {
 };
 using NbdHandlePtr = std::unique_ptr<nbd_handle, NbdClose>;
 
+// TLS to upstream beyond what the URI says (nbds:// turns it on; libnbd 1.14
+// URIs carry only tls-certificates and tls-psk-file).
+struct UpstreamTls {
+  std::string certificates_dir;
+  std::string psk_file;
+  std::string username;
+  bool verify_peer = true;  // libnbd's default
+  bool any() const { return !certificates_dir.empty() || !psk_file.empty() || !username.empty(); }
+};
+
 // How to reach the upstream server.
 struct UpstreamTarget {
   std::string uri;                   // any libnbd URI, or empty when command is set
   std::vector<std::string> command;  // started with systemd socket activation
   std::string export_name;           // overrides the URI's export when set
   bool export_name_set = false;
+  UpstreamTls tls;
 };
 
 // Throws std::runtime_error with libnbd's message on failure.

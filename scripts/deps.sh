@@ -6,7 +6,7 @@ set -euo pipefail
 packages=(
   g++ cmake make pkg-config
   libboost-dev libboost-program-options-dev libspdlog-dev libfmt-dev nlohmann-json3-dev
-  libnbd-dev libnbd-bin python3-libnbd nbdkit nbdkit-plugin-python qemu-utils
+  libnbd-dev libnbd-bin libgnutls28-dev gnutls-bin python3-libnbd nbdkit nbdkit-plugin-python qemu-utils
   libgtest-dev libbenchmark-dev clang clang-format clang-tidy libclang-rt-14-dev
   curl jq bc gnuplot-nox procps iproute2
   dpkg-dev file help2man groff-base systemd

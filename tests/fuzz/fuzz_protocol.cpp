@@ -5,6 +5,9 @@
 // length u32, payload) until the handshake ends, then 24-byte requests (the
 // fuzzer does not have to guess the magic numbers: they are filled in, the
 // parsers are also fed the raw bytes to check they reject bad magic safely).
+// The top two bits of the client flags (which the real driver refuses before
+// any option) choose --tls off/on/require; STARTTLS is taken as a TLS
+// handshake that succeeded, so the fuzzer explores both sides of it.
 #include <cstddef>
 #include <cstdint>
 #include <span>
@@ -38,7 +41,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   wire::ByteReader r(input);
   auto flags = r.u32();
   if (!flags) return 0;
-  proxy::Handshake handshake(info, *flags & wire::kClientFlagNoZeroes);
+  const auto tls = static_cast<proxy::TlsMode>((*flags >> 30) % 3);
+  proxy::Handshake handshake(info, *flags & wire::kClientFlagNoZeroes, tls);
   size_t pos = 4;
   for (;;) {
     if (size - pos < 8) return 0;
@@ -58,6 +62,15 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       pos += take;
     }
     if (outcome == proxy::OptionOutcome::Close) return 0;
+    if (outcome == proxy::OptionOutcome::StartTls) {
+      if (tls == proxy::TlsMode::Off || handshake.tls_active()) __builtin_trap();
+      handshake.tls_started();
+      if (handshake.negotiated().structured_replies || !handshake.negotiated().contexts.empty()) __builtin_trap();
+    }
+    // With --tls require nothing reaches transmission in plain text.
+    if (outcome == proxy::OptionOutcome::Transmission && tls == proxy::TlsMode::Require && !handshake.tls_active()) {
+      __builtin_trap();
+    }
     if (outcome == proxy::OptionOutcome::Transmission) break;
   }
   const wire::TransmissionLimits limits = proxy::transmission_limits(info, handshake.negotiated());

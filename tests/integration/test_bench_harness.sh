@@ -8,9 +8,11 @@ BENCH_TINY=1 BSCACHE=$BSCACHE "$repo/bench/run.sh" --out "$T/bench" >"$T/bench.l
 results=$T/bench/RESULTS.md
 for section in "seq-map — seconds" "convert — seconds" "big-sparse — seconds" "two-scanners — seconds" \
   "write-mix — hit_rate" "tmpfs — seconds" "hit-latency-qd16 — microseconds" "data-read — seconds" \
-  "data-write — seconds" "memory — rss_bytes_per_extent" "capacity-pressure — seconds"; do
+  "data-write — seconds" "memory — rss_bytes_per_extent" "capacity-pressure — seconds" "tls-data-read — seconds" \
+  "tls-hit-latency-qd1 — microseconds"; do
   grep -qF "## $section" "$results" || fail "RESULTS.md lacks '$section'"
 done
 grep -q "bscache/cacheextents = " "$results" || fail "no ratios against cacheextents"
+grep -q "bscache-tls/bscache = " "$results" || fail "no ratios of bscache over TLS against plain"
 [[ -s $T/bench/ratios.png ]] || fail "no chart"
 pass "bench harness produces every table and the chart"

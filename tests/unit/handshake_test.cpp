@@ -191,6 +191,81 @@ TEST_F(HandshakeTest, OversizedExportNameCloses) {
   EXPECT_EQ(h.refuse_oversized(kOptInfo, out), OptionOutcome::Continue);
 }
 
+// ---- STARTTLS (--tls on|require) ----
+
+Bytes go_request() {
+  Bytes b;
+  put_u32(b, 0);  // export name ""
+  put_u16(b, 0);  // no info requests
+  return b;
+}
+
+TEST_F(HandshakeTest, RequireRefusesEverythingButStartTlsAndAbortBeforeTls) {
+  Handshake h(info, true, TlsMode::Require);
+  Bytes out;
+  const auto go = go_request();
+  EXPECT_EQ(h.handle(kOptList, {}, out), OptionOutcome::Continue);
+  EXPECT_EQ(h.handle(kOptInfo, go, out), OptionOutcome::Continue);
+  EXPECT_EQ(h.handle(kOptGo, go, out), OptionOutcome::Continue);
+  EXPECT_EQ(h.handle(kOptStructuredReply, {}, out), OptionOutcome::Continue);
+  EXPECT_EQ(h.handle(kOptListMetaContext, meta_request({}), out), OptionOutcome::Continue);
+  EXPECT_EQ(h.handle(4321, {}, out), OptionOutcome::Continue);
+  auto r = replies(out);
+  ASSERT_EQ(r.size(), 6u);
+  for (const auto& reply : r) EXPECT_EQ(reply.type, kRepErrTlsReqd) << "option " << reply.option;
+  EXPECT_FALSE(h.negotiated().structured_replies) << "a refused option must not change state";
+  // EXPORT_NAME has no error reply: the connection closes without a byte.
+  out.clear();
+  EXPECT_EQ(h.handle(kOptExportName, {}, out), OptionOutcome::Close);
+  EXPECT_TRUE(out.empty());
+  EXPECT_EQ(Handshake(info, true, TlsMode::Require).handle(kOptAbort, {}, out), OptionOutcome::Close);
+}
+
+TEST_F(HandshakeTest, StartTlsIsAcknowledgedOnceThenInvalid) {
+  Handshake h(info, true, TlsMode::Require);
+  Bytes out;
+  const Bytes junk{1};
+  EXPECT_EQ(h.handle(kOptStartTls, junk, out), OptionOutcome::Continue);
+  EXPECT_EQ(h.handle(kOptStartTls, {}, out), OptionOutcome::StartTls);
+  h.tls_started();
+  EXPECT_EQ(h.handle(kOptStartTls, {}, out), OptionOutcome::Continue);
+  auto r = replies(out);
+  ASSERT_EQ(r.size(), 3u);
+  EXPECT_EQ(r[0].type, kRepErrInvalid);  // STARTTLS takes no payload
+  EXPECT_EQ(r[1].type, kRepAck);
+  EXPECT_EQ(r[2].type, kRepErrInvalid);  // a second STARTTLS
+  // Inside TLS everything is served.
+  out.clear();
+  EXPECT_EQ(h.handle(kOptGo, go_request(), out), OptionOutcome::Transmission);
+}
+
+TEST_F(HandshakeTest, TlsForgetsWhatWasNegotiatedInPlainText) {
+  Handshake h(info, true, TlsMode::On);
+  Bytes out;
+  EXPECT_EQ(h.handle(kOptStructuredReply, {}, out), OptionOutcome::Continue);
+  EXPECT_EQ(h.handle(kOptSetMetaContext, meta_request({"base:allocation"}), out), OptionOutcome::Continue);
+  ASSERT_TRUE(h.negotiated().structured_replies);
+  ASSERT_EQ(h.negotiated().contexts.size(), 1u);
+  EXPECT_EQ(h.handle(kOptStartTls, {}, out), OptionOutcome::StartTls);
+  h.tls_started();
+  EXPECT_FALSE(h.negotiated().structured_replies);
+  EXPECT_TRUE(h.negotiated().contexts.empty());
+  EXPECT_TRUE(h.negotiated().no_zeroes) << "client flags precede every option and stay";
+  // SET_META_CONTEXT now needs structured replies again, inside TLS.
+  out.clear();
+  EXPECT_EQ(h.handle(kOptSetMetaContext, meta_request({"base:allocation"}), out), OptionOutcome::Continue);
+  auto r = replies(out);
+  ASSERT_EQ(r.size(), 1u);
+  EXPECT_EQ(r[0].type, kRepErrInvalid);
+}
+
+TEST_F(HandshakeTest, TlsOnStillServesPlainClients) {
+  Handshake h(info, true, TlsMode::On);
+  Bytes out;
+  EXPECT_EQ(h.handle(kOptGo, go_request(), out), OptionOutcome::Transmission);
+  EXPECT_FALSE(h.tls_active());
+}
+
 TEST(TransmissionLimitsTest, ComeFromTheExportAndTheNegotiation) {
   UpstreamInfo up;
   up.size = 1 << 30;

@@ -1,0 +1,185 @@
+"""STARTTLS from the wire up, for bscache --tls: speaks NBD bytes itself and
+does TLS with Python's ssl module (X.509), so it can misbehave where libnbd
+and qemu cannot.
+
+usage: tls_probe.py SOCKET_PATH CA_CERT MODE   (MODE: require | on)
+Each check opens its own connection and asserts the protocol's answer.
+"""
+import socket
+import ssl
+import struct
+import sys
+
+PATH, CA, MODE = sys.argv[1], sys.argv[2], sys.argv[3]
+IHAVEOPT = 0x49484156454F5054
+OPT_REPLY = 0x3E889045565A9
+REQ_MAGIC = 0x25609513
+ACK, ERR_INVALID, ERR_TLS_REQD = 1, (1 << 31) | 3, (1 << 31) | 5
+OPT_EXPORT_NAME, OPT_LIST, OPT_STARTTLS, OPT_INFO, OPT_GO = 1, 3, 5, 6, 7
+OPT_STRUCTURED, OPT_SET_META = 8, 10
+CMD_READ, CMD_BLOCK_STATUS = 0, 7
+EINVAL = 22
+checks = []
+
+
+def check(fn):
+    checks.append(fn)
+    return fn
+
+
+class Conn:
+    def __init__(self, timeout=10):
+        self.s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.s.settimeout(timeout)
+        self.s.connect(PATH)
+        assert self.recv(18)[:16] == b"NBDMAGICIHAVEOPT"
+        self.s.sendall(struct.pack(">I", 3))  # FIXED_NEWSTYLE | NO_ZEROES
+
+    def recv(self, n):
+        data = b""
+        while len(data) < n:
+            chunk = self.s.recv(n - len(data))
+            if not chunk:
+                raise EOFError(f"closed after {len(data)} of {n} bytes")
+            data += chunk
+        return data
+
+    def closed(self):
+        try:
+            return self.s.recv(1) == b""
+        except (ConnectionResetError, ssl.SSLError):
+            return True
+
+    def rest(self):
+        """Everything until the server closes (a TLS alert, say)."""
+        data = b""
+        try:
+            while chunk := self.s.recv(4096):
+                data += chunk
+        except ConnectionResetError:
+            pass
+        return data
+
+    @staticmethod
+    def option_bytes(opt, payload=b""):
+        return struct.pack(">QII", IHAVEOPT, opt, len(payload)) + payload
+
+    def option(self, opt, payload=b""):
+        self.s.sendall(self.option_bytes(opt, payload))
+
+    def reply(self):
+        magic, opt, rtype, length = struct.unpack(">QIII", self.recv(20))
+        assert magic == OPT_REPLY, hex(magic)
+        return opt, rtype, self.recv(length)
+
+    def ask(self, opt, payload=b""):
+        """Sends one option and returns the type of its last reply."""
+        self.option(opt, payload)
+        while True:
+            _, rtype, _ = self.reply()
+            if rtype == ACK or rtype & (1 << 31):
+                return rtype
+
+    def start_tls(self):
+        assert self.ask(OPT_STARTTLS) == ACK
+        ctx = ssl.create_default_context(cafile=CA)
+        self.s = ctx.wrap_socket(self.s, server_hostname="localhost")
+
+    def go(self):
+        assert self.ask(OPT_GO, struct.pack(">IH", 0, 0)) == ACK
+
+    def request(self, cmd, offset, length, cookie=1):
+        self.s.sendall(struct.pack(">IHHQQI", REQ_MAGIC, 0, cmd, cookie, offset, length))
+
+
+GO_PAYLOAD = struct.pack(">IH", 0, 0)
+META = struct.pack(">II", 0, 1) + struct.pack(">I", 15) + b"base:allocation"
+
+
+@check
+def plain_options_before_tls():
+    c = Conn()
+    for opt, payload in ((OPT_LIST, b""), (OPT_INFO, GO_PAYLOAD), (OPT_GO, GO_PAYLOAD), (OPT_STRUCTURED, b""), (999, b"")):
+        got = c.ask(opt, payload)
+        if MODE == "require":
+            assert got == ERR_TLS_REQD, f"option {opt}: {got:#x}"
+        elif opt == OPT_GO:
+            assert got == ACK, f"GO in plain text with --tls on: {got:#x}"
+            return  # in transmission now
+    c.option(OPT_EXPORT_NAME)  # no error reply exists: the server must close
+    assert c.closed(), "EXPORT_NAME before STARTTLS did not close the connection"
+
+
+@check
+def starttls_once_and_only_without_payload():
+    c = Conn()
+    assert c.ask(OPT_STARTTLS, b"x") == ERR_INVALID
+    c.start_tls()
+    assert c.ask(OPT_STARTTLS) == ERR_INVALID, "a second STARTTLS must be invalid"
+    c.go()
+    c.request(CMD_READ, 0, 4096, cookie=7)
+    magic, error, cookie = struct.unpack(">IIQ", c.recv(16))
+    assert (magic, error, cookie) == (0x67446698, 0, 7), (hex(magic), error, cookie)
+    assert len(c.recv(4096)) == 4096
+
+
+@check
+def plain_negotiation_is_forgotten_after_tls():
+    if MODE == "require":
+        return  # nothing can be negotiated in plain text there
+    c = Conn()
+    assert c.ask(OPT_STRUCTURED) == ACK
+    assert c.ask(OPT_SET_META, META) == ACK
+    c.start_tls()
+    c.go()
+    # Structured replies and base:allocation were chosen in plain text: both
+    # must be gone. BLOCK_STATUS without a context is refused, in a simple reply.
+    c.request(CMD_BLOCK_STATUS, 0, 4096, cookie=9)
+    magic, error, cookie = struct.unpack(">IIQ", c.recv(16))
+    assert magic == 0x67446698, f"reply magic {magic:#x}: structured replies survived STARTTLS"
+    assert (error, cookie) == (EINVAL, 9), (error, cookie)
+
+
+@check
+def plain_bytes_after_starttls_are_not_options():
+    c = Conn()
+    # STARTTLS and a plain GO in one write: the GO bytes must be taken as a
+    # (broken) TLS ClientHello, never acted on.
+    c.s.sendall(Conn.option_bytes(OPT_STARTTLS) + Conn.option_bytes(OPT_GO, GO_PAYLOAD))
+    _, rtype, _ = c.reply()
+    assert rtype == ACK
+    rest = c.rest()  # raises socket.timeout if the server waits for more
+    assert not rest or rest[0] == 0x15, f"after STARTTLS the server sent {rest[:20]!r}, not a TLS alert"
+
+
+@check
+def garbage_instead_of_client_hello():
+    c = Conn()
+    assert c.ask(OPT_STARTTLS) == ACK
+    c.s.sendall(b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n" * 4)
+    rest = c.rest()
+    assert not rest or rest[0] == 0x15, f"answer to garbage: {rest[:20]!r}"
+
+
+@check
+def disconnect_mid_handshake():
+    c = Conn()
+    assert c.ask(OPT_STARTTLS) == ACK
+    c.s.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc")  # the start of a ClientHello, then gone
+    c.s.close()
+
+
+@check
+def handshake_never_finished():
+    c = Conn(timeout=60)
+    assert c.ask(OPT_STARTTLS) == ACK
+    assert c.closed(), "a client that never starts TLS must be dropped at the handshake timeout"
+
+
+for fn in checks:
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - report which check, then fail
+        print(f"FAIL: {fn.__name__}: {type(e).__name__}: {e}", file=sys.stderr)
+        sys.exit(1)
+    print(f"ok: {fn.__name__}")
