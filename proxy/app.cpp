@@ -15,6 +15,7 @@
 
 #include "proxy/metrics_http.hpp"
 #include "proxy/server.hpp"
+#include "proxy/service_notify.hpp"
 #include "proxy/tls/tls_server.hpp"
 #include "proxy/upstream_pool.hpp"
 
@@ -25,6 +26,8 @@ namespace bscache::proxy {
 namespace {
 
 constexpr auto kDrainTimeout = std::chrono::seconds(10);
+// --reconnect-max ran out: a service manager should restart us.
+constexpr int kExitUpstreamLost = 3;
 
 std::string join(const std::vector<std::string>& items) {
   std::string out;
@@ -47,6 +50,7 @@ class App {
   void reap_child();
   void write_stats();
   void log_summary();
+  void watch_upstream();
   awaitable<void> shutdown();
   awaitable<void> periodic_summary();
   awaitable<void> sleep(std::chrono::milliseconds d) {
@@ -65,6 +69,7 @@ class App {
 
   const Options& options_;
   asio::io_context io_;
+  ServiceNotifier notifier_{io_};  // first: it takes NOTIFY_SOCKET out of the environment before any child starts
   Metrics metrics_;
   BufferPool buffers_;
   std::unique_ptr<UpstreamPool> upstream_;
@@ -76,6 +81,8 @@ class App {
   std::unique_ptr<MetricsHttp> metrics_http_;
   std::unique_ptr<asio::signal_set> stop_signals_, usr1_, children_;
   std::filesystem::path temp_dir_;
+  asio::steady_timer give_up_{io_};  // --reconnect-max: armed while no upstream connection is up
+  bool give_up_armed_ = false;
   pid_t child_ = -1;
   int exit_code_ = 0;
   bool shutting_down_ = false;
@@ -83,6 +90,7 @@ class App {
 
 int App::run() {
   if (!connect_upstream() || !listen() || !write_pidfile()) return exit_code_ ? exit_code_ : 1;
+  notifier_.ready("listening on " + server_->uri());
   handle_signals();
   if (!options_.run.empty()) start_child();
   if (options_.stats_interval.count() > 0) asio::co_spawn(io_, periodic_summary(), asio::detached);
@@ -108,6 +116,7 @@ bool App::connect_upstream() {
   }
   block_status_ = std::make_unique<BlockStatusService>(io_, *upstream_, info_, options_.block_status, metrics_);
   upstream_->on_state_change([this](const std::optional<UpstreamInfo>& reconnected) {
+    watch_upstream();
     // The upstream may have changed while we could not see it: nothing cached stays.
     block_status_->clear();
     if (!reconnected) return;
@@ -239,6 +248,7 @@ void App::reap_child() {
 awaitable<void> App::shutdown() {
   if (shutting_down_) co_return;
   shutting_down_ = true;
+  notifier_.stopping("stopping: finishing the requests in flight");
   server_->stop();
   if (metrics_http_) metrics_http_->stop();
   // Sessions finish the requests they have in flight; a bounded wait.
@@ -269,10 +279,41 @@ void App::log_summary() {
                upstream_calls_saved(metrics_));
 }
 
+// With --reconnect-max D: once no upstream connection is up, give the
+// reconnects D to bring one back, else exit so systemd's Restart= starts a
+// fresh bscache (whose start-up fails fast and visibly if upstream is gone).
+void App::watch_upstream() {
+  const bool any_up = upstream_->connections_up() > 0;
+  if (any_up || shutting_down_) {
+    if (give_up_armed_) give_up_.cancel();
+    give_up_armed_ = false;
+    return;
+  }
+  notifier_.status("no upstream connection: reconnecting");
+  if (options_.reconnect_max.count() == 0 || give_up_armed_) return;
+  give_up_armed_ = true;
+  give_up_.expires_after(options_.reconnect_max);
+  give_up_.async_wait([this](boost::system::error_code ec) {
+    if (ec || !give_up_armed_ || shutting_down_) return;
+    const std::string why =
+        fmt::format("no upstream connection for {} ms (--reconnect-max): giving up", options_.reconnect_max.count());
+    spdlog::error("{}", why);
+    notifier_.status(why);
+    exit_code_ = kExitUpstreamLost;
+    if (child_ > 0) kill(child_, SIGTERM);
+    asio::co_spawn(io_, shutdown(), asio::detached);
+  });
+}
+
 awaitable<void> App::periodic_summary() {
   while (!shutting_down_) {
     co_await sleep(options_.stats_interval);
-    if (!shutting_down_) log_summary();
+    if (shutting_down_) break;
+    log_summary();
+    notifier_.status(
+        fmt::format("hit rate {:.1f}%, {} upstream calls saved, {} clients, {} of {} upstream connections up",
+                    100 * hit_rate(metrics_), upstream_calls_saved(metrics_), metrics_.connections_current,
+                    metrics_.upstream_connections, upstream_->connections()));
   }
 }
 

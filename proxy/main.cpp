@@ -1,13 +1,11 @@
 // bscache: a caching block-status proxy for NBD.
-#include <spdlog/sinks/stdout_color_sinks.h>
-#include <spdlog/spdlog.h>
-
 #include <sys/resource.h>
 
 #include <csignal>
 #include <iostream>
 
 #include "proxy/app.hpp"
+#include "proxy/logging.hpp"
 #include "proxy/options.hpp"
 
 int main(int argc, char* argv[]) {
@@ -16,11 +14,7 @@ int main(int argc, char* argv[]) {
     (parsed.exit_code == 0 ? std::cout : std::cerr) << parsed.message << '\n';
     return parsed.exit_code;
   }
-  // Logs go to stderr so --run commands own stdout.
-  auto logger = spdlog::stderr_color_mt("bscache");
-  logger->set_pattern("%Y-%m-%d %H:%M:%S.%e %^%l%$ %v");
-  spdlog::set_default_logger(logger);
-  spdlog::set_level(spdlog::level::from_str(parsed.options->log_level));
+  bscache::proxy::setup_logging(parsed.options->log_level, parsed.options->log_format);
   // A client vanishing mid-write must not kill the process.
   std::signal(SIGPIPE, SIG_IGN);
   // Every client is a descriptor: allow as many as the hard limit does.

@@ -4,15 +4,20 @@
 
 #include <algorithm>
 #include <cctype>
+#include <cerrno>
 #include <charconv>
+#include <cstring>
+#include <fstream>
 #include <functional>
 #include <limits>
+#include <map>
 #include <sstream>
 #include <type_traits>
 
 #include <boost/program_options.hpp>
 
 #include "policy/capacity.hpp"
+#include "proxy/config_file.hpp"
 
 namespace bscache::proxy {
 
@@ -301,6 +306,18 @@ std::vector<OptionSpec> option_table() {
      duration([](Options& o) -> auto& { return o.stats_interval; }, "off")},
     {"metrics", "ADDR:PORT", "serve Prometheus metrics at http://ADDR:PORT/metrics", "",
      text([](Options& o) -> auto& { return o.metrics_address; })},
+    {"config", "FILE", "read options from FILE: one 'key = value' per line, every long option a key; the command line wins",
+     "", nullptr},
+    {"print-config", nullptr, "print the effective settings as a config file and exit", "", nullptr},
+    {"log-format", "FORMAT", "text | json (one object per line: time, level, message)", d.log_format,
+     [](const std::string& value, Options& o) -> Refusal {
+       if (value != "text" && value != "json") return "must be text or json";
+       o.log_format = value;
+       return std::nullopt;
+     }},
+    {"reconnect-max", "D",
+     "exit with status 3 after this long without any upstream connection, for systemd's Restart= (0: retry forever)",
+     format_duration(d.reconnect_max), duration([](Options& o) -> auto& { return o.reconnect_max; }, "forever")},
   };
   // clang-format on
 }
@@ -312,6 +329,62 @@ std::string long_name(const char* name) {
 
 ParseResult fail(const std::string& message) {
   return {std::nullopt, 2, "bscache: " + message};
+}
+
+// The text each option was given as, by long name: what --print-config shows.
+using Given = std::map<std::string, std::string>;
+
+// Applies --config FILE to `options`: every key must be a row of the table
+// with a `store` (not help, version, config or print-config); switches take
+// true or false. Errors name the file, the line and the key.
+std::optional<std::string> apply_config_file(const std::vector<OptionSpec>& table, const std::string& file,
+                                             Options& options, Given& given) {
+  std::ifstream in(file);
+  std::stringstream text;
+  text << in.rdbuf();
+  if (!in) return "--config " + file + ": cannot read it: " + strerror(errno);
+  auto parsed = parse_config(text.str());
+  // "line N: why" becomes "FILE:N: why", as compilers name places.
+  if (auto* error = std::get_if<std::string>(&parsed)) return file + ":" + error->substr(std::string("line ").size());
+  for (const auto& entry : std::get<std::vector<ConfigEntry>>(parsed)) {
+    const std::string where = file + ":" + std::to_string(entry.line) + ": ";
+    auto spec =
+        std::find_if(table.begin(), table.end(), [&](const OptionSpec& s) { return long_name(s.name) == entry.key; });
+    if (spec == table.end() || !spec->store) return where + "unknown key '" + entry.key + "' (see --help)";
+    if (!spec->value_name) {
+      if (entry.value != "true" && entry.value != "false") {
+        return where + entry.key + " must be true or false (got '" + entry.value + "')";
+      }
+      if (entry.value == "true") spec->store(entry.value, options);
+    } else if (auto refusal = spec->store(entry.value, options)) {
+      return where + entry.key + " " + *refusal + " (got '" + entry.value + "')";
+    }
+    given[entry.key] = entry.value;
+  }
+  return std::nullopt;
+}
+
+// The effective settings as a config file that --config reads back: each
+// option's help as a comment, then its value; options without one commented out.
+std::string render_config(const std::vector<OptionSpec>& table, const Given& given) {
+  std::ostringstream out;
+  out << "# bscache configuration (bscache --print-config). Every long option is a key;\n"
+         "# the command line wins over this file.\n";
+  for (const auto& spec : table) {
+    if (!spec.store) continue;
+    const std::string name = long_name(spec.name);
+    auto it = given.find(name);
+    std::string value = it != given.end() ? it->second : spec.value_name ? spec.default_text : "false";
+    out << "\n# ";
+    if (spec.value_name) out << spec.value_name << ": ";
+    out << spec.help << '\n';
+    if (value.empty()) {
+      out << "# " << name << " =\n";
+    } else {
+      out << name << " = " << value << '\n';
+    }
+  }
+  return out.str();
 }
 
 // The rules that involve more than one option; each option's own value was
@@ -368,6 +441,12 @@ ParseResult parse_options(int argc, const char* const argv[]) {
   if (given.count("version")) return {std::nullopt, 0, "bscache " BSCACHE_VERSION};
 
   Options options;
+  Given settings;
+  if (given.count("config")) {
+    if (auto error = apply_config_file(table, given["config"].as<std::string>(), options, settings)) {
+      return fail(*error);
+    }
+  }
   for (const auto& spec : table) {
     const std::string name = long_name(spec.name);
     if (!spec.store || !given.count(name) || given[name].defaulted()) continue;
@@ -375,7 +454,9 @@ ParseResult parse_options(int argc, const char* const argv[]) {
     if (auto refusal = spec.store(value, options)) {
       return fail("--" + name + " " + *refusal + (spec.value_name ? " (got '" + value + "')" : ""));
     }
+    settings[name] = spec.value_name ? value : "true";
   }
+  if (given.count("print-config")) return {std::nullopt, 0, render_config(table, settings)};
   if (auto refusal = validate(options)) return fail(*refusal);
   auto& limits = options.block_status.limits;
   limits.max_extents = std::max<size_t>(cache::max_extents_for_memory(options.cache_max_memory), 1);

@@ -34,9 +34,13 @@ struct Options {
   bool read_only = false;
   std::string pidfile;
   std::string log_level = "info";
+  std::string log_format = "text";  // or "json": one object per line
   std::string stats_file;
   std::chrono::milliseconds stats_interval{60'000};  // 0: no periodic summary
   std::string metrics_address;                       // ADDR:PORT, empty: off
+  // Exit (status 3) after this long with no upstream connection up, so that a
+  // service manager restarts bscache from scratch. Default: 0, retry forever.
+  std::chrono::milliseconds reconnect_max{0};
 };
 
 struct ParseResult {

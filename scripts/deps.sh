@@ -9,6 +9,7 @@ packages=(
   libnbd-dev libnbd-bin libgnutls28-dev gnutls-bin python3-libnbd nbdkit nbdkit-plugin-python qemu-utils
   libgtest-dev libbenchmark-dev clang clang-format clang-tidy libclang-rt-14-dev
   curl jq bc gnuplot-nox procps iproute2
+  dpkg-dev file help2man groff-base systemd
 )
 
 missing=()
