@@ -3,7 +3,8 @@
 # clang-format, layering, clang-tidy) and every test (unit and integration)
 # with CTest. Then the same suite again under AddressSanitizer + UBSan, and
 # under ThreadSanitizer (upstream connections run on their own threads); the
-# sanitizer passes skip the benchmark harness's test (label "harness").
+# sanitizer passes skip the tests of the tooling (label "tooling": the
+# benchmark harness, the Debian package).
 # Usage: scripts/test.sh [--no-sanitize] [ctest args...]  (--no-sanitize skips both sanitizer passes)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,10 +27,10 @@ if ((sanitize)); then
   echo "== again under AddressSanitizer + UBSan =="
   BUILD_DIR=build-asan BUILD_TYPE=Debug scripts/build.sh -DBSCACHE_SANITIZE=ON
   export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
-  (cd build-asan && ctest --output-on-failure --timeout 600 -j2 -LE harness "$@")
+  (cd build-asan && ctest --output-on-failure --timeout 600 -j2 -LE tooling "$@")
   unset ASAN_OPTIONS
   echo "== again under ThreadSanitizer =="
   BUILD_DIR=build-tsan BUILD_TYPE=RelWithDebInfo scripts/build.sh -DBSCACHE_TSAN=ON
   export TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1 suppressions=$PWD/tests/tsan.supp"
-  (cd build-tsan && ctest --output-on-failure --timeout 600 -j2 -LE harness "$@")
+  (cd build-tsan && ctest --output-on-failure --timeout 600 -j2 -LE tooling "$@")
 fi
