@@ -222,8 +222,12 @@ void App::teardown() {
 }
 
 void App::start_child() {
-  setenv("uri", server_->uri().c_str(), 1);
-  setenv("nbd", server_->uri().c_str(), 1);
+  // With --tls require only a TLS client gets in: say so in the scheme
+  // (nbds://, nbds+unix://); the child adds its credentials to the query.
+  std::string uri = server_->uri();
+  if (options_.tls.mode == TlsMode::Require) uri.insert(3, "s");
+  setenv("uri", uri.c_str(), 1);
+  setenv("nbd", uri.c_str(), 1);
   if (!server_->unix_path().empty()) setenv("unixsocket", server_->unix_path().c_str(), 1);
   if (server_->tcp_port()) setenv("port", std::to_string(*server_->tcp_port()).c_str(), 1);
   const char* argv[] = {"/bin/sh", "-c", options_.run.c_str(), nullptr};

@@ -47,6 +47,13 @@ grep -q "handshake timed out" "$T/x509.log" || fail "no log line for a TLS hands
 pass "X.509 require: plain clients get TLS_REQD, bad TLS input is logged and dropped, others still served"
 stop_server x509
 
+# Captive mode: $uri names TLS, and the child connects with its credentials added.
+"$BSCACHE" --upstream "$(uri up)" --tls require --tls-certificates "$PKI/server" \
+  --run "nbdinfo --map \"\$uri&tls-certificates=$PKI/client\" >$T/run.map" >"$T/run.log" 2>&1 \
+  || fail "--run with --tls require: $(cat "$T/run.log")"
+[[ $(cat "$T/run.map") == "$direct_map" ]] || fail "--run with --tls require: wrong map"
+pass "--run with --tls require: \$uri is an nbds+unix:// URI"
+
 # ---- --tls on: plain and TLS clients alike ----
 start_bscache opt --upstream "$(uri up)" --tls on --tls-certificates "$PKI/server" --handshake-timeout 2s
 [[ $(nbdinfo --map "$(uri opt)") == "$direct_map" ]] || fail "--tls on: plain client"
