@@ -3,10 +3,15 @@
 #include <libnbd.h>
 #include <poll.h>
 #include <spdlog/spdlog.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <cerrno>
 #include <cstring>
+#include <stdexcept>
+#include <utility>
 
 namespace bscache::proxy {
 
@@ -20,6 +25,23 @@ uint32_t libnbd_flags(const CommandFlags& f) {
   if (f.req_one) out |= LIBNBD_CMD_FLAG_REQ_ONE;
   return out;
 }
+
+int64_t start_command(nbd_handle* h, UpstreamCommand& c, nbd_chunk_callback chunk, nbd_extent_callback extent,
+                      nbd_completion_callback done) {
+  const auto& a = c.args;
+  const uint32_t flags = libnbd_flags(a.flags);
+  switch (a.op) {
+    case UpstreamOp::Read:
+      return nbd_aio_pread_structured(h, a.buffer.data(), a.buffer.size(), a.offset, chunk, done, flags);
+    case UpstreamOp::Write: return nbd_aio_pwrite(h, a.buffer.data(), a.buffer.size(), a.offset, done, flags);
+    case UpstreamOp::Flush: return nbd_aio_flush(h, done, flags);
+    case UpstreamOp::Trim: return nbd_aio_trim(h, a.length, a.offset, done, flags);
+    case UpstreamOp::Zero: return nbd_aio_zero(h, a.length, a.offset, done, flags);
+    case UpstreamOp::Cache: return nbd_aio_cache(h, a.length, a.offset, done, flags);
+    case UpstreamOp::BlockStatus: return nbd_aio_block_status(h, a.length, a.offset, extent, done, flags);
+  }
+  return -1;
+}
 }  // namespace
 
 UpstreamConnection::UpstreamConnection(size_t index, NbdHandlePtr handle, const UpstreamTarget& target,
@@ -29,41 +51,116 @@ UpstreamConnection::UpstreamConnection(size_t index, NbdHandlePtr handle, const 
       options_(options),
       finished_(std::move(finished)),
       state_changed_(std::move(state_changed)),
-      work_(io_.get_executor()),
-      socket_(io_),
-      watchdog_(io_),
-      backoff_timer_(io_) {
-  // Adopted on this connection's own thread, like everything that touches the handle.
-  asio::post(io_, [this, h = std::move(handle)]() mutable {
-    adopt(std::move(h));
-    if (options_.timeout.count() > 0) watch();
-  });
-  thread_ = std::thread([this] { io_.run(); });
+      first_handle_(std::move(handle)),
+      doorbell_(::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)) {
+  if (doorbell_ < 0) throw std::runtime_error(std::string("eventfd: ") + strerror(errno));
+  thread_ = std::thread([this] { run(); });
 }
 
 UpstreamConnection::~UpstreamConnection() {
-  asio::post(io_, [this] {
-    closing_ = true;
-    watchdog_.cancel();
-    backoff_timer_.cancel();
-    fail_connection(ESHUTDOWN, "");
-    work_.reset();
-  });
+  {
+    std::lock_guard lock(mutex_);
+    inbox_.stop = true;
+    ring(inbox_);
+  }
   thread_.join();
+  ::close(doorbell_);
+}
+
+// Under mutex_: wake the thread if it sleeps (once; it clears the flag when it wakes).
+void UpstreamConnection::ring(Inbox& inbox) {
+  if (!inbox.sleeping) return;
+  inbox.sleeping = false;
+  const uint64_t one = 1;
+  [[maybe_unused]] ssize_t n = ::write(doorbell_, &one, sizeof one);  // can only fail if the counter is full
 }
 
 void UpstreamConnection::submit(std::unique_ptr<UpstreamCommand> command) {
-  asio::post(io_, [this, c = std::move(command)]() mutable { issue(std::move(c)); });
+  std::lock_guard lock(mutex_);
+  inbox_.commands.push_back(std::move(command));
+  ring(inbox_);
 }
 
 void UpstreamConnection::disconnect() {
-  asio::post(io_, [this] {
+  std::lock_guard lock(mutex_);
+  inbox_.disconnect = true;
+  ring(inbox_);
+}
+
+void UpstreamConnection::run() {
+  adopt(std::move(first_handle_));
+  while (take_inbox()) {
+    const auto now = Clock::now();
+    if (reconnect_at_ && now >= *reconnect_at_) try_reconnect();
+    check_timeout(now);
+    hand_back();
+
+    std::array<pollfd, 2> fds{pollfd{doorbell_, POLLIN, 0}, pollfd{-1, 0, 0}};
+    if (handle_) {
+      const unsigned dir = nbd_aio_get_direction(handle_.get());
+      short events = 0;
+      if (dir & LIBNBD_AIO_DIRECTION_READ) events |= POLLIN;
+      if (dir & LIBNBD_AIO_DIRECTION_WRITE) events |= POLLOUT;
+      fds[1] = {fd_, events, 0};
+    }
+    {
+      std::lock_guard lock(mutex_);
+      const bool more = !inbox_.commands.empty() || inbox_.disconnect || inbox_.stop;
+      if (more) continue;  // take it before sleeping
+      inbox_.sleeping = true;
+    }
+    const int ready = ::poll(fds.data(), fds.size(), poll_timeout_ms(Clock::now()));
+    {
+      std::lock_guard lock(mutex_);
+      inbox_.sleeping = false;
+    }
+    if (ready <= 0) continue;  // timeout (timers run above) or EINTR
+    if (fds[0].revents & POLLIN) {
+      uint64_t count = 0;
+      [[maybe_unused]] ssize_t n = ::read(doorbell_, &count, sizeof count);
+    }
+    // poll is level-triggered and libnbd is this thread's alone, so readiness
+    // is real when we notify: a spurious nbd_aio_notify_read would park libnbd
+    // in REPLY.START, where it sends no queued command until a reply arrives.
+    // Both ready: read only (libnbd's rule); the write comes next round.
+    const short revents = fds[1].revents;
+    if (handle_ && revents) {
+      nbd_handle* h = handle_.get();
+      int rc = 0;
+      if (revents & (POLLIN | POLLHUP | POLLERR)) {
+        rc = nbd_aio_notify_read(h);
+      } else if (revents & POLLOUT) {
+        rc = nbd_aio_notify_write(h);
+      }
+      if (rc == -1) spdlog::warn("upstream connection {}: {}", index_, nbd_get_error());
+      after_libnbd_call();
+    }
+  }
+  closing_ = true;
+  fail_connection(ESHUTDOWN, nullptr);
+  hand_back();
+}
+
+// Takes what other threads handed in; false once asked to stop.
+bool UpstreamConnection::take_inbox() {
+  incoming_.commands.clear();
+  {
+    std::lock_guard lock(mutex_);
+    std::swap(incoming_.commands, inbox_.commands);
+    incoming_.disconnect = std::exchange(inbox_.disconnect, false);
+    incoming_.stop = inbox_.stop;
+  }
+  if (incoming_.stop) return false;
+  for (auto& command : incoming_.commands) issue(std::move(command));
+  if (incoming_.disconnect) {
     closing_ = true;
-    watchdog_.cancel();
-    backoff_timer_.cancel();
-    if (handle_ && nbd_aio_is_ready(handle_.get())) nbd_aio_disconnect(handle_.get(), 0);
-    pump();
-  });
+    reconnect_at_.reset();
+    if (handle_ && nbd_aio_is_ready(handle_.get())) {
+      nbd_aio_disconnect(handle_.get(), 0);
+      after_libnbd_call();
+    }
+  }
+  return true;
 }
 
 void UpstreamConnection::adopt(NbdHandlePtr handle) {
@@ -76,30 +173,35 @@ void UpstreamConnection::adopt(NbdHandlePtr handle) {
     if (nbd_can_meta_context(handle_.get(), name.c_str()) == 1) contexts->push_back(std::move(name));
   }
   contexts_ = std::move(contexts);
-  socket_.assign(nbd_aio_get_fd(handle_.get()));
-  pump();
+  fd_ = nbd_aio_get_fd(handle_.get());
+}
+
+void UpstreamConnection::finish(std::unique_ptr<UpstreamCommand> command) {
+  finished_batch_.push_back(std::move(command));
 }
 
 void UpstreamConnection::issue(std::unique_ptr<UpstreamCommand> command) {
   if (!handle_) {
     command->result.error = ESHUTDOWN;  // upstream is gone; we are reconnecting
-    finished_(std::move(command));
+    finish(std::move(command));
     return;
   }
   if (command->cancelled && command->cancelled->load(std::memory_order_relaxed)) {
     command->result.error = ECANCELED;  // nobody waits for it: never send it
-    finished_(std::move(command));
+    finish(std::move(command));
     return;
   }
   UpstreamCommand* raw = command.get();
-  raw->via = this;
-  raw->started = std::chrono::steady_clock::now();
+  raw->done = &completed_;
+  raw->started = Clock::now();
   if (raw->args.op == UpstreamOp::BlockStatus) {
     raw->result.contexts = contexts_;
     raw->result.extents.resize(contexts_->size());
   }
   pending_.emplace(raw, std::move(command));
-  const int64_t cookie = start_command(handle_.get(), *raw);
+  const int64_t cookie = start_command(handle_.get(), *raw, {.callback = on_chunk, .user_data = raw, .free = nullptr},
+                                       {.callback = on_extent, .user_data = raw, .free = nullptr},
+                                       {.callback = on_complete, .user_data = raw, .free = nullptr});
   if (cookie == -1) {
     // libnbd refused the command (dead handle, bad arguments): complete it now.
     const int err = nbd_get_errno();
@@ -109,41 +211,17 @@ void UpstreamConnection::issue(std::unique_ptr<UpstreamCommand> command) {
     auto failed = std::move(it->second);
     pending_.erase(it);
     failed->result.error = err ? err : EIO;
-    finished_(std::move(failed));
-    nbd_handle* h = handle_.get();
-    if (nbd_aio_is_dead(h) || nbd_aio_is_closed(h)) fail_connection(ESHUTDOWN, "libnbd says the handle is dead");
-    return;
+    finish(std::move(failed));
   }
-  pump();
+  // Issuing may have sent bytes, completed commands or found the handle dead.
+  after_libnbd_call();
 }
 
-int64_t UpstreamConnection::start_command(nbd_handle* h, UpstreamCommand& c) {
-  const auto& a = c.args;
-  const uint32_t flags = libnbd_flags(a.flags);
-  nbd_completion_callback done{.callback = on_complete, .user_data = &c, .free = nullptr};
-  switch (a.op) {
-    case UpstreamOp::Read: {
-      nbd_chunk_callback chunk{.callback = on_chunk, .user_data = &c, .free = nullptr};
-      return nbd_aio_pread_structured(h, a.buffer.data(), a.buffer.size(), a.offset, chunk, done, flags);
-    }
-    case UpstreamOp::Write: return nbd_aio_pwrite(h, a.buffer.data(), a.buffer.size(), a.offset, done, flags);
-    case UpstreamOp::Flush: return nbd_aio_flush(h, done, flags);
-    case UpstreamOp::Trim: return nbd_aio_trim(h, a.length, a.offset, done, flags);
-    case UpstreamOp::Zero: return nbd_aio_zero(h, a.length, a.offset, done, flags);
-    case UpstreamOp::Cache: return nbd_aio_cache(h, a.length, a.offset, done, flags);
-    case UpstreamOp::BlockStatus: {
-      nbd_extent_callback extent{.callback = on_extent, .user_data = &c, .free = nullptr};
-      return nbd_aio_block_status(h, a.length, a.offset, extent, done, flags);
-    }
-  }
-  return -1;
-}
-
-// libnbd lock held, inside nbd_aio_notify_*: record, hand back later.
+// libnbd lock held, inside an nbd_aio_* call: record, hand back later.
 int UpstreamConnection::on_complete(void* user_data, int* error) {
   auto* command = static_cast<UpstreamCommand*>(user_data);
   command->result.error = *error;
-  command->via->completed_.push_back(command);
+  command->done->push_back(command);
   return 1;  // retire the command automatically
 }
 
@@ -168,142 +246,97 @@ int UpstreamConnection::on_chunk(void* user_data, const void*, size_t count, uin
   return 0;
 }
 
-// libnbd has returned: nothing of its still refers to these commands.
-void UpstreamConnection::hand_back_completed() {
+// After any libnbd call: what completed in it joins the batch (libnbd has
+// returned, so nothing of its refers to those commands any more), then a dead
+// handle ends the connection.
+void UpstreamConnection::after_libnbd_call() {
   for (UpstreamCommand* raw : completed_) {
     auto it = pending_.find(raw);
     if (it == pending_.end()) continue;
-    auto command = std::move(it->second);
+    finish(std::move(it->second));
     pending_.erase(it);
-    finished_(std::move(command));
   }
   completed_.clear();
+  if (!handle_) return;
+  nbd_handle* h = handle_.get();
+  if (nbd_aio_is_dead(h) || nbd_aio_is_closed(h)) {
+    fail_connection(ESHUTDOWN, closing_ ? nullptr : "the server closed the connection");
+  }
+}
+
+// One message to the loop for everything that finished since the last one.
+void UpstreamConnection::hand_back() {
+  if (finished_batch_.empty()) return;
+  finished_(std::exchange(finished_batch_, {}));
 }
 
 // Ends the connection now: every command in flight fails with `error`. With
 // the handle closed, libnbd no longer touches any of their buffers.
-void UpstreamConnection::fail_connection(int error, const std::string& why) {
+void UpstreamConnection::fail_connection(int error, const char* why) {
   if (!handle_) return;
-  if (!why.empty()) {
-    spdlog::warn("upstream connection {} lost: {}; {} commands in flight fail", index_, why, pending_.size());
-  }
-  if (socket_.is_open()) socket_.release();  // cancels our waits; libnbd closes the fd
-  handle_.reset();
-  read_armed_ = write_armed_ = false;
+  if (why) spdlog::warn("upstream connection {} lost: {}; {} commands in flight fail", index_, why, pending_.size());
+  handle_.reset();  // libnbd closes its socket
+  fd_ = -1;
   completed_.clear();  // their commands are in pending_ and fail below
   auto failed = std::move(pending_);
   pending_.clear();
   for (auto& [raw, command] : failed) {
     command->result = CommandResult{};
     command->result.error = error;
-    finished_(std::move(command));
+    finish(std::move(command));
   }
   if (closing_) return;
+  hand_back();  // the failures reach the loop before the news of the loss
   state_changed_(index_, std::nullopt);
-  if (options_.reconnect) schedule_reconnect();
+  if (options_.reconnect) reconnect_at_ = Clock::now() + backoff_;
 }
 
-void UpstreamConnection::schedule_reconnect() {
-  backoff_timer_.expires_after(backoff_);
-  backoff_ = std::min(backoff_ * 2, std::chrono::milliseconds(5000));
-  backoff_timer_.async_wait([this](boost::system::error_code ec) {
-    if (ec || closing_) return;
-    // Connecting blocks (DNS, TCP, the handshake). That is fine here: this
-    // thread serves only this connection, and while it is down the pool
-    // sends it nothing.
-    try {
-      NbdHandlePtr handle = open_upstream(target_);
-      UpstreamInfo fresh = read_upstream_info(handle.get());
-      spdlog::info("upstream connection {} reconnected after {} failed attempts", index_, reconnect_failures_);
-      reconnect_failures_ = 0;
-      backoff_ = kFirstBackoff;
-      adopt(std::move(handle));
-      state_changed_(index_, std::move(fresh));
-    } catch (const std::exception& e) {
-      ++reconnect_failures_;
-      spdlog::warn("upstream connection {}: reconnect attempt {} failed: {}", index_, reconnect_failures_, e.what());
-      schedule_reconnect();
-    }
-  });
+void UpstreamConnection::try_reconnect() {
+  reconnect_at_.reset();
+  if (closing_) return;
+  // Connecting blocks (DNS, TCP, the handshake). That is fine here: this
+  // thread serves only this connection, and while it is down the pool sends
+  // it nothing.
+  try {
+    NbdHandlePtr handle = open_upstream(target_);
+    UpstreamInfo fresh = read_upstream_info(handle.get());
+    spdlog::info("upstream connection {} reconnected after {} failed attempts", index_, reconnect_failures_);
+    reconnect_failures_ = 0;
+    backoff_ = kFirstBackoff;
+    adopt(std::move(handle));
+    state_changed_(index_, std::move(fresh));
+  } catch (const std::exception& e) {
+    ++reconnect_failures_;
+    spdlog::warn("upstream connection {}: reconnect attempt {} failed: {}", index_, reconnect_failures_, e.what());
+    backoff_ = std::min(backoff_ * 2, std::chrono::milliseconds(5000));
+    reconnect_at_ = Clock::now() + backoff_;
+  }
 }
 
 // With --upstream-timeout: a command upstream has not answered in time means
 // the connection is stuck; drop it (failing everything in flight) and reconnect.
-void UpstreamConnection::watch() {
+void UpstreamConnection::check_timeout(Clock::time_point now) {
+  if (options_.timeout.count() <= 0 || now < next_timeout_check_) return;
   const auto period = std::max<std::chrono::milliseconds>(options_.timeout / 4, std::chrono::milliseconds(10));
-  watchdog_.expires_after(period);
-  watchdog_.async_wait([this](boost::system::error_code ec) {
-    if (ec || closing_) return;
-    const auto now = std::chrono::steady_clock::now();
-    for (const auto& [raw, command] : pending_) {
-      if (now - command->started > options_.timeout) {
-        fail_connection(ETIMEDOUT, "a command got no answer within --upstream-timeout");
-        break;
-      }
+  next_timeout_check_ = now + period;
+  for (const auto& [raw, command] : pending_) {
+    if (now - command->started > options_.timeout) {
+      fail_connection(ETIMEDOUT, "a command got no answer within --upstream-timeout");
+      return;
     }
-    watch();
-  });
-}
-
-void UpstreamConnection::pump() {
-  hand_back_completed();
-  if (!handle_) return;
-  nbd_handle* h = handle_.get();
-  if (nbd_aio_is_dead(h) || nbd_aio_is_closed(h)) {
-    fail_connection(ESHUTDOWN, closing_ ? "" : "the server closed the connection");
-    return;
-  }
-  const unsigned dir = nbd_aio_get_direction(h);
-  if ((dir & LIBNBD_AIO_DIRECTION_READ) && !read_armed_) {
-    read_armed_ = true;
-    wait_until(POLLIN);
-  }
-  if ((dir & LIBNBD_AIO_DIRECTION_WRITE) && !write_armed_) {
-    write_armed_ = true;
-    wait_until(POLLOUT);
   }
 }
 
-// Tell libnbd only about readiness that is real. Asio's epoll reactor is
-// edge-triggered and libnbd, not Asio, does the I/O: a wait can complete for
-// data libnbd already consumed, and a spurious nbd_aio_notify_read parks
-// libnbd in REPLY.START, where it sends no queued command until a reply
-// arrives (none will: a deadlock). A wait can also miss an edge that came
-// before it started. So poll(2) decides, before waiting and before notifying.
-void UpstreamConnection::wait_until(short events) {
-  const bool reading = events == POLLIN;
-  if (socket_ready(events)) {
-    asio::post(io_, [this, reading] { on_ready(reading); });
-    return;
+// Until the next timer: a reconnect attempt, or the timeout check while commands are in flight.
+int UpstreamConnection::poll_timeout_ms(Clock::time_point now) const {
+  std::optional<Clock::time_point> wake = reconnect_at_;
+  if (options_.timeout.count() > 0 && !pending_.empty() && (!wake || next_timeout_check_ < *wake)) {
+    wake = next_timeout_check_;
   }
-  socket_.async_wait(reading ? asio::posix::stream_descriptor::wait_read : asio::posix::stream_descriptor::wait_write,
-                     [this, reading](boost::system::error_code ec) {
-                       if (ec) {
-                         (reading ? read_armed_ : write_armed_) = false;
-                         return;
-                       }
-                       on_ready(reading);
-                     });
-}
-
-void UpstreamConnection::on_ready(bool reading) {
-  (reading ? read_armed_ : write_armed_) = false;
-  if (!handle_) return;
-  nbd_handle* h = handle_.get();
-  if (reading) {
-    if (socket_ready(POLLIN) && nbd_aio_notify_read(h) == -1) spdlog::warn("upstream: {}", nbd_get_error());
-  } else if (nbd_aio_get_direction(h) & LIBNBD_AIO_DIRECTION_WRITE) {
-    // A read notification may already have moved the state machine on:
-    // libnbd may no longer want to write, so ask again rather than notify blindly.
-    if (socket_ready(POLLOUT) && nbd_aio_notify_write(h) == -1) spdlog::warn("upstream: {}", nbd_get_error());
-  }
-  pump();
-}
-
-bool UpstreamConnection::socket_ready(short events) {
-  pollfd p{socket_.native_handle(), events, 0};
-  // POLLHUP/POLLERR count as readable: libnbd must see the EOF or error.
-  return ::poll(&p, 1, 0) > 0 && (p.revents & (events | POLLHUP | POLLERR));
+  if (!wake) return -1;
+  if (*wake <= now) return 0;
+  // Rounded up, so a wake-up is never early (and never spins at 0 ms).
+  return static_cast<int>(std::chrono::ceil<std::chrono::milliseconds>(*wake - now).count());
 }
 
 }  // namespace bscache::proxy

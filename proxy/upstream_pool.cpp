@@ -75,8 +75,11 @@ UpstreamPool::UpstreamPool(asio::io_context& loop, const UpstreamTarget& target,
       break;
     }
   }
-  auto finished = [this](std::unique_ptr<UpstreamCommand> command) {
-    asio::post(loop_, [this, c = std::move(command)]() mutable { complete(std::move(c)); });
+  // One message to the loop per batch a connection hands back.
+  auto finished = [this](UpstreamBatch batch) {
+    asio::post(loop_, [this, b = std::move(batch)]() mutable {
+      for (auto& command : b) complete(std::move(command));
+    });
   };
   auto changed = [this](size_t index, std::optional<UpstreamInfo> reconnected) {
     asio::post(loop_, [this, index, r = std::move(reconnected)]() mutable { connection_changed(index, std::move(r)); });
