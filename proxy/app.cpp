@@ -17,6 +17,7 @@
 #include "proxy/server.hpp"
 #include "proxy/service_notify.hpp"
 #include "proxy/tls/tls_server.hpp"
+#include "proxy/upstream_child.hpp"
 #include "proxy/upstream_pool.hpp"
 
 extern char** environ;
@@ -72,6 +73,7 @@ class App {
   ServiceNotifier notifier_{io_};  // first: it takes NOTIFY_SOCKET out of the environment before any child starts
   Metrics metrics_;
   BufferPool buffers_;
+  std::unique_ptr<UpstreamChild> upstream_child_;  // --upstream-command's server; outlives upstream_
   std::unique_ptr<UpstreamPool> upstream_;
   ExportInfo info_;
   std::unique_ptr<BlockStatusService> block_status_;
@@ -101,7 +103,14 @@ int App::run() {
 
 bool App::connect_upstream() {
   try {
-    upstream_ = std::make_unique<UpstreamPool>(io_, options_.upstream, options_.upstream_options, metrics_);
+    UpstreamTarget target = options_.upstream;
+    if (!target.command.empty()) {
+      // One server for every connection: see UpstreamChild.
+      upstream_child_ = std::make_unique<UpstreamChild>(target.command);
+      target.uri = upstream_child_->uri(target.tls.any());
+      target.command.clear();
+    }
+    upstream_ = std::make_unique<UpstreamPool>(io_, target, options_.upstream_options, metrics_);
   } catch (const std::exception& e) {
     spdlog::error("{}", e.what());
     return false;
@@ -212,6 +221,7 @@ void App::teardown() {
   // thread opens files of its own: ThreadSanitizer cannot see libnbd close a
   // descriptor, and would take the reuse of its number for a race.
   upstream_.reset();
+  upstream_child_.reset();
   log_summary();
   write_stats();
   if (!options_.pidfile.empty()) unlink(options_.pidfile.c_str());

@@ -175,7 +175,8 @@ std::vector<OptionSpec> option_table() {
     {"upstream", "URI", "upstream NBD URI (nbd://, nbd+unix://, nbds://)", "",
      text([](Options& o) -> auto& { return o.upstream.uri; })},
     {"upstream-command", "'CMD ARGS'",
-     "start this upstream server as a child with systemd socket activation, e.g. 'nbdkit memory 1G'", "",
+     "start this upstream server once, as a child with systemd socket activation on a private Unix socket that every "
+     "upstream connection reaches; stopped at exit. E.g. 'nbdkit memory 1G'", "",
      [](const std::string& value, Options& o) -> Refusal {
        auto words = split_command(value);
        if (!words) return "must be a command line such as 'nbdkit memory 1G'";

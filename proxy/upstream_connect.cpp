@@ -73,15 +73,9 @@ NbdHandlePtr open_upstream(const UpstreamTarget& target) {
   // Option mode lets us ask which meta contexts upstream offers before GO.
   if (nbd_set_opt_mode(h, true) == -1 || nbd_set_full_info(h, true) == -1) throw libnbd_failure("libnbd setup");
   configure_tls(h, target);
-  if (!target.command.empty()) {
-    std::vector<char*> argv;
-    for (const auto& arg : target.command) argv.push_back(const_cast<char*>(arg.c_str()));
-    argv.push_back(nullptr);
-    if (target.export_name_set) nbd_set_export_name(h, target.export_name.c_str());
-    if (nbd_connect_systemd_socket_activation(h, argv.data()) == -1) throw libnbd_failure("starting upstream command");
-  } else {
-    if (nbd_connect_uri(h, target.uri.c_str()) == -1) throw libnbd_failure("connecting to upstream");
-  }
+  // --upstream-command is started once by UpstreamChild, and reached by its URI.
+  if (!target.command.empty()) throw std::logic_error("open_upstream: start the upstream command first");
+  if (nbd_connect_uri(h, target.uri.c_str()) == -1) throw libnbd_failure("connecting to upstream");
   if (target.export_name_set) nbd_set_export_name(h, target.export_name.c_str());
 
   std::vector<std::string> offered;

@@ -31,7 +31,7 @@ struct UpstreamTls {
 // How to reach the upstream server.
 struct UpstreamTarget {
   std::string uri;                   // any libnbd URI, or empty when command is set
-  std::vector<std::string> command;  // started with systemd socket activation
+  std::vector<std::string> command;  // started once by UpstreamChild, then reached by its uri
   std::string export_name;           // overrides the URI's export when set
   bool export_name_set = false;
   UpstreamTls tls;

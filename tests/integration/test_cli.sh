@@ -23,6 +23,20 @@ pass "--run exit status, \$uri/\$nbd/\$unixsocket/\$port"
 [[ $(cat "$T/size") == 3145728 ]] || fail "--upstream-command: wrong size $(cat "$T/size")"
 pass "--upstream-command"
 
+# --upstream-command with a multi-conn upstream: every upstream connection
+# must reach the same server. bscache 9e20cf2 let libnbd start one server per
+# connection (four RAM disks behind one export): nbdcopy's bytes written
+# through one connection were read back from another disk, and differed.
+head -c $((8 << 20)) /dev/urandom >"$T/random.img"
+"$BSCACHE" --upstream-command 'nbdkit memory 8M' --upstream-connections 4 --run \
+  "nbdcopy '$T/random.img' \"\$uri\" && nbdcopy \"\$uri\" '$T/back.img' &&
+   pgrep -f '^nbdkit memory 8M' | wc -l >'$T/servers'" >"$T/ucmd.log" 2>&1 \
+  || fail "--upstream-command with nbdcopy failed: $(tail -3 "$T/ucmd.log")"
+cmp -s "$T/random.img" "$T/back.img" || fail "--upstream-command: bytes read back differ from those written"
+[[ $(cat "$T/servers") == 1 ]] || fail "--upstream-command started $(cat "$T/servers") servers, want 1"
+pgrep -f "^nbdkit memory 8M" >/dev/null && fail "--upstream-command: the server outlived bscache"
+pass "--upstream-command: one server for every upstream connection, bytes read back equal, server stopped at exit"
+
 # To a file, not piped into grep -q: the help is longer than one stdio buffer,
 # and bscache would die of SIGPIPE once grep stops reading at its first match.
 "$BSCACHE" --help >"$T/help" || fail "--help exit status"
