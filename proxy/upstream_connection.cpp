@@ -150,7 +150,13 @@ bool UpstreamConnection::take_inbox() {
     incoming_.disconnect = std::exchange(inbox_.disconnect, false);
     incoming_.stop = inbox_.stop;
   }
-  if (incoming_.stop) return false;
+  if (incoming_.stop) {
+    for (auto& command : incoming_.commands) {
+      command->result.error = ESHUTDOWN;  // handed in as we close: never sent
+      finish(std::move(command));
+    }
+    return false;
+  }
   for (auto& command : incoming_.commands) issue(std::move(command));
   if (incoming_.disconnect) {
     closing_ = true;
