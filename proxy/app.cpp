@@ -52,7 +52,8 @@ class App {
   void write_stats();
   void log_summary();
   void watch_upstream();
-  awaitable<void> shutdown();
+  // `why` becomes systemd's STATUS= while stopping (default: finishing the requests in flight).
+  awaitable<void> shutdown(std::string why = "");
   awaitable<void> periodic_summary();
   awaitable<void> sleep(std::chrono::milliseconds d) {
     asio::steady_timer t(io_, d);
@@ -254,15 +255,17 @@ void App::reap_child() {
   int status = 0;
   if (waitpid(child_, &status, WNOHANG) != child_) return;
   child_ = -1;
+  // Giving up on the upstream ends the child too; the exit status stays 3.
+  if (exit_code_ == kExitUpstreamLost) return;
   exit_code_ = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
   spdlog::debug("--run command exited with status {}", exit_code_);
   asio::co_spawn(io_, shutdown(), asio::detached);
 }
 
-awaitable<void> App::shutdown() {
+awaitable<void> App::shutdown(std::string why) {
   if (shutting_down_) co_return;
   shutting_down_ = true;
-  notifier_.stopping("stopping: finishing the requests in flight");
+  notifier_.stopping("stopping: " + (why.empty() ? std::string("finishing the requests in flight") : why));
   server_->stop();
   if (metrics_http_) metrics_http_->stop();
   // Sessions finish the requests they have in flight; a bounded wait.
@@ -312,10 +315,9 @@ void App::watch_upstream() {
     const std::string why =
         fmt::format("no upstream connection for {} ms (--reconnect-max): giving up", options_.reconnect_max.count());
     spdlog::error("{}", why);
-    notifier_.status(why);
     exit_code_ = kExitUpstreamLost;
     if (child_ > 0) kill(child_, SIGTERM);
-    asio::co_spawn(io_, shutdown(), asio::detached);
+    asio::co_spawn(io_, shutdown(why), asio::detached);
   });
 }
 

@@ -7,8 +7,8 @@
 // dependency) for that buys nothing.
 //
 // Never blocks the loop: the socket is non-blocking, and a message that
-// cannot be sent at once is dropped and logged at debug (systemd's own client
-// does not retry either). Without $NOTIFY_SOCKET every call does nothing.
+// cannot be sent at once is dropped (the first failure logged at warn, later
+// ones at debug; systemd's own client does not retry either). Without $NOTIFY_SOCKET every call does nothing.
 #pragma once
 
 #include <chrono>

@@ -5,7 +5,11 @@
 source "$(dirname "$0")/lib.sh"
 
 start_nbdkit up memory 16M
-start_bscache giver --upstream "$(uri up)" --reconnect-max 1s
+# systemd's side of sd_notify, to see the STATUS= bscache leaves behind.
+/usr/bin/python3 "$(dirname "$0")/notify_listener.py" "$T/notify.sock" "$T/notify.txt" 90 &
+PIDS+=($!)
+for _ in $(seq 100); do grep -q LISTENING "$T/notify.txt" 2>/dev/null && break; sleep 0.05; done
+NOTIFY_SOCKET=$T/notify.sock start_bscache giver --upstream "$(uri up)" --reconnect-max 1s
 start_bscache stayer --upstream "$(uri up)"
 [[ $(nbdinfo --size "$(uri giver)") == 16777216 ]] || fail "not serving before the upstream dies"
 giver=$(cat "$T/giver.pid")
@@ -20,7 +24,22 @@ rc=0; wait "$giver" || rc=$?
 ((rc == 3)) || fail "exit status $rc, expected 3"
 grep -q 'no upstream connection for 1000 ms (--reconnect-max): giving up' "$T/giver.log" || fail "no log line saying why"
 [[ ! -e $T/giver.sock && ! -e $T/giver.pid ]] || fail "socket or pidfile left behind"
-pass "--reconnect-max 1s: exit 3 with a log line once the upstream is gone"
+# The reason is the last STATUS= systemd sees (the stop must not overwrite it).
+grep '^STATUS=' "$T/notify.txt" | tail -1 | grep -q 'no upstream connection for 1000 ms (--reconnect-max): giving up' \
+  || fail "last STATUS= does not say why: $(grep '^STATUS=' "$T/notify.txt" | tail -1)"
+pass "--reconnect-max 1s: exit 3 with a log line and systemd STATUS= once the upstream is gone"
+
+# With --run, giving up ends the command too, and the exit status is still 3
+# (not the command's 143 from SIGTERM).
+start_nbdkit up2 memory 16M
+"$BSCACHE" --upstream "$(uri up2)" --reconnect-max 1s --run 'sleep 60' >"$T/run.log" 2>&1 &
+runner=$!
+for _ in $(seq 100); do grep -q 'listening on' "$T/run.log" && break; sleep 0.05; done
+kill -KILL "$(cat "$T/up2.pid")"
+for _ in $(seq 1200); do kill -0 "$runner" 2>/dev/null || break; sleep 0.05; done
+rc=0; wait "$runner" || rc=$?
+((rc == 3)) || fail "--run with --reconnect-max: exit status $rc, expected 3"
+pass "--reconnect-max with --run: the command is stopped, exit status 3"
 
 # The default keeps trying: it outlived the one above, and serves again when
 # the upstream comes back.
