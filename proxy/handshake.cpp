@@ -29,6 +29,12 @@ void Handshake::tls_started() {
 }
 
 OptionOutcome Handshake::refuse_oversized(uint32_t option, Bytes& reply) {
+  if (tls_ == TlsMode::Require && !tls_active_ && option != kOptStartTls && option != kOptAbort) {
+    // Before TLS every option but STARTTLS and ABORT is refused alike, whatever its size.
+    if (option == kOptExportName) return OptionOutcome::Close;
+    encode_option_reply(reply, option, kRepErrTlsReqd, "TLS is required: send NBD_OPT_STARTTLS first");
+    return OptionOutcome::Continue;
+  }
   encode_option_reply(reply, option, kRepErrTooBig, "option payload too large");
   // EXPORT_NAME has no error reply: the only answer is to close.
   return option == kOptExportName ? OptionOutcome::Close : OptionOutcome::Continue;

@@ -43,6 +43,9 @@ if nbdinfo "$(uri x509)" >/dev/null 2>&1; then fail "a plain client was served b
 python3 "$here/tls_probe.py" "$T/x509.sock" "$PKI/client/ca-cert.pem" require || fail "STARTTLS probe (require)"
 grep -q "TLS handshake failed" "$T/x509.log" || fail "no log line for a failed TLS handshake"
 grep -q "handshake timed out" "$T/x509.log" || fail "no log line for a TLS handshake that never finished"
+# One line per bad TLS client: plain bytes after STARTTLS, garbage instead of
+# a ClientHello, and a client that left in the middle of its ClientHello.
+(($(grep -c "TLS handshake failed" "$T/x509.log") >= 3)) || fail "not every bad TLS client was logged"
 [[ $(nbdinfo --map "$(tls_uri x509)") == "$direct_map" ]] || fail "TLS clients no longer served after the bad ones"
 pass "X.509 require: plain clients get TLS_REQD, bad TLS input is logged and dropped, others still served"
 stop_server x509

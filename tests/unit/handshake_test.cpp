@@ -221,6 +221,23 @@ TEST_F(HandshakeTest, RequireRefusesEverythingButStartTlsAndAbortBeforeTls) {
   EXPECT_EQ(Handshake(info, true, TlsMode::Require).handle(kOptAbort, {}, out), OptionOutcome::Close);
 }
 
+// An oversized option is still just an option before TLS: TLS_REQD, not TOO_BIG.
+TEST_F(HandshakeTest, RequireRefusesOversizedOptionsWithTlsReqdBeforeTls) {
+  Handshake h(info, true, TlsMode::Require);
+  Bytes out;
+  EXPECT_EQ(h.refuse_oversized(kOptInfo, out), OptionOutcome::Continue);
+  EXPECT_EQ(h.refuse_oversized(4321, out), OptionOutcome::Continue);
+  EXPECT_EQ(h.refuse_oversized(kOptStartTls, out), OptionOutcome::Continue);
+  auto r = replies(out);
+  ASSERT_EQ(r.size(), 3u);
+  EXPECT_EQ(r[0].type, kRepErrTlsReqd);
+  EXPECT_EQ(r[1].type, kRepErrTlsReqd);
+  EXPECT_EQ(r[2].type, kRepErrTooBig) << "STARTTLS itself may not carry a payload";
+  out.clear();
+  EXPECT_EQ(h.refuse_oversized(kOptExportName, out), OptionOutcome::Close);
+  EXPECT_TRUE(out.empty()) << "EXPORT_NAME before TLS closes without a byte";
+}
+
 TEST_F(HandshakeTest, StartTlsIsAcknowledgedOnceThenInvalid) {
   Handshake h(info, true, TlsMode::Require);
   Bytes out;
