@@ -257,7 +257,7 @@ std::vector<OptionSpec> option_table() {
     // A billion extents would take ~170 GB: more is a typo.
     {"cache-max-extents", "N", "most cached extents (default: what --cache-max-memory allows; the smaller wins)", "",
      integer([](Options& o) -> auto& { return o.cache_max_extents; }, 1, 1'000'000'000)},
-    // Beyond the 1 GiB eviction granule a write would forget more than a granule.
+    // At most 1 GiB: a write forgetting more than that around itself would drop most of a window.
     {"allocation-granularity", "BYTES",
      "a write forgets cached state around it rounded out to this many bytes (upstream allocation unit)",
      std::to_string(d.block_status.limits.allocation_granularity),

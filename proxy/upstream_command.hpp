@@ -1,7 +1,8 @@
 // What bscache asks of its upstream and what comes back: plain data, no
-// libnbd. libnbd stays inside proxy/upstream_connection.cpp, which translates
-// these flags to LIBNBD_CMD_FLAG_* (the NBD wire bits and libnbd's bits are
-// different vocabularies that only happen to share some numbers).
+// libnbd. libnbd stays inside proxy/upstream_connect.cpp (opening a
+// connection) and proxy/upstream_connection.cpp, which translates these flags
+// to LIBNBD_CMD_FLAG_* (the NBD wire bits and libnbd's bits are different
+// vocabularies that only happen to share some numbers).
 #pragma once
 
 #include <cstdint>

@@ -40,6 +40,9 @@ p.add_argument("--max-accepted", type=int, default=0, help="0: not checked")
 p.add_argument("--upstream-log", help="nbdkit log filter file: count upstream reads after the close")
 p.add_argument("--max-late", type=int, default=64)
 p.add_argument("--structured", action="store_true", help="the hostile client negotiates structured replies")
+p.add_argument("--drain-seconds", type=float, default=1.0, help="the session must be gone this soon after the close")
+p.add_argument("--after-bound-mib", type=float, default=0,
+               help="RSS over the baseline allowed once the session is gone (0: not checked)")
 args = p.parse_args()
 signal.alarm(50)  # the whole scenario is bounded, whatever happens
 
@@ -221,5 +224,11 @@ late = upstream_reads() - reads_at_close
 after = rss_kib()
 print(f"after the close: session gone within {drained:.2f} s; {late} upstream reads started after the close; "
       f"RSS {after / 1024:.1f} MiB", flush=True)
+# FAILING ASSERTIONS of the release: the session and what it held go at once.
+if drained > args.drain_seconds:
+    fail(f"the session took {drained:.2f} s to go after the hostile client closed (at most {args.drain_seconds:g} s)")
+if args.after_bound_mib and (after - baseline) / 1024 > args.after_bound_mib:
+    fail(f"after the close RSS is still {(after - baseline) / 1024:.1f} MiB over the baseline "
+         f"(at most {args.after_bound_mib:g}: the idle buffer pool plus an allowance)")
 if args.upstream_log and late > args.max_late:
     fail(f"{late} upstream reads started after the hostile client closed (at most {args.max_late} were in flight)")

@@ -69,7 +69,7 @@ done >"$T/extents"
 start_nbdkit upd --filter=extentlist null size=4G extentlist="$T/extents"
 # D: 8 extents, depth 0: windows of 8 / 2 = 4 extents; the first one asked is 2 GiB (8 extents).
 start_proxy d upd --prefetch off --fetch-window $((2 << 30)) --cache-max-extents 8
-# E: the default limit; a fetch window of 1 GiB (4 extents) = one expiry granule.
+# E: the default limit; a fetch window of 1 GiB (4 extents): each stored window expires by its own stamp.
 start_proxy e upd --prefetch off --fetch-window $((1 << 30)) --policy ttl=1s
 
 # L: the limit in force, from --cache-max-memory, --cache-max-extents, the smaller of both;
