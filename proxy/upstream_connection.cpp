@@ -122,18 +122,22 @@ void UpstreamConnection::run() {
     // poll is level-triggered and libnbd is this thread's alone, so readiness
     // is real when we notify: a spurious nbd_aio_notify_read would park libnbd
     // in REPLY.START, where it sends no queued command until a reply arrives.
-    // Both ready: read only (libnbd's rule); the write comes next round.
+    // Both ready: read first (libnbd's rule), then write only if libnbd, asked
+    // again, still wants to (reading may have moved its state machine on);
+    // the socket's write space cannot have shrunk meanwhile.
     const short revents = fds[1].revents;
     if (handle_ && revents) {
       nbd_handle* h = handle_.get();
       int rc = 0;
-      if (revents & (POLLIN | POLLHUP | POLLERR)) {
-        rc = nbd_aio_notify_read(h);
-      } else if (revents & POLLOUT) {
-        rc = nbd_aio_notify_write(h);
-      }
+      const bool readable = revents & (POLLIN | POLLHUP | POLLERR);
+      if (readable) rc = nbd_aio_notify_read(h);
       if (rc == -1) spdlog::warn("upstream connection {}: {}", index_, nbd_get_error());
       after_libnbd_call();
+      if ((revents & POLLOUT) && handle_ && (nbd_aio_get_direction(handle_.get()) & LIBNBD_AIO_DIRECTION_WRITE)) {
+        if (nbd_aio_notify_write(handle_.get()) == -1)
+          spdlog::warn("upstream connection {}: {}", index_, nbd_get_error());
+        after_libnbd_call();
+      }
     }
   }
   closing_ = true;
