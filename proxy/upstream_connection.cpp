@@ -127,22 +127,24 @@ void UpstreamConnection::run() {
     // the socket's write space cannot have shrunk meanwhile.
     const short revents = fds[1].revents;
     if (handle_ && revents) {
-      nbd_handle* h = handle_.get();
-      int rc = 0;
-      const bool readable = revents & (POLLIN | POLLHUP | POLLERR);
-      if (readable) rc = nbd_aio_notify_read(h);
-      if (rc == -1) spdlog::warn("upstream connection {}: {}", index_, nbd_get_error());
-      after_libnbd_call();
+      if (revents & (POLLIN | POLLHUP | POLLERR)) notify(false);
       if ((revents & POLLOUT) && handle_ && (nbd_aio_get_direction(handle_.get()) & LIBNBD_AIO_DIRECTION_WRITE)) {
-        if (nbd_aio_notify_write(handle_.get()) == -1)
-          spdlog::warn("upstream connection {}: {}", index_, nbd_get_error());
-        after_libnbd_call();
+        notify(true);
       }
     }
   }
   closing_ = true;
   fail_connection(ESHUTDOWN, nullptr);
   hand_back();
+}
+
+// Tells libnbd its socket is ready; what that finished joins the batch.
+void UpstreamConnection::notify(bool write) {
+  nbd_handle* h = handle_.get();
+  if ((write ? nbd_aio_notify_write(h) : nbd_aio_notify_read(h)) == -1) {
+    spdlog::warn("upstream connection {}: {}", index_, nbd_get_error());
+  }
+  after_libnbd_call();
 }
 
 // Takes what other threads handed in; false once asked to stop.

@@ -114,6 +114,7 @@ class UpstreamConnection {
   void fail_connection(int error, const char* why);
   void try_reconnect();
   void check_timeout(Clock::time_point now);
+  void notify(bool write);
   void after_libnbd_call();
   int poll_timeout_ms(Clock::time_point now) const;
 
