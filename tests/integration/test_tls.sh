@@ -44,8 +44,12 @@ python3 "$here/tls_probe.py" "$T/x509.sock" "$PKI/client/ca-cert.pem" require ||
 grep -q "TLS handshake failed" "$T/x509.log" || fail "no log line for a failed TLS handshake"
 grep -q "handshake timed out" "$T/x509.log" || fail "no log line for a TLS handshake that never finished"
 # One line per bad TLS client: plain bytes after STARTTLS, garbage instead of
-# a ClientHello, and a client that left in the middle of its ClientHello.
-(($(grep -c "TLS handshake failed" "$T/x509.log") >= 3)) || fail "not every bad TLS client was logged"
+# a ClientHello, a client that left in the middle of its ClientHello, and one
+# offering at most TLS 1.1.
+(($(grep -c "TLS handshake failed" "$T/x509.log") >= 4)) || fail "not every bad TLS client was logged"
+# ... and the client that offered at most TLS 1.1 was refused by bscache, for its version.
+grep -q "TLS handshake failed: A packet with illegal or unsupported version" "$T/x509.log" \
+  || fail "a TLS 1.1 client was not refused for its version"
 [[ $(nbdinfo --map "$(tls_uri x509)") == "$direct_map" ]] || fail "TLS clients no longer served after the bad ones"
 pass "X.509 require: plain clients get TLS_REQD, bad TLS input is logged and dropped, others still served"
 stop_server x509

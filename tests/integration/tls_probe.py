@@ -9,6 +9,7 @@ import socket
 import ssl
 import struct
 import sys
+import warnings
 
 PATH, CA, MODE = sys.argv[1], sys.argv[2], sys.argv[3]
 IHAVEOPT = 0x49484156454F5054
@@ -167,6 +168,39 @@ def disconnect_mid_handshake():
     assert c.ask(OPT_STARTTLS) == ACK
     c.s.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc")  # the start of a ClientHello, then gone
     c.s.close()
+
+
+def tls_client_up_to(version):
+    """A client that offers TLS up to `version`, old ciphers allowed (OpenSSL's
+    SECLEVEL=0), so that whatever refuses an old version is the server."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(CA)
+    ctx.set_ciphers("DEFAULT:@SECLEVEL=0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # TLSv1/TLSv1_1 are deprecated names
+        ctx.minimum_version = ssl.TLSVersion.TLSv1
+    ctx.maximum_version = version
+    return ctx
+
+
+@check
+def tls_below_1_2_refused():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        old = ssl.TLSVersion.TLSv1_1
+    c = Conn()
+    assert c.ask(OPT_STARTTLS) == ACK
+    try:
+        tls = tls_client_up_to(old).wrap_socket(c.s, server_hostname="localhost")
+        raise AssertionError(f"a client offering at most TLS 1.1 got {tls.version()}")
+    except (ssl.SSLError, ConnectionResetError, EOFError):
+        pass
+    # The same client allowed TLS 1.2 gets in: the refusal above was the version.
+    c = Conn()
+    assert c.ask(OPT_STARTTLS) == ACK
+    tls = tls_client_up_to(ssl.TLSVersion.TLSv1_2).wrap_socket(c.s, server_hostname="localhost")
+    assert tls.version() == "TLSv1.2", tls.version()
+    tls.close()
 
 
 @check
