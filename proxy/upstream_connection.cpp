@@ -61,16 +61,16 @@ UpstreamConnection::~UpstreamConnection() {
   {
     std::lock_guard lock(mutex_);
     inbox_.stop = true;
-    ring(inbox_);
+    ring();
   }
   thread_.join();
   ::close(doorbell_);
 }
 
 // Under mutex_: wake the thread if it sleeps (once; it clears the flag when it wakes).
-void UpstreamConnection::ring(Inbox& inbox) {
-  if (!inbox.sleeping) return;
-  inbox.sleeping = false;
+void UpstreamConnection::ring() {
+  if (!inbox_.sleeping) return;
+  inbox_.sleeping = false;
   const uint64_t one = 1;
   [[maybe_unused]] ssize_t n = ::write(doorbell_, &one, sizeof one);  // can only fail if the counter is full
 }
@@ -78,13 +78,13 @@ void UpstreamConnection::ring(Inbox& inbox) {
 void UpstreamConnection::submit(std::unique_ptr<UpstreamCommand> command) {
   std::lock_guard lock(mutex_);
   inbox_.commands.push_back(std::move(command));
-  ring(inbox_);
+  ring();
 }
 
 void UpstreamConnection::disconnect() {
   std::lock_guard lock(mutex_);
   inbox_.disconnect = true;
-  ring(inbox_);
+  ring();
 }
 
 void UpstreamConnection::run() {

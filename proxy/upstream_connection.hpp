@@ -105,7 +105,7 @@ class UpstreamConnection {
   };
 
   void run();
-  void ring(Inbox& inbox);
+  void ring();        // under mutex_
   bool take_inbox();  // false: stop
   void issue(std::unique_ptr<UpstreamCommand> command);
   void finish(std::unique_ptr<UpstreamCommand> command);
