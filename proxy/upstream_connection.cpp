@@ -194,7 +194,9 @@ void UpstreamConnection::finish(std::unique_ptr<UpstreamCommand> command) {
 
 void UpstreamConnection::issue(std::unique_ptr<UpstreamCommand> command) {
   if (!handle_) {
-    command->result.error = ESHUTDOWN;  // upstream is gone; we are reconnecting
+    // Submitted before the loop heard this connection was lost.
+    command->result.error = ESHUTDOWN;
+    command->never_sent = true;
     finish(std::move(command));
     return;
   }
@@ -223,6 +225,8 @@ void UpstreamConnection::issue(std::unique_ptr<UpstreamCommand> command) {
     auto failed = std::move(it->second);
     pending_.erase(it);
     failed->result.error = err ? err : EIO;
+    // A handle found dead only now sent nothing: another connection may.
+    failed->never_sent = nbd_aio_is_dead(handle_.get()) || nbd_aio_is_closed(handle_.get());
     finish(std::move(failed));
   }
   // Issuing may have sent bytes, completed commands or found the handle dead.

@@ -65,6 +65,10 @@ struct UpstreamCommand {
   std::chrono::steady_clock::time_point sent_at;  // by the pool, on the loop thread
   std::chrono::steady_clock::time_point started;  // by the connection, on its thread
   std::vector<UpstreamCommand*>* done = nullptr;  // where libnbd's callback records completion
+  // Set by the connection when it failed the command without sending it (its
+  // upstream had just died): nothing reached upstream, so the pool may send it
+  // on another connection instead of failing the client's request.
+  bool never_sent = false;
   virtual ~UpstreamCommand() = default;
   // Resumes whoever waits for the result. Called on the loop thread, once.
   virtual void deliver() = 0;

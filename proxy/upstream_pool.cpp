@@ -103,10 +103,10 @@ size_t UpstreamPool::connections_up() const {
   return up;
 }
 
-std::optional<size_t> UpstreamPool::pick() const {
+std::optional<size_t> UpstreamPool::pick(std::optional<size_t> avoid) const {
   std::optional<size_t> best;
   for (size_t i = 0; i < connections_.size(); ++i) {
-    if (connections_[i].up && (!best || connections_[i].load < connections_[*best].load)) best = i;
+    if (connections_[i].up && i != avoid && (!best || connections_[i].load < connections_[*best].load)) best = i;
   }
   return best;
 }
@@ -216,6 +216,7 @@ void UpstreamPool::complete(std::unique_ptr<UpstreamCommand> command) {
     if (is_mutation(op)) --s.writes_in_flight;
     if (op == UpstreamOp::Flush && error) s.wrote_since_flush = true;  // still due
   }
+  if (command->never_sent && resend(command)) return;
   if (error != ECANCELED) {  // a cancelled command never left bscache
     const uint16_t type = wire_command(op);
     ++metrics_.upstream_requests[type];
@@ -230,6 +231,23 @@ void UpstreamPool::complete(std::unique_ptr<UpstreamCommand> command) {
     }
   }
   command->deliver();
+}
+
+// A command its connection failed without sending (the connection died
+// between our send() and its thread picking the command up) goes to another
+// connection: nothing of it reached upstream, and the client should not see
+// an error a healthy connection would not have given. Not a FLUSH: it was
+// meant to cover writes on the connection that died, which no other
+// connection's flush covers (connection_changed fails the next flush instead).
+bool UpstreamPool::resend(std::unique_ptr<UpstreamCommand>& command) {
+  const bool cancelled = command->cancelled && command->cancelled->load(std::memory_order_relaxed);
+  if (command->args.op == UpstreamOp::Flush || cancelled) return false;
+  const auto slot = pick(command->connection);
+  if (!slot) return false;
+  command->never_sent = false;
+  command->result = CommandResult{};
+  send(*slot, std::move(command));
+  return true;
 }
 
 void UpstreamPool::connection_changed(size_t index, std::optional<UpstreamInfo> reconnected) {

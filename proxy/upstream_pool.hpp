@@ -75,10 +75,12 @@ class UpstreamPool final : public BlockStatusUpstream {
   struct PendingWith;
   struct FlushFanOut;
 
-  std::optional<size_t> pick() const;
+  // The least loaded connection that is up, other than `avoid`.
+  std::optional<size_t> pick(std::optional<size_t> avoid = std::nullopt) const;
   std::optional<size_t> flush_target() const;
   void send(size_t slot, std::unique_ptr<UpstreamCommand> command);
   void complete(std::unique_ptr<UpstreamCommand> command);
+  bool resend(std::unique_ptr<UpstreamCommand>& command);
   void connection_changed(size_t index, std::optional<UpstreamInfo> reconnected);
 
   asio::io_context& loop_;
