@@ -13,6 +13,7 @@
 
 #include <boost/asio/signal_set.hpp>
 
+#include "proxy/export_registry.hpp"
 #include "proxy/metrics_http.hpp"
 #include "proxy/server.hpp"
 #include "proxy/service_notify.hpp"
@@ -36,6 +37,13 @@ std::string join(const std::vector<std::string>& items) {
   return out.empty() ? "(none)" : out;
 }
 
+// --exports not given: one export if the command line names one (the URI's
+// path or --export-name), else every export upstream has.
+ExportsMode exports_mode(const Options& options, const UpstreamTarget& target) {
+  if (options.exports_mode_given) return options.exports.mode;
+  return named_export(target).empty() ? ExportsMode::Passthrough : ExportsMode::Single;
+}
+
 class App {
  public:
   explicit App(const Options& options) : options_(options) {}
@@ -52,6 +60,9 @@ class App {
   void write_stats();
   void log_summary();
   void watch_upstream();
+  // Every export's counters summed, with the client connection counters.
+  Metrics totals() const;
+  std::string describe_upstream() const;
   // `why` becomes systemd's STATUS= while stopping (default: finishing the requests in flight).
   awaitable<void> shutdown(std::string why = "");
   awaitable<void> periodic_summary();
@@ -75,9 +86,7 @@ class App {
   Metrics metrics_;
   BufferPool buffers_;
   std::unique_ptr<UpstreamChild> upstream_child_;  // --upstream-command's server; outlives upstream_
-  std::unique_ptr<UpstreamPool> upstream_;
-  ExportInfo info_;
-  std::unique_ptr<BlockStatusService> block_status_;
+  std::unique_ptr<ExportRegistry> exports_;
   std::unique_ptr<TlsServerCredentials> tls_;
   std::unique_ptr<ProxyContext> context_;
   std::unique_ptr<Server> server_;
@@ -111,36 +120,20 @@ bool App::connect_upstream() {
       target.uri = upstream_child_->uri(target.tls.any());
       target.command.clear();
     }
-    upstream_ = std::make_unique<UpstreamPool>(io_, target, options_.upstream_options, metrics_);
+    ExportLimits limits = options_.exports;
+    limits.mode = exports_mode(options_, target);
+    const ExportSettings settings{options_.upstream_options, options_.block_status, options_.read_only};
+    exports_ = std::make_unique<ExportRegistry>(io_, target, settings, limits);
+    exports_->start();
+  } catch (const ExportRefused& e) {
+    spdlog::error("bscache: {}", e.what());
+    exit_code_ = 2;  // a usage error, like every other refused option
+    return false;
   } catch (const std::exception& e) {
     spdlog::error("{}", e.what());
     return false;
   }
-  info_ = make_export_info(upstream_->info(), options_.read_only);
-  if (options_.block_status.max_window < info_.min_block) {
-    // A window must hold at least one whole block of the upstream's.
-    spdlog::error("bscache: --fetch-window {} is below the upstream's minimum block size {}",
-                  options_.block_status.max_window, info_.min_block);
-    exit_code_ = 2;  // a usage error, like every other refused option
-    return false;
-  }
-  block_status_ = std::make_unique<BlockStatusService>(io_, *upstream_, info_, options_.block_status, metrics_);
-  upstream_->on_state_change([this](const std::optional<UpstreamInfo>& reconnected) {
-    watch_upstream();
-    // The upstream may have changed while we could not see it: nothing cached stays.
-    block_status_->clear();
-    if (!reconnected) return;
-    ExportInfo fresh = make_export_info(*reconnected, options_.read_only);
-    if (fresh != info_) {
-      // New clients get the export as it is now; connected ones keep what
-      // they negotiated (upstream refuses their requests past its new end).
-      spdlog::warn(
-          "upstream changed across the reconnect (size {} -> {}, flags {:#x} -> {:#x}, contexts {} -> {}): "
-          "new clients see the new export",
-          info_.size, fresh.size, info_.tx_flags, fresh.tx_flags, join(info_.contexts), join(fresh.contexts));
-      info_ = std::move(fresh);
-    }
-  });
+  exports_->on_state_change([this] { watch_upstream(); });
   if (options_.tls.mode != TlsMode::Off) {
     try {
       tls_ = std::make_unique<TlsServerCredentials>(options_.tls);
@@ -150,8 +143,8 @@ bool App::connect_upstream() {
       return false;
     }
   }
-  context_ = std::make_unique<ProxyContext>(
-      ProxyContext{io_, *upstream_, info_, *block_status_, metrics_, buffers_, options_.session, tls_.get()});
+  context_ =
+      std::make_unique<ProxyContext>(ProxyContext{io_, *exports_, metrics_, buffers_, options_.session, tls_.get()});
   return true;
 }
 
@@ -171,7 +164,8 @@ bool App::listen() {
     server_ = std::make_unique<Server>(*context_, listen);
     if (!options_.metrics_address.empty()) {
       metrics_http_ = std::make_unique<MetricsHttp>(io_, options_.metrics_address, [this] {
-        return render_prometheus(metrics_, block_status_->gauges(), options_.block_status.coherence.describe());
+        return render_prometheus(totals(), exports_->cache_totals(), options_.block_status.coherence.describe(),
+                                 exports_->stats());
       });
     }
   } catch (const std::exception& e) {
@@ -180,15 +174,13 @@ bool App::listen() {
   }
   server_->start();
   if (metrics_http_) metrics_http_->start();
-  spdlog::info(
-      "bscache {}: upstream {} ({} bytes, contexts: {}, {} connection{}), policy {}, prefetch {}, listening on {}{}{}",
-      BSCACHE_VERSION, options_.upstream.uri.empty() ? join(options_.upstream.command) : options_.upstream.uri,
-      info_.size, join(upstream_->info().contexts), upstream_->connections(), upstream_->connections() == 1 ? "" : "s",
-      options_.block_status.coherence.describe(), options_.block_status.prefetch.enabled ? "on" : "off", server_->uri(),
-      metrics_http_ ? ", metrics on http://" + metrics_http_->endpoint() + "/metrics" : "",
-      tls_ ? std::string(options_.tls.mode == TlsMode::Require ? ", TLS required (" : ", TLS offered (") +
-                 tls_->describe() + ")"
-           : "");
+  spdlog::info("bscache {}: upstream {}, policy {}, prefetch {}, listening on {}{}{}", BSCACHE_VERSION,
+               describe_upstream(), options_.block_status.coherence.describe(),
+               options_.block_status.prefetch.enabled ? "on" : "off", server_->uri(),
+               metrics_http_ ? ", metrics on http://" + metrics_http_->endpoint() + "/metrics" : "",
+               tls_ ? std::string(options_.tls.mode == TlsMode::Require ? ", TLS required (" : ", TLS offered (") +
+                          tls_->describe() + ")"
+                    : "");
   return true;
 }
 
@@ -221,7 +213,7 @@ void App::teardown() {
   // Joins the upstream threads (their libnbd handles closed) before this
   // thread opens files of its own: ThreadSanitizer cannot see libnbd close a
   // descriptor, and would take the reuse of its number for a race.
-  upstream_.reset();
+  exports_->close_all();
   upstream_child_.reset();
   log_summary();
   write_stats();
@@ -274,33 +266,52 @@ awaitable<void> App::shutdown(std::string why) {
     co_await sleep(std::chrono::milliseconds(10));
   }
   if (server_->session_count() > 0) spdlog::warn("{} connections still busy at shutdown", server_->session_count());
-  while (upstream_->in_flight() > 0 && std::chrono::steady_clock::now() < deadline) {
+  while (exports_->in_flight() > 0 && std::chrono::steady_clock::now() < deadline) {
     co_await sleep(std::chrono::milliseconds(10));
   }
-  upstream_->shutdown();
+  exports_->shutdown();
   io_.stop();
 }
 
 void App::write_stats() {
   if (options_.stats_file.empty()) return;
   std::string error;
-  auto json = render_stats_json(metrics_, block_status_->gauges(), options_.block_status.coherence.describe());
+  auto json = render_stats_json(totals(), exports_->cache_totals(), options_.block_status.coherence.describe(),
+                                exports_->stats());
   if (!write_file_atomically(options_.stats_file, json, error)) spdlog::warn("stats file: {}", error);
 }
 
+Metrics App::totals() const {
+  Metrics sum = exports_->totals();
+  sum.started = metrics_.started;
+  sum.connections_current = metrics_.connections_current;
+  sum.connections_total = metrics_.connections_total;
+  sum.connections_rejected = metrics_.connections_rejected;
+  return sum;
+}
+
+std::string App::describe_upstream() const {
+  const std::string where = options_.upstream.uri.empty() ? join(options_.upstream.command) : options_.upstream.uri;
+  const Export* single = exports_->single();
+  if (!single) return where + " (every export it has, each opened on its first client)";
+  const auto& pool = single->upstream();
+  return fmt::format("{} ({} bytes, contexts: {}, {} connection{})", where, single->info().size,
+                     join(pool.info().contexts), pool.connections(), pool.connections() == 1 ? "" : "s");
+}
+
 void App::log_summary() {
-  const uint64_t asked = metrics_.client_requests[wire::kCmdBlockStatus];
-  const uint64_t sent = metrics_.upstream_requests[wire::kCmdBlockStatus];
+  const Metrics m = totals();
+  const uint64_t asked = m.client_requests[wire::kCmdBlockStatus];
+  const uint64_t sent = m.upstream_requests[wire::kCmdBlockStatus];
   spdlog::info("block status: {} hits, {} misses (hit rate {:.1f}%), {} client requests, {} sent upstream, {} saved",
-               metrics_.block_status_hits, metrics_.block_status_misses, 100 * hit_rate(metrics_), asked, sent,
-               upstream_calls_saved(metrics_));
+               m.block_status_hits, m.block_status_misses, 100 * hit_rate(m), asked, sent, upstream_calls_saved(m));
 }
 
 // With --reconnect-max D: once no upstream connection is up, give the
 // reconnects D to bring one back, else exit so systemd's Restart= starts a
 // fresh bscache (whose start-up fails fast and visibly if upstream is gone).
 void App::watch_upstream() {
-  const bool any_up = upstream_->connections_up() > 0;
+  const bool any_up = !exports_->any_export_down();
   if (any_up || shutting_down_) {
     if (give_up_armed_) give_up_.cancel();
     give_up_armed_ = false;
@@ -326,10 +337,11 @@ awaitable<void> App::periodic_summary() {
     co_await sleep(options_.stats_interval);
     if (shutting_down_) break;
     log_summary();
-    notifier_.status(
-        fmt::format("hit rate {:.1f}%, {} upstream calls saved, {} clients, {} of {} upstream connections up",
-                    100 * hit_rate(metrics_), upstream_calls_saved(metrics_), metrics_.connections_current,
-                    metrics_.upstream_connections, upstream_->connections()));
+    const Metrics m = totals();
+    notifier_.status(fmt::format(
+        "hit rate {:.1f}%, {} upstream calls saved, {} clients, {} of {} upstream connections up, {} exports open",
+        100 * hit_rate(m), upstream_calls_saved(m), m.connections_current, m.upstream_connections,
+        exports_->connections(), exports_->single() ? 1 : exports_->open_count()));
   }
 }
 

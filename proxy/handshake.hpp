@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "proxy/export_info.hpp"
@@ -20,6 +21,28 @@ struct Negotiated {
   bool structured_replies = false;
   bool no_zeroes = false;
   std::vector<uint32_t> contexts;  // selected, as indexes into ExportInfo::contexts
+  std::string contexts_export;     // the export SET_META_CONTEXT chose them for
+};
+
+// The export a client named, as the caller found it before handle() (the
+// lookup may mean opening an upstream connection: I/O, so not in here).
+struct ExportChoice {
+  const ExportInfo* info = nullptr;  // null: refused with `error` and `message`
+  uint32_t error = wire::kRepErrUnknown;
+  std::string message;
+};
+
+// What handle() needs found first to answer an option.
+struct OptionNeed {
+  enum class Kind { Nothing, Export, List };
+  Kind kind = Kind::Nothing;
+  std::string name;  // Kind::Export: the export the option names
+};
+
+// What the caller found for an option's need.
+struct OptionContext {
+  const ExportChoice* choice = nullptr;                 // Kind::Export
+  const std::vector<ExportListing>* listing = nullptr;  // Kind::List
 };
 
 // What requests in the transmission phase are validated against: the export
@@ -44,10 +67,19 @@ enum class OptionOutcome {
 
 class Handshake {
  public:
-  Handshake(const ExportInfo& info, bool client_no_zeroes, TlsMode tls = TlsMode::Off);
+  // Exports are looked up per option: see needs().
+  explicit Handshake(bool client_no_zeroes, TlsMode tls = TlsMode::Off);
+  // One fixed export whatever name a client gives (and LIST shows only it):
+  // every need is already met.
+  Handshake(const ExportInfo& fixed, bool client_no_zeroes, TlsMode tls = TlsMode::Off);
 
+  // What must be found before handle() can answer this option: the export it
+  // names (INFO, GO, EXPORT_NAME, the meta-context options) or the export
+  // list (LIST). Nothing when the option is refused whatever is found.
+  OptionNeed needs(uint32_t option, wire::ByteSpan payload) const;
   // Handles one option whose payload was read in full; appends the reply.
-  OptionOutcome handle(uint32_t option, wire::ByteSpan payload, wire::Bytes& reply);
+  // `context` carries what needs() asked for (unused with a fixed export).
+  OptionOutcome handle(uint32_t option, wire::ByteSpan payload, wire::Bytes& reply, OptionContext context = {});
   // An option whose payload was too long to read: refuse it.
   OptionOutcome refuse_oversized(uint32_t option, wire::Bytes& reply);
 
@@ -61,10 +93,15 @@ class Handshake {
 
  private:
   OptionOutcome handle_start_tls(wire::ByteSpan payload, wire::Bytes& reply);
-  OptionOutcome handle_info_or_go(uint32_t option, wire::ByteSpan payload, wire::Bytes& reply);
-  OptionOutcome handle_meta_context(uint32_t option, wire::ByteSpan payload, wire::Bytes& reply);
+  OptionOutcome handle_list(wire::ByteSpan payload, wire::Bytes& reply, const OptionContext& context);
+  OptionOutcome handle_info_or_go(uint32_t option, wire::ByteSpan payload, wire::Bytes& reply, const ExportInfo& info);
+  OptionOutcome handle_meta_context(uint32_t option, wire::ByteSpan payload, wire::Bytes& reply,
+                                    const ExportInfo& info);
+  bool refused_before_tls(uint32_t option) const;
+  // The export `context` found, or the fixed one; null: refused (the reply says why).
+  const ExportInfo* chosen(uint32_t option, const OptionContext& context, wire::Bytes& reply) const;
 
-  const ExportInfo& info_;
+  const ExportInfo* fixed_ = nullptr;
   Negotiated negotiated_;
   TlsMode tls_;
   bool tls_active_ = false;

@@ -58,14 +58,26 @@ awaitable<bool> exchange_flags(ClientStream& stream, uint64_t id, bool& no_zeroe
 }
 }  // namespace
 
-awaitable<std::optional<Negotiated>> negotiate(ClientStream& stream, const ExportInfo& info, uint64_t id,
-                                               std::chrono::milliseconds timeout, const TlsServerCredentials* tls) {
+awaitable<std::optional<NegotiatedExport>> negotiate(ClientStream& stream, ExportRegistry& exports, uint64_t id,
+                                                     std::chrono::milliseconds timeout,
+                                                     const TlsServerCredentials* tls) {
   // A client that never finishes the handshake must not hold a slot forever.
   Deadline deadline(stream.socket(), timeout, id, "handshake");
   bool no_zeroes = false;
   if (!co_await exchange_flags(stream, id, no_zeroes)) co_return std::nullopt;
 
-  Handshake handshake(info, no_zeroes, tls ? tls->mode() : TlsMode::Off);
+  const TlsMode tls_mode = tls ? tls->mode() : TlsMode::Off;
+  // One export whatever the name, or looked up per option (passthrough).
+  Export* single = exports.single();
+  std::optional<Handshake> handshake;
+  if (single) {
+    handshake.emplace(single->info(), no_zeroes, tls_mode);
+  } else {
+    handshake.emplace(no_zeroes, tls_mode);
+  }
+  ExportLookup looked_up;  // the export the last option named, held while the handshake goes on
+  ExportChoice choice;
+  std::vector<ExportListing> listing;
   Bytes out;
   for (;;) {
     std::array<uint8_t, kOptionHeaderSize> header_bytes{};
@@ -80,11 +92,21 @@ awaitable<std::optional<Negotiated>> negotiate(ClientStream& stream, const Expor
     if (header->length > kMaxOptionLength) {
       spdlog::warn("connection {}: option {} with {} byte payload refused", id, header->option, header->length);
       if (!co_await stream.discard(header->length)) co_return std::nullopt;
-      outcome = handshake.refuse_oversized(header->option, out);
+      outcome = handshake->refuse_oversized(header->option, out);
     } else {
       Bytes payload(header->length);
       if (!co_await stream.read_exact(payload)) co_return std::nullopt;
-      outcome = handshake.handle(header->option, payload, out);
+      OptionContext context;
+      const OptionNeed need = handshake->needs(header->option, payload);
+      if (need.kind == OptionNeed::Kind::Export) {
+        looked_up = co_await exports.find(need.name);
+        choice = {looked_up.client ? &(*looked_up.client)->info() : nullptr, looked_up.error, looked_up.message};
+        context.choice = &choice;
+      } else if (need.kind == OptionNeed::Kind::List) {
+        listing = co_await exports.list();
+        context.listing = &listing;
+      }
+      outcome = handshake->handle(header->option, payload, out, context);
     }
     co_await stream.write_all(out);
     if (outcome == OptionOutcome::Close) co_return std::nullopt;
@@ -93,9 +115,13 @@ awaitable<std::optional<Negotiated>> negotiate(ClientStream& stream, const Expor
       // text after STARTTLS is taken as the start of its TLS handshake, which
       // then fails, never as options.
       if (!co_await stream.start_tls(*tls, id)) co_return std::nullopt;
-      handshake.tls_started();
+      handshake->tls_started();
     }
-    if (outcome == OptionOutcome::Transmission) co_return handshake.negotiated();
+    if (outcome == OptionOutcome::Transmission) {
+      // The option that chose the export looked it up (or the one export was).
+      if (single) looked_up = co_await exports.find({});
+      co_return NegotiatedExport{handshake->negotiated(), std::move(looked_up.client)};
+    }
   }
 }
 

@@ -12,7 +12,7 @@
 
 #include "proxy/asio.hpp"
 #include "proxy/client_stream.hpp"
-#include "proxy/export_info.hpp"
+#include "proxy/export_registry.hpp"
 #include "proxy/handshake.hpp"
 
 namespace bscache::proxy {
@@ -34,11 +34,19 @@ class Deadline {
 
 class TlsServerCredentials;
 
+// What a finished handshake chose: the options, and the export (held).
+struct NegotiatedExport {
+  Negotiated negotiated;
+  std::unique_ptr<Export::Client> chosen;
+};
+
 // Runs the handshake on `stream`, the TLS handshake included if the client
-// sends STARTTLS (`tls` null: --tls off). Returns what was negotiated, or
-// nullopt if the connection is to be closed (the peer left, misbehaved or
-// took too long: the deadline covers the whole handshake, TLS included).
-awaitable<std::optional<Negotiated>> negotiate(ClientStream& stream, const ExportInfo& info, uint64_t connection_id,
-                                               std::chrono::milliseconds timeout, const TlsServerCredentials* tls);
+// sends STARTTLS (`tls` null: --tls off), looking exports up in `exports` as
+// the client names them. Returns what was negotiated, or nullopt if the
+// connection is to be closed (the peer left, misbehaved or took too long: the
+// deadline covers the whole handshake, TLS and export lookups included).
+awaitable<std::optional<NegotiatedExport>> negotiate(ClientStream& stream, ExportRegistry& exports,
+                                                     uint64_t connection_id, std::chrono::milliseconds timeout,
+                                                     const TlsServerCredentials* tls);
 
 }  // namespace bscache::proxy

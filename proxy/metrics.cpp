@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
@@ -25,6 +26,29 @@ void Histogram::observe(double seconds) {
   }
 }
 
+void add_export_counters(Metrics& total, const Metrics& part) {
+  for (size_t op = 0; op < kOpCount; ++op) {
+    total.client_requests[op] += part.client_requests[op];
+    total.client_errors[op] += part.client_errors[op];
+    total.upstream_requests[op] += part.upstream_requests[op];
+    total.upstream_errors[op] += part.upstream_errors[op];
+  }
+  total.block_status_hits += part.block_status_hits;
+  total.block_status_misses += part.block_status_misses;
+  auto& h = total.upstream_block_status_latency;
+  const auto& p = part.upstream_block_status_latency;
+  for (size_t i = 0; i < h.buckets.size(); ++i) h.buckets[i] += p.buckets[i];
+  h.count += p.count;
+  h.sum += p.sum;
+  total.prefetches_issued += part.prefetches_issued;
+  total.prefetches_used += part.prefetches_used;
+  total.ranges_invalidated += part.ranges_invalidated;
+  total.ranges_updated += part.ranges_updated;
+  total.upstream_reconnects += part.upstream_reconnects;
+  total.upstream_connections += part.upstream_connections;
+  total.cache_bypassed += part.cache_bypassed;
+}
+
 double hit_rate(const Metrics& m) {
   const uint64_t total = m.block_status_hits + m.block_status_misses;
   return total ? static_cast<double>(m.block_status_hits) / static_cast<double>(total) : 0.0;
@@ -42,17 +66,11 @@ nlohmann::json by_op(const std::array<uint64_t, kOpCount>& counts) {
 double uptime(const Metrics& m) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - m.started).count();
 }
-}  // namespace
 
-std::string render_stats_json(const Metrics& m, const CacheGauges& cache, const std::string& policy) {
-  nlohmann::json doc;
-  doc["uptime_seconds"] = uptime(m);
-  doc["policy"] = policy;
-  doc["client"] = {{"connections_current", m.connections_current},
-                   {"connections_total", m.connections_total},
-                   {"connections_rejected", m.connections_rejected},
-                   {"requests", by_op(m.client_requests)},
-                   {"errors", by_op(m.client_errors)}};
+// The sections counted per export (and, summed, for all of them).
+void export_sections(nlohmann::json& doc, const Metrics& m, const CacheGauges& cache) {
+  doc["client"]["requests"] = by_op(m.client_requests);
+  doc["client"]["errors"] = by_op(m.client_errors);
   doc["block_status"] = {{"hits", m.block_status_hits},
                          {"misses", m.block_status_misses},
                          {"hit_rate", hit_rate(m)},
@@ -74,90 +92,173 @@ std::string render_stats_json(const Metrics& m, const CacheGauges& cache, const 
                   {"prefetches_used", m.prefetches_used},
                   {"ranges_invalidated", m.ranges_invalidated},
                   {"ranges_updated", m.ranges_updated}};
+}
+}  // namespace
+
+std::string render_stats_json(const Metrics& m, const CacheGauges& cache, const std::string& policy,
+                              const std::vector<ExportStats>& exports) {
+  nlohmann::json doc;
+  doc["uptime_seconds"] = uptime(m);
+  doc["policy"] = policy;
+  doc["client"] = {{"connections_current", m.connections_current},
+                   {"connections_total", m.connections_total},
+                   {"connections_rejected", m.connections_rejected}};
+  export_sections(doc, m, cache);
+  doc["exports"] = nlohmann::json::object();
+  for (const auto& e : exports) {
+    nlohmann::json one;
+    one["open"] = e.open;
+    export_sections(one, *e.metrics, e.cache);
+    doc["exports"][e.name] = std::move(one);
+  }
   return doc.dump(2) + "\n";
 }
 
 namespace {
-void family(std::ostringstream& out, const char* name, const char* type, const char* help) {
-  out << "# HELP " << name << ' ' << help << "\n# TYPE " << name << ' ' << type << '\n';
-}
-void per_op(std::ostringstream& out, const char* name, const std::array<uint64_t, kOpCount>& counts) {
-  for (uint16_t op = 0; op < kOpCount; ++op) {
-    if (op != wire::kCmdDisc) out << name << "{op=\"" << wire::command_name(op) << "\"} " << counts[op] << '\n';
+// Label values escape backslash, double quote and newline (the text format's rule).
+std::string label_value(const std::string& v) {
+  std::string out;
+  for (char c : v) {
+    if (c == '\\' || c == '"') out += '\\';
+    if (c == '\n') {
+      out += "\\n";
+      continue;
+    }
+    out += c;
   }
+  return out;
 }
-void sample(std::ostringstream& out, const char* name, const char* type, const char* help, double value) {
-  family(out, name, type, help);
-  out << name << ' ' << value << '\n';
-}
+
+// One source of per-export series: the total (no label) or one export.
+struct Source {
+  std::string label;  // `export="name"` or empty
+  const Metrics* m;
+  CacheGauges cache;
+};
+
+class Exposition {
+ public:
+  explicit Exposition(std::vector<Source> sources) : sources_(std::move(sources)) { out_.precision(17); }
+  std::string str() const { return out_.str(); }
+
+  void family(const char* name, const char* type, const char* help) {
+    out_ << "# HELP " << name << ' ' << help << "\n# TYPE " << name << ' ' << type << '\n';
+  }
+  // A series that is not per export.
+  void global(const char* name, const char* type, const char* help, double value) {
+    family(name, type, help);
+    out_ << name << ' ' << value << '\n';
+  }
+  // A per-export series: the total, then each export.
+  template <typename Value>
+  void each(const char* name, const char* type, const char* help, Value value) {
+    family(name, type, help);
+    for (const auto& s : sources_) {
+      out_ << name << (s.label.empty() ? "" : "{" + s.label + "}") << ' ' << static_cast<double>(value(s)) << '\n';
+    }
+  }
+  template <typename Counts>
+  void each_op(const char* name, const char* help, Counts counts) {
+    family(name, "counter", help);
+    for (const auto& s : sources_) {
+      const std::array<uint64_t, kOpCount>& c = counts(*s.m);
+      for (uint16_t op = 0; op < kOpCount; ++op) {
+        if (op == wire::kCmdDisc) continue;
+        out_ << name << '{' << s.label << (s.label.empty() ? "" : ",") << "op=\"" << wire::command_name(op) << "\"} "
+             << c[op] << '\n';
+      }
+    }
+  }
+  void latency_histogram() {
+    const char* name = "bscache_upstream_request_duration_seconds";
+    family(name, "histogram", "Upstream block-status latency.");
+    for (const auto& s : sources_) {
+      const auto& h = s.m->upstream_block_status_latency;
+      const std::string labels = s.label + (s.label.empty() ? "" : ",") + "op=\"block_status\"";
+      uint64_t cumulative = 0;
+      for (size_t i = 0; i < kLatencyBuckets.size(); ++i) {
+        cumulative += h.buckets[i];
+        out_ << name << "_bucket{" << labels << ",le=\"" << kLatencyBuckets[i] << "\"} " << cumulative << '\n';
+      }
+      out_ << name << "_bucket{" << labels << ",le=\"+Inf\"} " << h.count << '\n';
+      out_ << name << "_sum{" << labels << "} " << h.sum << '\n';
+      out_ << name << "_count{" << labels << "} " << h.count << '\n';
+    }
+  }
+  std::ostringstream& raw() { return out_; }
+
+ private:
+  std::vector<Source> sources_;
+  std::ostringstream out_;
+};
 }  // namespace
 
-std::string render_prometheus(const Metrics& m, const CacheGauges& cache, const std::string& policy) {
-  std::ostringstream out;
-  out.precision(17);
-  family(out, "bscache_info", "gauge", "Static information about this bscache.");
-  out << "bscache_info{policy=\"" << policy << "\"} 1\n";
-  sample(out, "bscache_uptime_seconds", "gauge", "Seconds since bscache started.", uptime(m));
-  sample(out, "bscache_client_connections", "gauge", "Client connections open now.",
-         static_cast<double>(m.connections_current));
-  sample(out, "bscache_client_connections_total", "counter", "Client connections accepted.",
-         static_cast<double>(m.connections_total));
-  sample(out, "bscache_client_connections_rejected_total", "counter", "Client connections refused at the limit.",
-         static_cast<double>(m.connections_rejected));
-  family(out, "bscache_client_requests_total", "counter", "Client requests received, by operation.");
-  per_op(out, "bscache_client_requests_total", m.client_requests);
-  family(out, "bscache_client_errors_total", "counter", "Client requests answered with an error, by operation.");
-  per_op(out, "bscache_client_errors_total", m.client_errors);
-  sample(out, "bscache_block_status_hits_total", "counter",
-         "Block-status requests answered without waiting on upstream.", static_cast<double>(m.block_status_hits));
-  sample(out, "bscache_block_status_misses_total", "counter", "Block-status requests that waited on upstream.",
-         static_cast<double>(m.block_status_misses));
-  sample(out, "bscache_block_status_hit_ratio", "gauge", "hits / (hits + misses), 0 before any request.", hit_rate(m));
+std::string render_prometheus(const Metrics& m, const CacheGauges& cache, const std::string& policy,
+                              const std::vector<ExportStats>& exports) {
+  std::vector<Source> sources{{"", &m, cache}};
+  for (const auto& e : exports) sources.push_back({"export=\"" + label_value(e.name) + "\"", e.metrics, e.cache});
+  Exposition x(std::move(sources));
+  x.family("bscache_info", "gauge", "Static information about this bscache.");
+  x.raw() << "bscache_info{policy=\"" << policy << "\"} 1\n";
+  x.global("bscache_uptime_seconds", "gauge", "Seconds since bscache started.", uptime(m));
+  x.global("bscache_client_connections", "gauge", "Client connections open now.",
+           static_cast<double>(m.connections_current));
+  x.global("bscache_client_connections_total", "counter", "Client connections accepted.",
+           static_cast<double>(m.connections_total));
+  x.global("bscache_client_connections_rejected_total", "counter", "Client connections refused at the limit.",
+           static_cast<double>(m.connections_rejected));
+  x.global("bscache_exports_open", "gauge", "Upstream exports open now.",
+           static_cast<double>(std::count_if(exports.begin(), exports.end(), [](const auto& e) { return e.open; })));
+  x.each_op(
+      "bscache_client_requests_total", "Client requests received, by operation.",
+      [](const Metrics& s) -> const auto& { return s.client_requests; });
+  x.each_op(
+      "bscache_client_errors_total", "Client requests answered with an error, by operation.",
+      [](const Metrics& s) -> const auto& { return s.client_errors; });
+  x.each("bscache_block_status_hits_total", "counter", "Block-status requests answered without waiting on upstream.",
+         [](const Source& s) { return s.m->block_status_hits; });
+  x.each("bscache_block_status_misses_total", "counter", "Block-status requests that waited on upstream.",
+         [](const Source& s) { return s.m->block_status_misses; });
+  x.each("bscache_block_status_hit_ratio", "gauge", "hits / (hits + misses), 0 before any request.",
+         [](const Source& s) { return hit_rate(*s.m); });
   // A gauge: it falls when the cache costs more calls than it saves. The name
   // keeps its _total suffix so existing dashboards keep working.
-  sample(out, "bscache_upstream_calls_saved_total", "gauge",
+  x.each("bscache_upstream_calls_saved_total", "gauge",
          "Client block-status requests minus upstream block-status requests (negative: the cache cost calls).",
-         static_cast<double>(upstream_calls_saved(m)));
-  family(out, "bscache_upstream_requests_total", "counter", "Requests sent upstream, by operation.");
-  per_op(out, "bscache_upstream_requests_total", m.upstream_requests);
-  family(out, "bscache_upstream_errors_total", "counter", "Upstream requests that failed, by operation.");
-  per_op(out, "bscache_upstream_errors_total", m.upstream_errors);
-  sample(out, "bscache_upstream_reconnects_total", "counter", "Times the upstream connection was re-established.",
-         static_cast<double>(m.upstream_reconnects));
-  sample(out, "bscache_upstream_connections", "gauge", "Upstream connections up now.",
-         static_cast<double>(m.upstream_connections));
-  const auto& h = m.upstream_block_status_latency;
-  family(out, "bscache_upstream_request_duration_seconds", "histogram", "Upstream block-status latency.");
-  uint64_t cumulative = 0;
-  for (size_t i = 0; i < kLatencyBuckets.size(); ++i) {
-    cumulative += h.buckets[i];
-    out << "bscache_upstream_request_duration_seconds_bucket{op=\"block_status\",le=\"" << kLatencyBuckets[i] << "\"} "
-        << cumulative << '\n';
-  }
-  out << "bscache_upstream_request_duration_seconds_bucket{op=\"block_status\",le=\"+Inf\"} " << h.count << '\n';
-  out << "bscache_upstream_request_duration_seconds_sum{op=\"block_status\"} " << h.sum << '\n';
-  out << "bscache_upstream_request_duration_seconds_count{op=\"block_status\"} " << h.count << '\n';
-  sample(out, "bscache_cache_extents", "gauge", "Extents held in the cache.", static_cast<double>(cache.extents));
-  sample(out, "bscache_cache_memory_bytes", "gauge", "Estimated heap bytes held by the cache.",
-         static_cast<double>(cache.memory_bytes));
-  sample(out, "bscache_cache_max_extents", "gauge", "Most extents the cache holds (--cache-max-extents/-memory).",
-         static_cast<double>(cache.max_extents));
-  sample(out, "bscache_cache_evictions_total", "counter",
-         "Stored windows evicted (or cut short) to stay under the limit.", static_cast<double>(cache.evictions));
-  sample(out, "bscache_cache_bypassed_total", "counter",
+         [](const Source& s) { return upstream_calls_saved(*s.m); });
+  x.each_op(
+      "bscache_upstream_requests_total", "Requests sent upstream, by operation.",
+      [](const Metrics& s) -> const auto& { return s.upstream_requests; });
+  x.each_op(
+      "bscache_upstream_errors_total", "Upstream requests that failed, by operation.",
+      [](const Metrics& s) -> const auto& { return s.upstream_errors; });
+  x.each("bscache_upstream_reconnects_total", "counter", "Times an upstream connection was re-established.",
+         [](const Source& s) { return s.m->upstream_reconnects; });
+  x.each("bscache_upstream_connections", "gauge", "Upstream connections up now.",
+         [](const Source& s) { return s.m->upstream_connections; });
+  x.latency_histogram();
+  x.each("bscache_cache_extents", "gauge", "Extents held in the cache.",
+         [](const Source& s) { return s.cache.extents; });
+  x.each("bscache_cache_memory_bytes", "gauge", "Estimated heap bytes held by the cache.",
+         [](const Source& s) { return s.cache.memory_bytes; });
+  x.each("bscache_cache_max_extents", "gauge", "Most extents the cache holds (--cache-max-extents/-memory).",
+         [](const Source& s) { return s.cache.max_extents; });
+  x.each("bscache_cache_evictions_total", "counter", "Stored windows evicted (or cut short) to stay under the limit.",
+         [](const Source& s) { return s.cache.evictions; });
+  x.each("bscache_cache_bypassed_total", "counter",
          "Block-status misses forwarded unchanged because the cache could not keep a window.",
-         static_cast<double>(m.cache_bypassed));
-  sample(out, "bscache_cache_expirations_total", "counter", "Stored windows dropped by --policy ttl.",
-         static_cast<double>(cache.expirations));
-  sample(out, "bscache_prefetches_total", "counter", "Windows fetched ahead of a scan.",
-         static_cast<double>(m.prefetches_issued));
-  sample(out, "bscache_prefetches_used_total", "counter", "Prefetched windows that later answered a client.",
-         static_cast<double>(m.prefetches_used));
-  sample(out, "bscache_cache_ranges_invalidated_total", "counter", "Ranges dropped because a mutation began.",
-         static_cast<double>(m.ranges_invalidated));
-  sample(out, "bscache_cache_ranges_updated_total", "counter", "Ranges set from a completed mutation.",
-         static_cast<double>(m.ranges_updated));
-  return out.str();
+         [](const Source& s) { return s.m->cache_bypassed; });
+  x.each("bscache_cache_expirations_total", "counter", "Stored windows dropped by --policy ttl.",
+         [](const Source& s) { return s.cache.expirations; });
+  x.each("bscache_prefetches_total", "counter", "Windows fetched ahead of a scan.",
+         [](const Source& s) { return s.m->prefetches_issued; });
+  x.each("bscache_prefetches_used_total", "counter", "Prefetched windows that later answered a client.",
+         [](const Source& s) { return s.m->prefetches_used; });
+  x.each("bscache_cache_ranges_invalidated_total", "counter", "Ranges dropped because a mutation began.",
+         [](const Source& s) { return s.m->ranges_invalidated; });
+  x.each("bscache_cache_ranges_updated_total", "counter", "Ranges set from a completed mutation.",
+         [](const Source& s) { return s.m->ranges_updated; });
+  return x.str();
 }
 
 bool write_file_atomically(const std::string& path, const std::string& contents, std::string& error) {

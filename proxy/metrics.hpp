@@ -9,6 +9,7 @@
 #include <chrono>
 #include <cstdint>
 #include <string>
+#include <vector>
 
 #include "proxy/wire/protocol.hpp"
 
@@ -57,6 +58,18 @@ struct CacheGauges {
   uint64_t max_extents = 0;  // the limit in force
 };
 
+// One export's counters (see ExportRegistry), for the stats file and Prometheus.
+struct ExportStats {
+  std::string name;
+  const Metrics* metrics = nullptr;
+  CacheGauges cache;
+  bool open = false;
+};
+
+// Adds what `part` counts for one export (everything but the client
+// connection counters) to `total`.
+void add_export_counters(Metrics& total, const Metrics& part);
+
 double hit_rate(const Metrics& m);
 // Client block-status requests minus those sent upstream: negative when the
 // cache cost more upstream calls than forwarding every request would have.
@@ -64,10 +77,14 @@ inline int64_t upstream_calls_saved(const Metrics& m) {
   return static_cast<int64_t>(m.client_requests[wire::kCmdBlockStatus]) -
          static_cast<int64_t>(m.upstream_requests[wire::kCmdBlockStatus]);
 }
-// The stats-file document (keys documented in README.md).
-std::string render_stats_json(const Metrics& m, const CacheGauges& cache, const std::string& policy);
-// Prometheus text exposition format 0.0.4.
-std::string render_prometheus(const Metrics& m, const CacheGauges& cache, const std::string& policy);
+// The stats-file document (keys documented in README.md): totals, and each
+// export's own counters under "exports".
+std::string render_stats_json(const Metrics& m, const CacheGauges& cache, const std::string& policy,
+                              const std::vector<ExportStats>& exports = {});
+// Prometheus text exposition format 0.0.4: every per-export series once
+// without an `export` label (the total) and once per export with it.
+std::string render_prometheus(const Metrics& m, const CacheGauges& cache, const std::string& policy,
+                              const std::vector<ExportStats>& exports = {});
 // Writes `contents` to `path` atomically (temp file in the same directory, then rename).
 bool write_file_atomically(const std::string& path, const std::string& contents, std::string& error);
 

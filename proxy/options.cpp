@@ -199,6 +199,25 @@ std::vector<OptionSpec> option_table() {
        o.upstream.export_name_set = true;
        return std::nullopt;
      }},
+    {"exports", "single|passthrough",
+     "single: one upstream export, whatever name a client gives; passthrough: a client's export name selects the "
+     "upstream export of that name (default: single if the URI or --export-name names an export, else passthrough)",
+     "", [](const std::string& value, Options& o) -> Refusal {
+       if (value == "single") {
+         o.exports.mode = ExportsMode::Single;
+       } else if (value == "passthrough") {
+         o.exports.mode = ExportsMode::Passthrough;
+       } else {
+         return "must be single or passthrough";
+       }
+       o.exports_mode_given = true;
+       return std::nullopt;
+     }},
+    // Each open export holds its upstream connections (a thread each) and a cache.
+    {"max-exports", "N", "most upstream exports open at once (passthrough)", std::to_string(d.exports.max_exports),
+     integer([](Options& o) -> auto& { return o.exports.max_exports; }, 1, 4096)},
+    {"export-idle-timeout", "D", "close an export (its upstream connections and cache) this long after its last client",
+     format_duration(d.exports.idle_timeout), duration([](Options& o) -> auto& { return o.exports.idle_timeout; })},
     // TLS to upstream: what an nbds:// URI cannot say in libnbd 1.14 (set on
     // every upstream handle before it connects, reconnects included).
     {"upstream-tls-certificates", "DIR", "upstream TLS: CA (and client certificate) directory, libnbd's layout", "",

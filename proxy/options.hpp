@@ -26,6 +26,8 @@ struct Options {
   SessionLimits session;
   TlsServerOptions tls;
   BlockStatusConfig block_status;
+  ExportLimits exports;
+  bool exports_mode_given = false;  // else chosen at start-up: single if an export is named
   // Memory the cache may take; sets block_status.limits.max_extents. Default: 256 MiB.
   uint64_t cache_max_memory = cache::kDefaultMaxMemory;
   // Most cached extents, if given (0: not given); the smaller of the two limits wins.

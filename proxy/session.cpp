@@ -22,7 +22,6 @@ Session::Session(ProxyContext& context, Socket socket, uint64_t id)
     : ctx_(context),
       stream_(std::move(socket)),
       id_(id),
-      info_(context.info),
       writer_(stream_, id,
               {.start_drain = [this] { asio::co_spawn(ctx_.io, drain_replies(), asio::detached); },
                .progress = [this] { writer_progress(); }}),
@@ -33,9 +32,15 @@ Session::Session(ProxyContext& context, Socket socket, uint64_t id)
 awaitable<void> Session::run() {
   auto self = shared_from_this();
   try {
-    auto negotiated = co_await negotiate(stream_, info_, id_, ctx_.limits.handshake_timeout, ctx_.tls);
+    auto negotiated = co_await negotiate(stream_, ctx_.exports, id_, ctx_.limits.handshake_timeout, ctx_.tls);
     if (negotiated) {
-      negotiated_ = std::move(*negotiated);
+      export_ = std::move(negotiated->chosen);
+      Export& chosen = **export_;
+      upstream_ = &chosen.upstream();
+      block_status_ = &chosen.block_status();
+      metrics_ = &chosen.metrics();
+      info_ = chosen.info();
+      negotiated_ = std::move(negotiated->negotiated);
       limits_ = transmission_limits(info_, negotiated_);
       only_base_allocation_ =
           negotiated_.contexts.size() == 1 && negotiated_.contexts[0] == static_cast<uint32_t>(info_.base_allocation);
@@ -97,7 +102,7 @@ awaitable<void> Session::transmission() {
       spdlog::warn("connection {}: bad request magic, closing", id_);
       break;
     }
-    if (request->type < kOpCount) ++ctx_.metrics.client_requests[request->type];
+    if (request->type < kOpCount) ++metrics_->client_requests[request->type];
     spdlog::debug("connection {}: {} cookie={:#x} offset={} length={} flags={:#x}", id_, command_name(request->type),
                   request->cookie, request->offset, request->length, request->flags);
     if (request->type == kCmdDisc) break;  // the spec: finish what is in flight, then close

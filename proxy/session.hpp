@@ -19,7 +19,9 @@
 #include "proxy/block_status_service.hpp"
 #include "proxy/buffer_pool.hpp"
 #include "proxy/client_stream.hpp"
+#include "proxy/export.hpp"
 #include "proxy/export_info.hpp"
+#include "proxy/export_registry.hpp"
 #include "proxy/handshake.hpp"
 #include "proxy/metrics.hpp"
 #include "proxy/reply_writer.hpp"
@@ -44,10 +46,8 @@ struct SessionLimits {
 // What every session shares.
 struct ProxyContext {
   asio::io_context& io;
-  UpstreamPool& upstream;
-  const ExportInfo& info;
-  BlockStatusService& block_status;
-  Metrics& metrics;
+  ExportRegistry& exports;
+  Metrics& metrics;  // the client connection counters; the rest is counted per export
   BufferPool& buffers;
   SessionLimits limits;
   const TlsServerCredentials* tls = nullptr;  // --tls off: null
@@ -91,10 +91,15 @@ class Session : public std::enable_shared_from_this<Session> {
   ProxyContext& ctx_;
   ClientStream stream_;
   uint64_t id_;
-  // What this client was offered, fixed at accept: if upstream comes back from
-  // a reconnect with another size or contexts, new clients see the new export
-  // and this one keeps what it negotiated.
-  const ExportInfo info_;
+  // The export the client chose (held while the session lasts), and its parts.
+  std::unique_ptr<Export::Client> export_;
+  UpstreamPool* upstream_ = nullptr;
+  BlockStatusService* block_status_ = nullptr;
+  Metrics* metrics_ = nullptr;
+  // What this client was offered, fixed when it chose the export: if upstream
+  // comes back from a reconnect with another size or contexts, new clients
+  // see the new export and this one keeps what it negotiated.
+  ExportInfo info_;
   ReplyWriter writer_;
   Negotiated negotiated_;
   wire::TransmissionLimits limits_;

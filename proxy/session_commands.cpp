@@ -24,7 +24,7 @@ awaitable<void> Session::serve(RequestHeader request, PooledBuffer payload) {
       case kCmdWrite:
       case kCmdTrim:
       case kCmdWriteZeroes: co_await serve_mutation(request, std::move(payload)); break;
-      case kCmdFlush: reply_result(request, (co_await ctx_.upstream.flush(CommandFlags::from_wire(0))).error); break;
+      case kCmdFlush: reply_result(request, (co_await upstream_->flush(CommandFlags::from_wire(0))).error); break;
       case kCmdCache: co_await serve_cache(request); break;
       case kCmdBlockStatus: co_await serve_block_status(request); break;
       default: reply_error(request, kErrInval, "unknown command");
@@ -39,12 +39,12 @@ awaitable<void> Session::serve(RequestHeader request, PooledBuffer payload) {
 // Upstream reads into `buffer`; the reply is sent from it, headers in front
 // by a gathered write, holes passed on as OFFSET_HOLE chunks.
 awaitable<void> Session::serve_read(const RequestHeader& request, PooledBuffer buffer) {
-  auto result = co_await ctx_.upstream.run({.op = UpstreamOp::Read,
-                                            .buffer = buffer.span(),
-                                            .offset = request.offset,
-                                            .length = request.length,
-                                            .flags = CommandFlags::from_wire(request.flags & kCmdFlagDf)},
-                                           cancelled_);
+  auto result = co_await upstream_->run({.op = UpstreamOp::Read,
+                                         .buffer = buffer.span(),
+                                         .offset = request.offset,
+                                         .length = request.length,
+                                         .flags = CommandFlags::from_wire(request.flags & kCmdFlagDf)},
+                                        cancelled_);
   if (result.error) {
     reply_result(request, result.error);
     co_return;
@@ -91,19 +91,19 @@ awaitable<void> Session::serve_mutation(const RequestHeader& request, PooledBuff
                                                      : std::pair{UpstreamOp::Zero, policy::Mutation::WriteZeroes};
   // The ticket is taken in the same loop step as the co_await that hands the
   // command to the pool, so it is taken before the command can reach upstream.
-  auto ticket = ctx_.block_status.begin_mutation(request.offset, request.length);
-  auto result = co_await ctx_.upstream.run({.op = op,
-                                            .buffer = payload.span(),
-                                            .offset = request.offset,
-                                            .length = request.length,
-                                            .flags = CommandFlags::from_wire(request.flags & kMutationFlags)},
-                                           cancelled_);
-  ctx_.block_status.end_mutation(ticket, request.offset, request.length, kind, result.error == 0);
+  auto ticket = block_status_->begin_mutation(request.offset, request.length);
+  auto result = co_await upstream_->run({.op = op,
+                                         .buffer = payload.span(),
+                                         .offset = request.offset,
+                                         .length = request.length,
+                                         .flags = CommandFlags::from_wire(request.flags & kMutationFlags)},
+                                        cancelled_);
+  block_status_->end_mutation(ticket, request.offset, request.length, kind, result.error == 0);
   reply_result(request, result.error);
 }
 
 awaitable<void> Session::serve_cache(const RequestHeader& request) {
-  auto result = co_await ctx_.upstream.run(
+  auto result = co_await upstream_->run(
       {.op = UpstreamOp::Cache, .buffer = {}, .offset = request.offset, .length = request.length, .flags = {}},
       cancelled_);
   reply_result(request, result.error);
@@ -111,23 +111,23 @@ awaitable<void> Session::serve_cache(const RequestHeader& request) {
 
 bool Session::try_block_status_hit(const RequestHeader& request) {
   if (!only_base_allocation_) return false;
-  if (!ctx_.block_status.try_answer(request.offset, request.length, request.flags & kCmdFlagReqOne, descriptors_)) {
+  if (!block_status_->try_answer(request.offset, request.length, request.flags & kCmdFlagReqOne, descriptors_)) {
     return false;
   }
-  ++ctx_.metrics.block_status_hits;
+  ++metrics_->block_status_hits;
   reply_base_allocation(request, descriptors_);
   return true;
 }
 
 awaitable<void> Session::serve_block_status(const RequestHeader& request) {
-  ++ctx_.metrics.block_status_misses;
-  if (!only_base_allocation_ || !ctx_.block_status.caching()) {
+  ++metrics_->block_status_misses;
+  if (!only_base_allocation_ || !block_status_->caching()) {
     co_await serve_passthrough_block_status(request);
     co_return;
   }
   std::vector<Descriptor> descriptors;
-  int error = co_await ctx_.block_status.answer_after_miss(request.offset, request.length,
-                                                           request.flags & kCmdFlagReqOne, descriptors);
+  int error = co_await block_status_->answer_after_miss(request.offset, request.length, request.flags & kCmdFlagReqOne,
+                                                        descriptors);
   if (error) {
     reply_result(request, error);
   } else {
@@ -139,7 +139,7 @@ awaitable<void> Session::serve_block_status(const RequestHeader& request) {
 // translate its per-context answer to this client's context ids.
 awaitable<void> Session::serve_passthrough_block_status(const RequestHeader& request) {
   const bool req_one = request.flags & kCmdFlagReqOne;
-  auto result = co_await ctx_.upstream.block_status(request.offset, request.length, {.req_one = req_one});
+  auto result = co_await upstream_->block_status(request.offset, request.length, {.req_one = req_one});
   if (result.error) {
     reply_result(request, result.error);
     co_return;
@@ -188,7 +188,7 @@ void Session::reply_result(const RequestHeader& request, int error) {
 
 // The one place a client error is sent, and so the one place it is counted.
 void Session::reply_error(const RequestHeader& request, uint32_t nbd_error, std::string_view message) {
-  if (request.type < kOpCount) ++ctx_.metrics.client_errors[request.type];
+  if (request.type < kOpCount) ++metrics_->client_errors[request.type];
   spdlog::debug("connection {}: {} at {}+{} fails: {}", id_, command_name(request.type), request.offset, request.length,
                 message);
   Bytes out;

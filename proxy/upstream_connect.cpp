@@ -59,7 +59,9 @@ void NbdClose::operator()(nbd_handle* h) const {
   nbd_close(h);
 }
 
-NbdHandlePtr open_upstream(const UpstreamTarget& target) {
+namespace {
+// Connected, in option mode (nothing negotiated yet but what the URI asks).
+NbdHandlePtr connect_for_options(const UpstreamTarget& target) {
   NbdHandlePtr handle(nbd_create());
   if (!handle) throw libnbd_failure("nbd_create");
   nbd_handle* h = handle.get();
@@ -77,6 +79,36 @@ NbdHandlePtr open_upstream(const UpstreamTarget& target) {
   if (!target.command.empty()) throw std::logic_error("open_upstream: start the upstream command first");
   if (nbd_connect_uri(h, target.uri.c_str()) == -1) throw libnbd_failure("connecting to upstream");
   if (target.export_name_set) nbd_set_export_name(h, target.export_name.c_str());
+  return handle;
+}
+
+int export_collector(void* user_data, const char* name, const char* description) {
+  static_cast<std::vector<ExportListing>*>(user_data)->push_back({name, description});
+  return 0;
+}
+}  // namespace
+
+std::optional<std::vector<ExportListing>> list_upstream_exports(const UpstreamTarget& target) {
+  NbdHandlePtr handle = connect_for_options(target);
+  std::vector<ExportListing> exports;
+  nbd_list_callback collect{.callback = export_collector, .user_data = &exports, .free = nullptr};
+  const bool listed = nbd_opt_list(handle.get(), collect) != -1;
+  nbd_opt_abort(handle.get());
+  if (!listed) return std::nullopt;
+  return exports;
+}
+
+std::string named_export(const UpstreamTarget& target) {
+  if (target.export_name_set) return target.export_name;
+  NbdHandlePtr handle = connect_for_options(target);
+  std::string name = take_libnbd_string(nbd_get_export_name(handle.get()));
+  nbd_opt_abort(handle.get());
+  return name;
+}
+
+NbdHandlePtr open_upstream(const UpstreamTarget& target) {
+  NbdHandlePtr handle = connect_for_options(target);
+  nbd_handle* h = handle.get();
 
   std::vector<std::string> offered;
   if (nbd_get_structured_replies_negotiated(h) == 1) {

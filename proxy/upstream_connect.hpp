@@ -4,6 +4,7 @@
 #pragma once
 
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -39,6 +40,12 @@ struct UpstreamTarget {
 
 // Throws std::runtime_error with libnbd's message on failure.
 NbdHandlePtr open_upstream(const UpstreamTarget& target);
+// Upstream's export list (NBD_OPT_LIST on a connection of its own); nullopt
+// if upstream refuses to list. Throws std::runtime_error if it cannot connect.
+std::optional<std::vector<ExportListing>> list_upstream_exports(const UpstreamTarget& target);
+// The export the target names (--export-name, else the URI's path; "" if
+// neither). Connects to find out (libnbd parses the URI). Throws like open_upstream.
+std::string named_export(const UpstreamTarget& target);
 UpstreamInfo read_upstream_info(nbd_handle* h);
 // Takes ownership of a string libnbd allocated (nullptr gives "").
 std::string take_libnbd_string(char* s);

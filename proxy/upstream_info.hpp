@@ -22,4 +22,10 @@ struct UpstreamInfo {
   int base_allocation_index = -1;     // index into contexts, -1 if absent
 };
 
+// One export in a LIST reply (upstream's, or ours).
+struct ExportListing {
+  std::string name;
+  std::string description;
+};
+
 }  // namespace bscache::proxy

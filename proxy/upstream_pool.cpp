@@ -4,6 +4,7 @@
 
 #include <cerrno>
 #include <cstring>
+#include <stdexcept>
 
 #include <boost/asio/dispatch.hpp>
 #include <boost/asio/redirect_error.hpp>
@@ -58,14 +59,12 @@ struct UpstreamPool::PendingWith final : UpstreamCommand {
   }
 };
 
-UpstreamPool::UpstreamPool(asio::io_context& loop, const UpstreamTarget& target, UpstreamOptions options,
-                           Metrics& metrics)
-    : loop_(loop), metrics_(metrics) {
+std::vector<NbdHandlePtr> UpstreamPool::connect(const UpstreamTarget& target, const UpstreamOptions& options) {
   std::vector<NbdHandlePtr> handles;
   handles.push_back(open_upstream(target));
-  info_ = read_upstream_info(handles.front().get());
   // More than one connection only where upstream promises they see one state.
-  const unsigned wanted = info_.can_multi_conn ? std::max(1u, options.connections) : 1u;
+  const bool multi_conn = read_upstream_info(handles.front().get()).can_multi_conn;
+  const unsigned wanted = multi_conn ? std::max(1u, options.connections) : 1u;
   while (handles.size() < wanted) {
     try {
       handles.push_back(open_upstream(target));
@@ -75,6 +74,14 @@ UpstreamPool::UpstreamPool(asio::io_context& loop, const UpstreamTarget& target,
       break;
     }
   }
+  return handles;
+}
+
+UpstreamPool::UpstreamPool(asio::io_context& loop, std::vector<NbdHandlePtr> handles, const UpstreamTarget& target,
+                           UpstreamOptions options, Metrics& metrics)
+    : loop_(loop), metrics_(metrics) {
+  if (handles.empty()) throw std::logic_error("UpstreamPool: no connection");
+  info_ = read_upstream_info(handles.front().get());
   // One message to the loop per batch a connection hands back.
   auto finished = [this](UpstreamBatch batch) {
     asio::post(loop_, [this, b = std::move(batch)]() mutable {

@@ -37,10 +37,14 @@ namespace bscache::proxy {
 
 class UpstreamPool final : public BlockStatusUpstream {
  public:
-  // Connects (blocking: only at start-up). Throws std::runtime_error with
-  // libnbd's message if the first connection fails; further connections that
-  // fail are logged and left out.
-  UpstreamPool(asio::io_context& loop, const UpstreamTarget& target, UpstreamOptions options, Metrics& metrics);
+  // Opens the connections a pool of `target` gets: --upstream-connections if
+  // upstream advertises multi-conn, else one. Blocking: at start-up, or off
+  // the loop. Throws std::runtime_error with libnbd's message if the first
+  // connection fails; further connections that fail are logged and left out.
+  static std::vector<NbdHandlePtr> connect(const UpstreamTarget& target, const UpstreamOptions& options);
+  // Adopts connections from connect() (at least one) and starts their threads.
+  UpstreamPool(asio::io_context& loop, std::vector<NbdHandlePtr> handles, const UpstreamTarget& target,
+               UpstreamOptions options, Metrics& metrics);
   ~UpstreamPool() override;
   UpstreamPool(const UpstreamPool&) = delete;
   UpstreamPool& operator=(const UpstreamPool&) = delete;

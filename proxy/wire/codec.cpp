@@ -125,10 +125,11 @@ void option_reply_header(Bytes& out, uint32_t option, uint32_t reply_type, uint3
 }
 }  // namespace
 
-void encode_server_reply(Bytes& out, uint32_t option, std::string_view export_name) {
-  option_reply_header(out, option, kRepServer, static_cast<uint32_t>(4 + export_name.size()));
+void encode_server_reply(Bytes& out, uint32_t option, std::string_view export_name, std::string_view description) {
+  option_reply_header(out, option, kRepServer, static_cast<uint32_t>(4 + export_name.size() + description.size()));
   put_u32(out, static_cast<uint32_t>(export_name.size()));
   put_bytes(out, export_name);
+  put_bytes(out, description);  // the rest of the payload: free text
 }
 
 void encode_info_export(Bytes& out, uint32_t option, uint64_t size, uint16_t tx_flags) {

@@ -88,7 +88,8 @@ struct MetaContextRequest {
 std::optional<MetaContextRequest> decode_meta_context_request(ByteSpan payload);
 
 void encode_option_reply(Bytes& out, uint32_t option, uint32_t reply_type, std::string_view payload = {});
-void encode_server_reply(Bytes& out, uint32_t option, std::string_view export_name);
+// NBD_REP_SERVER: one export of a LIST reply, its description (may be empty) after the name.
+void encode_server_reply(Bytes& out, uint32_t option, std::string_view export_name, std::string_view description = {});
 void encode_info_export(Bytes& out, uint32_t option, uint64_t size, uint16_t tx_flags);
 void encode_info_name(Bytes& out, uint32_t option, std::string_view name);
 void encode_info_description(Bytes& out, uint32_t option, std::string_view description);

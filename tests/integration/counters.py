@@ -66,6 +66,8 @@ def readme_contract(path):
             ops = re.findall(r"`([a-z_]+)`", cells[1])
     assert ops, "README's table names no ops"
     expanded = []
+    # exports.<name>.* repeat the per-export keys: checked against them (see export_problems).
+    keys = [k for k in keys if not k.startswith("exports.")]
     for k in keys:
         expanded += [k.replace("<op>", op) for op in ops] if "<op>" in k else [k]
     prom = section.split("**Prometheus**", 1)[1].split("**Logs**", 1)[0]
@@ -160,9 +162,44 @@ class Proxy:
             sys.exit(f"{self.name}: /metrics is not valid Prometheus text: {parsed.stderr.decode()}")
         return doc, json.loads(parsed.stdout)
 
+    def export_problems(self, s, p):
+        """exports.<name>.*: each export has the per-export keys and `open`; with one export its counters
+        are the totals, in JSON and in /metrics (the series with its `export` label)."""
+        out = []
+        per_export = {k for k in KEYS if k.split(".", 1)[0] in ("block_status", "upstream", "cache")
+                      or re.fullmatch(r"client\.(requests|errors)\.[a-z_]+", k)}
+        names = {}
+        for k, v in s.items():
+            if k.startswith("exports."):
+                name, sub = re.fullmatch(r"exports\.(.*?)\.((?:open|client|block_status|upstream|cache)\b.*)", k).groups()
+                names.setdefault(name, {})[sub] = v
+        if len(names) > 1:  # none before the first client chose one
+            out.append(f"expected at most one export in the stats, found {sorted(names)}")
+        for name, keys in names.items():
+            if set(keys) != per_export | {"open"}:
+                out.append(f"exports.{name}: keys differ: missing {sorted(per_export | {'open'} - set(keys))}, "
+                           f"extra {sorted(set(keys) - per_export - {'open'})}")
+                continue
+            if keys["open"] is not True:
+                out.append(f"exports.{name}.open is {keys['open']}")
+            for k in per_export:
+                if keys[k] != s[k] and not (isinstance(s[k], float) and abs(keys[k] - s[k]) < 1e-9):
+                    out.append(f"exports.{name}.{k} = {keys[k]}, but the total {k} = {s[k]} (one export)")
+                metric = prom_name(k)
+                if metric is None:
+                    continue
+                label = f'export="{name}"'
+                labelled = metric.replace("{", "{" + label + ",") if "{" in metric else metric + "{" + label + "}"
+                if labelled not in p:
+                    out.append(f"/metrics lacks {labelled}")
+                elif p[labelled] != p.get(metric):
+                    out.append(f"{labelled} = {p[labelled]} but {metric} = {p.get(metric)} (one export)")
+        return out
+
     def problems(self, s, p):
         """Everything that must hold in any snapshot `s` (JSON) with `p` (/metrics) taken right after."""
-        out = []
+        out = self.export_problems(s, p)
+        s = {k: v for k, v in s.items() if not k.startswith("exports.")}
         if set(s) != set(KEYS):
             out.append(f"stats keys differ from README: missing {sorted(set(KEYS) - set(s))}, "
                        f"not in README {sorted(set(s) - set(KEYS))}")

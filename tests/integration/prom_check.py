@@ -71,10 +71,17 @@ for number, line in enumerate(sys.stdin.read().splitlines(), 1):
 for family, kind in types.items():
     if kind != "histogram":
         continue
-    buckets = [(k, v) for k, v in samples.items() if k.startswith(family + "_bucket")]
-    if not any('le="+Inf"' in k for k, _ in buckets):
-        sys.exit(f"{family}: no +Inf bucket")
-    values = [v for _, v in buckets]
-    if values != sorted(values):
-        sys.exit(f"{family}: buckets are not cumulative")
+    # One histogram per label set (le aside): each must be cumulative and end in +Inf.
+    series = {}
+    for k, v in samples.items():
+        if k.startswith(family + "_bucket"):
+            series.setdefault(re.sub(r',?le="[^"]*"', "", k), []).append((k, v))
+    if not series:
+        sys.exit(f"{family}: no buckets")
+    for labels, buckets in series.items():
+        if not any('le="+Inf"' in k for k, _ in buckets):
+            sys.exit(f"{labels}: no +Inf bucket")
+        values = [v for _, v in buckets]
+        if values != sorted(values):
+            sys.exit(f"{labels}: buckets are not cumulative")
 json.dump(samples, sys.stdout)

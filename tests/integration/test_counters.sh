@@ -9,7 +9,8 @@
 source "$(dirname "$0")/lib.sh"
 here=$(cd "$(dirname "$0")" && pwd)
 py=/usr/bin/python3
-common=(--metrics 127.0.0.1:0 --stats-interval 0)
+# --exports single: the export opens at start-up, so "at start" counts its upstream connections.
+common=(--metrics 127.0.0.1:0 --stats-interval 0 --exports single)
 start_proxy() {  # NAME UPSTREAM ARGS...: bscache with a stats file NAME.json and a metrics endpoint
   local name=$1 up=$2; shift 2
   start_bscache "$name" --upstream "$(uri "$up")" --stats-file "$T/$name.json" "${common[@]}" "$@"

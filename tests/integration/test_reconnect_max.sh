@@ -30,11 +30,13 @@ grep '^STATUS=' "$T/notify.txt" | tail -1 | grep -q 'no upstream connection for 
 pass "--reconnect-max 1s: exit 3 with a log line and systemd STATUS= once the upstream is gone"
 
 # With --run, giving up ends the command too, and the exit status is still 3
-# (not the command's 143 from SIGTERM).
+# (not the command's 143 from SIGTERM). The command uses the export first:
+# exports open on their first client, and only open ones have connections to lose.
 start_nbdkit up2 memory 16M
-"$BSCACHE" --upstream "$(uri up2)" --reconnect-max 1s --run 'sleep 60' >"$T/run.log" 2>&1 &
+"$BSCACHE" --upstream "$(uri up2)" --reconnect-max 1s --run 'nbdinfo --size "$uri" >/dev/null; sleep 60' \
+  >"$T/run.log" 2>&1 &
 runner=$!
-for _ in $(seq 100); do grep -q 'listening on' "$T/run.log" && break; sleep 0.05; done
+for _ in $(seq 100); do grep -q 'export "" opened' "$T/run.log" && break; sleep 0.05; done
 kill -KILL "$(cat "$T/up2.pid")"
 for _ in $(seq 1200); do kill -0 "$runner" 2>/dev/null || break; sleep 0.05; done
 rc=0; wait "$runner" || rc=$?

@@ -332,5 +332,98 @@ TEST(ExportInfoTest, ReadOnlyHidesMutatingCommands) {
   EXPECT_TRUE(info.tx_flags & kTxSendFlush);
 }
 
+// ---- exports looked up per option (--exports passthrough) ----
+
+Bytes named(std::string_view name, const Bytes& rest) {
+  Bytes b;
+  put_u32(b, static_cast<uint32_t>(name.size()));
+  put_bytes(b, name);
+  b.insert(b.end(), rest.begin(), rest.end());
+  return b;
+}
+Bytes go_for(std::string_view name) {
+  Bytes none;
+  put_u16(none, 0);
+  return named(name, none);
+}
+Bytes set_meta_for(std::string_view name) {
+  Bytes rest;
+  put_u32(rest, 1);
+  put_u32(rest, 15);
+  put_bytes(rest, "base:allocation");
+  return named(name, rest);
+}
+
+TEST_F(HandshakeTest, OptionsNamingAnExportAskForItAndListForTheList) {
+  Handshake h(true);
+  EXPECT_EQ(h.needs(kOptGo, go_for("disk1")).kind, OptionNeed::Kind::Export);
+  EXPECT_EQ(h.needs(kOptGo, go_for("disk1")).name, "disk1");
+  EXPECT_EQ(h.needs(kOptInfo, go_for("")).kind, OptionNeed::Kind::Export);
+  const std::string raw = "by-name";
+  EXPECT_EQ(h.needs(kOptExportName, ByteSpan(reinterpret_cast<const uint8_t*>(raw.data()), raw.size())).name, raw);
+  EXPECT_EQ(h.needs(kOptListMetaContext, meta_request({})).kind, OptionNeed::Kind::Export);
+  EXPECT_EQ(h.needs(kOptList, {}).kind, OptionNeed::Kind::List);
+  // Refused whatever is found: nothing to look up.
+  EXPECT_EQ(h.needs(kOptSetMetaContext, set_meta_for("x")).kind, OptionNeed::Kind::Nothing);  // no structured replies
+  EXPECT_EQ(h.needs(kOptGo, Bytes{1, 2}).kind, OptionNeed::Kind::Nothing);                    // malformed
+  EXPECT_EQ(h.needs(kOptStructuredReply, {}).kind, OptionNeed::Kind::Nothing);
+  Handshake tls(true, TlsMode::Require);
+  EXPECT_EQ(tls.needs(kOptGo, go_for("disk1")).kind, OptionNeed::Kind::Nothing);
+  Handshake fixed(info, true);
+  EXPECT_EQ(fixed.needs(kOptGo, go_for("disk1")).kind, OptionNeed::Kind::Nothing);
+}
+
+TEST_F(HandshakeTest, ARefusedExportGetsItsErrorAndNegotiationGoesOn) {
+  Handshake h(true);
+  const ExportChoice refused{nullptr, kRepErrUnknown, "no such export"};
+  Bytes out;
+  EXPECT_EQ(h.handle(kOptGo, go_for("nope"), out, {.choice = &refused}), OptionOutcome::Continue);
+  auto r = replies(out);
+  ASSERT_EQ(r.size(), 1u);
+  EXPECT_EQ(r[0].type, kRepErrUnknown);
+  EXPECT_EQ(std::string(r[0].payload.begin(), r[0].payload.end()), "no such export");
+  // EXPORT_NAME has no error reply: the connection closes, nothing sent.
+  out.clear();
+  const std::string raw = "nope";
+  EXPECT_EQ(h.handle(kOptExportName, ByteSpan(reinterpret_cast<const uint8_t*>(raw.data()), raw.size()), out,
+                     {.choice = &refused}),
+            OptionOutcome::Close);
+  EXPECT_TRUE(out.empty());
+  // A found export is answered from its own info.
+  const ExportChoice found{&info, 0, {}};
+  out.clear();
+  EXPECT_EQ(h.handle(kOptGo, go_for("disk1"), out, {.choice = &found}), OptionOutcome::Transmission);
+  EXPECT_EQ(replies(out).back().type, kRepAck);
+}
+
+TEST_F(HandshakeTest, ListRepliesWithEveryExportAndItsDescription) {
+  Handshake h(true);
+  const std::vector<ExportListing> listing{{"a.img", "first"}, {"b.img", ""}};
+  Bytes out;
+  EXPECT_EQ(h.handle(kOptList, {}, out, {.listing = &listing}), OptionOutcome::Continue);
+  auto r = replies(out);
+  ASSERT_EQ(r.size(), 3u);
+  EXPECT_EQ(r[0].type, kRepServer);
+  ByteReader first(r[0].payload);
+  EXPECT_EQ(first.u32(), 5u);
+  EXPECT_EQ(first.string(5), "a.img");
+  EXPECT_EQ(first.string(first.remaining()), "first");
+  EXPECT_EQ(r[1].payload.size(), 4u + 5u);
+  EXPECT_EQ(r[2].type, kRepAck);
+}
+
+TEST_F(HandshakeTest, ContextsSetForOneExportDoNotCarryOverToAnother) {
+  const ExportChoice found{&info, 0, {}};
+  for (const char* go_name : {"other", "disk1"}) {
+    Handshake h(true);
+    Bytes out;
+    h.handle(kOptStructuredReply, {}, out);
+    h.handle(kOptSetMetaContext, set_meta_for("disk1"), out, {.choice = &found});
+    ASSERT_EQ(h.negotiated().contexts.size(), 1u);
+    EXPECT_EQ(h.handle(kOptGo, go_for(go_name), out, {.choice = &found}), OptionOutcome::Transmission);
+    EXPECT_EQ(h.negotiated().contexts.size(), std::string(go_name) == "disk1" ? 1u : 0u) << go_name;
+  }
+}
+
 }  // namespace
 }  // namespace bscache::proxy

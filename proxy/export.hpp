@@ -1,0 +1,104 @@
+// Export: one upstream export as bscache serves it: its upstream connections,
+// what it advertises to clients, its block-status cache and its counters.
+// Nothing here is shared with another export, so a write to one export can
+// never touch another's cache and a failing export leaves the others alone.
+//
+// Owned by the ExportRegistry (and kept alive by the sessions that use it);
+// everything in it lives on the loop thread.
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "proxy/asio.hpp"
+#include "proxy/block_status_service.hpp"
+#include "proxy/export_info.hpp"
+#include "proxy/metrics.hpp"
+#include "proxy/upstream_pool.hpp"
+
+namespace bscache::proxy {
+
+// What every export is opened with (from the command line).
+struct ExportSettings {
+  UpstreamOptions upstream;
+  BlockStatusConfig block_status;
+  bool read_only = false;
+};
+
+// The export cannot be served with these settings (see Export's constructor).
+struct ExportRefused : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+class Export {
+ public:
+  // `handles` are open connections to this export (see UpstreamPool::connect).
+  // Throws ExportRefused if the export cannot be served with these
+  // settings (a --fetch-window below its minimum block size).
+  Export(asio::io_context& io, std::string name, std::vector<NbdHandlePtr> handles, const UpstreamTarget& target,
+         const ExportSettings& settings, std::shared_ptr<Metrics> metrics);
+  Export(const Export&) = delete;
+  Export& operator=(const Export&) = delete;
+
+  const std::string& name() const { return name_; }
+  // What new clients are offered now (it changes if upstream comes back different).
+  const ExportInfo& info() const { return info_; }
+  UpstreamPool& upstream() { return *upstream_; }
+  const UpstreamPool& upstream() const { return *upstream_; }
+  BlockStatusService& block_status() { return *block_status_; }
+  const BlockStatusService& block_status() const { return *block_status_; }
+  Metrics& metrics() { return *metrics_; }
+  const Metrics& metrics() const { return *metrics_; }
+
+  // Called after a connection of this export was lost or came back.
+  void on_state_change(std::function<void()> callback) { on_state_ = std::move(callback); }
+
+  // Clients using the export now (sessions and handshakes that chose it).
+  size_t clients() const { return clients_; }
+  std::chrono::steady_clock::time_point last_used() const { return last_used_; }
+  bool idle() const { return clients_ == 0 && (!upstream_ || upstream_->in_flight() == 0); }
+  // The cache's gauges, live, or as they were when the export closed.
+  CacheGauges cache_gauges() const;
+
+  // Joins the upstream connections' threads now (idle, or at teardown before
+  // the loop goes away); the export serves nothing afterwards and only
+  // cache_gauges(), metrics() and the client count may be used.
+  void close();
+  bool closed() const { return !upstream_; }
+
+  // A client's hold on an export: while one exists the export stays open.
+  class Client {
+   public:
+    explicit Client(std::shared_ptr<Export> e);
+    ~Client();
+    Client(const Client&) = delete;
+    Client& operator=(const Client&) = delete;
+    Export& operator*() const { return *export_; }
+    Export* operator->() const { return export_.get(); }
+
+   private:
+    std::shared_ptr<Export> export_;
+  };
+
+ private:
+  void connection_changed(const std::optional<UpstreamInfo>& reconnected);
+
+  const std::string name_;
+  const bool read_only_;
+  std::shared_ptr<Metrics> metrics_;  // shared with the registry: counters outlive a closed export
+  std::unique_ptr<UpstreamPool> upstream_;
+  ExportInfo info_;
+  std::unique_ptr<BlockStatusService> block_status_;
+  std::function<void()> on_state_;
+  CacheGauges final_gauges_;  // after close()
+  size_t clients_ = 0;
+  std::chrono::steady_clock::time_point last_used_ = std::chrono::steady_clock::now();
+};
+
+}  // namespace bscache::proxy
