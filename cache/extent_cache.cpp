@@ -13,8 +13,21 @@ uint64_t saturating_add(uint64_t a, uint64_t b) {
 }
 }  // namespace
 
-ExtentCache::ExtentCache(CacheLimits limits, Clock clock) : limits_(limits), clock_(std::move(clock)) {
-  limits_.max_extents = std::max<size_t>(limits_.max_extents, 1);
+ExtentCache::ExtentCache(CacheLimits limits, Clock clock)
+    : limits_(std::move(limits)),
+      budget_(limits_.budget ? limits_.budget : std::make_shared<CacheBudget>(limits_.max_extents)),
+      clock_(std::move(clock)) {
+  budget_->members_.push_back(this);
+}
+
+ExtentCache::~ExtentCache() {
+  std::erase(budget_->members_, this);
+}
+
+size_t CacheBudget::used() const {
+  size_t sum = 0;
+  for (const ExtentCache* c : members_) sum += c->charge();
+  return sum;
 }
 
 bool ExtentCache::store(uint64_t offset, uint64_t length, uint32_t flags, TimePoint stamp) {
@@ -46,7 +59,7 @@ bool ExtentCache::store(std::span<const Extent> run, TimePoint stamp) {
     for (size_t k = i; k <= j; ++k) {
       if (run[k].length > 0) hint = map_.add(hint, std::make_pair(Interval(run[k].offset, run[k].end()), run[k].flags));
     }
-    add_segment(start, end, stamp, generation_, lru_.begin());
+    add_segment(start, end, stamp, generation_, budget_->next_tick(), lru_.begin());
     i = j + 1;
   }
   evict_to_limit();
@@ -136,7 +149,7 @@ bool ExtentCache::too_old(TimePoint stamp) const {
 }
 
 bool ExtentCache::over_limit() const {
-  return std::max(map_.iterative_size(), segments_.size()) > limits_.max_extents;
+  return budget_->used() > budget_->max_extents();
 }
 
 ExtentCache::Segments::iterator ExtentCache::segment_at(uint64_t offset) {
@@ -146,10 +159,10 @@ ExtentCache::Segments::iterator ExtentCache::segment_at(uint64_t offset) {
   return offset < it->second.end ? it : segments_.end();
 }
 
-void ExtentCache::add_segment(uint64_t start, uint64_t end, TimePoint stamp, uint64_t generation,
+void ExtentCache::add_segment(uint64_t start, uint64_t end, TimePoint stamp, uint64_t generation, uint64_t last_used,
                               std::list<uint64_t>::iterator lru_before) {
   auto pos = lru_.insert(lru_before, start);
-  segments_.emplace(start, Segment{end, stamp, generation, pos});
+  segments_.emplace(start, Segment{end, stamp, generation, last_used, pos});
 }
 
 ExtentCache::Segments::iterator ExtentCache::remove_segment(Segments::iterator it) {
@@ -173,7 +186,7 @@ void ExtentCache::carve(uint64_t start, uint64_t end) {
       // its own, with the same stamp, just behind in recency.
       const Segment right = segment;
       segment.end = start;
-      add_segment(end, right.end, right.stamp, right.generation, std::next(right.lru_pos));
+      add_segment(end, right.end, right.stamp, right.generation, right.last_used, std::next(right.lru_pos));
       return;
     }
     if (it->first < start) {  // overlaps on the left: keep its left part
@@ -192,16 +205,42 @@ void ExtentCache::carve(uint64_t start, uint64_t end) {
 }
 
 void ExtentCache::touch(Segment& segment) {
+  segment.last_used = budget_->next_tick();
   if (segment.lru_pos != lru_.begin()) lru_.splice(lru_.begin(), lru_, segment.lru_pos);
 }
 
+// The list's back is this cache's least recently used segment (stores and
+// lookups move segments to the front with a fresh tick). The store in
+// progress is this cache's newest generation, at the front: if the back is of
+// it, so is every segment here.
+std::optional<uint64_t> ExtentCache::evictable_tick(bool spare_newest) const {
+  if (lru_.empty()) return std::nullopt;
+  const Segment& oldest = segments_.find(lru_.back())->second;
+  if (spare_newest && oldest.generation == generation_) return std::nullopt;
+  return oldest.last_used;
+}
+
+void ExtentCache::evict_least_recent() {
+  drop(segments_.find(lru_.back()));
+  ++evictions_;
+}
+
 void ExtentCache::evict_to_limit() {
-  // Least recently used segments first, never one the last store made.
-  while (over_limit() && !lru_.empty()) {
-    auto victim = segments_.find(lru_.back());
-    if (victim->second.generation == generation_) break;
-    drop(victim);
-    ++evictions_;
+  // Least recently used segments first, in whichever cache sharing the
+  // budget they are, never one the store in progress made. (Another cache's
+  // newest generation is a finished store: fair game.)
+  while (over_limit()) {
+    ExtentCache* victim = nullptr;
+    std::optional<uint64_t> oldest;
+    for (ExtentCache* c : budget_->members_) {
+      const auto tick = c->evictable_tick(c == this);
+      if (tick && (!oldest || *tick < *oldest)) {
+        oldest = tick;
+        victim = c;
+      }
+    }
+    if (!victim) break;
+    victim->evict_least_recent();
   }
   // Only what was just stored is left and it alone is too much: keep its
   // beginning, nearest the query that caused the store.
@@ -211,11 +250,14 @@ void ExtentCache::evict_to_limit() {
 void ExtentCache::trim_last_segment() {
   auto last = std::prev(segments_.end());
   const uint64_t start = last->first, end = last->second.end;
+  // Every other segment, here and in the caches sharing the budget, is gone:
+  // this cache alone is over the limit.
+  const size_t limit = budget_->max_extents();
   const size_t intervals = map_.iterative_size();
   uint64_t cut = start;
-  if (intervals > limits_.max_extents && segments_.size() <= limits_.max_extents) {
+  if (intervals > limit && segments_.size() <= limit) {
     // Drop just enough intervals from the segment's end.
-    size_t excess = intervals - limits_.max_extents;
+    size_t excess = intervals - limit;
     auto it = map_.find(end - 1);
     while (--excess > 0 && it != map_.begin() && it->first.lower() > start) --it;
     cut = std::max(start, it->first.lower());

@@ -36,8 +36,11 @@
 #include <span>
 #include <vector>
 
+#include <memory>
+
 #include <boost/icl/interval_map.hpp>
 
+#include "cache/cache_budget.hpp"
 #include "cache/extent.hpp"
 
 namespace bscache::cache {
@@ -71,6 +74,10 @@ struct CacheLimits {
   // whole blocks, qcow2 whole clusters): a mutation forgets its range rounded
   // out to this alignment. Used by CoherentCache. Default: 64 KiB.
   uint64_t allocation_granularity = uint64_t{64} * 1024;
+  // Shared with other caches (one per export): the limit is then the
+  // budget's, over all of them, and max_extents above is not used. Null: the
+  // cache has a budget of its own, of max_extents.
+  std::shared_ptr<CacheBudget> budget;
 };
 
 using TimePoint = std::chrono::steady_clock::time_point;
@@ -79,6 +86,9 @@ using Clock = std::function<TimePoint()>;
 class ExtentCache {
  public:
   explicit ExtentCache(CacheLimits limits = {}, Clock clock = &std::chrono::steady_clock::now);
+  ~ExtentCache();
+  ExtentCache(const ExtentCache&) = delete;
+  ExtentCache& operator=(const ExtentCache&) = delete;
 
   // The cache's clock: stamps must come from it.
   TimePoint now() const { return clock_(); }
@@ -102,7 +112,10 @@ class ExtentCache {
 
   size_t extent_count() const { return map_.iterative_size(); }
   size_t segment_count() const { return segments_.size(); }
-  size_t max_extents() const { return limits_.max_extents; }
+  // The limit: this cache's own, or the one it shares.
+  size_t max_extents() const { return budget_->max_extents(); }
+  // What this cache counts against the limit: the larger of its intervals and segments.
+  size_t charge() const { return std::max(map_.iterative_size(), segments_.size()); }
   // Approximate heap bytes held by the map and the segment bookkeeping.
   size_t memory_bytes() const;
   uint64_t evictions() const { return evictions_; }
@@ -119,6 +132,7 @@ class ExtentCache {
     uint64_t end = 0;
     TimePoint stamp;
     uint64_t generation = 0;  // which store() call made it
+    uint64_t last_used = 0;   // the budget's tick when stored or last looked up: recency across caches
     std::list<uint64_t>::iterator lru_pos;
   };
   using Segments = std::map<uint64_t, Segment>;  // by start offset; disjoint
@@ -126,8 +140,12 @@ class ExtentCache {
   bool too_old(TimePoint stamp) const;
   bool over_limit() const;
   Segments::iterator segment_at(uint64_t offset);
-  void add_segment(uint64_t start, uint64_t end, TimePoint stamp, uint64_t generation,
+  void add_segment(uint64_t start, uint64_t end, TimePoint stamp, uint64_t generation, uint64_t last_used,
                    std::list<uint64_t>::iterator lru_before);
+  // The tick of this cache's least recently used segment; nullopt if there
+  // is none, or (spare_newest: the cache storing now) it is of the store in progress.
+  std::optional<uint64_t> evictable_tick(bool spare_newest) const;
+  void evict_least_recent();
   Segments::iterator remove_segment(Segments::iterator it);
   void drop(Segments::iterator it);  // its data too
   void carve(uint64_t start, uint64_t end);
@@ -136,6 +154,7 @@ class ExtentCache {
   void trim_last_segment();
 
   CacheLimits limits_;
+  std::shared_ptr<CacheBudget> budget_;  // limits_.budget, or one of our own
   Clock clock_;
   Map map_;
   Segments segments_;

@@ -28,7 +28,8 @@ BlockStatusService::BlockStatusService(asio::io_context& io, BlockStatusUpstream
     : io_(io), upstream_(upstream), info_(info), config_(config), metrics_(metrics), cache_(limits_for(config)) {
   scratch_.reserve(config_.max_descriptors);
   if (caching()) {
-    spdlog::info("cache holds at most {} extents (about {} MiB)", cache_.extents().max_extents(),
+    spdlog::info("cache holds at most {} extents (about {} MiB), shared by every export",
+                 cache_.extents().max_extents(),
                  cache_.extents().max_extents() * (cache::kBytesPerInterval + cache::kBytesPerSegment) >> 20);
   }
 }

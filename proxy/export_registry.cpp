@@ -14,6 +14,14 @@ namespace {
 // How long upstream's LIST answer is reused.
 constexpr auto kListingLifetime = std::chrono::seconds(5);
 
+// Every export's cache draws on one budget: --cache-max-extents (or
+// --cache-max-memory) bounds the sum over exports, not each one.
+ExportSettings with_shared_budget(ExportSettings settings) {
+  auto& limits = settings.block_status.limits;
+  limits.budget = std::make_shared<cache::CacheBudget>(limits.max_extents);
+  return settings;
+}
+
 bool listed(const std::vector<ExportListing>& listing, const std::string& name) {
   return std::any_of(listing.begin(), listing.end(), [&](const ExportListing& e) { return e.name == name; });
 }
@@ -55,7 +63,11 @@ struct ExportRegistry::PendingOpen {
 
 ExportRegistry::ExportRegistry(asio::io_context& io, UpstreamTarget target, ExportSettings settings,
                                ExportLimits limits)
-    : io_(io), target_(std::move(target)), settings_(std::move(settings)), limits_(limits), idle_sweep_(io) {}
+    : io_(io),
+      target_(std::move(target)),
+      settings_(with_shared_budget(std::move(settings))),
+      limits_(limits),
+      idle_sweep_(io) {}
 
 ExportRegistry::~ExportRegistry() {
   opener_.join();

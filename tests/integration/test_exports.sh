@@ -70,6 +70,20 @@ for e in a.img b.img c.img; do
 done
 pass "concurrent clients on three exports"
 
+# One cache budget for all exports: --cache-max-extents bounds the sum, the
+# least recently used windows go first, whichever export they are of.
+start_bscache tiny --upstream "$(uri up)" --cache-max-extents 12 --stats-file "$T/tiny.json"
+for e in a.img b.img c.img a.img b.img c.img; do
+  [[ $(map tiny "$e") == "$(map up "$e")" ]] || fail "map of $e with a 12-extent budget differs from direct"
+done
+kill -USR1 "$(cat "$T/tiny.pid")"
+wait_for_file "$T/tiny.json"
+jq -e '([.exports[].cache.extents] | add) == .cache.extents and .cache.extents <= 12 and .cache.max_extents == 12
+       and .exports["a.img"].cache.evictions >= 1' "$T/tiny.json" >/dev/null \
+  || fail "budget: $(jq -c '{total: .cache, each: [.exports[] | .cache | {extents, evictions}]}' "$T/tiny.json")"
+stop_server tiny
+pass "--cache-max-extents 12 bounds the three exports' caches together; maps stay as direct"
+
 # Unknown name: NBD_REP_ERR_UNKNOWN (libnbd: ENOENT) with the reason; the others keep working.
 $py - "$T/bs.sock" <<'PY' || fail "unknown export"
 import errno, sys, nbd

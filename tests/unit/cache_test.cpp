@@ -105,6 +105,58 @@ TEST(ExtentCache, EvictsTheLeastRecentlyUsedWindow) {
   EXPECT_TRUE(c.invariants_hold());
 }
 
+// Caches of several exports share one budget (--cache-max-extents bounds the sum).
+TEST(CacheBudget, TheLeastRecentlyUsedSegmentGoesWhicheverCacheItIsIn) {
+  CacheLimits limits;
+  limits.budget = std::make_shared<CacheBudget>(6);
+  ExtentCache a(limits), b(limits);
+  EXPECT_EQ(a.max_extents(), 6u);
+  a.store(window(0, 2), a.now());  // oldest
+  b.store(window(0, 2), b.now());
+  a.store(window(1 * MiB, 2), a.now());
+  EXPECT_EQ(limits.budget->used(), 6u);
+  EXPECT_FALSE(run(b, 0).empty());       // b's window is now the most recently used
+  b.store(window(1 * MiB, 2), b.now());  // over by 2: a's first window goes, not b's own
+  EXPECT_EQ(limits.budget->used(), 6u);
+  EXPECT_EQ(a.evictions(), 1u);
+  EXPECT_EQ(b.evictions(), 0u);
+  EXPECT_TRUE(run(a, 0).empty());
+  EXPECT_FALSE(run(a, 1 * MiB).empty());
+  EXPECT_FALSE(run(b, 0).empty());
+  EXPECT_FALSE(run(b, 1 * MiB).empty());
+  EXPECT_TRUE(a.invariants_hold());
+  EXPECT_TRUE(b.invariants_hold());
+}
+
+TEST(CacheBudget, OneCacheMayUseAllOfItAndAStoreTooLargeKeepsItsBeginning) {
+  CacheLimits limits;
+  limits.budget = std::make_shared<CacheBudget>(4);
+  ExtentCache a(limits), b(limits);
+  a.store(window(0, 2), a.now());
+  b.store(window(0, 8), b.now());  // alone more than the budget: a's window goes, b keeps 4 intervals
+  EXPECT_TRUE(run(a, 0).empty());
+  EXPECT_EQ(b.extent_count(), 4u);
+  EXPECT_EQ(run(b, 0).size(), 4u);
+  EXPECT_LE(limits.budget->used(), 4u);
+  EXPECT_TRUE(b.invariants_hold());
+}
+
+TEST(CacheBudget, ACacheLeavesTheBudgetWithWhatItHeld) {
+  CacheLimits limits;
+  limits.budget = std::make_shared<CacheBudget>(100);
+  ExtentCache a(limits);
+  {
+    ExtentCache b(limits);
+    b.store(window(0, 10), b.now());
+    EXPECT_EQ(limits.budget->caches(), 2u);
+    EXPECT_EQ(limits.budget->used(), 10u);
+  }
+  EXPECT_EQ(limits.budget->caches(), 1u);
+  EXPECT_EQ(limits.budget->used(), 0u);
+  a.store(window(0, 3), a.now());
+  EXPECT_EQ(limits.budget->used(), 3u);
+}
+
 TEST(ExtentCache, NeighbouringWindowsAreEvictedSeparately) {
   // Three windows in the same gigabyte: evicting the oldest must not take the
   // one being read or the one just fetched with it.
