@@ -24,6 +24,12 @@ ExtentCache::~ExtentCache() {
   std::erase(budget_->members_, this);
 }
 
+size_t ExtentCache::planning_share() const {
+  size_t holders = 1;
+  for (const ExtentCache* c : budget_->members_) holders += c != this && c->charge() > 0 ? 1 : 0;
+  return std::max<size_t>(budget_->max_extents() / holders, 1);
+}
+
 size_t CacheBudget::used() const {
   size_t sum = 0;
   for (const ExtentCache* c : members_) sum += c->charge();

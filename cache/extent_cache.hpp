@@ -114,6 +114,10 @@ class ExtentCache {
   size_t segment_count() const { return segments_.size(); }
   // The limit: this cache's own, or the one it shares.
   size_t max_extents() const { return budget_->max_extents(); }
+  // The part of the limit to size windows for: all of it while no other
+  // cache sharing the budget holds anything, else an equal share, so that
+  // exports scanning at once do not evict each other's windows before use.
+  size_t planning_share() const;
   // What this cache counts against the limit: the larger of its intervals and segments.
   size_t charge() const { return std::max(map_.iterative_size(), segments_.size()); }
   // Approximate heap bytes held by the map and the segment bookkeeping.

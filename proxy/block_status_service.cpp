@@ -90,12 +90,12 @@ awaitable<int> BlockStatusService::forward_unchanged(uint64_t offset, uint32_t l
 
 unsigned BlockStatusService::prefetch_depth() const {
   if (!config_.prefetch.enabled) return 0;
-  return policy::affordable_depth(cache_.extents().max_extents(),
+  return policy::affordable_depth(cache_.extents().planning_share(),
                                   policy::prefetch_depth(config_.prefetch, latency_.estimate()));
 }
 
 size_t BlockStatusService::window_budget() const {
-  return policy::window_extent_budget(cache_.extents().max_extents(), prefetch_depth());
+  return policy::window_extent_budget(cache_.extents().planning_share(), prefetch_depth());
 }
 
 policy::FetchWindow BlockStatusService::planned_window(uint64_t offset) const {

@@ -141,6 +141,19 @@ TEST(CacheBudget, OneCacheMayUseAllOfItAndAStoreTooLargeKeepsItsBeginning) {
   EXPECT_TRUE(b.invariants_hold());
 }
 
+TEST(CacheBudget, WindowsArePlannedForAnEqualShareWhileOthersHoldExtents) {
+  CacheLimits limits;
+  limits.budget = std::make_shared<CacheBudget>(90);
+  ExtentCache a(limits), b(limits), c(limits);
+  EXPECT_EQ(a.planning_share(), 90u);
+  b.store(window(0, 2), b.now());
+  EXPECT_EQ(a.planning_share(), 45u);
+  EXPECT_EQ(b.planning_share(), 90u) << "only b holds anything";
+  a.store(window(0, 2), a.now());
+  c.store(window(0, 2), c.now());
+  EXPECT_EQ(a.planning_share(), 30u);
+}
+
 TEST(CacheBudget, ACacheLeavesTheBudgetWithWhatItHeld) {
   CacheLimits limits;
   limits.budget = std::make_shared<CacheBudget>(100);
