@@ -8,7 +8,7 @@
 #   --quick      3 runs per contender and smaller images (under 3 minutes)
 #   --only S     run only these sections (comma-separated: seq, big-sparse,
 #                write-mix, tmpfs, hit-latency, data-path, memory,
-#                capacity-pressure, tls, micro) and replace just their rows in an
+#                capacity-pressure, multi-export, tls, micro) and replace just their rows in an
 #                existing raw.tsv
 #   BENCH_TINY=1 one run on tiny images: only checks the harness works
 #   BSCACHE_BASELINE=PATH also runs an older bscache binary as contender
@@ -44,13 +44,16 @@ G=$((1 << 30)) M=$((1 << 20))
 case $mode in
   full) runs=5 warmup=1 seq_size=$((4 * G)) seq_extents=2500 sparse_size=$((64 * G)) sparse_direct_runs=1
         mix_queries=2000 mix_extents=3000 tmpfs_size=$((8 * G)) tmpfs_chunks=8192 data_size=$G mem_extents=1000000
-        latency_seconds=2 micro_time=0.2 pressure_size=$((8 * G)) pressure_extents=5000 dense_size=$((4 * G)) ;;
+        latency_seconds=2 micro_time=0.2 pressure_size=$((8 * G)) pressure_extents=5000 dense_size=$((4 * G))
+        multi_exports=8 multi_size=$G multi_chunks=300 ;;
   quick) runs=3 warmup=1 seq_size=$((1 * G)) seq_extents=600 sparse_size=$((16 * G)) sparse_direct_runs=0
          mix_queries=500 mix_extents=1000 tmpfs_size=$((1 * G)) tmpfs_chunks=1024 data_size=$((128 * M))
-         mem_extents=100000 latency_seconds=1 micro_time=0.02 pressure_size=$((8 * G)) pressure_extents=5000 dense_size=$((1 * G)) ;;
+         mem_extents=100000 latency_seconds=1 micro_time=0.02 pressure_size=$((8 * G)) pressure_extents=5000 dense_size=$((1 * G))
+         multi_exports=8 multi_size=$((256 * M)) multi_chunks=100 ;;
   tiny) runs=1 warmup=0 seq_size=$((64 * M)) seq_extents=40 sparse_size=$((2 * G)) sparse_direct_runs=0
         mix_queries=50 mix_extents=20 tmpfs_size=$((16 * M)) tmpfs_chunks=16 data_size=$((8 * M)) mem_extents=1000
-        latency_seconds=0.2 micro_time=0.001 pressure_size=$((256 * M)) pressure_extents=100 dense_size=$((16 * M)) ;;
+        latency_seconds=0.2 micro_time=0.001 pressure_size=$((256 * M)) pressure_extents=100 dense_size=$((16 * M))
+        multi_exports=2 multi_size=$((16 * M)) multi_chunks=8 ;;
 esac
 delay=5ms sparse_delay=50ms
 [[ $mode == tiny ]] && delay=1ms sparse_delay=2ms
@@ -239,6 +242,64 @@ want hit-latency && for depth in 1 16; do
     record "hit-latency-qd$depth" $c microseconds "" "${lats[@]}"
   done
 done
+
+# ---- multi-export: N exports of one upstream (nbdkit file dir=), 5 ms per call ----
+# qemu-img map of every export in turn: direct; cacheextents, one nbdkit per
+# export (it serves one export each); one bscache for all of them (and its RSS).
+if want multi-export; then
+mshm=$(mktemp -d /dev/shm/bscache-bench.XXXXXX)
+for ((e = 1; e <= multi_exports; e++)); do
+  /usr/bin/python3 - "$mshm/disk$e.img" "$multi_size" "$multi_chunks" "$e" <<'PY'
+import random, sys
+path, size, chunks, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+rng = random.Random(seed)
+with open(path, "wb") as f:
+    f.truncate(size)
+    for i in range(chunks):  # one 4 KiB run of data somewhere in every slice: ~2 extents per chunk
+        f.seek(size // chunks * i + rng.randrange(size // chunks // 4096) * 4096)
+        f.write(b"\x5a" * 4096)
+PY
+done
+start_nbdkit multislow --filter=delay file dir="$mshm" delay-extents=$delay
+start_nbdkit multifast file dir="$mshm"
+export_of() { echo "nbd+unix:///disk$2.img?socket=$T/$1.sock"; }
+for ((e = 1; e <= multi_exports; e++)); do client_map "$(export_of multifast $e)" "$T/multi.ref.$e"; done
+for c in direct cacheextents bscache; do
+  times=() rss=()
+  for ((i = 0; i < runs + warmup; i++)); do
+    case $c in
+      bscache) start_bscache front --upstream "$(uri multislow)" --log-level warn ;;
+      cacheextents) for ((e = 1; e <= multi_exports; e++)); do
+          start_nbdkit "front$e" --filter=cacheextents nbd socket="$T/multislow.sock" export="disk$e.img"
+        done ;;
+    esac
+    t0=$(now)
+    for ((e = 1; e <= multi_exports; e++)); do
+      case $c in
+        direct) target=$(export_of multislow $e) ;;
+        cacheextents) target=$(uri "front$e") ;;
+        bscache) target=$(export_of front $e) ;;
+      esac
+      client_map "$target" "$T/multi.out.$e"
+    done
+    t1=$(now)
+    if [[ $c == bscache ]] && ((i >= warmup)); then
+      rss+=("$(awk '/VmHWM/ { print $2 / 1024 }' "/proc/$(cat "$T/front.pid")/status")")
+    fi
+    front_down
+    if [[ $c == cacheextents ]]; then
+      for ((e = 1; e <= multi_exports; e++)); do stop_server "front$e"; rm -f "$T/front$e.pid"; done
+    fi
+    for ((e = 1; e <= multi_exports; e++)); do
+      cmp -s "$T/multi.out.$e" "$T/multi.ref.$e" || { echo "ERROR: multi-export: $c's map of disk$e differs" >&2; exit 1; }
+    done
+    ((i >= warmup)) && times+=("$(echo "$t1 - $t0" | bc -l)")
+  done
+  record multi-export $c seconds "$multi_exports exports of $((multi_size / M)) MiB" "${times[@]}"
+  ((${#rss[@]} == 0)) || record multi-export $c peak_rss_mib "bscache's VmHWM after mapping every export" "${rss[@]}"
+done
+rm -rf "$mshm"
+fi
 
 # ---- data-path: bytes through each contender (upstream: nbdkit file on /dev/shm) ----
 if want data-path; then

@@ -17,14 +17,16 @@ std::string join(const std::vector<std::string>& items) {
 Export::Export(asio::io_context& io, std::string name, std::vector<NbdHandlePtr> handles, const UpstreamTarget& target,
                const ExportSettings& settings, std::shared_ptr<Metrics> metrics)
     : name_(std::move(name)), read_only_(settings.read_only), metrics_(std::move(metrics)) {
-  upstream_ = std::make_unique<UpstreamPool>(io, std::move(handles), target, settings.upstream, *metrics_);
-  info_ = make_export_info(upstream_->info(), read_only_);
+  if (handles.empty()) throw std::logic_error("Export: no upstream connection");
+  // Checked before any connection thread starts.
+  info_ = make_export_info(read_upstream_info(handles.front().get()), read_only_);
   if (settings.block_status.max_window < info_.min_block) {
     // A window must hold at least one whole block of the upstream's.
     throw ExportRefused("--fetch-window " + std::to_string(settings.block_status.max_window) +
                         " is below the minimum block size " + std::to_string(info_.min_block) +
                         " of upstream export \"" + name_ + "\"");
   }
+  upstream_ = std::make_unique<UpstreamPool>(io, std::move(handles), target, settings.upstream, *metrics_);
   block_status_ = std::make_unique<BlockStatusService>(io, *upstream_, info_, settings.block_status, *metrics_);
   upstream_->on_state_change(
       [this](const std::optional<UpstreamInfo>& reconnected) { connection_changed(reconnected); });

@@ -83,13 +83,27 @@ UpstreamPool::UpstreamPool(asio::io_context& loop, std::vector<NbdHandlePtr> han
   if (handles.empty()) throw std::logic_error("UpstreamPool: no connection");
   info_ = read_upstream_info(handles.front().get());
   // One message to the loop per batch a connection hands back.
-  auto finished = [this](UpstreamBatch batch) {
-    asio::post(loop_, [this, b = std::move(batch)]() mutable {
-      for (auto& command : b) complete(std::move(command));
+  // Messages already posted when the pool goes (an idle export closed while
+  // a connection's news was on its way) find it gone: commands are still
+  // delivered, with ESHUTDOWN, and the news is dropped.
+  std::weak_ptr<UpstreamPool*> alive = alive_;
+  auto finished = [this, alive](UpstreamBatch batch) {
+    asio::post(loop_, [alive, b = std::move(batch)]() mutable {
+      auto pool = alive.lock();
+      for (auto& command : b) {
+        if (pool) {
+          (*pool)->complete(std::move(command));
+        } else {
+          command->result = CommandResult::failed(ESHUTDOWN);
+          command->deliver();
+        }
+      }
     });
   };
-  auto changed = [this](size_t index, std::optional<UpstreamInfo> reconnected) {
-    asio::post(loop_, [this, index, r = std::move(reconnected)]() mutable { connection_changed(index, std::move(r)); });
+  auto changed = [this, alive](size_t index, std::optional<UpstreamInfo> reconnected) {
+    asio::post(loop_, [alive, index, r = std::move(reconnected)]() mutable {
+      if (auto pool = alive.lock()) (*pool)->connection_changed(index, std::move(r));
+    });
   };
   connections_.resize(handles.size());
   for (size_t i = 0; i < handles.size(); ++i) {
@@ -100,6 +114,7 @@ UpstreamPool::UpstreamPool(asio::io_context& loop, std::vector<NbdHandlePtr> han
 }
 
 UpstreamPool::~UpstreamPool() {
+  alive_.reset();        // what the threads posted and the loop has not run yet finds the pool gone
   connections_.clear();  // joins every connection's thread
   metrics_.upstream_connections = 0;
 }

@@ -94,6 +94,8 @@ class UpstreamPool final : public BlockStatusUpstream {
   size_t in_flight_ = 0;
   bool lost_unflushed_writes_ = false;  // a connection died with writes not yet flushed
   StateChanged on_state_;
+  // Expires with the pool; messages the connections posted check it (loop thread only).
+  std::shared_ptr<UpstreamPool*> alive_ = std::make_shared<UpstreamPool*>(this);
 };
 
 }  // namespace bscache::proxy
