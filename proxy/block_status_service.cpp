@@ -24,7 +24,7 @@ cache::CacheLimits limits_for(const BlockStatusConfig& config) {
 }  // namespace
 
 BlockStatusService::BlockStatusService(asio::io_context& io, BlockStatusUpstream& upstream, const ExportInfo& info,
-                                       BlockStatusConfig config, Metrics& metrics)
+                                       const BlockStatusConfig& config, Metrics& metrics)
     : io_(io), upstream_(upstream), info_(info), config_(config), metrics_(metrics), cache_(limits_for(config)) {
   scratch_.reserve(config_.max_descriptors);
   if (caching()) {

@@ -37,7 +37,7 @@ struct BlockStatusConfig {
 class BlockStatusService {
  public:
   BlockStatusService(asio::io_context& io, BlockStatusUpstream& upstream, const ExportInfo& info,
-                     BlockStatusConfig config, Metrics& metrics);
+                     const BlockStatusConfig& config, Metrics& metrics);
 
   bool caching() const { return config_.coherence.mode != policy::CoherenceMode::Off; }
 

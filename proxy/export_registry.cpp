@@ -124,7 +124,9 @@ awaitable<ExportLookup> ExportRegistry::find(std::string name) {
     const std::string& key = alias == aliases_.end() ? name : alias->second;
     if (auto it = open_.find(key); it != open_.end()) co_return hold(it->second);
     auto pending = opening_.find(name);
-    if (pending == opening_.end()) co_return co_await open(name);
+    if (pending == opening_.end()) {
+      co_return co_await open(name);
+    }
     // Someone else is opening it: wait for that, then look again.
     auto wait = pending->second;
     while (!wait->finished) {

@@ -119,7 +119,9 @@ awaitable<std::optional<NegotiatedExport>> negotiate(ClientStream& stream, Expor
     }
     if (outcome == OptionOutcome::Transmission) {
       // The option that chose the export looked it up (or the one export was).
-      if (single) looked_up = co_await exports.find({});
+      if (single) {
+        looked_up = co_await exports.find({});
+      }
       co_return NegotiatedExport{handshake->negotiated(), std::move(looked_up.client)};
     }
   }
