@@ -37,10 +37,11 @@ std::string join(const std::vector<std::string>& items) {
   return out.empty() ? "(none)" : out;
 }
 
-// --exports not given: one export if the command line names one (the URI's
-// path or --export-name), else every export upstream has.
+// --exports not given: one export if the command line names one (--export-name,
+// even "", or the URI's path), else every export upstream has.
 ExportsMode exports_mode(const Options& options, const UpstreamTarget& target) {
   if (options.exports_mode_given) return options.exports.mode;
+  if (target.export_name_set) return ExportsMode::Single;
   return named_export(target).empty() ? ExportsMode::Passthrough : ExportsMode::Single;
 }
 
@@ -85,7 +86,7 @@ class App {
   ServiceNotifier notifier_{io_};  // first: it takes NOTIFY_SOCKET out of the environment before any child starts
   Metrics metrics_;
   BufferPool buffers_;
-  std::unique_ptr<UpstreamChild> upstream_child_;  // --upstream-command's server; outlives upstream_
+  std::unique_ptr<UpstreamChild> upstream_child_;  // --upstream-command's server; outlives exports_
   std::unique_ptr<ExportRegistry> exports_;
   std::unique_ptr<TlsServerCredentials> tls_;
   std::unique_ptr<ProxyContext> context_;
