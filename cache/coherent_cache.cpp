@@ -9,7 +9,7 @@ using Interval = boost::icl::right_open_interval<uint64_t>;
 }
 
 CoherentCache::CoherentCache(CacheLimits limits, Clock clock)
-    : granularity_(std::max<uint64_t>(limits.allocation_granularity, 1)), cache_(limits, std::move(clock)) {}
+    : granularity_(std::max<uint64_t>(limits.allocation_granularity, 1)), cache_(std::move(limits), std::move(clock)) {}
 
 CoherentCache::Range CoherentCache::widen(uint64_t offset, uint64_t length) const {
   const uint64_t start = offset / granularity_ * granularity_;

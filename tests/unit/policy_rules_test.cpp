@@ -19,7 +19,7 @@ TEST(FetchWindow, LargestAlignedWindowClippedAtTheEnd) {
   EXPECT_EQ(plan_fetch(0, 4 * GiB, 0, 1 << 20), (FetchWindow{0, 1 << 20})) << "min_block 0 means 1";
   EXPECT_EQ(plan_fetch(0, 4 * GiB, 4096, 100), (FetchWindow{0, 4096})) << "never below one block";
   // Window ends rounded down to the allocation unit, never past the query or the export's end.
-  constexpr uint64_t KiB64 = 64 * 1024;
+  constexpr uint64_t KiB64 = uint64_t{64} * 1024;
   EXPECT_EQ(plan_fetch(1000, 4 * GiB, 0, 300'000, KiB64), (FetchWindow{1000, 4 * KiB64 - 1000}));
   EXPECT_EQ(plan_fetch(1000, 4 * GiB, 0, 5'000, KiB64), (FetchWindow{1000, 5'000})) << "the query stays inside";
   EXPECT_EQ(plan_fetch(GiB - 1000, GiB, 0, 300'000, KiB64), (FetchWindow{GiB - 1000, 1000})) << "the export's end";
