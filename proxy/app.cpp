@@ -342,7 +342,7 @@ awaitable<void> App::periodic_summary() {
     notifier_.status(fmt::format(
         "hit rate {:.1f}%, {} upstream calls saved, {} clients, {} of {} upstream connections up, {} exports open",
         100 * hit_rate(m), upstream_calls_saved(m), m.connections_current, m.upstream_connections,
-        exports_->connections(), exports_->single() ? 1 : exports_->open_count()));
+        exports_->connections(), exports_->open_count()));
   }
 }
 

@@ -59,8 +59,7 @@ class Export {
   // Called after a connection of this export was lost or came back.
   void on_state_change(std::function<void()> callback) { on_state_ = std::move(callback); }
 
-  // Clients using the export now (sessions and handshakes that chose it).
-  size_t clients() const { return clients_; }
+  // When the last client (session or handshake holding it) came or went.
   std::chrono::steady_clock::time_point last_used() const { return last_used_; }
   bool idle() const { return clients_ == 0 && (!upstream_ || upstream_->in_flight() == 0); }
   // The cache's gauges, live, or as they were when the export closed.

@@ -95,12 +95,12 @@ void ExportRegistry::start() {
     single_->on_state_change([this] {
       if (on_state_) on_state_();
     });
+    open_[name] = single_;  // never idle-closed: no sweep, no make_room in this mode
     return;
   }
   // Passthrough: nothing is opened before a client names it, but a server
   // that does not answer at all should fail the start, visibly.
   listing_ = list_upstream_exports(target_);
-  listing_known_ = true;
   listing_at_ = std::chrono::steady_clock::now();
   if (listing_) {
     std::string names;
@@ -155,7 +155,7 @@ awaitable<ExportLookup> ExportRegistry::open(const std::string& name) {
     co_return ExportLookup{nullptr, wire::kRepErrPolicy, message};
   }
 
-  const bool refresh = !listing_known_ || std::chrono::steady_clock::now() - listing_at_ > kListingLifetime;
+  const bool refresh = std::chrono::steady_clock::now() - listing_at_ > kListingLifetime;
   auto cached = listing_;
   // A named lambda, not a temporary in the co_await: GCC 12 destroys a
   // temporary with non-trivial captures in a co_await expression twice.
@@ -179,10 +179,9 @@ awaitable<ExportLookup> ExportRegistry::open(const std::string& name) {
     return out;
   };
   Opened opened = co_await off_loop<Opened>(opener_, std::move(job));
-  if (opened.listing_known) {
+  if (opened.listing_known && refresh) {
     listing_ = opened.listing;
-    listing_known_ = true;
-    if (refresh) listing_at_ = std::chrono::steady_clock::now();
+    listing_at_ = std::chrono::steady_clock::now();
   }
   if (!opened.error.empty()) {
     spdlog::warn("export \"{}\" refused: {}", name, opened.error);
@@ -240,7 +239,7 @@ awaitable<std::vector<ExportListing>> ExportRegistry::list() {
   if (limits_.mode == ExportsMode::Single) {
     co_return std::vector<ExportListing>{{single_->info().name, single_->info().description}};
   }
-  if (!listing_known_ || std::chrono::steady_clock::now() - listing_at_ > kListingLifetime) {
+  if (std::chrono::steady_clock::now() - listing_at_ > kListingLifetime) {
     using Fresh = std::optional<std::optional<std::vector<ExportListing>>>;
     auto job = [this]() -> Fresh {
       try {
@@ -253,7 +252,6 @@ awaitable<std::vector<ExportListing>> ExportRegistry::list() {
     Fresh fresh = co_await off_loop<Fresh>(opener_, std::move(job));
     if (fresh) {
       listing_ = *fresh;
-      listing_known_ = true;
       listing_at_ = std::chrono::steady_clock::now();
     }
   }
@@ -307,10 +305,7 @@ std::vector<ExportStats> ExportRegistry::stats() const {
   std::vector<ExportStats> out;
   for (const auto& [key, metrics] : metrics_) {
     ExportStats s{key, metrics.get(), {}, false};
-    if (single_ && single_->name() == key) {
-      s.open = !single_->closed();
-      s.cache = single_->cache_gauges();
-    } else if (auto it = open_.find(key); it != open_.end()) {
+    if (auto it = open_.find(key); it != open_.end()) {
       s.open = !it->second->closed();
       s.cache = it->second->cache_gauges();
     }
@@ -336,14 +331,12 @@ CacheGauges ExportRegistry::cache_totals() const {
     sum.evictions += g.evictions;
     sum.expirations += g.expirations;
   };
-  if (single_) add(*single_);
   for (const auto& [key, e] : open_) add(*e);
   return sum;
 }
 
 template <typename F>
 void ExportRegistry::for_each_serving(F f) const {
-  if (single_ && !single_->closed()) f(*single_);
   for (const auto& [key, e] : open_) {
     if (!e->closed()) f(*e);
   }
@@ -372,7 +365,6 @@ void ExportRegistry::shutdown() {
 }
 
 void ExportRegistry::close_all() {
-  if (single_) single_->close();
   for (const auto& [key, e] : open_) e->close();  // kept: their final gauges go into the last stats
 }
 

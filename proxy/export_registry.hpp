@@ -112,7 +112,6 @@ class ExportRegistry {
   std::map<std::string, std::shared_ptr<Metrics>> metrics_;      // by canonical name, kept after close
   std::optional<std::vector<ExportListing>> listing_;            // upstream's LIST, if it answers it
   std::chrono::steady_clock::time_point listing_at_;
-  bool listing_known_ = false;
   CacheGauges retired_cache_;  // evictions and expirations of closed exports' caches
   std::function<void()> on_state_;
   asio::steady_timer idle_sweep_;

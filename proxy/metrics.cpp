@@ -157,11 +157,11 @@ class Exposition {
       out_ << name << (s.label.empty() ? "" : "{" + s.label + "}") << ' ' << static_cast<double>(value(s)) << '\n';
     }
   }
-  template <typename Counts>
-  void each_op(const char* name, const char* help, Counts counts) {
+  // A per-export counter by operation: `counts` names the array in Metrics.
+  void each_op(const char* name, const char* help, std::array<uint64_t, kOpCount> Metrics::*counts) {
     family(name, "counter", help);
     for (const auto& s : sources_) {
-      const std::array<uint64_t, kOpCount>& c = counts(*s.m);
+      const auto& c = (*s.m).*counts;
       for (uint16_t op = 0; op < kOpCount; ++op) {
         if (op == wire::kCmdDisc) continue;
         out_ << name << '{' << s.label << (s.label.empty() ? "" : ",") << "op=\"" << wire::command_name(op) << "\"} "
@@ -209,12 +209,9 @@ std::string render_prometheus(const Metrics& m, const CacheGauges& cache, const 
            static_cast<double>(m.connections_rejected));
   x.global("bscache_exports_open", "gauge", "Upstream exports open now.",
            static_cast<double>(std::count_if(exports.begin(), exports.end(), [](const auto& e) { return e.open; })));
-  x.each_op(
-      "bscache_client_requests_total", "Client requests received, by operation.",
-      [](const Metrics& s) -> const auto& { return s.client_requests; });
-  x.each_op(
-      "bscache_client_errors_total", "Client requests answered with an error, by operation.",
-      [](const Metrics& s) -> const auto& { return s.client_errors; });
+  x.each_op("bscache_client_requests_total", "Client requests received, by operation.", &Metrics::client_requests);
+  x.each_op("bscache_client_errors_total", "Client requests answered with an error, by operation.",
+            &Metrics::client_errors);
   x.each("bscache_block_status_hits_total", "counter", "Block-status requests answered without waiting on upstream.",
          [](const Source& s) { return s.m->block_status_hits; });
   x.each("bscache_block_status_misses_total", "counter", "Block-status requests that waited on upstream.",
@@ -226,12 +223,8 @@ std::string render_prometheus(const Metrics& m, const CacheGauges& cache, const 
   x.each("bscache_upstream_calls_saved_total", "gauge",
          "Client block-status requests minus upstream block-status requests (negative: the cache cost calls).",
          [](const Source& s) { return upstream_calls_saved(*s.m); });
-  x.each_op(
-      "bscache_upstream_requests_total", "Requests sent upstream, by operation.",
-      [](const Metrics& s) -> const auto& { return s.upstream_requests; });
-  x.each_op(
-      "bscache_upstream_errors_total", "Upstream requests that failed, by operation.",
-      [](const Metrics& s) -> const auto& { return s.upstream_errors; });
+  x.each_op("bscache_upstream_requests_total", "Requests sent upstream, by operation.", &Metrics::upstream_requests);
+  x.each_op("bscache_upstream_errors_total", "Upstream requests that failed, by operation.", &Metrics::upstream_errors);
   x.each("bscache_upstream_reconnects_total", "counter", "Times an upstream connection was re-established.",
          [](const Source& s) { return s.m->upstream_reconnects; });
   x.each("bscache_upstream_connections", "gauge", "Upstream connections up now.",
