@@ -1,0 +1,176 @@
+#include "reply_parser.hpp"
+
+#include <algorithm>
+
+#include "protocol.hpp"
+
+namespace bscache::wire {
+
+namespace {
+uint16_t be16(const uint8_t* p) {
+  return static_cast<uint16_t>((p[0] << 8) | p[1]);
+}
+uint32_t be32(const uint8_t* p) {
+  return (uint32_t{be16(p)} << 16) | be16(p + 2);
+}
+uint64_t be64(const uint8_t* p) {
+  return (uint64_t{be32(p)} << 32) | be32(p + 4);
+}
+
+bool is_error_type(uint16_t type) {
+  return (type & 0x8000) != 0;
+}
+
+// Bytes after the 20-byte chunk header read with it, before any payload.
+size_t prefix_of(uint16_t type) {
+  if (type == kReplyTypeOffsetData) return 8;   // offset
+  if (type == kReplyTypeOffsetHole) return 12;  // offset, length
+  return 0;
+}
+
+// Whether the pieces of a READ describe every byte of it exactly once.
+bool covers_exactly(std::vector<ReplyTarget::Piece> pieces, uint64_t offset, uint64_t length) {
+  std::sort(pieces.begin(), pieces.end(), [](const auto& a, const auto& b) { return a.offset < b.offset; });
+  uint64_t at = offset;
+  for (const auto& p : pieces) {
+    if (p.offset != at) return false;  // a gap or an overlap
+    at += p.length;
+  }
+  return at == offset + length;
+}
+}  // namespace
+
+void ReplyParser::expect_header() {
+  stage_ = Stage::Header;
+  want_ = std::span<uint8_t>(header_, kSimpleHeader);
+  filled_ = 0;
+  target_ = nullptr;
+}
+
+std::span<uint8_t> ReplyParser::next() {
+  if (failed()) return {};
+  if (want_.empty()) expect_header();  // first use
+  return want_.subspan(filled_);
+}
+
+bool ReplyParser::fail(std::string why) {
+  failure_ = std::move(why);
+  want_ = {};
+  return false;
+}
+
+bool ReplyParser::received(size_t n, std::vector<uint64_t>& done) {
+  if (failed()) return false;
+  filled_ += n;
+  if (filled_ < want_.size()) return true;
+  switch (stage_) {
+    case Stage::Header: return header_complete(done);
+    case Stage::ChunkRest: return chunk_rest_complete(done);
+    case Stage::Payload:
+      if (chunk_type_ == kReplyTypeOffsetData) return chunk_finished(done);
+      done.push_back(cookie_);  // a simple READ reply's data
+      expect_header();
+      return true;
+    case Stage::Discard: {
+      const uint32_t error = be32(scratch_.data());
+      if (error == 0) return fail("an error chunk with error 0");
+      if (target_->error == 0) target_->error = error;
+      return chunk_finished(done);
+    }
+  }
+  return fail("parser state");
+}
+
+bool ReplyParser::header_complete(std::vector<uint64_t>& done) {
+  const uint32_t magic = be32(header_);
+  if (magic == kStructuredReplyMagic) {
+    // The type is known now: read the length and the type's fixed prefix in one go.
+    stage_ = Stage::ChunkRest;
+    want_ = std::span<uint8_t>(header_, kChunkHeader + prefix_of(be16(header_ + 6)));
+    return true;  // filled_ stays: the first 16 bytes are in
+  }
+  if (magic != kSimpleReplyMagic) return fail("a reply with bad magic");
+  cookie_ = be64(header_ + 8);
+  target_ = lookup_(cookie_);
+  if (!target_) return fail("a reply to a cookie not in flight");
+  chunk_type_ = kReplyTypeNone;
+  if (const uint32_t error = be32(header_ + 4)) {
+    target_->error = error;  // no payload follows an error
+  } else if (target_->type == kCmdRead && !target_->buffer.empty()) {
+    target_->pieces.push_back({target_->offset, static_cast<uint32_t>(target_->buffer.size()), false});
+    stage_ = Stage::Payload;
+    want_ = target_->buffer;
+    filled_ = 0;
+    return true;
+  }
+  done.push_back(cookie_);
+  expect_header();
+  return true;
+}
+
+bool ReplyParser::chunk_rest_complete(std::vector<uint64_t>& done) {
+  chunk_flags_ = be16(header_ + 4);
+  chunk_type_ = be16(header_ + 6);
+  cookie_ = be64(header_ + 8);
+  chunk_length_ = be32(header_ + 16);
+  target_ = lookup_(cookie_);
+  if (!target_) return fail("a reply chunk for a cookie not in flight");
+  const bool read = target_->type == kCmdRead;
+  const uint64_t start = target_->offset;
+  const uint64_t end = start + target_->buffer.size();
+  switch (chunk_type_) {
+    case kReplyTypeNone:
+      if (chunk_length_ != 0 || !(chunk_flags_ & kReplyFlagDone)) return fail("a NONE chunk with a length or not last");
+      return chunk_finished(done);
+    case kReplyTypeOffsetData: {
+      if (!read || chunk_length_ <= 8) return fail("an OFFSET_DATA chunk for a non-READ or without data");
+      const uint64_t at = be64(header_ + kChunkHeader);
+      const uint32_t length = chunk_length_ - 8;
+      if (at < start || at > end || length > end - at) return fail("an OFFSET_DATA chunk outside its READ");
+      target_->pieces.push_back({at, length, false});
+      stage_ = Stage::Payload;
+      want_ = target_->buffer.subspan(at - start, length);
+      filled_ = 0;
+      return true;
+    }
+    case kReplyTypeOffsetHole: {
+      if (!read || chunk_length_ != 12) return fail("an OFFSET_HOLE chunk for a non-READ or of a wrong size");
+      const uint64_t at = be64(header_ + kChunkHeader);
+      const uint32_t length = be32(header_ + kChunkHeader + 8);
+      if (length == 0 || at < start || at > end || length > end - at) {
+        return fail("an OFFSET_HOLE chunk outside its READ");
+      }
+      target_->pieces.push_back({at, length, true});
+      // Like libnbd: a hole reads as zeros, so the buffer is all upstream's
+      // data whatever the caller sends from it (a client without structured
+      // replies gets the hole as data). Not a copy: no payload byte moves.
+      std::fill_n(target_->buffer.begin() + static_cast<std::ptrdiff_t>(at - start), length, uint8_t{0});
+      return chunk_finished(done);
+    }
+    default:
+      if (!is_error_type(chunk_type_)) return fail("an unexpected chunk type " + std::to_string(chunk_type_));
+      if (chunk_length_ < 6 || chunk_length_ > kMaxScratch) return fail("an error chunk of a bad length");
+      stage_ = Stage::Discard;
+      scratch_.resize(chunk_length_);
+      want_ = scratch_;
+      filled_ = 0;
+      return true;
+  }
+}
+
+// A chunk is over: the reply too if it was the last.
+bool ReplyParser::chunk_finished(std::vector<uint64_t>& done) {
+  if (chunk_flags_ & kReplyFlagDone) {
+    ReplyTarget& t = *target_;
+    // Like libnbd: a READ whose chunks do not describe every byte exactly
+    // once fails (its buffer holds bytes upstream never sent).
+    if (t.type == kCmdRead && t.error == 0 && !covers_exactly(t.pieces, t.offset, t.buffer.size())) {
+      t.error = kErrIo;
+    }
+    done.push_back(cookie_);
+  }
+  expect_header();
+  return true;
+}
+
+}  // namespace bscache::wire

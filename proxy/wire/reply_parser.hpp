@@ -1,0 +1,90 @@
+// ReplyParser: the client side of the NBD transmission phase, reading what an
+// upstream server sends back. No I/O: the caller asks where the next bytes
+// go (next()), receives into exactly that span, and reports how many came.
+//
+// Why it says where bytes go instead of taking a buffer: a READ payload must
+// land in the buffer the client's reply is sent from (no copy by bscache), so
+// the parser never over-reads. It asks for a reply's header, then for the
+// rest of a structured chunk's header once the type is known, then for the
+// payload straight into the command's buffer: three receives for a
+// structured READ reply, two for a simple one.
+//
+// Handles simple replies and the structured chunks a data command can get:
+// NONE, OFFSET_DATA, OFFSET_HOLE, ERROR, ERROR_OFFSET and unknown error types.
+// Anything else (a BLOCK_STATUS chunk, an unknown cookie, a chunk outside its
+// READ, a READ whose chunks do not cover it exactly) is a protocol error: the
+// connection is unusable after it. A READ buffer is handed back as success
+// only when every byte of it was written by upstream or described as a hole
+// (and then zeroed, as libnbd does).
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <span>
+#include <string>
+#include <vector>
+
+namespace bscache::wire {
+
+// What the parser needs about a command in flight, and what it fills in.
+struct ReplyTarget {
+  uint16_t type = 0;          // NBD command
+  uint64_t offset = 0;        // READ: the disk offset buffer[0] stands for
+  std::span<uint8_t> buffer;  // READ: where the data goes
+  // Filled in while the reply arrives.
+  uint32_t error = 0;  // the first NBD error upstream reported, 0 if none
+  struct Piece {
+    uint64_t offset = 0;
+    uint32_t length = 0;
+    bool hole = false;
+  };
+  std::vector<Piece> pieces;  // READ, structured: the chunks, in order received
+};
+
+class ReplyParser {
+ public:
+  // The command a cookie names, or null if none is in flight.
+  using Lookup = std::function<ReplyTarget*(uint64_t cookie)>;
+  explicit ReplyParser(Lookup lookup) : lookup_(std::move(lookup)) {}
+
+  // Where the next bytes from upstream go; never empty unless failed().
+  std::span<uint8_t> next();
+  // `n` bytes were received into next(). Cookies of replies that completed
+  // are appended to `done`. False on a protocol error (see failure()).
+  bool received(size_t n, std::vector<uint64_t>& done);
+
+  bool failed() const { return !failure_.empty(); }
+  const std::string& failure() const { return failure_; }
+  // Whether bytes of a reply have arrived that it has not finished with.
+  bool mid_reply() const { return stage_ != Stage::Header || filled_ > 0; }
+
+ private:
+  enum class Stage : uint8_t { Header, ChunkRest, Payload, Discard };
+
+  bool header_complete(std::vector<uint64_t>& done);
+  bool chunk_rest_complete(std::vector<uint64_t>& done);
+  bool chunk_finished(std::vector<uint64_t>& done);
+  bool fail(std::string why);
+  void expect_header();
+
+  static constexpr size_t kSimpleHeader = 16;
+  static constexpr size_t kChunkHeader = 20;
+  // Longest chunk payload read into scratch_ (errors, hole descriptions).
+  static constexpr uint32_t kMaxScratch = 64 * 1024;
+
+  Lookup lookup_;
+  Stage stage_ = Stage::Header;
+  uint8_t header_[kChunkHeader + 12] = {};  // chunk header plus an OFFSET_DATA/HOLE prefix
+  std::vector<uint8_t> scratch_;            // an error chunk's payload
+  std::span<uint8_t> want_;                 // the current piece's destination
+  size_t filled_ = 0;                       // bytes of want_ received
+  // The reply being read.
+  uint64_t cookie_ = 0;
+  ReplyTarget* target_ = nullptr;
+  uint16_t chunk_flags_ = 0;
+  uint16_t chunk_type_ = 0;
+  uint32_t chunk_length_ = 0;
+  std::string failure_;
+};
+
+}  // namespace bscache::wire

@@ -1,0 +1,229 @@
+// ReplyParser: upstream's replies, fed in pieces of random sizes as a socket
+// would deliver them, land where they belong; malformed replies are refused.
+#include "proxy/wire/reply_parser.hpp"
+
+#include <gtest/gtest.h>
+
+#include <map>
+#include <random>
+
+#include "proxy/wire/codec.hpp"
+
+namespace bscache::wire {
+namespace {
+
+struct Harness {
+  std::map<uint64_t, ReplyTarget> in_flight;
+  ReplyParser parser{[this](uint64_t cookie) -> ReplyTarget* {
+    auto it = in_flight.find(cookie);
+    return it == in_flight.end() ? nullptr : &it->second;
+  }};
+  std::vector<uint64_t> done;
+  std::mt19937 rng{7};
+
+  // Feeds `stream` in random pieces no larger than what the parser asks for.
+  bool feed(const Bytes& stream) {
+    size_t at = 0;
+    while (at < stream.size()) {
+      auto want = parser.next();
+      if (want.empty()) return false;
+      size_t n = std::min({want.size(), stream.size() - at, size_t{1} + rng() % 40000});
+      std::copy_n(stream.begin() + static_cast<long>(at), n, want.begin());
+      at += n;
+      if (!parser.received(n, done)) return false;
+    }
+    return true;
+  }
+};
+
+Bytes pattern(size_t n, uint8_t seed) {
+  Bytes b(n);
+  for (size_t i = 0; i < n; ++i) b[i] = static_cast<uint8_t>(seed + i * 7);
+  return b;
+}
+
+ReplyTarget read_of(uint64_t offset, std::span<uint8_t> buffer) {
+  ReplyTarget t;
+  t.type = kCmdRead;
+  t.offset = offset;
+  t.buffer = buffer;
+  return t;
+}
+
+ReplyTarget command(uint16_t type) {
+  ReplyTarget t;
+  t.type = type;
+  return t;
+}
+
+void append(Bytes& out, const Bytes& more) {
+  out.insert(out.end(), more.begin(), more.end());
+}
+
+TEST(ReplyParser, SimpleReadLandsInTheBuffer) {
+  Harness h;
+  std::vector<uint8_t> buffer(100000);
+  h.in_flight[5] = read_of(4096, buffer);
+  h.in_flight[6] = command(kCmdWrite);
+  Bytes stream;
+  encode_simple_reply(stream, 6, 0);
+  encode_simple_reply(stream, 5, 0);
+  const Bytes data = pattern(buffer.size(), 3);
+  append(stream, data);
+  ASSERT_TRUE(h.feed(stream)) << h.parser.failure();
+  EXPECT_EQ(h.done, (std::vector<uint64_t>{6, 5}));
+  EXPECT_TRUE(std::equal(buffer.begin(), buffer.end(), data.begin()));
+  EXPECT_EQ(h.in_flight[5].error, 0u);
+  EXPECT_FALSE(h.parser.mid_reply());
+}
+
+TEST(ReplyParser, SimpleErrorHasNoPayload) {
+  Harness h;
+  std::vector<uint8_t> buffer(512);
+  h.in_flight[1] = read_of(0, buffer);
+  h.in_flight[2] = command(kCmdFlush);
+  Bytes stream;
+  encode_simple_reply(stream, 1, kErrIo);
+  encode_simple_reply(stream, 2, 0);
+  ASSERT_TRUE(h.feed(stream)) << h.parser.failure();
+  EXPECT_EQ(h.done, (std::vector<uint64_t>{1, 2}));
+  EXPECT_EQ(h.in_flight[1].error, kErrIo);
+}
+
+TEST(ReplyParser, StructuredChunksInAnyOrderWithHoles) {
+  Harness h;
+  std::vector<uint8_t> buffer(size_t{3} * 65536, 0xee);
+  std::vector<uint8_t> other(4096);
+  h.in_flight[9] = read_of(1 << 20, buffer);
+  h.in_flight[10] = read_of(0, other);
+  const Bytes last = pattern(65536, 1), first = pattern(65536, 2), small = pattern(4096, 9);
+  Bytes stream;
+  encode_offset_data_header(stream, 9, false, (1 << 20) + 2 * 65536, 65536);
+  append(stream, last);
+  // Another command's reply between two chunks of this one.
+  encode_offset_data_header(stream, 10, true, 0, 4096);
+  append(stream, small);
+  encode_offset_hole(stream, 9, false, (1 << 20) + 65536, 65536);
+  encode_offset_data_header(stream, 9, false, 1 << 20, 65536);
+  append(stream, first);
+  encode_done(stream, 9);
+  ASSERT_TRUE(h.feed(stream)) << h.parser.failure();
+  EXPECT_EQ(h.done, (std::vector<uint64_t>{10, 9}));
+  const auto& t = h.in_flight[9];
+  EXPECT_EQ(t.error, 0u);
+  ASSERT_EQ(t.pieces.size(), 3u);
+  EXPECT_TRUE(t.pieces[1].hole);
+  EXPECT_TRUE(std::equal(first.begin(), first.end(), buffer.begin()));
+  EXPECT_TRUE(std::equal(last.begin(), last.end(), buffer.begin() + std::ptrdiff_t{2} * 65536));
+  EXPECT_TRUE(std::all_of(buffer.begin() + 65536, buffer.begin() + std::ptrdiff_t{2} * 65536, [](uint8_t b) {
+    return b == 0;
+  })) << "a hole reads as zeros";
+  EXPECT_TRUE(std::equal(small.begin(), small.end(), other.begin()));
+}
+
+TEST(ReplyParser, ChunksThatDoNotCoverTheReadFailTheRead) {
+  Harness h;
+  std::vector<uint8_t> buffer(8192);
+  h.in_flight[1] = read_of(0, buffer);
+  h.in_flight[2] = read_of(0, buffer);
+  h.in_flight[3] = command(kCmdWrite);
+  Bytes stream;
+  encode_offset_data_header(stream, 1, true, 0, 4096);  // half of it
+  append(stream, pattern(4096, 0));
+  encode_offset_data_header(stream, 2, false, 0, 4096);  // the first half twice
+  append(stream, pattern(4096, 0));
+  encode_offset_hole(stream, 2, true, 0, 4096);
+  encode_simple_reply(stream, 3, 0);  // the connection goes on
+  ASSERT_TRUE(h.feed(stream)) << h.parser.failure();
+  EXPECT_EQ(h.done, (std::vector<uint64_t>{1, 2, 3}));
+  EXPECT_EQ(h.in_flight[1].error, kErrIo);
+  EXPECT_EQ(h.in_flight[2].error, kErrIo);
+}
+
+TEST(ReplyParser, ErrorChunks) {
+  Harness h;
+  std::vector<uint8_t> buffer(4096);
+  h.in_flight[1] = read_of(0, buffer);
+  h.in_flight[2] = command(kCmdTrim);
+  Bytes stream;
+  encode_error_chunk(stream, 1, false, kErrNoSpc, "first");
+  encode_error_chunk(stream, 1, true, kErrIo, "second");
+  encode_error_chunk(stream, 2, true, kErrPerm, "");
+  ASSERT_TRUE(h.feed(stream)) << h.parser.failure();
+  EXPECT_EQ(h.done, (std::vector<uint64_t>{1, 2}));
+  EXPECT_EQ(h.in_flight[1].error, kErrNoSpc) << "the first error counts";
+  EXPECT_EQ(h.in_flight[2].error, kErrPerm);
+}
+
+TEST(ReplyParser, ProtocolErrorsStopTheConnection) {
+  std::vector<uint8_t> buffer(4096);
+  auto fails = [&](const Bytes& stream) {
+    Harness h;
+    h.in_flight[1] = read_of(4096, buffer);
+    h.in_flight[2] = command(kCmdWrite);
+    const bool ok = h.feed(stream);
+    EXPECT_TRUE(h.parser.failed() || !ok);
+    EXPECT_TRUE(h.parser.next().empty());
+    return !ok && !h.parser.failure().empty();
+  };
+  Bytes s;
+  encode_simple_reply(s, 77, 0);
+  EXPECT_TRUE(fails(s)) << "unknown cookie";
+  s.clear();
+  encode_block_status_chunk(s, 1, true, 1, std::vector<Descriptor>{{4096, 0}});
+  EXPECT_TRUE(fails(s)) << "block status on a data connection";
+  s.clear();
+  encode_offset_data_header(s, 1, true, 0, 4096);
+  append(s, pattern(4096, 0));
+  EXPECT_TRUE(fails(s)) << "data before the READ's offset";
+  s.clear();
+  encode_offset_hole(s, 1, true, 4096, 8192);
+  EXPECT_TRUE(fails(s)) << "hole past the READ's end";
+  s.clear();
+  encode_offset_data_header(s, 2, true, 0, 16);
+  append(s, pattern(16, 0));
+  EXPECT_TRUE(fails(s)) << "data for a WRITE";
+  s.clear();
+  encode_error_chunk(s, 2, true, 0, "no error");
+  EXPECT_TRUE(fails(s)) << "error chunk with error 0";
+  s = pattern(16, 5);
+  EXPECT_TRUE(fails(s)) << "bad magic";
+  s.clear();
+  encode_structured_header(s, 0, kReplyTypeNone, 2, 0);
+  EXPECT_TRUE(fails(s)) << "NONE without DONE";
+}
+
+TEST(ReplyParser, ManyRepliesRandomlySplit) {
+  Harness h;
+  std::mt19937 rng(11);
+  std::vector<std::vector<uint8_t>> buffers(200);
+  std::vector<Bytes> expected(200);
+  Bytes stream;
+  for (uint64_t c = 0; c < buffers.size(); ++c) {
+    const size_t len = 1 + rng() % 200000;
+    buffers[c].resize(len);
+    expected[c] = pattern(len, static_cast<uint8_t>(c));
+    h.in_flight[c] = read_of(c << 30, buffers[c]);
+    if (c % 2) {
+      encode_simple_reply(stream, c, 0);
+      append(stream, expected[c]);
+    } else {
+      const size_t half = len / 2;
+      if (half) {
+        encode_offset_data_header(stream, c, false, c << 30, static_cast<uint32_t>(half));
+        stream.insert(stream.end(), expected[c].begin(), expected[c].begin() + static_cast<long>(half));
+      }
+      encode_offset_data_header(stream, c, true, (c << 30) + half, static_cast<uint32_t>(len - half));
+      stream.insert(stream.end(), expected[c].begin() + static_cast<long>(half), expected[c].end());
+    }
+  }
+  ASSERT_TRUE(h.feed(stream)) << h.parser.failure();
+  ASSERT_EQ(h.done.size(), buffers.size());
+  for (uint64_t c = 0; c < buffers.size(); ++c) {
+    EXPECT_EQ(h.in_flight[c].error, 0u) << c;
+    EXPECT_TRUE(std::equal(buffers[c].begin(), buffers[c].end(), expected[c].begin())) << c;
+  }
+}
+
+}  // namespace
+}  // namespace bscache::wire
