@@ -11,6 +11,8 @@
 #include <boost/asio/ip/tcp.hpp>
 #include <boost/asio/local/stream_protocol.hpp>
 
+#include "proxy/socket_buffers.hpp"
+
 namespace bscache::proxy {
 
 namespace {
@@ -108,6 +110,7 @@ awaitable<void> Server::accept_loop(Acceptor& acceptor) {
       spdlog::warn("refusing connection: {} clients already connected (--max-connections)", sessions_.size());
       continue;  // the socket closes as it goes out of scope
     }
+    enlarge_send_buffer(socket.native_handle());
     auto session = std::make_shared<Session>(ctx_, std::move(socket), next_id_++);
     asio::co_spawn(ctx_.io, run_session(std::move(session)), asio::detached);
   }
