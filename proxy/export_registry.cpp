@@ -208,8 +208,10 @@ awaitable<ExportLookup> ExportRegistry::open(const std::string& name) {
       if (on_state_) on_state_();
     });
     open_[key] = e;
-    spdlog::info("export \"{}\" opened ({} bytes, {} upstream connection{}; {} open)", key, e->info().size,
-                 e->upstream().connections(), e->upstream().connections() == 1 ? "" : "s", open_.size());
+    spdlog::info(
+        "export \"{}\" opened ({} bytes, {} upstream connection{}, {} of them bscache's own for data; {} open)", key,
+        e->info().size, e->upstream().connections(), e->upstream().connections() == 1 ? "" : "s",
+        e->upstream().wire_connections(), open_.size());
     arm_idle_sweep();
   }
   if (name != key) aliases_[name] = key;

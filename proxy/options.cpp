@@ -193,6 +193,19 @@ std::vector<OptionSpec> option_table() {
     {"upstream-connections", "N", "upstream connections when upstream advertises multi-conn (else 1)",
      std::to_string(d.upstream_options.connections),
      integer([](Options& o) -> auto& { return o.upstream_options.connections; }, 1, 64)},
+    {"data-path", "libnbd|wire",
+     "libnbd: every upstream connection through libnbd; wire: with several connections to a plain upstream, the "
+     "second half carry READ and CACHE through bscache's own NBD client on the loop (less CPU per byte read)",
+     "libnbd", [](const std::string& value, Options& o) -> Refusal {
+       if (value == "libnbd") {
+         o.upstream_options.data_path = UpstreamOptions::DataPath::Libnbd;
+       } else if (value == "wire") {
+         o.upstream_options.data_path = UpstreamOptions::DataPath::Wire;
+       } else {
+         return "must be libnbd or wire";
+       }
+       return std::nullopt;
+     }},
     {"export-name", "NAME", "upstream export name (default: the URI's, else \"\")", "",
      [](const std::string& value, Options& o) -> Refusal {
        o.upstream.export_name = value;

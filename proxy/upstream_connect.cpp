@@ -1,10 +1,14 @@
 #include "proxy/upstream_connect.hpp"
 
+#include <fcntl.h>
 #include <libnbd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstdlib>
+#include <cstring>
 #include <stdexcept>
+#include <string>
 
 #include "proxy/wire/protocol.hpp"
 
@@ -152,6 +156,15 @@ UpstreamInfo read_upstream_info(nbd_handle* h) {
   auto it = std::find(info.contexts.begin(), info.contexts.end(), wire::kBaseAllocation);
   info.base_allocation_index = it == info.contexts.end() ? -1 : static_cast<int>(it - info.contexts.begin());
   return info;
+}
+
+int duplicate_plain_socket(nbd_handle* h) {
+  if (nbd_get_tls_negotiated(h) == 1) return -1;
+  const int fd = nbd_aio_get_fd(h);
+  if (fd < 0) throw libnbd_failure("the upstream socket");
+  const int copy = ::fcntl(fd, F_DUPFD_CLOEXEC, 0);
+  if (copy < 0) throw std::runtime_error(std::string("duplicating the upstream socket: ") + strerror(errno));
+  return copy;
 }
 
 }  // namespace bscache::proxy

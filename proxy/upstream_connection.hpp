@@ -35,67 +35,27 @@
 #include <unordered_map>
 #include <vector>
 
-#include "proxy/upstream_command.hpp"
 #include "proxy/upstream_connect.hpp"
 #include "proxy/upstream_info.hpp"
+#include "proxy/upstream_link.hpp"
 
 namespace bscache::proxy {
 
-struct UpstreamOptions {
-  // Reconnect (with backoff from 100 ms to 5 s) when a connection dies. Default: on.
-  bool reconnect = true;
-  // A command unanswered this long drops its connection (then reconnect). Default: 0, off.
-  std::chrono::milliseconds timeout{0};
-  // Upstream connections when upstream advertises CAN_MULTI_CONN (else 1). Default: 4.
-  unsigned connections = 4;
-};
-
-// Set by the client side when nobody wants the command's answer any more
-// (the client disconnected): a command not yet sent upstream is then dropped
-// with ECANCELED instead of being sent.
-using CancelFlag = std::shared_ptr<const std::atomic<bool>>;
-
-// A command on its way through a connection. The pool creates it, the
-// connection fills `result`, and hands it back through its `Finished` callback.
-struct UpstreamCommand {
-  CommandArgs args;
-  CommandResult result;
-  CancelFlag cancelled;
-  size_t connection = 0;
-  std::chrono::steady_clock::time_point sent_at;  // by the pool, on the loop thread
-  std::chrono::steady_clock::time_point started;  // by the connection, on its thread
-  std::vector<UpstreamCommand*>* done = nullptr;  // where libnbd's callback records completion
-  // Set by the connection when it failed the command without sending it (its
-  // upstream had just died): nothing reached upstream, so the pool may send it
-  // on another connection instead of failing the client's request.
-  bool never_sent = false;
-  virtual ~UpstreamCommand() = default;
-  // Resumes whoever waits for the result. Called on the loop thread, once.
-  virtual void deliver() = 0;
-};
-
-using UpstreamBatch = std::vector<std::unique_ptr<UpstreamCommand>>;
-
-class UpstreamConnection {
+class UpstreamConnection final : public UpstreamLink {
  public:
-  // Called on this connection's thread with every command that finished in
-  // one wake-up; the receiver must move them to its own thread.
-  using Finished = std::function<void(UpstreamBatch)>;
-  // Lost (nullopt) or re-established (with what the new connection negotiated).
-  using StateChanged = std::function<void(size_t index, std::optional<UpstreamInfo> reconnected)>;
-
   // Adopts an open handle (see open_upstream) and starts the thread.
   UpstreamConnection(size_t index, NbdHandlePtr handle, const UpstreamTarget& target, UpstreamOptions options,
                      Finished finished, StateChanged state_changed);
   // Closes the handle (failing what is in flight) and joins the thread.
-  ~UpstreamConnection();
+  ~UpstreamConnection() override;
   UpstreamConnection(const UpstreamConnection&) = delete;
   UpstreamConnection& operator=(const UpstreamConnection&) = delete;
 
   // Any thread. The command is sent from this connection's thread soon after.
-  void submit(std::unique_ptr<UpstreamCommand> command);
+  void submit(std::unique_ptr<UpstreamCommand> command) override;
   // Any thread. Asks upstream to disconnect once what is in flight is answered.
-  void disconnect();
+  void disconnect() override;
+  bool carries_block_status() const override { return true; }
 
  private:
   using Clock = std::chrono::steady_clock;

@@ -9,6 +9,8 @@
 #include <boost/asio/dispatch.hpp>
 #include <boost/asio/redirect_error.hpp>
 
+#include "proxy/upstream_wire_connection.hpp"
+
 namespace bscache::proxy {
 
 uint16_t wire_command(UpstreamOp op) {
@@ -106,9 +108,17 @@ UpstreamPool::UpstreamPool(asio::io_context& loop, std::vector<NbdHandlePtr> han
     });
   };
   connections_.resize(handles.size());
+  // --data-path wire: the second half read through bscache's own client.
+  const bool wire = options.data_path == UpstreamOptions::DataPath::Wire && handles.size() > 1;
+  const size_t through_libnbd = (handles.size() + 1) / 2;
   for (size_t i = 0; i < handles.size(); ++i) {
-    connections_[i].connection =
-        std::make_unique<UpstreamConnection>(i, std::move(handles[i]), target, options, finished, changed);
+    if (wire && i >= through_libnbd && UpstreamWireConnection::usable(handles[i].get())) {
+      connections_[i].connection =
+          std::make_unique<UpstreamWireConnection>(loop_, i, std::move(handles[i]), target, options, finished, changed);
+    } else {
+      connections_[i].connection =
+          std::make_unique<UpstreamConnection>(i, std::move(handles[i]), target, options, finished, changed);
+    }
   }
   metrics_.upstream_connections = connections_.size();
 }
@@ -125,12 +135,25 @@ size_t UpstreamPool::connections_up() const {
   return up;
 }
 
-std::optional<size_t> UpstreamPool::pick(std::optional<size_t> avoid) const {
-  std::optional<size_t> best;
-  for (size_t i = 0; i < connections_.size(); ++i) {
-    if (connections_[i].up && i != avoid && (!best || connections_[i].load < connections_[*best].load)) best = i;
-  }
-  return best;
+size_t UpstreamPool::wire_connections() const {
+  size_t wire = 0;
+  for (const auto& s : connections_) wire += s.connection->carries_block_status() ? 0 : 1;
+  return wire;
+}
+
+std::optional<size_t> UpstreamPool::pick(UpstreamOp op, std::optional<size_t> avoid) const {
+  auto least_loaded = [&](auto suits) {
+    std::optional<size_t> best;
+    for (size_t i = 0; i < connections_.size(); ++i) {
+      const Slot& s = connections_[i];
+      if (s.up && i != avoid && suits(s) && (!best || s.load < connections_[*best].load)) best = i;
+    }
+    return best;
+  };
+  const bool libnbd_only = op != UpstreamOp::Read && op != UpstreamOp::Cache;
+  if (libnbd_only) return least_loaded([](const Slot& s) { return s.connection->carries_block_status(); });
+  if (auto wire = least_loaded([](const Slot& s) { return !s.connection->carries_block_status(); })) return wire;
+  return least_loaded([](const Slot&) { return true; });
 }
 
 // The one connection due for a flush, if exactly one is; else the least loaded.
@@ -138,7 +161,7 @@ std::optional<size_t> UpstreamPool::flush_target() const {
   for (size_t i = 0; i < connections_.size(); ++i) {
     if (connections_[i].up && connections_[i].wrote_since_flush) return i;
   }
-  return pick();
+  return pick(UpstreamOp::Flush);
 }
 
 awaitable<CommandResult> UpstreamPool::run(CommandArgs args, CancelFlag cancelled) {
@@ -148,7 +171,7 @@ awaitable<CommandResult> UpstreamPool::run(CommandArgs args, CancelFlag cancelle
         command->args = args;
         command->cancelled = std::move(cancelled);
         // A flush with no connection due goes where a write last went, or anywhere.
-        if (auto slot = args.op == UpstreamOp::Flush ? flush_target() : pick()) {
+        if (auto slot = args.op == UpstreamOp::Flush ? flush_target() : pick(args.op)) {
           send(*slot, std::move(command));
         } else {
           command->result.error = ESHUTDOWN;  // every connection is down; reconnecting
@@ -264,7 +287,7 @@ void UpstreamPool::complete(std::unique_ptr<UpstreamCommand> command) {
 bool UpstreamPool::resend(std::unique_ptr<UpstreamCommand>& command) {
   const bool cancelled = command->cancelled && command->cancelled->load(std::memory_order_relaxed);
   if (command->args.op == UpstreamOp::Flush || cancelled) return false;
-  const auto slot = pick(command->connection);
+  const auto slot = pick(command->args.op, command->connection);
   if (!slot) return false;
   command->never_sent = false;
   command->result = CommandResult{};

@@ -1,8 +1,13 @@
 // UpstreamPool: the proxy's upstream, as one or more connections.
 //
 // When upstream advertises CAN_MULTI_CONN, bscache opens --upstream-connections
-// connections (each pumped by its own thread, see UpstreamConnection) and
-// spreads commands over them; otherwise exactly one. All of the pool's own
+// connections and spreads commands over them; otherwise exactly one. Each of
+// the first half (at least one) is driven by libnbd on a thread of its own
+// (UpstreamConnection) and carries block status, writes, trims, zeroes and
+// flushes. With --data-path wire and more than one connection to a plain
+// upstream, the second half carries READ and CACHE, spoken by bscache itself
+// on the loop (UpstreamWireConnection); by default (--data-path libnbd) they
+// are libnbd connections too and every command goes anywhere. All of the pool's own
 // state lives on the loop thread, and every upstream request and error is
 // counted in one place, complete(), when the command comes back.
 //
@@ -52,6 +57,8 @@ class UpstreamPool final : public BlockStatusUpstream {
   const UpstreamInfo& info() const { return info_; }
   size_t connections() const { return connections_.size(); }
   size_t connections_up() const;
+  // How many carry the data commands through UpstreamWireConnection.
+  size_t wire_connections() const;
   size_t in_flight() const { return in_flight_; }
 
   // A connection was lost (nullopt) or came back (with what it negotiated).
@@ -69,7 +76,7 @@ class UpstreamPool final : public BlockStatusUpstream {
 
  private:
   struct Slot {
-    std::unique_ptr<UpstreamConnection> connection;
+    std::unique_ptr<UpstreamLink> connection;
     bool up = true;
     bool wrote_since_flush = false;  // carried a WRITE/TRIM/ZERO since its last FLUSH was sent
     unsigned writes_in_flight = 0;
@@ -79,8 +86,10 @@ class UpstreamPool final : public BlockStatusUpstream {
   struct PendingWith;
   struct FlushFanOut;
 
-  // The least loaded connection that is up, other than `avoid`.
-  std::optional<size_t> pick(std::optional<size_t> avoid = std::nullopt) const;
+  // The least loaded connection that is up and suits `op`, other than `avoid`:
+  // READ and CACHE on the wire connections while any is up, else anywhere;
+  // everything else on the libnbd connections (see UpstreamWireConnection).
+  std::optional<size_t> pick(UpstreamOp op, std::optional<size_t> avoid = std::nullopt) const;
   std::optional<size_t> flush_target() const;
   void send(size_t slot, std::unique_ptr<UpstreamCommand> command);
   void complete(std::unique_ptr<UpstreamCommand> command);

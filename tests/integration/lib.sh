@@ -54,10 +54,12 @@ start_nbdkit() {
 }
 
 # start_bscache NAME ARGS...: bscache listening on $T/NAME.sock, ready on return.
+# BSCACHE_DATA_PATH (set by the ".wire" variants of some tests) selects --data-path.
 start_bscache() {
   local name=$1; shift
   rm -f "$T/$name.pid"
-  "$BSCACHE" --unix "$T/$name.sock" --pidfile "$T/$name.pid" "$@" >"$T/$name.log" 2>&1 &
+  "$BSCACHE" --unix "$T/$name.sock" --pidfile "$T/$name.pid" ${BSCACHE_DATA_PATH:+--data-path "$BSCACHE_DATA_PATH"} \
+    "$@" >"$T/$name.log" 2>&1 &
   PIDS+=($!)
   wait_for_file "$T/$name.pid"
 }

@@ -19,14 +19,15 @@ head -c $size /dev/urandom >"$T/initial.img"
 conns_with() { grep -oE "connection=[0-9]+ $2 " "$1" | awk '{print $1}' | sort -u; }
 
 # run_phase NAME EXPECTED_UPSTREAM_CONNECTIONS [MULTI_CONN_MODE]
-run_phase() {
+run_phase() {  # NAME CONNECTIONS [MULTI_CONN_MODE [BSCACHE_ARGS...]]
   local name=$1 want=$2 mode=${3:-}
+  shift $(($# < 3 ? $# : 3))
   cp "$T/initial.img" "$T/$name.img"
   local filter=()
   [[ -n $mode ]] && filter=(--filter=multi-conn "multi-conn-mode=$mode")
   start_nbdkit "$name-up" --filter=log ${filter[0]:+"${filter[0]}"} file "$T/$name.img" logfile="$T/$name-up.txt" \
     ${filter[1]:+"${filter[1]}"}
-  start_bscache "$name-bs" --upstream "$(uri "$name-up")" --stats-file "$T/$name-bs.json"
+  start_bscache "$name-bs" --upstream "$(uri "$name-up")" --stats-file "$T/$name-bs.json" "$@"
   "$integrity" "$(uri "$name-bs")" "$T/initial.img" "$T/$name.model" "$seed" 4 8 6 3000 \
     || fail "$name: data read through bscache differs from the model (SEED=$seed)"
   kill -USR1 "$(cat "$T/$name-bs.pid")"
@@ -34,6 +35,12 @@ run_phase() {
   local got
   got=$(jq '.upstream.connections' "$T/$name-bs.json")
   [[ $got == "$want" ]] || fail "$name: upstream.connections is $got, expected $want"
+  # With --data-path wire and multi-conn, the second half of the connections
+  # read through bscache's own client.
+  local wire=0
+  [[ " $* " == *" --data-path wire "* ]] && wire=$((want / 2))
+  grep -q "$want upstream connections\?, $wire of them bscache's own" "$T/$name-bs.log" \
+    || fail "$name: expected $wire of $want upstream connections on bscache's own client"
   stop_server "$name-bs"
   cmp "$T/$name.model" "$T/$name.img" || fail "$name: upstream file differs from the model (SEED=$seed)"
   local writers readers
@@ -50,6 +57,8 @@ run_phase() {
 
 run_phase multi 4
 pass "multi-conn upstream: 4 upstream connections, every read matched the model, upstream file equals the model"
+run_phase multi-wire 4 "" --data-path wire
+pass "the same with --data-path wire (reads on 2 of the 4 connections through bscache's own client)"
 run_phase single 1 disable
 pass "no multi-conn upstream: 1 upstream connection, every read matched the model, upstream file equals the model"
 

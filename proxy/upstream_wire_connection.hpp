@@ -1,0 +1,58 @@
+// UpstreamWireConnection: one upstream connection that bscache speaks NBD on
+// itself, on the loop thread, over the socket libnbd negotiated. UpstreamPool
+// sends it READ and CACHE (any command would work: see below for why only those).
+//
+// Why: moving bytes is CPU-bound on two cores shared with the client and the
+// upstream server, and what a proxy adds beyond the two kernel copies is
+// system calls and wake-ups. A READ through libnbd on a thread of its own
+// (UpstreamConnection) costs a hand-off each way between that thread and the
+// loop (an eventfd or futex write, a poll, a wake-up) and six receives for
+// one structured reply. Here the loop sends the requests of one loop step in
+// one gathered write and receives a reply in three (header, the chunk's fixed
+// part, the data straight into the buffer the client's reply is sent from);
+// nothing changes threads. Writes stay on libnbd threads: through this class
+// they measured slower (the loop then does both copies of every written byte
+// between reading clients; see README "Data path").
+//
+// libnbd still opens the connection (URI, handshake, options, meta contexts)
+// and is then left idle: bscache takes a duplicate of its socket
+// (duplicate_plain_socket). Not used over TLS (libnbd holds the session), nor
+// for BLOCK_STATUS: libnbd does not say which context id upstream gave which
+// meta context.
+//
+// Everything here runs on the loop thread but the blocking reconnect, which
+// runs on a helper thread and posts its result back.
+#pragma once
+
+#include <memory>
+
+#include "proxy/asio.hpp"
+#include "proxy/upstream_connect.hpp"
+#include "proxy/upstream_link.hpp"
+
+namespace bscache::proxy {
+
+class UpstreamWireConnection final : public UpstreamLink {
+ public:
+  // Adopts an open handle (see open_upstream) whose socket is plain.
+  UpstreamWireConnection(asio::io_context& loop, size_t index, NbdHandlePtr handle, const UpstreamTarget& target,
+                         UpstreamOptions options, Finished finished, StateChanged state_changed);
+  // Fails what is in flight with ESHUTDOWN; waits for a reconnect attempt in progress.
+  ~UpstreamWireConnection() override;
+  UpstreamWireConnection(const UpstreamWireConnection&) = delete;
+  UpstreamWireConnection& operator=(const UpstreamWireConnection&) = delete;
+
+  // Loop thread only.
+  void submit(std::unique_ptr<UpstreamCommand> command) override;
+  void disconnect() override;
+  bool carries_block_status() const override { return false; }
+
+  // Whether a handle can be driven by this class (no TLS, no extended headers).
+  static bool usable(nbd_handle* handle);
+
+ private:
+  struct State;  // shared with the I/O handlers, which may outlive this object briefly
+  std::shared_ptr<State> state_;
+};
+
+}  // namespace bscache::proxy
