@@ -100,6 +100,7 @@ front_up() {  # CONTENDER UPSTREAM_NAME: sets $target, the URI clients use
     nbdkit-nbd) start_nbdkit front nbd socket="$T/$up.sock" ;;
     bscache) start_bscache front --upstream "$(uri "$up")" --log-level warn --stats-file "$T/front.json" \
                ${bscache_args[@]+"${bscache_args[@]}"} ;;
+    bscache-wire) start_bscache front --upstream "$(uri "$up")" --log-level warn --data-path wire ;;
     bscache-off) start_bscache front --upstream "$(uri "$up")" --log-level warn --policy off \
                    --stats-file "$T/front.json" ;;
     bscache-baseline) BSCACHE=$BSCACHE_BASELINE start_bscache front --upstream "$(uri "$up")" --log-level warn ;;
@@ -115,7 +116,7 @@ front_up() {  # CONTENDER UPSTREAM_NAME: sets $target, the URI clients use
 front_down() { [[ -f $T/front.pid ]] && { stop_server front; rm -f "$T/front.pid"; }; return 0; }
 
 # The contenders of the data-path and convert rows (with the baseline binary when given).
-data_contenders() { echo "direct nbdkit-nbd $* bscache bscache-off ${BSCACHE_BASELINE:+bscache-baseline}"; }
+data_contenders() { echo "direct nbdkit-nbd $* bscache bscache-wire bscache-off ${BSCACHE_BASELINE:+bscache-baseline}"; }
 
 # measure WORKLOAD CONTENDER UPSTREAM RUNS CLIENT_FUNCTION [REFERENCE]
 # Times CLIENT_FUNCTION URI OUTFILE, warm-up first; checks output vs REFERENCE.
@@ -142,6 +143,35 @@ measure() {
   done
   record "$workload" "$contender" seconds "" "${times[@]}"
   ((${#rss[@]} == 0)) || record "$workload" "$contender" peak_rss_mib "bscache's VmHWM after the run" "${rss[@]}"
+}
+
+# measure_interleaved WORKLOAD UPSTREAM RUNS CLIENT_FUNCTION CONTENDERS...
+# Like measure (without a reference), but run i of every contender before run
+# i+1 of any: these VMs drift by 10-20% over minutes, and interleaving shifts
+# every contender alike instead of whichever ran during a slow spell.
+measure_interleaved() {
+  local workload=$1 up=$2 n=$3 client=$4; shift 4
+  local -A times=() rss=()
+  local i c t0 t1
+  for ((i = 0; i < n + warmup; i++)); do
+    for c in "$@"; do
+      front_up "$c" "$up"
+      t0=$(now)
+      "$client" "$target" "$T/out.$c"
+      t1=$(now)
+      if [[ ${track_rss:-0} == 1 && $c == bscache* ]] && ((i >= warmup)); then
+        rss[$c]+=" $(awk '/VmHWM/ { print $2 / 1024 }' "/proc/$(cat "$T/front.pid")/status")"
+      fi
+      front_down
+      ((i >= warmup)) && times[$c]+=" $(echo "$t1 - $t0" | bc -l)"
+    done
+  done
+  for c in "$@"; do
+    # shellcheck disable=SC2086 # word splitting of the collected values is wanted
+    record "$workload" "$c" seconds "" ${times[$c]}
+    # shellcheck disable=SC2086
+    [[ -z ${rss[$c]:-} ]] || record "$workload" "$c" peak_rss_mib "bscache's VmHWM after the run" ${rss[$c]}
+  done
 }
 
 client_map() { qemu-img map -f raw --output=json "$1" >"$2"; }
@@ -314,11 +344,12 @@ client_read_convert() {
 }
 client_write() { nbdcopy --flush "$shm/random.img" "$1" && : >"$2"; }
 track_rss=1
-for c in $(data_contenders); do
-  measure data-read $c data $runs client_read
-  measure data-read-convert $c data $runs client_read_convert
-  measure data-write $c target $runs client_write
-done
+# shellcheck disable=SC2046 # one word per contender
+measure_interleaved data-read data $runs client_read $(data_contenders)
+# shellcheck disable=SC2046
+measure_interleaved data-read-convert data $runs client_read_convert $(data_contenders)
+# shellcheck disable=SC2046
+measure_interleaved data-write target $runs client_write $(data_contenders)
 track_rss=0
 cmp -s "$shm/target.img" "$shm/random.img" || { echo "ERROR: data-path wrote wrong bytes" >&2; exit 1; }
 rm -rf "$shm"
