@@ -43,7 +43,7 @@ struct UpstreamCommand {
   CancelFlag cancelled;
   size_t connection = 0;
   std::chrono::steady_clock::time_point sent_at;  // by the pool, on the loop thread
-  std::chrono::steady_clock::time_point started;  // by the connection, on its thread
+  std::chrono::steady_clock::time_point started;  // by the connection, when it sends the command
   std::vector<UpstreamCommand*>* done = nullptr;  // where libnbd's callback records completion
   // Set by the connection when it failed the command without sending it (its
   // upstream had just died): nothing reached upstream, so the pool may send it
