@@ -72,8 +72,9 @@ pass "slow upstream: after the hostile client closed, upstream got only what was
 # but each queued reply still holds the pooled buffer upstream read into (up
 # to 32 MiB, which libnbd zero-fills for the holes). The documented bound is
 # on memory ("at most that plus one request's payload"), so it must hold here
-# too. The first READ carries 1 MiB of data, which fills the socket so that
-# every later reply queues. At most 24 READs, so a bscache that does not bound
+# too. The first READ carries 8 MiB of data, more than bscache's send buffer
+# holds (at most 4 MiB, see above), which fills the socket so that every later
+# reply queues. At most 24 READs, so a bscache that does not bound
 # this grows by at most 768 MiB before the RSS check stops the test.
 #
 # bscache 29759ac failed here (all 24 READs accepted, RSS +700 MiB and more):
@@ -82,7 +83,7 @@ pass "slow upstream: after the hostile client closed, upstream got only what was
 stop_server drain
 stop_server slow
 truncate -s 2G "$T/sparse.img"
-head -c $MiB /dev/urandom | dd of="$T/sparse.img" bs=64K iflag=fullblock conv=notrunc status=none
+head -c $((8 * MiB)) /dev/urandom | dd of="$T/sparse.img" bs=64K iflag=fullblock conv=notrunc status=none
 rm -f "$T/qnbd.pid"
 qemu-nbd -t -e 4 -f raw -k "$T/qnbd.sock" --pid-file="$T/qnbd.pid" "$T/sparse.img" >"$T/qnbd.log" 2>&1 &
 PIDS+=($!)

@@ -18,8 +18,8 @@ head -c $size /dev/urandom >"$T/initial.img"
 # connection ids (nbdkit log filter) that carried OP, one per line
 conns_with() { grep -oE "connection=[0-9]+ $2 " "$1" | awk '{print $1}' | sort -u; }
 
-# run_phase NAME EXPECTED_UPSTREAM_CONNECTIONS [MULTI_CONN_MODE]
-run_phase() {  # NAME CONNECTIONS [MULTI_CONN_MODE [BSCACHE_ARGS...]]
+# run_phase NAME EXPECTED_UPSTREAM_CONNECTIONS [MULTI_CONN_MODE [BSCACHE_ARGS...]]
+run_phase() {
   local name=$1 want=$2 mode=${3:-}
   shift $(($# < 3 ? $# : 3))
   cp "$T/initial.img" "$T/$name.img"
