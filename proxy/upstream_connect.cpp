@@ -158,8 +158,7 @@ UpstreamInfo read_upstream_info(nbd_handle* h) {
   return info;
 }
 
-int duplicate_plain_socket(nbd_handle* h) {
-  if (nbd_get_tls_negotiated(h) == 1) return -1;
+int duplicate_socket(nbd_handle* h) {
   const int fd = nbd_aio_get_fd(h);
   if (fd < 0) throw libnbd_failure("the upstream socket");
   const int copy = ::fcntl(fd, F_DUPFD_CLOEXEC, 0);

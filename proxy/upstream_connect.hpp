@@ -48,9 +48,10 @@ std::optional<std::vector<ExportListing>> list_upstream_exports(const UpstreamTa
 std::string named_export(const UpstreamTarget& target);
 UpstreamInfo read_upstream_info(nbd_handle* h);
 // A duplicate of the socket of a handle in the transmission phase, for
-// speaking NBD over it without libnbd (the handle must then stay idle); -1 if
-// libnbd holds a TLS session on it. Throws std::runtime_error if dup fails.
-int duplicate_plain_socket(nbd_handle* h);
+// speaking NBD over it without libnbd (the handle must then stay idle, and
+// must not be encrypted: see UpstreamWireConnection::usable). Throws
+// std::runtime_error if dup fails.
+int duplicate_socket(nbd_handle* h);
 // Takes ownership of a string libnbd allocated (nullptr gives "").
 std::string take_libnbd_string(char* s);
 

@@ -140,8 +140,7 @@ struct UpstreamWireConnection::State : std::enable_shared_from_this<State> {
 };
 
 void UpstreamWireConnection::State::adopt(NbdHandlePtr h) {
-  const int fd = duplicate_plain_socket(h.get());
-  if (fd < 0) throw std::runtime_error("the upstream connection is encrypted");
+  const int fd = duplicate_socket(h.get());  // usable(h) was checked by whoever opened it
   sockaddr_storage address{};
   socklen_t length = sizeof address;
   if (::getsockname(fd, reinterpret_cast<sockaddr*>(&address), &length) == -1) {

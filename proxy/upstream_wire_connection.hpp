@@ -16,7 +16,7 @@
 //
 // libnbd still opens the connection (URI, handshake, options, meta contexts)
 // and is then left idle: bscache takes a duplicate of its socket
-// (duplicate_plain_socket). Not used over TLS (libnbd holds the session), nor
+// (duplicate_socket). Not used over TLS (libnbd holds the session), nor
 // for BLOCK_STATUS: libnbd does not say which context id upstream gave which
 // meta context.
 //
