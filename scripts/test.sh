@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Installs dependencies, builds, runs the static checks (scripts/check.sh:
-# clang-format, layering, clang-tidy) and every test (unit and integration)
+# Installs dependencies, builds, runs the static checks that CI runs
+# (scripts/check.sh --no-tidy: clang-format, layering; the full
+# scripts/check.sh adds clang-tidy) and every test (unit and integration)
 # with CTest. Then the same suite again under AddressSanitizer + UBSan, and
 # under ThreadSanitizer (upstream connections run on their own threads); the
 # sanitizer passes skip the tests of the tooling (label "tooling": the
@@ -14,7 +15,7 @@ if [[ ${1:-} == --no-sanitize ]]; then sanitize=0; shift; fi
 
 scripts/deps.sh
 BUILD_DIR=build scripts/build.sh
-BUILD_DIR=build scripts/check.sh
+BUILD_DIR=build scripts/check.sh --no-tidy
 # A second qemu for the interop tests (qemu 10 from bookworm-backports, in a
 # private prefix); without it test_qemu10 reports itself skipped.
 timeout 300 scripts/qemu10.sh >/dev/null || echo "qemu 10 could not be fetched: test_qemu10 will be skipped" >&2
