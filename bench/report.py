@@ -65,7 +65,7 @@ for (workload, metric), contenders in by.items():
     if subject in contenders:
         b = float(contenders[subject]["median"])
         ratios = []
-        others = ("direct", "cacheextents", "floor", "nbdkit-nbd", "bscache-wire", "bscache-off", "bscache-baseline")
+        others = ("direct", "cacheextents", "floor", "nbdkit-nbd", "bscache-libnbd", "bscache-off", "bscache-baseline")
         if subject == "bscache-tls":
             others = ("direct-tls", "bscache", "direct")
         for other in others:

@@ -100,7 +100,7 @@ front_up() {  # CONTENDER UPSTREAM_NAME: sets $target, the URI clients use
     nbdkit-nbd) start_nbdkit front nbd socket="$T/$up.sock" ;;
     bscache) start_bscache front --upstream "$(uri "$up")" --log-level warn --stats-file "$T/front.json" \
                ${bscache_args[@]+"${bscache_args[@]}"} ;;
-    bscache-wire) start_bscache front --upstream "$(uri "$up")" --log-level warn --data-path wire ;;
+    bscache-libnbd) start_bscache front --upstream "$(uri "$up")" --log-level warn --data-path libnbd ;;
     bscache-off) start_bscache front --upstream "$(uri "$up")" --log-level warn --policy off \
                    --stats-file "$T/front.json" ;;
     bscache-baseline) BSCACHE=$BSCACHE_BASELINE start_bscache front --upstream "$(uri "$up")" --log-level warn ;;
@@ -116,7 +116,7 @@ front_up() {  # CONTENDER UPSTREAM_NAME: sets $target, the URI clients use
 front_down() { [[ -f $T/front.pid ]] && { stop_server front; rm -f "$T/front.pid"; }; return 0; }
 
 # The contenders of the data-path and convert rows (with the baseline binary when given).
-data_contenders() { echo "direct nbdkit-nbd $* bscache bscache-wire bscache-off ${BSCACHE_BASELINE:+bscache-baseline}"; }
+data_contenders() { echo "direct nbdkit-nbd $* bscache bscache-libnbd bscache-off ${BSCACHE_BASELINE:+bscache-baseline}"; }
 
 # measure WORKLOAD CONTENDER UPSTREAM RUNS CLIENT_FUNCTION [REFERENCE]
 # Times CLIENT_FUNCTION URI OUTFILE, warm-up first; checks output vs REFERENCE.

@@ -86,6 +86,7 @@ class App {
   ServiceNotifier notifier_{io_};  // first: it takes NOTIFY_SOCKET out of the environment before any child starts
   Metrics metrics_;
   BufferPool buffers_;
+  PipePool pipes_;
   std::unique_ptr<UpstreamChild> upstream_child_;  // --upstream-command's server; outlives exports_
   std::unique_ptr<ExportRegistry> exports_;
   std::unique_ptr<TlsServerCredentials> tls_;
@@ -144,8 +145,8 @@ bool App::connect_upstream() {
       return false;
     }
   }
-  context_ =
-      std::make_unique<ProxyContext>(ProxyContext{io_, *exports_, metrics_, buffers_, options_.session, tls_.get()});
+  context_ = std::make_unique<ProxyContext>(
+      ProxyContext{io_, *exports_, metrics_, buffers_, &pipes_, options_.session, tls_.get()});
   return true;
 }
 

@@ -1,5 +1,6 @@
 #include "proxy/client_stream.hpp"
 
+#include <fcntl.h>
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
@@ -71,6 +72,19 @@ awaitable<bool> ClientStream::discard(uint64_t length) {
 size_t ClientStream::write_now(Buffers buffers, boost::system::error_code& ec) {
   if (tls_) return tls_write_now(buffers, ec);
   return socket_.write_some(buffers, ec);
+}
+
+size_t ClientStream::splice_now(int pipe_fd, size_t n, boost::system::error_code& ec) {
+  ec = {};
+  for (;;) {
+    const ssize_t moved =
+        ::splice(pipe_fd, nullptr, socket_.native_handle(), nullptr, n, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+    if (moved >= 0) return static_cast<size_t>(moved);
+    if (errno == EINTR) continue;
+    ec = boost::system::error_code(errno, boost::system::system_category());
+    if (errno == EAGAIN) ec = asio::error::would_block;
+    return 0;
+  }
 }
 
 // Records are cut from the buffers as they come; pieces smaller than a record

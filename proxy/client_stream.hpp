@@ -40,6 +40,12 @@ class ClientStream {
 
   // Writes what fits now, without waiting.
   size_t write_now(Buffers buffers, boost::system::error_code& ec);
+  // Moves up to `n` bytes from a pipe into the socket without waiting
+  // (splice: no copy). Plain sockets only, not after STARTTLS.
+  size_t splice_now(int pipe_fd, size_t n, boost::system::error_code& ec);
+  // Waits until a write can make progress (with TLS, in the direction GnuTLS
+  // last asked for). False: the socket closed.
+  awaitable<bool> wait_writable() { return wait(!tls_wants_read_); }
   // Waits until something can be written, then writes what fits.
   awaitable<size_t> write_some(Buffers buffers, boost::system::error_code& ec);
   // Throws boost::system::system_error if the peer is gone (as asio::async_write does).

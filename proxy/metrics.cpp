@@ -46,6 +46,7 @@ void add_export_counters(Metrics& total, const Metrics& part) {
   total.ranges_updated += part.ranges_updated;
   total.upstream_reconnects += part.upstream_reconnects;
   total.upstream_connections += part.upstream_connections;
+  total.reads_spliced += part.reads_spliced;
   total.cache_bypassed += part.cache_bypassed;
 }
 
@@ -80,6 +81,7 @@ void export_sections(nlohmann::json& doc, const Metrics& m, const CacheGauges& c
                      {"errors", by_op(m.upstream_errors)},
                      {"reconnects", m.upstream_reconnects},
                      {"connections", m.upstream_connections},
+                     {"reads_spliced", m.reads_spliced},
                      {"block_status_latency_seconds",
                       {{"count", h.count}, {"mean", h.count ? h.sum / static_cast<double>(h.count) : 0.0}}}};
   doc["cache"] = {{"extents", cache.extents},
@@ -229,6 +231,9 @@ std::string render_prometheus(const Metrics& m, const CacheGauges& cache, const 
          [](const Source& s) { return s.m->upstream_reconnects; });
   x.each("bscache_upstream_connections", "gauge", "Upstream connections up now.",
          [](const Source& s) { return s.m->upstream_connections; });
+  x.each("bscache_upstream_reads_spliced_total", "counter",
+         "READs whose data was spliced from upstream to the client through a pipe, never copied.",
+         [](const Source& s) { return s.m->reads_spliced; });
   x.latency_histogram();
   x.each("bscache_cache_extents", "gauge", "Extents held in the cache.",
          [](const Source& s) { return s.cache.extents; });

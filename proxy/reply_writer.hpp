@@ -2,7 +2,9 @@
 //
 // A Reply is a few header bytes plus, for READ, a view of the pooled buffer
 // upstream read the data into; it leaves in one gathered write (writev), so
-// the payload is never copied to put a header in front of it. Small replies
+// the payload is never copied to put a header in front of it. Or, for a READ
+// spliced through a pipe (see PipePool), header pieces and pipe pieces: the
+// headers leave by writev, the pipe's bytes by splice, in order. Small replies
 // to an idle socket are written at once, without a trip through the reactor;
 // anything that does not fit in the socket buffer waits in the queue, whose
 // unsent bytes are the session's reply backlog (see SessionLimits).
@@ -19,6 +21,7 @@
 #include "proxy/asio.hpp"
 #include "proxy/buffer_pool.hpp"
 #include "proxy/client_stream.hpp"
+#include "proxy/pipe_pool.hpp"
 #include "proxy/wire/codec.hpp"
 
 namespace bscache::proxy {
@@ -39,24 +42,41 @@ class Reply {
   void add_payload_piece(size_t offset, size_t length);
   // Takes the buffer the payload pieces point into.
   void set_payload(PooledBuffer payload) { payload_ = std::move(payload); }
+  // The next `length` bytes of pipe `index` (see set_pipes) are the next piece.
+  void add_pipe_piece(size_t index, size_t length);
+  // Takes the pipes the pipe pieces come from; `bytes` of data are in them.
+  void set_pipes(std::vector<PooledPipe> pipes, size_t bytes) {
+    pipes_ = std::move(pipes);
+    pipe_bytes_ = bytes;
+  }
 
   // Bytes to send.
   size_t size() const { return size_; }
   // Bytes the reply keeps alive until it is sent: its header bytes and its
   // whole payload buffer (a READ answered with holes sends little of it).
-  size_t memory() const { return head_.size() + payload_.size(); }
+  size_t memory() const { return head_.size() + payload_.size() + pipe_bytes_; }
   bool has_payload_pieces() const;
-  // The unsent part, from byte `sent` on, as buffers for a gathered write.
-  void gather(size_t sent, std::vector<asio::const_buffer>& out) const;
+  // The unsent part, from byte `sent` on, as buffers for a gathered write, up
+  // to the first pipe piece. True if that is the whole rest of the reply.
+  bool gather(size_t sent, std::vector<asio::const_buffer>& out) const;
+  struct PipeBytes {
+    int fd = -1;
+    size_t left = 0;
+  };
+  // If byte `sent` is in a pipe piece: its pipe and the bytes of it left to send.
+  PipeBytes pipe_at(size_t sent) const;
 
  private:
+  enum class Source : uint8_t { Head, Payload, Pipe };
   struct Piece {
-    bool from_payload;
-    size_t offset;
+    Source source;
+    size_t offset;  // in head_ or payload_; for Source::Pipe, the pipe's index
     size_t length;
   };
   wire::Bytes head_;
   PooledBuffer payload_;
+  std::vector<PooledPipe> pipes_;
+  size_t pipe_bytes_ = 0;
   boost::container::small_vector<Piece, 3> pieces_;
   size_t size_ = 0;
 };
@@ -83,6 +103,10 @@ class ReplyWriter {
 
  private:
   void break_connection(const boost::system::error_code& ec);
+  // Writes queued replies until the socket is full (false) or all are out
+  // (true); a failure breaks the connection (false).
+  bool write_ready();
+  void advance(size_t written);
 
   struct Queued {  // NOLINT(bugprone-exception-escape): see Reply's move
     Reply reply;

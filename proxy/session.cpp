@@ -42,6 +42,10 @@ awaitable<void> Session::run() {
       info_ = chosen.info();
       negotiated_ = std::move(negotiated->negotiated);
       limits_ = transmission_limits(info_, negotiated_);
+      // Spliced data leaves as OFFSET_DATA/OFFSET_HOLE chunks in the order
+      // upstream sent them, which needs structured replies, and bypasses
+      // user space, which TLS cannot.
+      splice_reads_ = ctx_.pipes && !stream_.tls() && negotiated_.structured_replies;
       only_base_allocation_ =
           negotiated_.contexts.size() == 1 && negotiated_.contexts[0] == static_cast<uint32_t>(info_.base_allocation);
       spdlog::debug("connection {}: transmission, structured replies {}, {} meta contexts", id_,
@@ -143,11 +147,11 @@ void Session::dispatch(const RequestHeader& request, PooledBuffer payload) {
     return;
   }
   if (request.type == kCmdBlockStatus && try_block_status_hit(request)) return;
-  // A READ's buffer is taken now, so it counts against the backlog at once.
-  if (request.type == kCmdRead) payload = ctx_.buffers.acquire(request.length);
+  // A READ counts against the backlog at once, whatever it is read into.
+  const size_t held = request.type == kCmdRead ? request.length : payload.size();
   ++in_flight_;
-  payload_bytes_in_flight_ += payload.size();
-  asio::co_spawn(ctx_.io, serve(request, std::move(payload)), asio::detached);
+  payload_bytes_in_flight_ += held;
+  asio::co_spawn(ctx_.io, serve(request, std::move(payload), held), asio::detached);
 }
 
 void Session::request_done(size_t held_bytes) {

@@ -24,6 +24,7 @@
 #include "proxy/export_registry.hpp"
 #include "proxy/handshake.hpp"
 #include "proxy/metrics.hpp"
+#include "proxy/pipe_pool.hpp"
 #include "proxy/reply_writer.hpp"
 #include "proxy/upstream_pool.hpp"
 #include "proxy/wire/codec.hpp"
@@ -49,6 +50,7 @@ struct ProxyContext {
   ExportRegistry& exports;
   Metrics& metrics;  // the client connection counters; the rest is counted per export
   BufferPool& buffers;
+  PipePool* pipes;  // null: READs are never spliced
   SessionLimits limits;
   const TlsServerCredentials* tls = nullptr;  // --tls off: null
 };
@@ -75,8 +77,9 @@ class Session : public std::enable_shared_from_this<Session> {
   awaitable<void> wait_for_wakeup();
 
   // What each command does (session_commands.cpp).
-  awaitable<void> serve(wire::RequestHeader request, PooledBuffer payload);
-  awaitable<void> serve_read(const wire::RequestHeader& request, PooledBuffer buffer);
+  awaitable<void> serve(wire::RequestHeader request, PooledBuffer payload, size_t held);
+  awaitable<void> serve_read(const wire::RequestHeader& request);
+  awaitable<bool> serve_spliced_read(const wire::RequestHeader& request);
   awaitable<void> serve_mutation(const wire::RequestHeader& request, PooledBuffer payload);
   awaitable<void> serve_cache(const wire::RequestHeader& request);
   awaitable<void> serve_block_status(const wire::RequestHeader& request);
@@ -104,6 +107,7 @@ class Session : public std::enable_shared_from_this<Session> {
   Negotiated negotiated_;
   wire::TransmissionLimits limits_;
   bool only_base_allocation_ = false;
+  bool splice_reads_ = false;  // plain socket, structured replies, pipes on offer
   bool stopping_ = false;
   unsigned in_flight_ = 0;
   size_t payload_bytes_in_flight_ = 0;

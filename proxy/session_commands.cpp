@@ -15,12 +15,11 @@ namespace {
 constexpr uint16_t kMutationFlags = kCmdFlagFua | kCmdFlagNoHole | kCmdFlagFastZero;
 }  // namespace
 
-awaitable<void> Session::serve(RequestHeader request, PooledBuffer payload) {
+awaitable<void> Session::serve(RequestHeader request, PooledBuffer payload, size_t held) {
   auto self = shared_from_this();
-  const size_t held = payload.size();
   try {
     switch (request.type) {
-      case kCmdRead: co_await serve_read(request, std::move(payload)); break;
+      case kCmdRead: co_await serve_read(request); break;
       case kCmdWrite:
       case kCmdTrim:
       case kCmdWriteZeroes: co_await serve_mutation(request, std::move(payload)); break;
@@ -36,9 +35,12 @@ awaitable<void> Session::serve(RequestHeader request, PooledBuffer payload) {
   request_done(held);
 }
 
-// Upstream reads into `buffer`; the reply is sent from it, headers in front
-// by a gathered write, holes passed on as OFFSET_HOLE chunks.
-awaitable<void> Session::serve_read(const RequestHeader& request, PooledBuffer buffer) {
+// Upstream reads into a pipe (serve_spliced_read) or, where that cannot be,
+// into a pooled buffer; the reply is sent from it, headers in front by a
+// gathered write, holes passed on as OFFSET_HOLE chunks.
+awaitable<void> Session::serve_read(const RequestHeader& request) {
+  if (splice_reads_ && co_await serve_spliced_read(request)) co_return;
+  PooledBuffer buffer = ctx_.buffers.acquire(request.length);
   auto result = co_await upstream_->run({.op = UpstreamOp::Read,
                                          .buffer = buffer.span(),
                                          .offset = request.offset,
@@ -81,6 +83,71 @@ awaitable<void> Session::serve_read(const RequestHeader& request, PooledBuffer b
   // A reply of holes only sends none of the buffer: give it back now.
   if (reply.has_payload_pieces()) reply.set_payload(std::move(buffer));
   writer_.send(std::move(reply));
+}
+
+namespace {
+// A spliced READ's data is spread over pipes of this much each, with room to
+// spare: a pipe counts pieces of pages, and pieces can be short. Twice this
+// is the most an unprivileged process may make a pipe hold
+// (/proc/sys/fs/pipe-max-size, default 1 MiB).
+constexpr size_t kBytesPerPipe = size_t{512} * 1024;
+constexpr size_t kMaxPipesPerRead = 8;  // READs up to 4 MiB; larger ones read into a buffer
+}  // namespace
+
+// The data goes from the upstream socket into pipes and from the pipes into
+// the client's socket (see PipePool), chunk for chunk as upstream sent it.
+// False if it could not (a pipe refused, no connection that splices, a pipe
+// that overflowed): nothing was sent to the client; read into a buffer.
+awaitable<bool> Session::serve_spliced_read(const RequestHeader& request) {
+  const size_t length = request.length;
+  const size_t count = (length + kBytesPerPipe - 1) / kBytesPerPipe;
+  if (count > kMaxPipesPerRead || !upstream_->splices_reads()) co_return false;
+  std::vector<PooledPipe> pipes;
+  std::vector<int> write_ends;
+  for (size_t i = 0; i < count; ++i) {
+    auto pipe = ctx_.pipes->acquire(2 * std::min(kBytesPerPipe, length - i * kBytesPerPipe));
+    if (!pipe) co_return false;
+    write_ends.push_back(pipe->write_fd());
+    pipes.push_back(std::move(*pipe));
+  }
+  auto result = co_await upstream_->run({.op = UpstreamOp::Read,
+                                         .buffer = {},
+                                         .offset = request.offset,
+                                         .length = length,
+                                         .flags = CommandFlags::from_wire(request.flags & kCmdFlagDf),
+                                         .sink_pipes = write_ends,
+                                         .bytes_per_pipe = kBytesPerPipe},
+                                        cancelled_);
+  if (result.needs_buffer) co_return false;
+  if (result.error || result.chunks.empty()) {
+    reply_result(request, result.error ? result.error : EIO);
+    co_return true;
+  }
+  Reply reply;
+  auto& head = reply.head();
+  size_t in_pipes = 0;  // data bytes so far: where the next chunk's data starts
+  for (size_t i = 0; i < result.chunks.size(); ++i) {
+    const auto& c = result.chunks[i];
+    const bool done = i + 1 == result.chunks.size();
+    const size_t from = head.size();
+    if (c.hole) {
+      encode_offset_hole(head, request.cookie, done, c.offset, c.length);
+      reply.add_head_piece(from);
+      continue;
+    }
+    encode_offset_data_header(head, request.cookie, done, c.offset, c.length);
+    reply.add_head_piece(from);
+    for (size_t left = c.length; left > 0;) {  // the chunk's data, pipe by pipe
+      const size_t take = std::min(left, kBytesPerPipe - in_pipes % kBytesPerPipe);
+      reply.add_pipe_piece(in_pipes / kBytesPerPipe, take);
+      in_pipes += take;
+      left -= take;
+    }
+  }
+  reply.set_pipes(std::move(pipes), in_pipes);
+  ++metrics_->reads_spliced;
+  writer_.send(std::move(reply));
+  co_return true;
 }
 
 // The cache bracket: a mutation forgets its range when it starts and records

@@ -23,11 +23,12 @@ struct UpstreamOptions {
   std::chrono::milliseconds timeout{0};
   // Upstream connections when upstream advertises CAN_MULTI_CONN (else 1). Default: 4.
   unsigned connections = 4;
-  // Libnbd (default): every connection through libnbd. Wire: with more than
-  // one connection to a plain (not TLS) upstream, the second half carry READ
-  // and CACHE through bscache's own client (UpstreamWireConnection).
+  // Wire (default): with more than one connection to a plain (not TLS)
+  // upstream, the second half carry READ and CACHE through bscache's own
+  // client (UpstreamWireConnection), which splices READ data. Libnbd: every
+  // connection through libnbd.
   enum class DataPath : uint8_t { Libnbd, Wire };
-  DataPath data_path = DataPath::Libnbd;
+  DataPath data_path = DataPath::Wire;
 };
 
 // Set by the client side when nobody wants the command's answer any more
@@ -72,6 +73,8 @@ class UpstreamLink {
   virtual void disconnect() = 0;
   // Whether BLOCK_STATUS may be sent on this connection.
   virtual bool carries_block_status() const = 0;
+  // Whether it takes a READ into a pipe (CommandArgs::sink_pipe).
+  virtual bool splices_reads() const = 0;
 };
 
 }  // namespace bscache::proxy

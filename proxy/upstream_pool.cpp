@@ -2,6 +2,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <stdexcept>
@@ -42,7 +43,7 @@ bool is_mutation(UpstreamOp op) {
 // What a command weighs when choosing the least loaded connection.
 uint64_t load_of(const CommandArgs& args) {
   constexpr uint64_t kPerCommand = 4096;
-  return kPerCommand + args.buffer.size();
+  return kPerCommand + (args.sink_pipes.empty() ? args.buffer.size() : args.length);
 }
 
 const char* op_name(UpstreamOp op) {
@@ -141,7 +142,13 @@ size_t UpstreamPool::wire_connections() const {
   return wire;
 }
 
-std::optional<size_t> UpstreamPool::pick(UpstreamOp op, std::optional<size_t> avoid) const {
+bool UpstreamPool::splices_reads() const {
+  return std::any_of(connections_.begin(), connections_.end(),
+                     [](const Slot& s) { return s.up && s.connection->splices_reads(); });
+}
+
+std::optional<size_t> UpstreamPool::pick(const CommandArgs& args, std::optional<size_t> avoid) const {
+  const UpstreamOp op = args.op;
   auto least_loaded = [&](auto suits) {
     std::optional<size_t> best;
     for (size_t i = 0; i < connections_.size(); ++i) {
@@ -150,6 +157,7 @@ std::optional<size_t> UpstreamPool::pick(UpstreamOp op, std::optional<size_t> av
     }
     return best;
   };
+  if (!args.sink_pipes.empty()) return least_loaded([](const Slot& s) { return s.connection->splices_reads(); });
   const bool libnbd_only = op != UpstreamOp::Read && op != UpstreamOp::Cache;
   if (libnbd_only) return least_loaded([](const Slot& s) { return s.connection->carries_block_status(); });
   if (auto wire = least_loaded([](const Slot& s) { return !s.connection->carries_block_status(); })) return wire;
@@ -161,7 +169,7 @@ std::optional<size_t> UpstreamPool::flush_target() const {
   for (size_t i = 0; i < connections_.size(); ++i) {
     if (connections_[i].up && connections_[i].wrote_since_flush) return i;
   }
-  return pick(UpstreamOp::Flush);
+  return pick({.op = UpstreamOp::Flush, .buffer = {}, .offset = 0, .length = 0, .flags = {}});
 }
 
 awaitable<CommandResult> UpstreamPool::run(CommandArgs args, CancelFlag cancelled) {
@@ -171,8 +179,13 @@ awaitable<CommandResult> UpstreamPool::run(CommandArgs args, CancelFlag cancelle
         command->args = args;
         command->cancelled = std::move(cancelled);
         // A flush with no connection due goes where a write last went, or anywhere.
-        if (auto slot = args.op == UpstreamOp::Flush ? flush_target() : pick(args.op)) {
+        if (auto slot = args.op == UpstreamOp::Flush ? flush_target() : pick(args)) {
           send(*slot, std::move(command));
+        } else if (!args.sink_pipes.empty()) {
+          command->result.needs_buffer = true;  // no connection splices now: nothing sent
+          ++in_flight_;
+          command->connection = connections_.size();
+          asio::post(loop_, [this, c = std::move(command)]() mutable { complete(std::move(c)); });
         } else {
           command->result.error = ESHUTDOWN;  // every connection is down; reconnecting
           ++in_flight_;
@@ -262,6 +275,11 @@ void UpstreamPool::complete(std::unique_ptr<UpstreamCommand> command) {
     if (op == UpstreamOp::Flush && error) s.wrote_since_flush = true;  // still due
   }
   if (command->never_sent && resend(command)) return;
+  const bool sent = !command->never_sent && command->connection < connections_.size();
+  if (command->result.needs_buffer && !sent) {  // nothing went upstream: nothing to count
+    command->deliver();
+    return;
+  }
   if (error != ECANCELED) {  // a cancelled command never left bscache
     const uint16_t type = wire_command(op);
     ++metrics_.upstream_requests[type];
@@ -287,7 +305,12 @@ void UpstreamPool::complete(std::unique_ptr<UpstreamCommand> command) {
 bool UpstreamPool::resend(std::unique_ptr<UpstreamCommand>& command) {
   const bool cancelled = command->cancelled && command->cancelled->load(std::memory_order_relaxed);
   if (command->args.op == UpstreamOp::Flush || cancelled) return false;
-  const auto slot = pick(command->args.op, command->connection);
+  const auto slot = pick(command->args, command->connection);
+  if (!slot && !command->args.sink_pipes.empty()) {
+    command->result = CommandResult{};
+    command->result.needs_buffer = true;  // the caller reads into a buffer instead
+    return false;
+  }
   if (!slot) return false;
   command->never_sent = false;
   command->result = CommandResult{};

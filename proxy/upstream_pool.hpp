@@ -59,6 +59,8 @@ class UpstreamPool final : public BlockStatusUpstream {
   size_t connections_up() const;
   // How many carry the data commands through UpstreamWireConnection.
   size_t wire_connections() const;
+  // Whether a READ into a pipe (CommandArgs::sink_pipe) can be sent now.
+  bool splices_reads() const;
   size_t in_flight() const { return in_flight_; }
 
   // A connection was lost (nullopt) or came back (with what it negotiated).
@@ -86,10 +88,11 @@ class UpstreamPool final : public BlockStatusUpstream {
   struct PendingWith;
   struct FlushFanOut;
 
-  // The least loaded connection that is up and suits `op`, other than `avoid`:
-  // READ and CACHE on the wire connections while any is up, else anywhere;
+  // The least loaded connection that is up and suits the command, other than
+  // `avoid`: a READ into a pipe only on a connection that splices; other READs
+  // and CACHE on the wire connections while any is up, else anywhere;
   // everything else on the libnbd connections (see UpstreamWireConnection).
-  std::optional<size_t> pick(UpstreamOp op, std::optional<size_t> avoid = std::nullopt) const;
+  std::optional<size_t> pick(const CommandArgs& args, std::optional<size_t> avoid = std::nullopt) const;
   std::optional<size_t> flush_target() const;
   void send(size_t slot, std::unique_ptr<UpstreamCommand> command);
   void complete(std::unique_ptr<UpstreamCommand> command);

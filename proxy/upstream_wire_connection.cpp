@@ -1,7 +1,9 @@
 #include "proxy/upstream_wire_connection.hpp"
 
+#include <fcntl.h>
 #include <libnbd.h>
 #include <netinet/in.h>
+#include <poll.h>
 #include <spdlog/spdlog.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -83,6 +85,10 @@ struct UpstreamWireConnection::State : std::enable_shared_from_this<State> {
     RequestBytes header{};
     wire::ReplyTarget target;
     bool sent = false;  // part of a write handed to the socket
+    // A READ into a pipe whose pipe filled up before its payload was in: the
+    // rest was read and dropped, and the caller reads again into a buffer.
+    bool overflowed = false;
+    uint64_t sunk = 0;  // bytes of it spliced so far
   };
 
   State(asio::io_context& l, size_t i, const UpstreamTarget& t, UpstreamOptions o, Finished f, StateChanged c)
@@ -119,6 +125,10 @@ struct UpstreamWireConnection::State : std::enable_shared_from_this<State> {
   UpstreamBatch batch;         // handed to `finished` once per read or write
   asio::steady_timer timeout_timer;
   bool timeout_armed = false;
+  // Set when a READ overflowed its pipe: this connection then stops taking
+  // READs into pipes (see splice_payload).
+  bool splicing = true;
+  std::array<uint8_t, size_t{64} * 1024> discard{};  // the dropped rest of an overflowed READ
   asio::steady_timer reconnect_timer;
   std::chrono::milliseconds backoff = kFirstBackoff;
   uint64_t reconnect_failures = 0;
@@ -136,6 +146,8 @@ struct UpstreamWireConnection::State : std::enable_shared_from_this<State> {
   void schedule_reconnect();
   void start_connector();
   void reconnected(NbdHandlePtr h, std::optional<UpstreamInfo> info, const std::string& failure);
+  enum class Spliced : uint8_t { Moved, Wait, Overflow, Failed };
+  Spliced splice_payload(size_t& moved);
   static awaitable<void> read_loop(std::shared_ptr<State> self, uint64_t generation);
 };
 
@@ -157,6 +169,8 @@ void UpstreamWireConnection::State::adopt(NbdHandlePtr h) {
     socket.reset();
     throw std::runtime_error("adopting the upstream socket: " + ec.message());
   }
+  // splice() and the overflow's read_some must never block the loop.
+  socket->non_blocking(true, ec);
   handle = std::move(h);
   parser.emplace([this](uint64_t cookie) -> wire::ReplyTarget* {
     auto it = pending.find(cookie);
@@ -183,7 +197,11 @@ void UpstreamWireConnection::State::submit(std::unique_ptr<UpstreamCommand> comm
       encode_request(wire_flags(a.flags), wire_command(a.op), f->cookie, a.offset, static_cast<uint32_t>(a.length));
   f->target.type = wire_command(a.op);
   f->target.offset = a.offset;
-  if (a.op == UpstreamOp::Read) f->target.buffer = a.buffer;
+  if (a.op == UpstreamOp::Read) {
+    f->target.length = a.length;
+    f->target.buffer = a.buffer;
+    f->target.sink = !a.sink_pipes.empty();
+  }
   f->command = std::move(command);
   outbox.push_back(f.get());
   pending.emplace(f->cookie, std::move(f));
@@ -240,16 +258,77 @@ void UpstreamWireConnection::State::start_write() {
                     });
 }
 
+// Moves what upstream has of the payload due into its pipe (zero-copy:
+// splice(2) hands over the socket's pages). A pipe is sized for its READ with
+// room to spare, but counts pieces, not bytes: a stream of small segments (a
+// TCP upstream without receive offload) can fill it early. Then the rest of
+// that READ is dropped and the caller reads again into a buffer.
+UpstreamWireConnection::State::Spliced UpstreamWireConnection::State::splice_payload(size_t& moved) {
+  moved = 0;
+  auto it = pending.find(parser->cookie());
+  InFlight* f = it == pending.end() ? nullptr : it->second.get();
+  const size_t due = parser->sink_bytes();
+  if (f && f->overflowed) {
+    boost::system::error_code ec;
+    moved = socket->read_some(asio::buffer(discard.data(), std::min(due, discard.size())), ec);
+    if (ec == asio::error::would_block || ec == asio::error::try_again) return Spliced::Wait;
+    return ec ? Spliced::Failed : Spliced::Moved;
+  }
+  if (!f) return Spliced::Failed;  // the parser found it: cannot happen
+  const CommandArgs& a = f->command->args;
+  const size_t pipe = f->sunk / a.bytes_per_pipe;
+  if (pipe >= a.sink_pipes.size()) return Spliced::Failed;  // more data than the READ: the parser refuses that
+  const int pipe_fd = a.sink_pipes[pipe];
+  const uint64_t room = a.bytes_per_pipe - f->sunk % a.bytes_per_pipe;
+  const ssize_t n = ::splice(socket->native_handle(), nullptr, pipe_fd, nullptr, std::min<uint64_t>(due, room),
+                             SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+  if (n > 0) {
+    moved = static_cast<size_t>(n);
+    f->sunk += moved;
+    return Spliced::Moved;
+  }
+  if (n == 0) return Spliced::Failed;  // end of stream mid-payload
+  if (errno == EINTR) return Spliced::Moved;
+  if (errno != EAGAIN) return Spliced::Failed;
+  // Nothing to read, or the pipe is full: a full pipe is not writable.
+  pollfd pipe_room{.fd = pipe_fd, .events = POLLOUT, .revents = 0};
+  if (::poll(&pipe_room, 1, 0) == 1) return Spliced::Wait;
+  f->overflowed = true;
+  splicing = false;
+  spdlog::info("upstream connection {}: a READ's pipe filled before its data was in; reading into buffers from now on",
+               index);
+  return Spliced::Overflow;
+}
+
 awaitable<void> UpstreamWireConnection::State::read_loop(std::shared_ptr<State> self, uint64_t generation) {
   boost::system::error_code ec;
   for (;;) {
-    const auto want = self->parser->next();
-    const size_t n = co_await self->socket->async_read_some(asio::buffer(want.data(), want.size()),
-                                                            asio::redirect_error(use_awaitable, ec));
-    if (self->generation != generation) co_return;
-    if (ec) {
-      self->lost(ESHUTDOWN, ec == asio::error::eof ? "the server closed the connection" : ec.message());
-      co_return;
+    size_t n = 0;
+    if (self->parser->sink_bytes() > 0) {
+      const Spliced how = self->splice_payload(n);
+      if (how == Spliced::Failed) {
+        self->lost(ESHUTDOWN, std::string("moving a READ's data: ") + (errno ? strerror(errno) : "end of stream"));
+        co_return;
+      }
+      if (how == Spliced::Overflow) continue;  // the rest is dropped
+      if (how == Spliced::Wait) {
+        co_await self->socket->async_wait(Socket::wait_read, asio::redirect_error(use_awaitable, ec));
+        if (self->generation != generation) co_return;
+        if (ec) {
+          self->lost(ESHUTDOWN, ec.message());
+          co_return;
+        }
+        continue;
+      }
+    } else {
+      const auto want = self->parser->next();
+      n = co_await self->socket->async_read_some(asio::buffer(want.data(), want.size()),
+                                                 asio::redirect_error(use_awaitable, ec));
+      if (self->generation != generation) co_return;
+      if (ec) {
+        self->lost(ESHUTDOWN, ec == asio::error::eof ? "the server closed the connection" : ec.message());
+        co_return;
+      }
     }
     if (!self->parser->received(n, self->done)) {
       self->lost(EIO, "protocol error from the server: " + self->parser->failure());
@@ -267,7 +346,8 @@ void UpstreamWireConnection::State::complete_done() {
     pending.erase(it);
     CommandResult& r = f->command->result;
     r.error = f->target.error ? errno_from_nbd(f->target.error) : 0;
-    if (!r.error && f->command->args.op == UpstreamOp::Read) {
+    if (f->overflowed && !r.error) r.needs_buffer = true;
+    if (!r.error && !r.needs_buffer && f->command->args.op == UpstreamOp::Read) {
       r.chunks.reserve(f->target.pieces.size());
       for (const auto& p : f->target.pieces) r.chunks.push_back({p.offset, p.length, p.hole});
     }
@@ -411,6 +491,10 @@ UpstreamWireConnection::~UpstreamWireConnection() {
 
 void UpstreamWireConnection::submit(std::unique_ptr<UpstreamCommand> command) {
   state_->submit(std::move(command));
+}
+
+bool UpstreamWireConnection::splices_reads() const {
+  return state_->splicing;
 }
 
 void UpstreamWireConnection::disconnect() {

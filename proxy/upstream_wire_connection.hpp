@@ -46,6 +46,8 @@ class UpstreamWireConnection final : public UpstreamLink {
   void submit(std::unique_ptr<UpstreamCommand> command) override;
   void disconnect() override;
   bool carries_block_status() const override { return false; }
+  // Until a READ overflowed its pipe (see splice_payload in the .cpp).
+  bool splices_reads() const override;
 
   // Whether a handle can be driven by this class (no TLS, no extended headers).
   static bool usable(nbd_handle* handle);

@@ -48,7 +48,7 @@ void ReplyParser::expect_header() {
 }
 
 std::span<uint8_t> ReplyParser::next() {
-  if (failed()) return {};
+  if (failed() || stage_ == Stage::Sink) return {};
   if (want_.empty()) expect_header();  // first use
   return want_.subspan(filled_);
 }
@@ -62,11 +62,12 @@ bool ReplyParser::fail(std::string why) {
 bool ReplyParser::received(size_t n, std::vector<uint64_t>& done) {
   if (failed()) return false;
   filled_ += n;
-  if (filled_ < want_.size()) return true;
+  if (filled_ < (stage_ == Stage::Sink ? want_sink_ : want_.size())) return true;
   switch (stage_) {
     case Stage::Header: return header_complete(done);
     case Stage::ChunkRest: return chunk_rest_complete(done);
     case Stage::Payload:
+    case Stage::Sink:
       if (chunk_type_ == kReplyTypeOffsetData) return chunk_finished(done);
       done.push_back(cookie_);  // a simple READ reply's data
       expect_header();
@@ -96,12 +97,9 @@ bool ReplyParser::header_complete(std::vector<uint64_t>& done) {
   chunk_type_ = kReplyTypeNone;
   if (const uint32_t error = be32(header_ + 4)) {
     target_->error = error;  // no payload follows an error
-  } else if (target_->type == kCmdRead && !target_->buffer.empty()) {
-    target_->pieces.push_back({target_->offset, static_cast<uint32_t>(target_->buffer.size()), false});
-    stage_ = Stage::Payload;
-    want_ = target_->buffer;
-    filled_ = 0;
-    return true;
+  } else if (target_->type == kCmdRead && target_->length > 0) {
+    target_->pieces.push_back({target_->offset, static_cast<uint32_t>(target_->length), false});
+    return expect_payload(target_->offset, static_cast<uint32_t>(target_->length));
   }
   done.push_back(cookie_);
   expect_header();
@@ -117,7 +115,7 @@ bool ReplyParser::chunk_rest_complete(std::vector<uint64_t>& done) {
   if (!target_) return fail("a reply chunk for a cookie not in flight");
   const bool read = target_->type == kCmdRead;
   const uint64_t start = target_->offset;
-  const uint64_t end = start + target_->buffer.size();
+  const uint64_t end = start + target_->length;
   switch (chunk_type_) {
     case kReplyTypeNone:
       if (chunk_length_ != 0 || !(chunk_flags_ & kReplyFlagDone)) return fail("a NONE chunk with a length or not last");
@@ -128,10 +126,7 @@ bool ReplyParser::chunk_rest_complete(std::vector<uint64_t>& done) {
       const uint32_t length = chunk_length_ - 8;
       if (at < start || at > end || length > end - at) return fail("an OFFSET_DATA chunk outside its READ");
       target_->pieces.push_back({at, length, false});
-      stage_ = Stage::Payload;
-      want_ = target_->buffer.subspan(at - start, length);
-      filled_ = 0;
-      return true;
+      return expect_payload(at, length);
     }
     case kReplyTypeOffsetHole: {
       if (!read || chunk_length_ != 12) return fail("an OFFSET_HOLE chunk for a non-READ or of a wrong size");
@@ -144,7 +139,11 @@ bool ReplyParser::chunk_rest_complete(std::vector<uint64_t>& done) {
       // Like libnbd: a hole reads as zeros, so the buffer is all upstream's
       // data whatever the caller sends from it (a client without structured
       // replies gets the hole as data). Not a copy: no payload byte moves.
-      std::fill_n(target_->buffer.begin() + static_cast<std::ptrdiff_t>(at - start), length, uint8_t{0});
+      // A sink has no buffer: its reader sends the hole as a hole.
+      if (!target_->sink) {
+        if (target_->buffer.size() != target_->length) return fail("a READ buffer of the wrong size");
+        std::fill_n(target_->buffer.begin() + static_cast<std::ptrdiff_t>(at - start), length, uint8_t{0});
+      }
       return chunk_finished(done);
     }
     default:
@@ -158,13 +157,28 @@ bool ReplyParser::chunk_rest_complete(std::vector<uint64_t>& done) {
   }
 }
 
+// The READ data for [at, at + length) comes next: into its place in the
+// buffer, or to the sink.
+bool ReplyParser::expect_payload(uint64_t at, uint32_t length) {
+  filled_ = 0;
+  if (target_->sink) {
+    stage_ = Stage::Sink;
+    want_sink_ = length;
+    return true;
+  }
+  if (target_->buffer.size() != target_->length) return fail("a READ buffer of the wrong size");
+  stage_ = Stage::Payload;
+  want_ = target_->buffer.subspan(at - target_->offset, length);
+  return true;
+}
+
 // A chunk is over: the reply too if it was the last.
 bool ReplyParser::chunk_finished(std::vector<uint64_t>& done) {
   if (chunk_flags_ & kReplyFlagDone) {
     ReplyTarget& t = *target_;
     // Like libnbd: a READ whose chunks do not describe every byte exactly
     // once fails (its buffer holds bytes upstream never sent).
-    if (t.type == kCmdRead && t.error == 0 && !covers_exactly(t.pieces, t.offset, t.buffer.size())) {
+    if (t.type == kCmdRead && t.error == 0 && !covers_exactly(t.pieces, t.offset, t.length)) {
       t.error = kErrIo;
     }
     done.push_back(cookie_);

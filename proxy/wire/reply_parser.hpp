@@ -7,7 +7,9 @@
 // the parser never over-reads. It asks for a reply's header, then for the
 // rest of a structured chunk's header once the type is known, then for the
 // payload straight into the command's buffer: three receives for a
-// structured READ reply, two for a simple one.
+// structured READ reply, two for a simple one. A READ can instead have its
+// payload go to a sink the caller moves bytes into itself (a pipe it splices
+// the socket into): the parser then only says how many bytes are due there.
 //
 // Handles simple replies and the structured chunks a data command can get:
 // NONE, OFFSET_DATA, OFFSET_HOLE, ERROR, ERROR_OFFSET and unknown error types.
@@ -30,7 +32,12 @@ namespace bscache::wire {
 struct ReplyTarget {
   uint16_t type = 0;          // NBD command
   uint64_t offset = 0;        // READ: the disk offset buffer[0] stands for
-  std::span<uint8_t> buffer;  // READ: where the data goes
+  uint64_t length = 0;        // READ: bytes asked for
+  std::span<uint8_t> buffer;  // READ: where the data goes (`length` bytes), unless `sink`
+  // READ: the data goes to a sink of the caller's (pipes, say) in the order
+  // it arrives (see sink_bytes()); holes are only described in `pieces`, and
+  // there is no buffer to zero.
+  bool sink = false;
   // Filled in while the reply arrives.
   uint32_t error = 0;  // the first NBD error upstream reported, 0 if none
   struct Piece {
@@ -47,8 +54,13 @@ class ReplyParser {
   using Lookup = std::function<ReplyTarget*(uint64_t cookie)>;
   explicit ReplyParser(Lookup lookup) : lookup_(std::move(lookup)) {}
 
-  // Where the next bytes from upstream go; never empty unless failed().
+  // Where the next bytes from upstream go; empty only if failed() or sink_bytes() > 0.
   std::span<uint8_t> next();
+  // Bytes of a sink READ's payload due now: the caller moves up to this many
+  // from upstream into the target's sink and reports them with received().
+  uint64_t sink_bytes() const { return stage_ == Stage::Sink ? want_sink_ - filled_ : 0; }
+  // The cookie of the reply being read (valid while sink_bytes() > 0).
+  uint64_t cookie() const { return cookie_; }
   // `n` bytes were received into next(). Cookies of replies that completed
   // are appended to `done`. False on a protocol error (see failure()).
   bool received(size_t n, std::vector<uint64_t>& done);
@@ -59,7 +71,9 @@ class ReplyParser {
   bool mid_reply() const { return stage_ != Stage::Header || filled_ > 0; }
 
  private:
-  enum class Stage : uint8_t { Header, ChunkRest, Payload, Discard };
+  enum class Stage : uint8_t { Header, ChunkRest, Payload, Sink, Discard };
+
+  bool expect_payload(uint64_t at, uint32_t length);
 
   bool header_complete(std::vector<uint64_t>& done);
   bool chunk_rest_complete(std::vector<uint64_t>& done);
@@ -77,7 +91,8 @@ class ReplyParser {
   uint8_t header_[kChunkHeader + 12] = {};  // chunk header plus an OFFSET_DATA/HOLE prefix
   std::vector<uint8_t> scratch_;            // an error chunk's payload
   std::span<uint8_t> want_;                 // the current piece's destination
-  size_t filled_ = 0;                       // bytes of want_ received
+  size_t filled_ = 0;                       // bytes of want_ (or of the sink's share) received
+  uint64_t want_sink_ = 0;                  // Stage::Sink: the payload's length
   // The reply being read.
   uint64_t cookie_ = 0;
   ReplyTarget* target_ = nullptr;

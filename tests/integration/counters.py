@@ -96,6 +96,7 @@ def prom_name(key):
         "block_status.upstream_calls_saved": "bscache_upstream_calls_saved_total",
         "upstream.connections": "bscache_upstream_connections",
         "upstream.reconnects": "bscache_upstream_reconnects_total",
+        "upstream.reads_spliced": "bscache_upstream_reads_spliced_total",
         "upstream.block_status_latency_seconds.count":
             'bscache_upstream_request_duration_seconds_count{op="block_status"}',
         "cache.extents": "bscache_cache_extents",
@@ -382,10 +383,14 @@ def plus(*deltas):
     return out
 
 
-def op(name, n=1, upstream=True, error=False):
+def op(name, n=1, upstream=True, error=False, spliced=True):
     d = {f"client.requests.{name}": n}
     if upstream:
         d[f"upstream.requests.{name}"] = n
+    # A READ that succeeds through a multi-conn upstream (the default data
+    # path) is spliced: its data never enters bscache's memory.
+    if name == "read" and upstream and not error and spliced:
+        d["upstream.reads_spliced"] = n
     if error:
         d[f"client.errors.{name}"] = n
         if upstream:

@@ -54,7 +54,7 @@ start_nbdkit() {
 }
 
 # start_bscache NAME ARGS...: bscache listening on $T/NAME.sock, ready on return.
-# BSCACHE_DATA_PATH (set by the ".wire" variants of some tests) selects --data-path.
+# BSCACHE_DATA_PATH (set by the ".libnbd" variants of some tests) selects --data-path.
 start_bscache() {
   local name=$1; shift
   rm -f "$T/$name.pid"

@@ -19,12 +19,21 @@ struct Harness {
     return it == in_flight.end() ? nullptr : &it->second;
   }};
   std::vector<uint64_t> done;
+  Bytes sunk;  // what the parser said goes to a sink, in order
   std::mt19937 rng{7};
 
   // Feeds `stream` in random pieces no larger than what the parser asks for.
   bool feed(const Bytes& stream) {
     size_t at = 0;
     while (at < stream.size()) {
+      if (const uint64_t due = parser.sink_bytes()) {
+        EXPECT_TRUE(parser.next().empty());
+        const size_t n = std::min({static_cast<size_t>(due), stream.size() - at, size_t{1} + rng() % 40000});
+        sunk.insert(sunk.end(), stream.begin() + static_cast<long>(at), stream.begin() + static_cast<long>(at + n));
+        at += n;
+        if (!parser.received(n, done)) return false;
+        continue;
+      }
       auto want = parser.next();
       if (want.empty()) return false;
       size_t n = std::min({want.size(), stream.size() - at, size_t{1} + rng() % 40000});
@@ -46,7 +55,17 @@ ReplyTarget read_of(uint64_t offset, std::span<uint8_t> buffer) {
   ReplyTarget t;
   t.type = kCmdRead;
   t.offset = offset;
+  t.length = buffer.size();
   t.buffer = buffer;
+  return t;
+}
+
+ReplyTarget sink_read_of(uint64_t offset, uint64_t length) {
+  ReplyTarget t;
+  t.type = kCmdRead;
+  t.offset = offset;
+  t.length = length;
+  t.sink = true;
   return t;
 }
 
@@ -75,6 +94,51 @@ TEST(ReplyParser, SimpleReadLandsInTheBuffer) {
   EXPECT_TRUE(std::equal(buffer.begin(), buffer.end(), data.begin()));
   EXPECT_EQ(h.in_flight[5].error, 0u);
   EXPECT_FALSE(h.parser.mid_reply());
+}
+
+TEST(ReplyParser, SinkReadsSayWhereTheirDataIsDueAndTouchNoBuffer) {
+  Harness h;
+  h.in_flight[1] = sink_read_of(0, 70000);
+  h.in_flight[2] = sink_read_of(1 << 20, 3 * 65536);
+  h.in_flight[3] = sink_read_of(0, 4096);
+  Bytes stream;
+  encode_simple_reply(stream, 1, 0);
+  const Bytes simple = pattern(70000, 1);
+  append(stream, simple);
+  // Structured, out of order: the sink gets the data in the order it came.
+  const Bytes last = pattern(65536, 2), first = pattern(65536, 3);
+  encode_offset_data_header(stream, 2, false, (1 << 20) + 2 * 65536, 65536);
+  append(stream, last);
+  encode_offset_hole(stream, 2, false, (1 << 20) + 65536, 65536);
+  encode_offset_data_header(stream, 2, true, 1 << 20, 65536);
+  append(stream, first);
+  encode_simple_reply(stream, 3, kErrIo);  // no payload follows
+  ASSERT_TRUE(h.feed(stream)) << h.parser.failure();
+  EXPECT_EQ(h.done, (std::vector<uint64_t>{1, 2, 3}));
+  Bytes expected = simple;
+  append(expected, last);
+  append(expected, first);
+  EXPECT_EQ(h.sunk, expected);
+  EXPECT_EQ(h.in_flight[1].error, 0u);
+  EXPECT_EQ(h.in_flight[2].error, 0u);
+  EXPECT_EQ(h.in_flight[3].error, kErrIo);
+  const auto& pieces = h.in_flight[2].pieces;
+  ASSERT_EQ(pieces.size(), 3u);
+  EXPECT_TRUE(pieces[0].offset == (1 << 20) + 2 * 65536 && pieces[0].length == 65536 && !pieces[0].hole);
+  EXPECT_TRUE(pieces[1].offset == (1 << 20) + 65536 && pieces[1].hole);
+  EXPECT_TRUE(pieces[2].offset == (1 << 20) && !pieces[2].hole);
+  EXPECT_EQ(h.in_flight[1].pieces.size(), 1u);
+  EXPECT_FALSE(h.parser.mid_reply());
+}
+
+TEST(ReplyParser, SinkReadsNotCoveredExactlyFail) {
+  Harness h;
+  h.in_flight[1] = sink_read_of(0, 8192);
+  Bytes stream;
+  encode_offset_data_header(stream, 1, true, 0, 4096);
+  append(stream, pattern(4096, 1));
+  ASSERT_TRUE(h.feed(stream)) << h.parser.failure();
+  EXPECT_EQ(h.in_flight[1].error, kErrIo);
 }
 
 TEST(ReplyParser, SimpleErrorHasNoPayload) {

@@ -1,0 +1,116 @@
+#include "proxy/pipe_pool.hpp"
+
+#include <fcntl.h>
+#include <sys/ioctl.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <bit>
+#include <utility>
+
+namespace bscache::proxy {
+
+namespace {
+unsigned class_for(size_t bytes) {
+  const size_t rounded = std::bit_ceil(std::max(bytes, PipePool::kSmallestClass));
+  return static_cast<unsigned>(std::countr_zero(rounded) - std::countr_zero(PipePool::kSmallestClass));
+}
+
+void close_pair(int read_fd, int write_fd) {
+  ::close(read_fd);
+  ::close(write_fd);
+}
+}  // namespace
+
+PooledPipe::Shelves::~Shelves() {
+  for (auto& shelf : idle) {
+    for (const auto& p : shelf) close_pair(p.read_fd, p.write_fd);
+  }
+}
+
+PooledPipe::PooledPipe(PooledPipe&& other) noexcept
+    : shelves_(std::move(other.shelves_)),
+      read_fd_(std::exchange(other.read_fd_, -1)),
+      write_fd_(std::exchange(other.write_fd_, -1)),
+      capacity_(std::exchange(other.capacity_, 0)),
+      size_class_(other.size_class_) {}
+
+PooledPipe& PooledPipe::operator=(PooledPipe&& other) noexcept {
+  if (this != &other) {
+    give_back();
+    shelves_ = std::move(other.shelves_);
+    read_fd_ = std::exchange(other.read_fd_, -1);
+    write_fd_ = std::exchange(other.write_fd_, -1);
+    capacity_ = std::exchange(other.capacity_, 0);
+    size_class_ = other.size_class_;
+  }
+  return *this;
+}
+
+PooledPipe::~PooledPipe() {
+  give_back();
+}
+
+// Only an empty pipe is reused: one a failed READ left bytes in (upstream
+// died mid-payload, the client left before its reply) is closed instead.
+void PooledPipe::give_back() {
+  if (read_fd_ < 0) return;
+  int unread = 0;
+  auto& shelf = shelves_->idle[size_class_];
+  const bool empty = ::ioctl(read_fd_, FIONREAD, &unread) == 0 && unread == 0;
+  if (empty && shelf.size() < shelves_->max_idle_per_class) {
+    try {
+      shelf.push_back({read_fd_, write_fd_});
+    } catch (...) {
+      close_pair(read_fd_, write_fd_);  // no memory for the shelf: just close it
+    }
+  } else {
+    close_pair(read_fd_, write_fd_);
+  }
+  read_fd_ = write_fd_ = -1;
+  shelves_.reset();
+}
+
+PipePool::PipePool(size_t max_idle_per_class) : shelves_(std::make_shared<PooledPipe::Shelves>(max_idle_per_class)) {}
+
+std::optional<PooledPipe> PipePool::acquire(size_t bytes) {
+  if (bytes == 0 || bytes > kMaxBytes) return std::nullopt;
+  const unsigned size_class = class_for(bytes);
+  PooledPipe pipe;
+  pipe.shelves_ = shelves_;
+  pipe.size_class_ = size_class;
+  pipe.capacity_ = kSmallestClass << size_class;
+  auto& shelf = shelves_->idle[size_class];
+  if (!shelf.empty()) {
+    pipe.read_fd_ = shelf.back().read_fd;
+    pipe.write_fd_ = shelf.back().write_fd;
+    shelf.pop_back();
+    return pipe;
+  }
+  int fds[2];
+  if (::pipe2(fds, O_NONBLOCK | O_CLOEXEC) == -1) {
+    ++shelves_->refused;
+    return std::nullopt;
+  }
+  // F_SETPIPE_SZ may round up; less than asked is a refusal.
+  const int got = ::fcntl(fds[1], F_SETPIPE_SZ, static_cast<int>(pipe.capacity_));
+  if (got < 0 || static_cast<size_t>(got) < pipe.capacity_) {
+    close_pair(fds[0], fds[1]);
+    ++shelves_->refused;
+    return std::nullopt;
+  }
+  pipe.read_fd_ = fds[0];
+  pipe.write_fd_ = fds[1];
+  ++shelves_->created;
+  return pipe;
+}
+
+uint64_t PipePool::created() const {
+  return shelves_->created;
+}
+
+uint64_t PipePool::refused() const {
+  return shelves_->refused;
+}
+
+}  // namespace bscache::proxy

@@ -1,0 +1,93 @@
+// PipePool: kernel pipes a READ's payload is spliced through, from the
+// upstream socket to the client's, without entering bscache's memory.
+//
+// Why: moving bytes is what costs on these machines, and even with payload
+// buffers reused (BufferPool) every READ byte was copied twice by the
+// kernel, from the upstream socket into bscache and from bscache into the
+// client's socket. splice(2) moves the socket's pages into a pipe and from
+// the pipe into the other socket: no copy at all on the way through.
+//
+// A pipe holds one READ's payload until its reply is written to the client,
+// so it needs room for the whole payload: pipes come in power-of-two
+// capacities (64 KiB to kMaxBytes), set with F_SETPIPE_SZ. The kernel may
+// refuse a capacity (an unprivileged process is limited by
+// /proc/sys/fs/pipe-max-size, default 1 MiB, and pipe-user-pages-soft, in
+// all 64 MiB of pipes); acquire() then says no and the READ takes a buffer
+// instead. Data sits in the kernel's pages, not in bscache's heap; sessions
+// count it in their byte budgets like a buffer (see SessionLimits).
+//
+// Loop thread only (pipes are taken and given back by sessions).
+#pragma once
+
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <vector>
+
+namespace bscache::proxy {
+
+class PipePool;
+
+// An owned pipe; back to the pool on destruction if it is empty, else closed.
+class PooledPipe {
+ public:
+  PooledPipe() = default;
+  PooledPipe(PooledPipe&& other) noexcept;
+  PooledPipe& operator=(PooledPipe&& other) noexcept;
+  ~PooledPipe();
+
+  int read_fd() const { return read_fd_; }
+  int write_fd() const { return write_fd_; }
+  size_t capacity() const { return capacity_; }
+  explicit operator bool() const { return read_fd_ >= 0; }
+
+ private:
+  friend class PipePool;
+  struct Shelves;
+  void give_back();
+
+  std::shared_ptr<Shelves> shelves_;
+  int read_fd_ = -1;
+  int write_fd_ = -1;
+  size_t capacity_ = 0;
+  unsigned size_class_ = 0;
+};
+
+class PipePool {
+ public:
+  // Keeps at most `max_idle` empty pipes of each capacity for reuse.
+  explicit PipePool(size_t max_idle_per_class = 64);
+
+  // A pipe that holds at least `bytes` (1 to kMaxBytes); nullopt if the
+  // kernel will not give one that large (limits, out of descriptors).
+  std::optional<PooledPipe> acquire(size_t bytes);
+
+  // Pipes created (each one was not already in the pool), and refused.
+  uint64_t created() const;
+  uint64_t refused() const;
+
+  static constexpr size_t kSmallestClass = size_t{64} * 1024;  // a pipe's default capacity
+  static constexpr unsigned kClasses = 8;                      // 64 KiB << 7 = 8 MiB
+  static constexpr size_t kMaxBytes = kSmallestClass << (kClasses - 1);
+
+ private:
+  std::shared_ptr<PooledPipe::Shelves> shelves_;
+};
+
+struct PooledPipe::Shelves {
+  explicit Shelves(size_t max_idle) : max_idle_per_class(max_idle) {}
+  struct Idle {
+    int read_fd, write_fd;
+  };
+  std::array<std::vector<Idle>, PipePool::kClasses> idle;
+  const size_t max_idle_per_class;
+  uint64_t created = 0;
+  uint64_t refused = 0;
+  ~Shelves();
+  Shelves(const Shelves&) = delete;
+  Shelves& operator=(const Shelves&) = delete;
+};
+
+}  // namespace bscache::proxy
