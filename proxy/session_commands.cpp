@@ -39,7 +39,10 @@ awaitable<void> Session::serve(RequestHeader request, PooledBuffer payload, size
 // into a pooled buffer; the reply is sent from it, headers in front by a
 // gathered write, holes passed on as OFFSET_HOLE chunks.
 awaitable<void> Session::serve_read(const RequestHeader& request) {
-  if (splice_reads_ && co_await serve_spliced_read(request)) co_return;
+  if (splice_reads_) {
+    const bool spliced = co_await serve_spliced_read(request);
+    if (spliced) co_return;
+  }
   PooledBuffer buffer = ctx_.buffers.acquire(request.length);
   auto result = co_await upstream_->run({.op = UpstreamOp::Read,
                                          .buffer = buffer.span(),

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <array>
 #include <cerrno>
+#include <cstring>
 #include <deque>
 #include <optional>
 #include <stdexcept>
@@ -147,7 +148,7 @@ struct UpstreamWireConnection::State : std::enable_shared_from_this<State> {
   void start_connector();
   void reconnected(NbdHandlePtr h, std::optional<UpstreamInfo> info, const std::string& failure);
   enum class Spliced : uint8_t { Moved, Wait, Overflow, Failed };
-  Spliced splice_payload(size_t& moved);
+  Spliced splice_payload(size_t& moved, std::string& failure);
   static awaitable<void> read_loop(std::shared_ptr<State> self, uint64_t generation);
 };
 
@@ -263,7 +264,8 @@ void UpstreamWireConnection::State::start_write() {
 // room to spare, but counts pieces, not bytes: a stream of small segments (a
 // TCP upstream without receive offload) can fill it early. Then the rest of
 // that READ is dropped and the caller reads again into a buffer.
-UpstreamWireConnection::State::Spliced UpstreamWireConnection::State::splice_payload(size_t& moved) {
+UpstreamWireConnection::State::Spliced UpstreamWireConnection::State::splice_payload(size_t& moved,
+                                                                                     std::string& failure) {
   moved = 0;
   auto it = pending.find(parser->cookie());
   InFlight* f = it == pending.end() ? nullptr : it->second.get();
@@ -272,12 +274,16 @@ UpstreamWireConnection::State::Spliced UpstreamWireConnection::State::splice_pay
     boost::system::error_code ec;
     moved = socket->read_some(asio::buffer(discard.data(), std::min(due, discard.size())), ec);
     if (ec == asio::error::would_block || ec == asio::error::try_again) return Spliced::Wait;
+    if (ec) failure = ec == asio::error::eof ? "the server closed the connection" : ec.message();
     return ec ? Spliced::Failed : Spliced::Moved;
   }
-  if (!f) return Spliced::Failed;  // the parser found it: cannot happen
+  // The parser found the command and checked the data fits the READ.
+  if (!f || f->sunk / f->command->args.bytes_per_pipe >= f->command->args.sink_pipes.size()) {
+    failure = "READ data with nowhere to go";
+    return Spliced::Failed;
+  }
   const CommandArgs& a = f->command->args;
   const size_t pipe = f->sunk / a.bytes_per_pipe;
-  if (pipe >= a.sink_pipes.size()) return Spliced::Failed;  // more data than the READ: the parser refuses that
   const int pipe_fd = a.sink_pipes[pipe];
   const uint64_t room = a.bytes_per_pipe - f->sunk % a.bytes_per_pipe;
   const ssize_t n = ::splice(socket->native_handle(), nullptr, pipe_fd, nullptr, std::min<uint64_t>(due, room),
@@ -287,9 +293,11 @@ UpstreamWireConnection::State::Spliced UpstreamWireConnection::State::splice_pay
     f->sunk += moved;
     return Spliced::Moved;
   }
-  if (n == 0) return Spliced::Failed;  // end of stream mid-payload
+  if (n == 0 || (errno != EINTR && errno != EAGAIN)) {
+    failure = n == 0 ? "the server closed the connection" : std::string("splice: ") + strerror(errno);
+    return Spliced::Failed;
+  }
   if (errno == EINTR) return Spliced::Moved;
-  if (errno != EAGAIN) return Spliced::Failed;
   // Nothing to read, or the pipe is full: a full pipe is not writable.
   pollfd pipe_room{.fd = pipe_fd, .events = POLLOUT, .revents = 0};
   if (::poll(&pipe_room, 1, 0) == 1) return Spliced::Wait;
@@ -305,9 +313,10 @@ awaitable<void> UpstreamWireConnection::State::read_loop(std::shared_ptr<State> 
   for (;;) {
     size_t n = 0;
     if (self->parser->sink_bytes() > 0) {
-      const Spliced how = self->splice_payload(n);
+      std::string failure;
+      const Spliced how = self->splice_payload(n, failure);
       if (how == Spliced::Failed) {
-        self->lost(ESHUTDOWN, std::string("moving a READ's data: ") + (errno ? strerror(errno) : "end of stream"));
+        self->lost(ESHUTDOWN, "moving a READ's data: " + failure);
         co_return;
       }
       if (how == Spliced::Overflow) continue;  // the rest is dropped
