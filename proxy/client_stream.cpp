@@ -1,6 +1,7 @@
 #include "proxy/client_stream.hpp"
 
 #include <fcntl.h>
+#include <poll.h>
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
@@ -72,6 +73,28 @@ awaitable<bool> ClientStream::discard(uint64_t length) {
 size_t ClientStream::write_now(Buffers buffers, boost::system::error_code& ec) {
   if (tls_) return tls_write_now(buffers, ec);
   return socket_.write_some(buffers, ec);
+}
+
+awaitable<std::optional<size_t>> ClientStream::splice_in(std::span<const int> pipes, size_t per_pipe, size_t length) {
+  size_t moved = 0;
+  while (moved < length) {
+    const size_t pipe = moved / per_pipe;
+    const size_t want = std::min(length - moved, (pipe + 1) * per_pipe - moved);
+    const ssize_t n =
+        ::splice(socket_.native_handle(), nullptr, pipes[pipe], nullptr, want, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+    if (n > 0) {
+      moved += static_cast<size_t>(n);
+      continue;
+    }
+    if (n < 0 && errno == EINTR) continue;
+    if (n == 0 || errno != EAGAIN) co_return std::nullopt;  // EOF mid-payload, or an error
+    // Nothing to read yet, or the pipe is full (then it is not writable).
+    pollfd room{.fd = pipes[pipe], .events = POLLOUT, .revents = 0};
+    if (::poll(&room, 1, 0) != 1) co_return moved;
+    const bool readable = co_await wait(false);
+    if (!readable) co_return std::nullopt;
+  }
+  co_return moved;
 }
 
 size_t ClientStream::splice_now(int pipe_fd, size_t n, boost::system::error_code& ec) {

@@ -47,6 +47,7 @@ void add_export_counters(Metrics& total, const Metrics& part) {
   total.upstream_reconnects += part.upstream_reconnects;
   total.upstream_connections += part.upstream_connections;
   total.reads_spliced += part.reads_spliced;
+  total.writes_spliced += part.writes_spliced;
   total.cache_bypassed += part.cache_bypassed;
 }
 
@@ -82,6 +83,7 @@ void export_sections(nlohmann::json& doc, const Metrics& m, const CacheGauges& c
                      {"reconnects", m.upstream_reconnects},
                      {"connections", m.upstream_connections},
                      {"reads_spliced", m.reads_spliced},
+                     {"writes_spliced", m.writes_spliced},
                      {"block_status_latency_seconds",
                       {{"count", h.count}, {"mean", h.count ? h.sum / static_cast<double>(h.count) : 0.0}}}};
   doc["cache"] = {{"extents", cache.extents},
@@ -234,6 +236,9 @@ std::string render_prometheus(const Metrics& m, const CacheGauges& cache, const 
   x.each("bscache_upstream_reads_spliced_total", "counter",
          "READs whose data was spliced from upstream to the client through a pipe, never copied.",
          [](const Source& s) { return s.m->reads_spliced; });
+  x.each("bscache_upstream_writes_spliced_total", "counter",
+         "WRITEs whose data was spliced from the client to upstream through pipes, never copied.",
+         [](const Source& s) { return s.m->writes_spliced; });
   x.latency_histogram();
   x.each("bscache_cache_extents", "gauge", "Extents held in the cache.",
          [](const Source& s) { return s.cache.extents; });

@@ -46,7 +46,8 @@ struct Metrics {
   uint64_t ranges_updated = 0;
   uint64_t upstream_reconnects = 0;
   uint64_t upstream_connections = 0;  // upstream connections up now
-  uint64_t reads_spliced = 0;         // READs whose data went through a pipe (PipePool), not bscache's memory
+  uint64_t reads_spliced = 0;         // READs whose data went through pipes (PipePool), not bscache's memory
+  uint64_t writes_spliced = 0;        // the same for WRITEs
   uint64_t cache_bypassed = 0;        // block-status misses forwarded unchanged: the cache could not keep a window
 };
 

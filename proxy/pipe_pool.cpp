@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <bit>
+#include <cerrno>
 #include <utility>
 
 namespace bscache::proxy {
@@ -103,6 +104,30 @@ std::optional<PooledPipe> PipePool::acquire(size_t bytes) {
   pipe.write_fd_ = fds[1];
   ++shelves_->created;
   return pipe;
+}
+
+std::vector<PooledPipe> PipePool::acquire_for(size_t bytes) {
+  std::vector<PooledPipe> pipes;
+  if (bytes == 0 || bytes > kMaxPayload) return pipes;
+  for (size_t at = 0; at < bytes; at += kBytesPerPipe) {
+    auto pipe = acquire(2 * std::min(kBytesPerPipe, bytes - at));
+    if (!pipe) return {};
+    pipes.push_back(std::move(*pipe));
+  }
+  return pipes;
+}
+
+bool PipePool::copy_out(std::span<const PooledPipe> pipes, size_t per_pipe, std::span<uint8_t> out) {
+  for (size_t at = 0; at < out.size();) {
+    const size_t pipe = at / per_pipe;
+    if (pipe >= pipes.size()) return false;
+    const size_t want = std::min(out.size() - at, (pipe + 1) * per_pipe - at);
+    const ssize_t n = ::read(pipes[pipe].read_fd(), out.data() + at, want);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return false;  // EAGAIN too: the data is not all there
+    at += static_cast<size_t>(n);
+  }
+  return true;
 }
 
 uint64_t PipePool::created() const {

@@ -24,6 +24,7 @@
 #include <cstdint>
 #include <memory>
 #include <optional>
+#include <span>
 #include <vector>
 
 namespace bscache::proxy {
@@ -64,6 +65,16 @@ class PipePool {
   // kernel will not give one that large (limits, out of descriptors).
   std::optional<PooledPipe> acquire(size_t bytes);
 
+  // Pipes for a payload of `bytes` (1 to kMaxPayload): one per kBytesPerPipe,
+  // each with twice the room it is to hold (a pipe counts pieces of pages,
+  // and pieces can be short). Empty if any is refused.
+  std::vector<PooledPipe> acquire_for(size_t bytes);
+
+  // Reads out.size() bytes out of `pipes` into `out`, `per_pipe` from each
+  // but the last: a copy, for when spliced data must go where no splice
+  // can take it. False if the pipes hold less.
+  static bool copy_out(std::span<const PooledPipe> pipes, size_t per_pipe, std::span<uint8_t> out);
+
   // Pipes created (each one was not already in the pool), and refused.
   uint64_t created() const;
   uint64_t refused() const;
@@ -71,6 +82,10 @@ class PipePool {
   static constexpr size_t kSmallestClass = size_t{64} * 1024;  // a pipe's default capacity
   static constexpr unsigned kClasses = 8;                      // 64 KiB << 7 = 8 MiB
   static constexpr size_t kMaxBytes = kSmallestClass << (kClasses - 1);
+  // Twice this is the most an unprivileged process may make a pipe hold
+  // (/proc/sys/fs/pipe-max-size, default 1 MiB).
+  static constexpr size_t kBytesPerPipe = size_t{512} * 1024;
+  static constexpr size_t kMaxPayload = 8 * kBytesPerPipe;  // larger payloads take a buffer
 
  private:
   std::shared_ptr<PooledPipe::Shelves> shelves_;

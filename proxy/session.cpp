@@ -46,6 +46,7 @@ awaitable<void> Session::run() {
       // upstream sent them, which needs structured replies, and bypasses
       // user space, which TLS cannot.
       splice_reads_ = ctx_.pipes && !stream_.tls() && negotiated_.structured_replies;
+      splice_writes_ = ctx_.pipes && !stream_.tls();
       only_base_allocation_ =
           negotiated_.contexts.size() == 1 && negotiated_.contexts[0] == static_cast<uint32_t>(info_.base_allocation);
       spdlog::debug("connection {}: transmission, structured replies {}, {} meta contexts", id_,
@@ -111,7 +112,7 @@ awaitable<void> Session::transmission() {
                   request->cookie, request->offset, request->length, request->flags);
     if (request->type == kCmdDisc) break;  // the spec: finish what is in flight, then close
 
-    PooledBuffer payload;
+    WritePayload payload;
     if (request->type == kCmdWrite) {
       if (request->length > limits_.max_payload) {
         if (request->length > kMaxDiscard || !co_await stream_.discard(request->length)) {
@@ -120,9 +121,8 @@ awaitable<void> Session::transmission() {
           break;
         }
       } else {
-        // Straight into the buffer that upstream will be sent from.
-        payload = ctx_.buffers.acquire(request->length);
-        if (!co_await stream_.read_exact(payload.span())) {
+        const bool complete = co_await read_write_payload(request->length, payload);
+        if (!complete) {
           orderly = false;
           break;
         }
@@ -137,7 +137,36 @@ awaitable<void> Session::transmission() {
   }
 }
 
-void Session::dispatch(const RequestHeader& request, PooledBuffer payload) {
+// Into pipes that upstream's socket will be spliced from, or straight into
+// the buffer that upstream will be sent from. False: the client is gone.
+awaitable<bool> Session::read_write_payload(size_t length, WritePayload& payload) {
+  if (splice_writes_ && length <= PipePool::kMaxPayload && upstream_->splices()) {
+    payload.pipes = ctx_.pipes->acquire_for(length);
+  }
+  size_t spliced = 0;
+  if (!payload.pipes.empty()) {
+    std::vector<int> write_ends;
+    for (const auto& p : payload.pipes) write_ends.push_back(p.write_fd());
+    const auto moved = co_await stream_.splice_in(write_ends, PipePool::kBytesPerPipe, length);
+    if (!moved) co_return false;
+    if (*moved == length) {
+      payload.in_pipes = length;
+      co_return true;
+    }
+    // A pipe filled up early: what is in the pipes moves to a buffer (a copy), the rest follows it there.
+    spliced = *moved;
+  }
+  payload.buffer = ctx_.buffers.acquire(length);
+  if (spliced > 0 &&
+      !PipePool::copy_out(payload.pipes, PipePool::kBytesPerPipe, payload.buffer.span().first(spliced))) {
+    co_return false;
+  }
+  payload.pipes.clear();
+  const bool complete = co_await stream_.read_exact(payload.buffer.span().subspan(spliced));
+  co_return complete;
+}
+
+void Session::dispatch(const RequestHeader& request, WritePayload payload) {
   if (stopping_) {
     reply_error(request, kErrShutdown, "server is shutting down");
     return;

@@ -55,6 +55,15 @@ struct ProxyContext {
   const TlsServerCredentials* tls = nullptr;  // --tls off: null
 };
 
+// A WRITE's data as read from the client: in a pooled buffer, or spliced
+// from the client's socket into pipes (see PipePool), `in_pipes` bytes.
+struct WritePayload {
+  PooledBuffer buffer;
+  std::vector<PooledPipe> pipes;
+  size_t in_pipes = 0;
+  size_t size() const { return buffer.size() + in_pipes; }
+};
+
 class Session : public std::enable_shared_from_this<Session> {
  public:
   using Socket = ClientStream::Socket;
@@ -69,7 +78,8 @@ class Session : public std::enable_shared_from_this<Session> {
   // The connection loop (session.cpp).
   awaitable<void> transmission();
   bool must_wait() const;
-  void dispatch(const wire::RequestHeader& request, PooledBuffer payload);
+  awaitable<bool> read_write_payload(size_t length, WritePayload& payload);
+  void dispatch(const wire::RequestHeader& request, WritePayload payload);
   void request_done(size_t held_bytes);
   awaitable<void> drain_replies();
   void writer_progress();
@@ -77,10 +87,10 @@ class Session : public std::enable_shared_from_this<Session> {
   awaitable<void> wait_for_wakeup();
 
   // What each command does (session_commands.cpp).
-  awaitable<void> serve(wire::RequestHeader request, PooledBuffer payload, size_t held);
+  awaitable<void> serve(wire::RequestHeader request, WritePayload payload, size_t held);
   awaitable<void> serve_read(const wire::RequestHeader& request);
   awaitable<bool> serve_spliced_read(const wire::RequestHeader& request);
-  awaitable<void> serve_mutation(const wire::RequestHeader& request, PooledBuffer payload);
+  awaitable<void> serve_mutation(const wire::RequestHeader& request, WritePayload payload);
   awaitable<void> serve_cache(const wire::RequestHeader& request);
   awaitable<void> serve_block_status(const wire::RequestHeader& request);
   awaitable<void> serve_passthrough_block_status(const wire::RequestHeader& request);
@@ -107,7 +117,8 @@ class Session : public std::enable_shared_from_this<Session> {
   Negotiated negotiated_;
   wire::TransmissionLimits limits_;
   bool only_base_allocation_ = false;
-  bool splice_reads_ = false;  // plain socket, structured replies, pipes on offer
+  bool splice_reads_ = false;   // plain socket, structured replies, pipes on offer
+  bool splice_writes_ = false;  // plain socket, pipes on offer
   bool stopping_ = false;
   unsigned in_flight_ = 0;
   size_t payload_bytes_in_flight_ = 0;

@@ -15,7 +15,7 @@ namespace {
 constexpr uint16_t kMutationFlags = kCmdFlagFua | kCmdFlagNoHole | kCmdFlagFastZero;
 }  // namespace
 
-awaitable<void> Session::serve(RequestHeader request, PooledBuffer payload, size_t held) {
+awaitable<void> Session::serve(RequestHeader request, WritePayload payload, size_t held) {
   auto self = shared_from_this();
   try {
     switch (request.type) {
@@ -88,37 +88,24 @@ awaitable<void> Session::serve_read(const RequestHeader& request) {
   writer_.send(std::move(reply));
 }
 
-namespace {
-// A spliced READ's data is spread over pipes of this much each, with room to
-// spare: a pipe counts pieces of pages, and pieces can be short. Twice this
-// is the most an unprivileged process may make a pipe hold
-// (/proc/sys/fs/pipe-max-size, default 1 MiB).
-constexpr size_t kBytesPerPipe = size_t{512} * 1024;
-constexpr size_t kMaxPipesPerRead = 8;  // READs up to 4 MiB; larger ones read into a buffer
-}  // namespace
-
 // The data goes from the upstream socket into pipes and from the pipes into
 // the client's socket (see PipePool), chunk for chunk as upstream sent it.
 // False if it could not (a pipe refused, no connection that splices, a pipe
 // that overflowed): nothing was sent to the client; read into a buffer.
 awaitable<bool> Session::serve_spliced_read(const RequestHeader& request) {
+  constexpr size_t kBytesPerPipe = PipePool::kBytesPerPipe;
   const size_t length = request.length;
-  const size_t count = (length + kBytesPerPipe - 1) / kBytesPerPipe;
-  if (count > kMaxPipesPerRead || !upstream_->splices_reads()) co_return false;
-  std::vector<PooledPipe> pipes;
+  if (length > PipePool::kMaxPayload || !upstream_->splices()) co_return false;
+  std::vector<PooledPipe> pipes = ctx_.pipes->acquire_for(length);
+  if (pipes.empty()) co_return false;
   std::vector<int> write_ends;
-  for (size_t i = 0; i < count; ++i) {
-    auto pipe = ctx_.pipes->acquire(2 * std::min(kBytesPerPipe, length - i * kBytesPerPipe));
-    if (!pipe) co_return false;
-    write_ends.push_back(pipe->write_fd());
-    pipes.push_back(std::move(*pipe));
-  }
+  for (const auto& p : pipes) write_ends.push_back(p.write_fd());
   auto result = co_await upstream_->run({.op = UpstreamOp::Read,
                                          .buffer = {},
                                          .offset = request.offset,
                                          .length = length,
                                          .flags = CommandFlags::from_wire(request.flags & kCmdFlagDf),
-                                         .sink_pipes = write_ends,
+                                         .pipes = write_ends,
                                          .bytes_per_pipe = kBytesPerPipe},
                                         cancelled_);
   if (result.needs_buffer) co_return false;
@@ -155,19 +142,34 @@ awaitable<bool> Session::serve_spliced_read(const RequestHeader& request) {
 
 // The cache bracket: a mutation forgets its range when it starts and records
 // what it left when it ends (see CoherentCache).
-awaitable<void> Session::serve_mutation(const RequestHeader& request, PooledBuffer payload) {
+awaitable<void> Session::serve_mutation(const RequestHeader& request, WritePayload payload) {
   const auto [op, kind] = request.type == kCmdWrite  ? std::pair{UpstreamOp::Write, policy::Mutation::Write}
                           : request.type == kCmdTrim ? std::pair{UpstreamOp::Trim, policy::Mutation::Trim}
                                                      : std::pair{UpstreamOp::Zero, policy::Mutation::WriteZeroes};
+  std::vector<int> read_ends;  // a WRITE spliced into pipes leaves them by splice too
+  for (const auto& p : payload.pipes) read_ends.push_back(p.read_fd());
+  CommandArgs args{.op = op,
+                   .buffer = payload.buffer.span(),
+                   .offset = request.offset,
+                   .length = request.length,
+                   .flags = CommandFlags::from_wire(request.flags & kMutationFlags),
+                   .pipes = read_ends,
+                   .bytes_per_pipe = PipePool::kBytesPerPipe};
   // The ticket is taken in the same loop step as the co_await that hands the
   // command to the pool, so it is taken before the command can reach upstream.
   auto ticket = block_status_->begin_mutation(request.offset, request.length);
-  auto result = co_await upstream_->run({.op = op,
-                                         .buffer = payload.span(),
-                                         .offset = request.offset,
-                                         .length = request.length,
-                                         .flags = CommandFlags::from_wire(request.flags & kMutationFlags)},
-                                        cancelled_);
+  auto result = co_await upstream_->run(args, cancelled_);
+  if (result.needs_buffer) {
+    // No connection splices now (nothing was sent): the data leaves the
+    // pipes for a buffer, a copy, and goes like any other WRITE.
+    payload.buffer = ctx_.buffers.acquire(request.length);
+    args.buffer = payload.buffer.span();
+    args.pipes = {};
+    const bool copied = PipePool::copy_out(payload.pipes, PipePool::kBytesPerPipe, args.buffer);
+    result = copied ? co_await upstream_->run(args, cancelled_) : CommandResult::failed(EIO);
+  } else if (!read_ends.empty()) {
+    ++metrics_->writes_spliced;
+  }
   block_status_->end_mutation(ticket, request.offset, request.length, kind, result.error == 0);
   reply_result(request, result.error);
 }

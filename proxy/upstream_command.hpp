@@ -46,8 +46,8 @@ struct CommandResult {
   std::vector<std::vector<wire::Descriptor>> extents;
   std::shared_ptr<const std::vector<std::string>> contexts;
   std::vector<ReadChunk> chunks;  // READ: the pieces upstream sent, in order received
-  // READ into a pipe: no connection that splices was up; nothing was sent
-  // upstream, and the caller should read into a buffer instead.
+  // READ or WRITE through pipes: no connection that splices was up (or a
+  // READ's pipe overflowed); the caller should use a buffer instead.
   bool needs_buffer = false;
 
   static CommandResult failed(int error) {
@@ -72,13 +72,14 @@ struct CommandArgs {
   UpstreamOp op = UpstreamOp::Flush;
   std::span<uint8_t> buffer;
   uint64_t offset = 0;
-  uint64_t length = 0;  // READ/WRITE: buffer.size(), unless READ into `sink_pipes`
+  uint64_t length = 0;  // READ/WRITE: buffer.size(), unless the data is in `pipes`
   CommandFlags flags;
-  // READ without a buffer: the write ends of empty pipes; the data is
-  // spliced into them in the order upstream sends it, `bytes_per_pipe` into
-  // each but the last, and `chunks` says what it is. Only
-  // UpstreamWireConnection does this.
-  std::span<const int> sink_pipes = {};
+  // READ or WRITE without a buffer: the data is in pipes, `bytes_per_pipe`
+  // in each but the last. READ: their write ends, empty; the data is spliced
+  // into them in the order upstream sends it, and `chunks` says what it is.
+  // WRITE: their read ends, holding the payload, spliced into the upstream
+  // socket. Only UpstreamWireConnection does this (splices()).
+  std::span<const int> pipes = {};
   uint64_t bytes_per_pipe = 0;
 };
 

@@ -56,7 +56,7 @@ class UpstreamConnection final : public UpstreamLink {
   // Any thread. Asks upstream to disconnect once what is in flight is answered.
   void disconnect() override;
   bool carries_block_status() const override { return true; }
-  bool splices_reads() const override { return false; }
+  bool splices() const override { return false; }
 
  private:
   using Clock = std::chrono::steady_clock;

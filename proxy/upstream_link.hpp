@@ -73,8 +73,8 @@ class UpstreamLink {
   virtual void disconnect() = 0;
   // Whether BLOCK_STATUS may be sent on this connection.
   virtual bool carries_block_status() const = 0;
-  // Whether it takes a READ into a pipe (CommandArgs::sink_pipe).
-  virtual bool splices_reads() const = 0;
+  // Whether it takes a READ or WRITE through pipes (CommandArgs::pipes).
+  virtual bool splices() const = 0;
 };
 
 }  // namespace bscache::proxy

@@ -43,7 +43,7 @@ bool is_mutation(UpstreamOp op) {
 // What a command weighs when choosing the least loaded connection.
 uint64_t load_of(const CommandArgs& args) {
   constexpr uint64_t kPerCommand = 4096;
-  return kPerCommand + (args.sink_pipes.empty() ? args.buffer.size() : args.length);
+  return kPerCommand + (args.pipes.empty() ? args.buffer.size() : args.length);
 }
 
 const char* op_name(UpstreamOp op) {
@@ -142,9 +142,9 @@ size_t UpstreamPool::wire_connections() const {
   return wire;
 }
 
-bool UpstreamPool::splices_reads() const {
+bool UpstreamPool::splices() const {
   return std::any_of(connections_.begin(), connections_.end(),
-                     [](const Slot& s) { return s.up && s.connection->splices_reads(); });
+                     [](const Slot& s) { return s.up && s.connection->splices(); });
 }
 
 std::optional<size_t> UpstreamPool::pick(const CommandArgs& args, std::optional<size_t> avoid) const {
@@ -157,7 +157,7 @@ std::optional<size_t> UpstreamPool::pick(const CommandArgs& args, std::optional<
     }
     return best;
   };
-  if (!args.sink_pipes.empty()) return least_loaded([](const Slot& s) { return s.connection->splices_reads(); });
+  if (!args.pipes.empty()) return least_loaded([](const Slot& s) { return s.connection->splices(); });
   const bool libnbd_only = op != UpstreamOp::Read && op != UpstreamOp::Cache;
   if (libnbd_only) return least_loaded([](const Slot& s) { return s.connection->carries_block_status(); });
   if (auto wire = least_loaded([](const Slot& s) { return !s.connection->carries_block_status(); })) return wire;
@@ -181,7 +181,7 @@ awaitable<CommandResult> UpstreamPool::run(CommandArgs args, CancelFlag cancelle
         // A flush with no connection due goes where a write last went, or anywhere.
         if (auto slot = args.op == UpstreamOp::Flush ? flush_target() : pick(args)) {
           send(*slot, std::move(command));
-        } else if (!args.sink_pipes.empty()) {
+        } else if (!args.pipes.empty()) {
           command->result.needs_buffer = true;  // no connection splices now: nothing sent
           ++in_flight_;
           command->connection = connections_.size();
@@ -306,7 +306,7 @@ bool UpstreamPool::resend(std::unique_ptr<UpstreamCommand>& command) {
   const bool cancelled = command->cancelled && command->cancelled->load(std::memory_order_relaxed);
   if (command->args.op == UpstreamOp::Flush || cancelled) return false;
   const auto slot = pick(command->args, command->connection);
-  if (!slot && !command->args.sink_pipes.empty()) {
+  if (!slot && !command->args.pipes.empty()) {
     command->result = CommandResult{};
     command->result.needs_buffer = true;  // the caller reads into a buffer instead
     return false;

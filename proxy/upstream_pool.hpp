@@ -3,11 +3,13 @@
 // When upstream advertises CAN_MULTI_CONN, bscache opens --upstream-connections
 // connections and spreads commands over them; otherwise exactly one. Each of
 // the first half (at least one) is driven by libnbd on a thread of its own
-// (UpstreamConnection) and carries block status, writes, trims, zeroes and
-// flushes. With --data-path wire and more than one connection to a plain
-// upstream, the second half carries READ and CACHE, spoken by bscache itself
-// on the loop (UpstreamWireConnection); by default (--data-path libnbd) they
-// are libnbd connections too and every command goes anywhere. All of the pool's own
+// (UpstreamConnection) and carries block status, writes in buffers, trims,
+// zeroes and flushes. With --data-path wire (the default) and more than one
+// connection to a plain upstream, the second half carries READ, CACHE and
+// WRITEs through pipes, spoken by bscache itself on the loop
+// (UpstreamWireConnection), and flushes when they carried writes; with
+// --data-path libnbd they are libnbd connections too and every command goes
+// anywhere. All of the pool's own
 // state lives on the loop thread, and every upstream request and error is
 // counted in one place, complete(), when the command comes back.
 //
@@ -59,8 +61,8 @@ class UpstreamPool final : public BlockStatusUpstream {
   size_t connections_up() const;
   // How many carry the data commands through UpstreamWireConnection.
   size_t wire_connections() const;
-  // Whether a READ into a pipe (CommandArgs::sink_pipe) can be sent now.
-  bool splices_reads() const;
+  // Whether a READ or WRITE through pipes (CommandArgs::pipes) can be sent now.
+  bool splices() const;
   size_t in_flight() const { return in_flight_; }
 
   // A connection was lost (nullopt) or came back (with what it negotiated).

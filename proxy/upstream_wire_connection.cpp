@@ -119,6 +119,10 @@ struct UpstreamWireConnection::State : std::enable_shared_from_this<State> {
   std::deque<InFlight*> outbox;                                     // not yet handed to the socket
   std::vector<asio::const_buffer> gather;                           // the write in progress
   bool writing = false, write_posted = false;
+  // A WRITE whose payload is in pipes: its header went out with the gathered
+  // write; its payload is spliced after it, before anything else is sent.
+  InFlight* splicing_out = nullptr;
+  uint64_t spliced_out = 0;  // bytes of its payload sent
   bool disconnect_wanted = false, disconnect_sent = false;
   const RequestBytes disconnect_request = encode_request(0, wire::kCmdDisc, 0, 0, 0);
   std::optional<wire::ReplyParser> parser;
@@ -139,6 +143,7 @@ struct UpstreamWireConnection::State : std::enable_shared_from_this<State> {
   void submit(std::unique_ptr<UpstreamCommand> command);
   void post_write();
   void start_write();
+  void splice_out();
   void complete_done();
   void hand_back();
   void lost(int error, const std::string& why);
@@ -201,7 +206,7 @@ void UpstreamWireConnection::State::submit(std::unique_ptr<UpstreamCommand> comm
   if (a.op == UpstreamOp::Read) {
     f->target.length = a.length;
     f->target.buffer = a.buffer;
-    f->target.sink = !a.sink_pipes.empty();
+    f->target.sink = !a.pipes.empty();
   }
   f->command = std::move(command);
   outbox.push_back(f.get());
@@ -220,7 +225,7 @@ void UpstreamWireConnection::State::post_write() {
 }
 
 void UpstreamWireConnection::State::start_write() {
-  if (writing || !up) return;
+  if (writing || !up || splicing_out) return;
   gather.clear();
   const auto now = Clock::now();
   while (!outbox.empty() && gather.size() + 2 <= kMaxGather) {
@@ -236,11 +241,16 @@ void UpstreamWireConnection::State::start_write() {
     f->sent = true;
     c.started = now;
     gather.push_back(asio::buffer(f->header));
+    if (c.args.op == UpstreamOp::Write && !c.args.pipes.empty()) {
+      splicing_out = f;  // its payload follows the header, by splice
+      spliced_out = 0;
+      break;
+    }
     if (c.args.op == UpstreamOp::Write && !c.args.buffer.empty()) {
       gather.push_back(asio::buffer(c.args.buffer.data(), c.args.buffer.size()));
     }
   }
-  if (outbox.empty() && disconnect_wanted && !disconnect_sent && gather.size() < kMaxGather) {
+  if (!splicing_out && outbox.empty() && disconnect_wanted && !disconnect_sent && gather.size() < kMaxGather) {
     gather.push_back(asio::buffer(disconnect_request));
     disconnect_sent = true;
   }
@@ -255,8 +265,49 @@ void UpstreamWireConnection::State::start_write() {
                         self->lost(ESHUTDOWN, "writing to the server: " + ec.message());
                         return;
                       }
-                      self->start_write();
+                      if (self->splicing_out) {
+                        self->splice_out();
+                      } else {
+                        self->start_write();
+                      }
                     });
+}
+
+// The payload of `splicing_out`, from its pipes into the socket (no copy),
+// as fast as the socket takes it; then the next gathered write.
+void UpstreamWireConnection::State::splice_out() {
+  if (!up) return;
+  InFlight* f = splicing_out;
+  const CommandArgs& a = f->command->args;
+  while (spliced_out < a.length) {
+    const size_t pipe = spliced_out / a.bytes_per_pipe;
+    const uint64_t left = std::min(a.length - spliced_out, (pipe + 1) * a.bytes_per_pipe - spliced_out);
+    const ssize_t n =
+        ::splice(a.pipes[pipe], nullptr, socket->native_handle(), nullptr, left, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+    if (n > 0) {
+      spliced_out += static_cast<uint64_t>(n);
+      continue;
+    }
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0 && errno == EAGAIN) {  // the socket is full (a pipe holding its share never runs dry)
+      writing = true;
+      socket->async_wait(Socket::wait_write,
+                         [self = shared_from_this(), gen = generation](const boost::system::error_code& ec) {
+                           self->writing = false;
+                           if (gen != self->generation) return;
+                           if (ec) {
+                             self->lost(ESHUTDOWN, "writing to the server: " + ec.message());
+                             return;
+                           }
+                           self->splice_out();
+                         });
+      return;
+    }
+    lost(ESHUTDOWN, n == 0 ? std::string("a WRITE's pipe ran dry") : std::string("splice: ") + strerror(errno));
+    return;
+  }
+  splicing_out = nullptr;
+  start_write();
 }
 
 // Moves what upstream has of the payload due into its pipe (zero-copy:
@@ -278,13 +329,13 @@ UpstreamWireConnection::State::Spliced UpstreamWireConnection::State::splice_pay
     return ec ? Spliced::Failed : Spliced::Moved;
   }
   // The parser found the command and checked the data fits the READ.
-  if (!f || f->sunk / f->command->args.bytes_per_pipe >= f->command->args.sink_pipes.size()) {
+  if (!f || f->sunk / f->command->args.bytes_per_pipe >= f->command->args.pipes.size()) {
     failure = "READ data with nowhere to go";
     return Spliced::Failed;
   }
   const CommandArgs& a = f->command->args;
   const size_t pipe = f->sunk / a.bytes_per_pipe;
-  const int pipe_fd = a.sink_pipes[pipe];
+  const int pipe_fd = a.pipes[pipe];
   const uint64_t room = a.bytes_per_pipe - f->sunk % a.bytes_per_pipe;
   const ssize_t n = ::splice(socket->native_handle(), nullptr, pipe_fd, nullptr, std::min<uint64_t>(due, room),
                              SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
@@ -381,6 +432,7 @@ void UpstreamWireConnection::State::lost(int error, const std::string& why) {
   socket.reset();
   handle.reset();
   parser.reset();
+  splicing_out = nullptr;
   for (auto& [cookie, f] : pending) {
     if (!f->command) continue;
     f->command->result = CommandResult::failed(f->sent ? error : ESHUTDOWN);
@@ -502,7 +554,7 @@ void UpstreamWireConnection::submit(std::unique_ptr<UpstreamCommand> command) {
   state_->submit(std::move(command));
 }
 
-bool UpstreamWireConnection::splices_reads() const {
+bool UpstreamWireConnection::splices() const {
   return state_->splicing;
 }
 

@@ -1,18 +1,18 @@
 // UpstreamWireConnection: one upstream connection that bscache speaks NBD on
 // itself, on the loop thread, over the socket libnbd negotiated. UpstreamPool
-// sends it READ and CACHE (any command would work: see below for why only those).
+// sends it READ, CACHE and the WRITEs whose data is in pipes (any command
+// would work: see below for why only those).
 //
 // Why: moving bytes is CPU-bound on two cores shared with the client and the
-// upstream server, and what a proxy adds beyond the two kernel copies is
-// system calls and wake-ups. A READ through libnbd on a thread of its own
-// (UpstreamConnection) costs a hand-off each way between that thread and the
-// loop (an eventfd or futex write, a poll, a wake-up) and six receives for
-// one structured reply. Here the loop sends the requests of one loop step in
-// one gathered write and receives a reply in three (header, the chunk's fixed
-// part, the data straight into the buffer the client's reply is sent from);
-// nothing changes threads. Writes stay on libnbd threads: through this class
-// they measured slower (the loop then does both copies of every written byte
-// between reading clients; see README "Data path").
+// upstream server, and what a proxy adds is copies, system calls and
+// wake-ups. Here READ data is spliced from the socket into pipes and WRITE
+// data from pipes into the socket (splice(2): no copy; see PipePool), which
+// libnbd cannot do; the loop sends the requests of one loop step in one
+// gathered write, and nothing changes threads (a command through libnbd on a
+// thread of its own, UpstreamConnection, costs a hand-off each way). A WRITE
+// in a buffer stays on libnbd threads: through this class it measured slower
+// (the loop then did both copies of every written byte between reading
+// clients; see README "Data path").
 //
 // libnbd still opens the connection (URI, handshake, options, meta contexts)
 // and is then left idle: bscache takes a duplicate of its socket
@@ -47,7 +47,7 @@ class UpstreamWireConnection final : public UpstreamLink {
   void disconnect() override;
   bool carries_block_status() const override { return false; }
   // Until a READ overflowed its pipe (see splice_payload in the .cpp).
-  bool splices_reads() const override;
+  bool splices() const override;
 
   // Whether a handle can be driven by this class (no TLS, no extended headers).
   static bool usable(nbd_handle* handle);

@@ -97,6 +97,7 @@ def prom_name(key):
         "upstream.connections": "bscache_upstream_connections",
         "upstream.reconnects": "bscache_upstream_reconnects_total",
         "upstream.reads_spliced": "bscache_upstream_reads_spliced_total",
+        "upstream.writes_spliced": "bscache_upstream_writes_spliced_total",
         "upstream.block_status_latency_seconds.count":
             'bscache_upstream_request_duration_seconds_count{op="block_status"}',
         "cache.extents": "bscache_cache_extents",
@@ -365,9 +366,11 @@ def qemu_io(uri, *commands):
     return lambda: subprocess.run(args + [uri], check=True, stdout=subprocess.DEVNULL)
 
 
-def mutation(name, n=1, ok=True):
+def mutation(name, n=1, ok=True, spliced=True):
     """The client and upstream counts of `n` mutations (plus their cache bracket)."""
     d = {f"client.requests.{name}": n, f"upstream.requests.{name}": n, "cache.ranges_invalidated": n}
+    if name == "write" and spliced:  # from the client to a multi-conn upstream (the default), failed or not
+        d["upstream.writes_spliced"] = n
     if ok:
         d["cache.ranges_updated"] = n
     else:
@@ -488,7 +491,8 @@ a.step("the client leaves", until=lambda s: s["client.connections_current"] == 0
 b = Proxy("b")
 b.step("at start", values={"upstream.connections": 1})
 hb = b.step("connect", lambda: client(b.uri), {"client.connections_total": 1, "client.connections_current": 1})
-b.step("pwrite", lambda: hb.pwrite(b"b" * 4096, 0), mutation("write"), ignore=["cache.extents"])
+b.step("pwrite", lambda: hb.pwrite(b"b" * 4096, 0), mutation("write", spliced=False),  # one connection: libnbd
+       ignore=["cache.extents"])
 b.step("upstream fails a flush", fails(errno.EIO, hb.flush), op("flush", error=True))
 b.step("and again", fails(errno.EIO, hb.flush), op("flush", error=True))
 hb.shutdown()

@@ -36,17 +36,19 @@ run_phase() {
   got=$(jq '.upstream.connections' "$T/$name-bs.json")
   [[ $got == "$want" ]] || fail "$name: upstream.connections is $got, expected $want"
   # With multi-conn and the default --data-path wire, the second half of the
-  # connections read through bscache's own client, splicing READs up to 4 MiB
-  # (the random sizes here go up to 32 MiB: larger ones take a buffer).
+  # connections read and write through bscache's own client, splicing READs
+  # and WRITEs up to 4 MiB (the random sizes here go up to 32 MiB: larger ones
+  # take a buffer).
   local wire=$((want / 2)) spliced
   [[ " $* " == *" --data-path libnbd "* ]] && wire=0
   grep -q "$want upstream connections\?, $wire of them bscache's own" "$T/$name-bs.log" \
     || fail "$name: expected $wire of $want upstream connections on bscache's own client"
-  spliced=$(jq '.upstream.reads_spliced' "$T/$name-bs.json")
+  spliced=$(jq '.upstream.reads_spliced + .upstream.writes_spliced' "$T/$name-bs.json")
   if ((wire > 0)); then
-    ((spliced > 0)) || fail "$name: no READ was spliced"
+    jq -e '.upstream.reads_spliced > 0 and .upstream.writes_spliced > 0' "$T/$name-bs.json" >/dev/null \
+      || fail "$name: READs or WRITEs were not spliced"
   else
-    ((spliced == 0)) || fail "$name: $spliced READs spliced without a wire connection"
+    ((spliced == 0)) || fail "$name: $spliced requests spliced without a wire connection"
   fi
   stop_server "$name-bs"
   cmp "$T/$name.model" "$T/$name.img" || fail "$name: upstream file differs from the model (SEED=$seed)"
