@@ -194,9 +194,9 @@ std::vector<OptionSpec> option_table() {
      std::to_string(d.upstream_options.connections),
      integer([](Options& o) -> auto& { return o.upstream_options.connections; }, 1, 64)},
     {"data-path", "libnbd|wire",
-     "wire: with several connections to a plain upstream, the second half carry READ and CACHE through bscache's "
-     "own NBD client on the loop, which splices READ data from upstream to the client without copying it; "
-     "libnbd: every upstream connection through libnbd",
+     "wire: with several connections to a plain upstream, the second half carry READ, CACHE and WRITE through "
+     "bscache's own NBD client on the loop, which splices their data between client and upstream without copying "
+     "it; libnbd: every upstream connection through libnbd",
      "wire", [](const std::string& value, Options& o) -> Refusal {
        if (value == "libnbd") {
          o.upstream_options.data_path = UpstreamOptions::DataPath::Libnbd;

@@ -24,9 +24,9 @@ struct UpstreamOptions {
   // Upstream connections when upstream advertises CAN_MULTI_CONN (else 1). Default: 4.
   unsigned connections = 4;
   // Wire (default): with more than one connection to a plain (not TLS)
-  // upstream, the second half carry READ and CACHE through bscache's own
-  // client (UpstreamWireConnection), which splices READ data. Libnbd: every
-  // connection through libnbd.
+  // upstream, the second half carry READ, CACHE and WRITEs in pipes through
+  // bscache's own client (UpstreamWireConnection), which splices their data.
+  // Libnbd: every connection through libnbd.
   enum class DataPath : uint8_t { Libnbd, Wire };
   DataPath data_path = DataPath::Wire;
 };
