@@ -7,8 +7,12 @@
 # sanitizer passes skip the tests of the tooling (label "tooling": the
 # benchmark harness, the Debian package).
 # Usage: scripts/test.sh [--no-sanitize] [ctest args...]  (--no-sanitize skips both sanitizer passes)
+# CTest runs CTEST_JOBS tests at once (default 4 on any machine: most
+# integration tests wait on servers and timers more than they compute; on
+# this project's 2-core VM -j4 took the suite from 128 s to 72 s).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+jobs=${CTEST_JOBS:-4}
 
 sanitize=1
 if [[ ${1:-} == --no-sanitize ]]; then sanitize=0; shift; fi
@@ -19,7 +23,7 @@ BUILD_DIR=build scripts/check.sh --no-tidy
 # A second qemu for the interop tests (qemu 10 from bookworm-backports, in a
 # private prefix); without it test_qemu10 reports itself skipped.
 timeout 300 scripts/qemu10.sh >/dev/null || echo "qemu 10 could not be fetched: test_qemu10 will be skipped" >&2
-(cd build && ctest --output-on-failure --timeout 300 -j2 "$@")
+(cd build && ctest --output-on-failure --timeout 300 -j"$jobs" "$@")
 
 echo "== fuzzing the handshake and request decoder =="
 FUZZ_SECONDS=${FUZZ_SECONDS:-30} scripts/fuzz.sh
@@ -28,10 +32,10 @@ if ((sanitize)); then
   echo "== again under AddressSanitizer + UBSan =="
   BUILD_DIR=build-asan BUILD_TYPE=Debug scripts/build.sh -DBSCACHE_SANITIZE=ON
   export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
-  (cd build-asan && ctest --output-on-failure --timeout 600 -j2 -LE tooling "$@")
+  (cd build-asan && ctest --output-on-failure --timeout 600 -j"$jobs" -LE tooling "$@")
   unset ASAN_OPTIONS
   echo "== again under ThreadSanitizer =="
   BUILD_DIR=build-tsan BUILD_TYPE=RelWithDebInfo scripts/build.sh -DBSCACHE_TSAN=ON
   export TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1 suppressions=$PWD/tests/tsan.supp"
-  (cd build-tsan && ctest --output-on-failure --timeout 600 -j2 -LE tooling "$@")
+  (cd build-tsan && ctest --output-on-failure --timeout 600 -j"$jobs" -LE tooling "$@")
 fi
