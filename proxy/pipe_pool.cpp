@@ -72,6 +72,20 @@ void PooledPipe::give_back() {
   shelves_.reset();
 }
 
+std::vector<int> write_ends(std::span<const PooledPipe> pipes) {
+  std::vector<int> fds;
+  fds.reserve(pipes.size());
+  for (const auto& p : pipes) fds.push_back(p.write_fd());
+  return fds;
+}
+
+std::vector<int> read_ends(std::span<const PooledPipe> pipes) {
+  std::vector<int> fds;
+  fds.reserve(pipes.size());
+  for (const auto& p : pipes) fds.push_back(p.read_fd());
+  return fds;
+}
+
 PipePool::PipePool(size_t max_idle_per_class) : shelves_(std::make_shared<PooledPipe::Shelves>(max_idle_per_class)) {}
 
 std::optional<PooledPipe> PipePool::acquire(size_t bytes) {

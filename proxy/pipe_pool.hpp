@@ -56,6 +56,10 @@ class PooledPipe {
   unsigned size_class_ = 0;
 };
 
+// The descriptors to splice into (write ends) or out of (read ends) of each pipe, in order.
+std::vector<int> write_ends(std::span<const PooledPipe> pipes);
+std::vector<int> read_ends(std::span<const PooledPipe> pipes);
+
 class PipePool {
  public:
   // Keeps at most `max_idle` empty pipes of each capacity for reuse.

@@ -145,9 +145,8 @@ awaitable<bool> Session::read_write_payload(size_t length, WritePayload& payload
   }
   size_t spliced = 0;
   if (!payload.pipes.empty()) {
-    std::vector<int> write_ends;
-    for (const auto& p : payload.pipes) write_ends.push_back(p.write_fd());
-    const auto moved = co_await stream_.splice_in(write_ends, PipePool::kBytesPerPipe, length);
+    const std::vector<int> sinks = write_ends(payload.pipes);
+    const auto moved = co_await stream_.splice_in(sinks, PipePool::kBytesPerPipe, length);
     if (!moved) co_return false;
     if (*moved == length) {
       payload.in_pipes = length;

@@ -98,14 +98,13 @@ awaitable<bool> Session::serve_spliced_read(const RequestHeader& request) {
   if (length > PipePool::kMaxPayload || !upstream_->splices()) co_return false;
   std::vector<PooledPipe> pipes = ctx_.pipes->acquire_for(length);
   if (pipes.empty()) co_return false;
-  std::vector<int> write_ends;
-  for (const auto& p : pipes) write_ends.push_back(p.write_fd());
+  const std::vector<int> sinks = write_ends(pipes);
   auto result = co_await upstream_->run({.op = UpstreamOp::Read,
                                          .buffer = {},
                                          .offset = request.offset,
                                          .length = length,
                                          .flags = CommandFlags::from_wire(request.flags & kCmdFlagDf),
-                                         .pipes = write_ends,
+                                         .pipes = sinks,
                                          .bytes_per_pipe = kBytesPerPipe},
                                         cancelled_);
   if (result.needs_buffer) co_return false;
@@ -146,14 +145,13 @@ awaitable<void> Session::serve_mutation(const RequestHeader& request, WritePaylo
   const auto [op, kind] = request.type == kCmdWrite  ? std::pair{UpstreamOp::Write, policy::Mutation::Write}
                           : request.type == kCmdTrim ? std::pair{UpstreamOp::Trim, policy::Mutation::Trim}
                                                      : std::pair{UpstreamOp::Zero, policy::Mutation::WriteZeroes};
-  std::vector<int> read_ends;  // a WRITE spliced into pipes leaves them by splice too
-  for (const auto& p : payload.pipes) read_ends.push_back(p.read_fd());
+  const std::vector<int> sources = read_ends(payload.pipes);  // a WRITE spliced into pipes leaves them by splice too
   CommandArgs args{.op = op,
                    .buffer = payload.buffer.span(),
                    .offset = request.offset,
                    .length = request.length,
                    .flags = CommandFlags::from_wire(request.flags & kMutationFlags),
-                   .pipes = read_ends,
+                   .pipes = sources,
                    .bytes_per_pipe = PipePool::kBytesPerPipe};
   // The ticket is taken in the same loop step as the co_await that hands the
   // command to the pool, so it is taken before the command can reach upstream.
@@ -167,7 +165,7 @@ awaitable<void> Session::serve_mutation(const RequestHeader& request, WritePaylo
     args.pipes = {};
     const bool copied = PipePool::copy_out(payload.pipes, PipePool::kBytesPerPipe, args.buffer);
     result = copied ? co_await upstream_->run(args, cancelled_) : CommandResult::failed(EIO);
-  } else if (!read_ends.empty()) {
+  } else if (!sources.empty()) {
     ++metrics_->writes_spliced;
   }
   block_status_->end_mutation(ticket, request.offset, request.length, kind, result.error == 0);

@@ -99,7 +99,7 @@ TEST(ReplyParser, SimpleReadLandsInTheBuffer) {
 TEST(ReplyParser, SinkReadsSayWhereTheirDataIsDueAndTouchNoBuffer) {
   Harness h;
   h.in_flight[1] = sink_read_of(0, 70000);
-  h.in_flight[2] = sink_read_of(1 << 20, 3 * 65536);
+  h.in_flight[2] = sink_read_of(1 << 20, uint64_t{3} * 65536);
   h.in_flight[3] = sink_read_of(0, 4096);
   Bytes stream;
   encode_simple_reply(stream, 1, 0);
