@@ -1,6 +1,7 @@
 // BufferPool: reusable, uninitialised payload buffers for READ and WRITE.
 //
-// These buffers are where payload bytes live inside bscache: a READ's payload
+// These buffers are where payload bytes live inside bscache when they are not
+// spliced through pipes (see PipePool, which bscache prefers): a READ's payload
 // is received from upstream straight into one and sent to the client from it
 // (a gathered write puts the reply header in front); a WRITE's payload is
 // received from the client straight into one and sent upstream from it.

@@ -3,8 +3,8 @@
 // A Reply is a few header bytes plus, for READ, a view of the pooled buffer
 // upstream read the data into; it leaves in one gathered write (writev), so
 // the payload is never copied to put a header in front of it. Or, for a READ
-// spliced through a pipe (see PipePool), header pieces and pipe pieces: the
-// headers leave by writev, the pipe's bytes by splice, in order. Small replies
+// spliced through pipes (see PipePool), header pieces and pipe pieces: the
+// headers leave by writev, the pipes' bytes by splice, in order. Small replies
 // to an idle socket are written at once, without a trip through the reactor;
 // anything that does not fit in the socket buffer waits in the queue, whose
 // unsent bytes are the session's reply backlog (see SessionLimits).

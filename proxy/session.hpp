@@ -50,7 +50,7 @@ struct ProxyContext {
   ExportRegistry& exports;
   Metrics& metrics;  // the client connection counters; the rest is counted per export
   BufferPool& buffers;
-  PipePool* pipes;  // null: READs are never spliced
+  PipePool* pipes;  // null: nothing is spliced
   SessionLimits limits;
   const TlsServerCredentials* tls = nullptr;  // --tls off: null
 };
