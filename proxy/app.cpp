@@ -3,9 +3,11 @@
 #include <signal.h>
 #include <spawn.h>
 #include <spdlog/spdlog.h>
+#include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -30,6 +32,14 @@ namespace {
 constexpr auto kDrainTimeout = std::chrono::seconds(10);
 // --reconnect-max ran out: a service manager should restart us.
 constexpr int kExitUpstreamLost = 3;
+
+// Pipes may take a quarter of the descriptors (two each), between 16 and
+// 4,096 pipes: the rest stays for client and upstream sockets.
+size_t pipe_limit() {
+  rlimit files{};
+  if (getrlimit(RLIMIT_NOFILE, &files) != 0 || files.rlim_cur == RLIM_INFINITY) return 4096;
+  return std::clamp<size_t>(files.rlim_cur / 8, 16, 4096);
+}
 
 std::string join(const std::vector<std::string>& items) {
   std::string out;
@@ -86,7 +96,7 @@ class App {
   ServiceNotifier notifier_{io_};  // first: it takes NOTIFY_SOCKET out of the environment before any child starts
   Metrics metrics_;
   BufferPool buffers_;
-  PipePool pipes_;
+  PipePool pipes_{64, pipe_limit()};
   std::unique_ptr<UpstreamChild> upstream_child_;  // --upstream-command's server; outlives exports_
   std::unique_ptr<ExportRegistry> exports_;
   std::unique_ptr<TlsServerCredentials> tls_;

@@ -57,16 +57,21 @@ PooledPipe::~PooledPipe() {
 void PooledPipe::give_back() {
   if (read_fd_ < 0) return;
   int unread = 0;
-  auto& shelf = shelves_->idle[size_class_];
+  auto& shelves = *shelves_;
   const bool empty = ::ioctl(read_fd_, FIONREAD, &unread) == 0 && unread == 0;
-  if (empty && shelf.size() < shelves_->max_idle_per_class) {
+  bool kept = false;
+  if (empty && shelves.idle_count < shelves.max_idle) {
     try {
-      shelf.push_back({read_fd_, write_fd_});
+      shelves.idle[size_class_].push_back({read_fd_, write_fd_});
+      ++shelves.idle_count;
+      kept = true;
     } catch (...) {
-      close_pair(read_fd_, write_fd_);  // no memory for the shelf: just close it
+      // No memory for the shelf: just close it.
     }
-  } else {
+  }
+  if (!kept) {
     close_pair(read_fd_, write_fd_);
+    --shelves.open;
   }
   read_fd_ = write_fd_ = -1;
   shelves_.reset();
@@ -86,7 +91,8 @@ std::vector<int> read_ends(std::span<const PooledPipe> pipes) {
   return fds;
 }
 
-PipePool::PipePool(size_t max_idle_per_class) : shelves_(std::make_shared<PooledPipe::Shelves>(max_idle_per_class)) {}
+PipePool::PipePool(size_t max_idle, size_t max_open)
+    : shelves_(std::make_shared<PooledPipe::Shelves>(max_idle, max_open)) {}
 
 std::optional<PooledPipe> PipePool::acquire(size_t bytes) {
   if (bytes == 0 || bytes > kMaxBytes) return std::nullopt;
@@ -100,7 +106,20 @@ std::optional<PooledPipe> PipePool::acquire(size_t bytes) {
     pipe.read_fd_ = shelf.back().read_fd;
     pipe.write_fd_ = shelf.back().write_fd;
     shelf.pop_back();
+    --shelves_->idle_count;
     return pipe;
+  }
+  if (shelves_->open >= shelves_->max_open) {
+    // At the limit: an idle pipe of another size makes room, else no pipe.
+    auto other = std::find_if(shelves_->idle.begin(), shelves_->idle.end(), [](const auto& s) { return !s.empty(); });
+    if (other == shelves_->idle.end()) {
+      ++shelves_->refused;
+      return std::nullopt;
+    }
+    close_pair(other->back().read_fd, other->back().write_fd);
+    other->pop_back();
+    --shelves_->idle_count;
+    --shelves_->open;
   }
   int fds[2];
   if (::pipe2(fds, O_NONBLOCK | O_CLOEXEC) == -1) {
@@ -117,6 +136,7 @@ std::optional<PooledPipe> PipePool::acquire(size_t bytes) {
   pipe.read_fd_ = fds[0];
   pipe.write_fd_ = fds[1];
   ++shelves_->created;
+  ++shelves_->open;
   return pipe;
 }
 
@@ -150,6 +170,10 @@ uint64_t PipePool::created() const {
 
 uint64_t PipePool::refused() const {
   return shelves_->refused;
+}
+
+size_t PipePool::open() const {
+  return shelves_->open;
 }
 
 }  // namespace bscache::proxy

@@ -62,8 +62,10 @@ std::vector<int> read_ends(std::span<const PooledPipe> pipes);
 
 class PipePool {
  public:
-  // Keeps at most `max_idle` empty pipes of each capacity for reuse.
-  explicit PipePool(size_t max_idle_per_class = 64);
+  // Keeps at most `max_idle` empty pipes for reuse, and has at most
+  // `max_open` pipes open at once (each takes two descriptors): beyond that
+  // acquire() says no and the data takes a buffer.
+  explicit PipePool(size_t max_idle = 64, size_t max_open = 1024);
 
   // A pipe that holds at least `bytes` (1 to kMaxBytes); nullopt if the
   // kernel will not give one that large (limits, out of descriptors).
@@ -79,9 +81,10 @@ class PipePool {
   // can take it. False if the pipes hold less.
   static bool copy_out(std::span<const PooledPipe> pipes, size_t per_pipe, std::span<uint8_t> out);
 
-  // Pipes created (each one was not already in the pool), and refused.
+  // Pipes created (each one was not already in the pool), and refused; open now.
   uint64_t created() const;
   uint64_t refused() const;
+  size_t open() const;
 
   static constexpr size_t kSmallestClass = size_t{64} * 1024;  // a pipe's default capacity
   static constexpr unsigned kClasses = 8;                      // 64 KiB << 7 = 8 MiB
@@ -96,12 +99,15 @@ class PipePool {
 };
 
 struct PooledPipe::Shelves {
-  explicit Shelves(size_t max_idle) : max_idle_per_class(max_idle) {}
+  Shelves(size_t idle_limit, size_t open_limit) : max_idle(idle_limit), max_open(open_limit) {}
   struct Idle {
     int read_fd, write_fd;
   };
   std::array<std::vector<Idle>, PipePool::kClasses> idle;
-  const size_t max_idle_per_class;
+  const size_t max_idle;
+  const size_t max_open;
+  size_t idle_count = 0;
+  size_t open = 0;  // in use and idle
   uint64_t created = 0;
   uint64_t refused = 0;
   ~Shelves();

@@ -46,6 +46,23 @@ TEST(PipePool, APipeLeftWithDataIsClosedNotReused) {
   EXPECT_EQ(pool.created(), 2u);
 }
 
+TEST(PipePool, StaysUnderItsOpenAndIdleLimits) {
+  PipePool pool(/*max_idle=*/1, /*max_open=*/2);
+  auto a = pool.acquire(4096);
+  auto b = pool.acquire(200'000);
+  ASSERT_TRUE(a && b);
+  EXPECT_FALSE(pool.acquire(4096)) << "a third pipe over max_open";
+  EXPECT_EQ(pool.open(), 2u);
+  b.reset();  // idle now: the one kept
+  a.reset();  // over max_idle: closed
+  EXPECT_EQ(pool.open(), 1u);
+  // At the limit again, an idle pipe of another size is closed to make room.
+  auto c = pool.acquire(4096);
+  auto d = pool.acquire(4096);
+  ASSERT_TRUE(c && d);
+  EXPECT_EQ(pool.open(), 2u);
+}
+
 TEST(PipePool, RefusesWhatNoPipeCanHold) {
   PipePool pool;
   EXPECT_FALSE(pool.acquire(0));
