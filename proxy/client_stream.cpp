@@ -11,6 +11,7 @@
 #include <boost/asio/redirect_error.hpp>
 #include <boost/asio/write.hpp>
 
+#include "proxy/pipe_pool.hpp"
 #include "proxy/tls/tls_server.hpp"
 
 namespace bscache::proxy {
@@ -75,13 +76,13 @@ size_t ClientStream::write_now(Buffers buffers, boost::system::error_code& ec) {
   return socket_.write_some(buffers, ec);
 }
 
-awaitable<std::optional<size_t>> ClientStream::splice_in(std::span<const int> pipes, size_t per_pipe, size_t length) {
+awaitable<std::optional<size_t>> ClientStream::splice_in(std::span<const int> pipes, size_t length) {
   size_t moved = 0;
   while (moved < length) {
-    const size_t pipe = moved / per_pipe;
-    const size_t want = std::min(length - moved, (pipe + 1) * per_pipe - moved);
+    const auto share = PipePool::share_at(moved, length);
+    const int pipe = pipes[share.index];
     const ssize_t n =
-        ::splice(socket_.native_handle(), nullptr, pipes[pipe], nullptr, want, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+        ::splice(socket_.native_handle(), nullptr, pipe, nullptr, share.bytes, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
     if (n > 0) {
       moved += static_cast<size_t>(n);
       continue;
@@ -89,7 +90,7 @@ awaitable<std::optional<size_t>> ClientStream::splice_in(std::span<const int> pi
     if (n < 0 && errno == EINTR) continue;
     if (n == 0 || errno != EAGAIN) co_return std::nullopt;  // EOF mid-payload, or an error
     // Nothing to read yet, or the pipe is full (then it is not writable).
-    pollfd room{.fd = pipes[pipe], .events = POLLOUT, .revents = 0};
+    pollfd room{.fd = pipe, .events = POLLOUT, .revents = 0};
     if (::poll(&room, 1, 0) != 1) co_return moved;
     const bool readable = co_await wait(false);
     if (!readable) co_return std::nullopt;
@@ -104,8 +105,8 @@ size_t ClientStream::splice_now(int pipe_fd, size_t n, boost::system::error_code
         ::splice(pipe_fd, nullptr, socket_.native_handle(), nullptr, n, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
     if (moved >= 0) return static_cast<size_t>(moved);
     if (errno == EINTR) continue;
-    ec = boost::system::error_code(errno, boost::system::system_category());
-    if (errno == EAGAIN) ec = asio::error::would_block;
+    ec =
+        errno == EAGAIN ? asio::error::would_block : boost::system::error_code(errno, boost::system::system_category());
     return 0;
   }
 }

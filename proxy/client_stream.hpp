@@ -41,11 +41,11 @@ class ClientStream {
 
   // Writes what fits now, without waiting.
   size_t write_now(Buffers buffers, boost::system::error_code& ec);
-  // Moves `length` bytes from the socket into pipes (their write ends),
-  // `per_pipe` into each but the last, waiting for the client as needed.
+  // Moves `length` bytes from the socket into pipes (the write ends of
+  // PipePool::acquire_for's), waiting for the client as needed.
   // Returns the bytes moved; fewer than `length` means a pipe filled up
   // early (see PipePool), nullopt that the client is gone.
-  awaitable<std::optional<size_t>> splice_in(std::span<const int> pipes, size_t per_pipe, size_t length);
+  awaitable<std::optional<size_t>> splice_in(std::span<const int> pipes, size_t length);
   // Moves up to `n` bytes from a pipe into the socket without waiting
   // (splice: no copy). Plain sockets only, not after STARTTLS.
   size_t splice_now(int pipe_fd, size_t n, boost::system::error_code& ec);

@@ -113,7 +113,6 @@ std::optional<PooledPipe> PipePool::acquire(size_t bytes) {
     // At the limit: an idle pipe of another size makes room, else no pipe.
     auto other = std::find_if(shelves_->idle.begin(), shelves_->idle.end(), [](const auto& s) { return !s.empty(); });
     if (other == shelves_->idle.end()) {
-      ++shelves_->refused;
       return std::nullopt;
     }
     close_pair(other->back().read_fd, other->back().write_fd);
@@ -123,14 +122,12 @@ std::optional<PooledPipe> PipePool::acquire(size_t bytes) {
   }
   int fds[2];
   if (::pipe2(fds, O_NONBLOCK | O_CLOEXEC) == -1) {
-    ++shelves_->refused;
     return std::nullopt;
   }
   // F_SETPIPE_SZ may round up; less than asked is a refusal.
   const int got = ::fcntl(fds[1], F_SETPIPE_SZ, static_cast<int>(pipe.capacity_));
   if (got < 0 || static_cast<size_t>(got) < pipe.capacity_) {
     close_pair(fds[0], fds[1]);
-    ++shelves_->refused;
     return std::nullopt;
   }
   pipe.read_fd_ = fds[0];
@@ -151,12 +148,11 @@ std::vector<PooledPipe> PipePool::acquire_for(size_t bytes) {
   return pipes;
 }
 
-bool PipePool::copy_out(std::span<const PooledPipe> pipes, size_t per_pipe, std::span<uint8_t> out) {
+bool PipePool::copy_out(std::span<const PooledPipe> pipes, std::span<uint8_t> out) {
   for (size_t at = 0; at < out.size();) {
-    const size_t pipe = at / per_pipe;
-    if (pipe >= pipes.size()) return false;
-    const size_t want = std::min(out.size() - at, (pipe + 1) * per_pipe - at);
-    const ssize_t n = ::read(pipes[pipe].read_fd(), out.data() + at, want);
+    const auto share = share_at(at, out.size());
+    if (share.index >= pipes.size()) return false;
+    const ssize_t n = ::read(pipes[share.index].read_fd(), out.data() + at, share.bytes);
     if (n < 0 && errno == EINTR) continue;
     if (n <= 0) return false;  // EAGAIN too: the data is not all there
     at += static_cast<size_t>(n);
@@ -166,10 +162,6 @@ bool PipePool::copy_out(std::span<const PooledPipe> pipes, size_t per_pipe, std:
 
 uint64_t PipePool::created() const {
   return shelves_->created;
-}
-
-uint64_t PipePool::refused() const {
-  return shelves_->refused;
 }
 
 size_t PipePool::open() const {

@@ -19,6 +19,7 @@
 // Loop thread only (pipes are taken and given back by sessions).
 #pragma once
 
+#include <algorithm>
 #include <array>
 #include <cstddef>
 #include <cstdint>
@@ -68,7 +69,8 @@ class PipePool {
   explicit PipePool(size_t max_idle = 64, size_t max_open = 1024);
 
   // A pipe that holds at least `bytes` (1 to kMaxBytes); nullopt if the
-  // kernel will not give one that large (limits, out of descriptors).
+  // kernel will not give one that large (limits, out of descriptors) or
+  // max_open pipes are in use.
   std::optional<PooledPipe> acquire(size_t bytes);
 
   // Pipes for a payload of `bytes` (1 to kMaxPayload): one per kBytesPerPipe,
@@ -76,14 +78,24 @@ class PipePool {
   // and pieces can be short). Empty if any is refused.
   std::vector<PooledPipe> acquire_for(size_t bytes);
 
-  // Reads out.size() bytes out of `pipes` into `out`, `per_pipe` from each
-  // but the last: a copy, for when spliced data must go where no splice
-  // can take it. False if the pipes hold less.
-  static bool copy_out(std::span<const PooledPipe> pipes, size_t per_pipe, std::span<uint8_t> out);
+  // Reads out.size() bytes out of `pipes` (from acquire_for) into `out`: a
+  // copy, for when spliced data must go where no splice can take it. False
+  // if the pipes hold less.
+  static bool copy_out(std::span<const PooledPipe> pipes, std::span<uint8_t> out);
 
-  // Pipes created (each one was not already in the pool), and refused; open now.
+  // A payload of `total` bytes spread over pipes by acquire_for: byte `at`
+  // is in pipe `index`, whose share goes on for `bytes` more.
+  struct Share {
+    size_t index;
+    uint64_t bytes;
+  };
+  static Share share_at(uint64_t at, uint64_t total) {
+    const uint64_t index = at / kBytesPerPipe;
+    return {static_cast<size_t>(index), std::min(total, (index + 1) * kBytesPerPipe) - at};
+  }
+
+  // Pipes created (each one was not already in the pool); open now.
   uint64_t created() const;
-  uint64_t refused() const;
   size_t open() const;
 
   static constexpr size_t kSmallestClass = size_t{64} * 1024;  // a pipe's default capacity
@@ -109,7 +121,6 @@ struct PooledPipe::Shelves {
   size_t idle_count = 0;
   size_t open = 0;  // in use and idle
   uint64_t created = 0;
-  uint64_t refused = 0;
   ~Shelves();
   Shelves(const Shelves&) = delete;
   Shelves& operator=(const Shelves&) = delete;

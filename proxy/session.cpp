@@ -146,7 +146,7 @@ awaitable<bool> Session::read_write_payload(size_t length, WritePayload& payload
   size_t spliced = 0;
   if (!payload.pipes.empty()) {
     const std::vector<int> sinks = write_ends(payload.pipes);
-    const auto moved = co_await stream_.splice_in(sinks, PipePool::kBytesPerPipe, length);
+    const auto moved = co_await stream_.splice_in(sinks, length);
     if (!moved) co_return false;
     if (*moved == length) {
       payload.in_pipes = length;
@@ -156,8 +156,7 @@ awaitable<bool> Session::read_write_payload(size_t length, WritePayload& payload
     spliced = *moved;
   }
   payload.buffer = ctx_.buffers.acquire(length);
-  if (spliced > 0 &&
-      !PipePool::copy_out(payload.pipes, PipePool::kBytesPerPipe, payload.buffer.span().first(spliced))) {
+  if (spliced > 0 && !PipePool::copy_out(payload.pipes, payload.buffer.span().first(spliced))) {
     co_return false;
   }
   payload.pipes.clear();

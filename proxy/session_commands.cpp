@@ -93,7 +93,6 @@ awaitable<void> Session::serve_read(const RequestHeader& request) {
 // False if it could not (a pipe refused, no connection that splices, a pipe
 // that overflowed): nothing was sent to the client; read into a buffer.
 awaitable<bool> Session::serve_spliced_read(const RequestHeader& request) {
-  constexpr size_t kBytesPerPipe = PipePool::kBytesPerPipe;
   const size_t length = request.length;
   if (length > PipePool::kMaxPayload || !upstream_->splices()) co_return false;
   std::vector<PooledPipe> pipes = ctx_.pipes->acquire_for(length);
@@ -104,8 +103,7 @@ awaitable<bool> Session::serve_spliced_read(const RequestHeader& request) {
                                          .offset = request.offset,
                                          .length = length,
                                          .flags = CommandFlags::from_wire(request.flags & kCmdFlagDf),
-                                         .pipes = sinks,
-                                         .bytes_per_pipe = kBytesPerPipe},
+                                         .pipes = sinks},
                                         cancelled_);
   if (result.needs_buffer) co_return false;
   if (result.error || result.chunks.empty()) {
@@ -126,11 +124,10 @@ awaitable<bool> Session::serve_spliced_read(const RequestHeader& request) {
     }
     encode_offset_data_header(head, request.cookie, done, c.offset, c.length);
     reply.add_head_piece(from);
-    for (size_t left = c.length; left > 0;) {  // the chunk's data, pipe by pipe
-      const size_t take = std::min(left, kBytesPerPipe - in_pipes % kBytesPerPipe);
-      reply.add_pipe_piece(in_pipes / kBytesPerPipe, take);
-      in_pipes += take;
-      left -= take;
+    for (const size_t end = in_pipes + c.length; in_pipes < end;) {  // the chunk's data, pipe by pipe
+      const auto share = PipePool::share_at(in_pipes, end);
+      reply.add_pipe_piece(share.index, share.bytes);
+      in_pipes += share.bytes;
     }
   }
   reply.set_pipes(std::move(pipes), in_pipes);
@@ -151,8 +148,7 @@ awaitable<void> Session::serve_mutation(const RequestHeader& request, WritePaylo
                    .offset = request.offset,
                    .length = request.length,
                    .flags = CommandFlags::from_wire(request.flags & kMutationFlags),
-                   .pipes = sources,
-                   .bytes_per_pipe = PipePool::kBytesPerPipe};
+                   .pipes = sources};
   // The ticket is taken in the same loop step as the co_await that hands the
   // command to the pool, so it is taken before the command can reach upstream.
   auto ticket = block_status_->begin_mutation(request.offset, request.length);
@@ -163,7 +159,7 @@ awaitable<void> Session::serve_mutation(const RequestHeader& request, WritePaylo
     payload.buffer = ctx_.buffers.acquire(request.length);
     args.buffer = payload.buffer.span();
     args.pipes = {};
-    const bool copied = PipePool::copy_out(payload.pipes, PipePool::kBytesPerPipe, args.buffer);
+    const bool copied = PipePool::copy_out(payload.pipes, args.buffer);
     result = copied ? co_await upstream_->run(args, cancelled_) : CommandResult::failed(EIO);
   } else if (!sources.empty()) {
     ++metrics_->writes_spliced;

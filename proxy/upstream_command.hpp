@@ -74,13 +74,13 @@ struct CommandArgs {
   uint64_t offset = 0;
   uint64_t length = 0;  // READ/WRITE: buffer.size(), unless the data is in `pipes`
   CommandFlags flags;
-  // READ or WRITE without a buffer: the data is in pipes, `bytes_per_pipe`
-  // in each but the last. READ: their write ends, empty; the data is spliced
+  // READ or WRITE without a buffer: the data is in pipes from
+  // PipePool::acquire_for (see PipePool::share_at for which byte is in
+  // which). READ: their write ends, empty; the data is spliced
   // into them in the order upstream sends it, and `chunks` says what it is.
   // WRITE: their read ends, holding the payload, spliced into the upstream
   // socket. Only UpstreamWireConnection does this (splices()).
   std::span<const int> pipes = {};
-  uint64_t bytes_per_pipe = 0;
 };
 
 }  // namespace bscache::proxy

@@ -23,6 +23,7 @@
 #include <boost/asio/generic/stream_protocol.hpp>
 #include <boost/asio/write.hpp>
 
+#include "proxy/pipe_pool.hpp"
 #include "proxy/wire/protocol.hpp"
 #include "proxy/wire/reply_parser.hpp"
 
@@ -280,10 +281,9 @@ void UpstreamWireConnection::State::splice_out() {
   InFlight* f = splicing_out;
   const CommandArgs& a = f->command->args;
   while (spliced_out < a.length) {
-    const size_t pipe = spliced_out / a.bytes_per_pipe;
-    const uint64_t left = std::min(a.length - spliced_out, (pipe + 1) * a.bytes_per_pipe - spliced_out);
-    const ssize_t n =
-        ::splice(a.pipes[pipe], nullptr, socket->native_handle(), nullptr, left, SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
+    const auto share = PipePool::share_at(spliced_out, a.length);
+    const ssize_t n = ::splice(a.pipes[share.index], nullptr, socket->native_handle(), nullptr, share.bytes,
+                               SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
     if (n > 0) {
       spliced_out += static_cast<uint64_t>(n);
       continue;
@@ -329,15 +329,13 @@ UpstreamWireConnection::State::Spliced UpstreamWireConnection::State::splice_pay
     return ec ? Spliced::Failed : Spliced::Moved;
   }
   // The parser found the command and checked the data fits the READ.
-  if (!f || f->sunk / f->command->args.bytes_per_pipe >= f->command->args.pipes.size()) {
+  const auto share = f ? PipePool::share_at(f->sunk, f->command->args.length) : PipePool::Share{0, 0};
+  if (!f || share.index >= f->command->args.pipes.size()) {
     failure = "READ data with nowhere to go";
     return Spliced::Failed;
   }
-  const CommandArgs& a = f->command->args;
-  const size_t pipe = f->sunk / a.bytes_per_pipe;
-  const int pipe_fd = a.pipes[pipe];
-  const uint64_t room = a.bytes_per_pipe - f->sunk % a.bytes_per_pipe;
-  const ssize_t n = ::splice(socket->native_handle(), nullptr, pipe_fd, nullptr, std::min<uint64_t>(due, room),
+  const int pipe_fd = f->command->args.pipes[share.index];
+  const ssize_t n = ::splice(socket->native_handle(), nullptr, pipe_fd, nullptr, std::min<uint64_t>(due, share.bytes),
                              SPLICE_F_MOVE | SPLICE_F_NONBLOCK);
   if (n > 0) {
     moved = static_cast<size_t>(n);
