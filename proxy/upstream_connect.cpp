@@ -10,6 +10,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "proxy/socket_buffers.hpp"
 #include "proxy/wire/protocol.hpp"
 
 namespace bscache::proxy {
@@ -121,6 +122,7 @@ NbdHandlePtr open_upstream(const UpstreamTarget& target) {
   }
   for (const auto& name : offered) nbd_add_meta_context(h, name.c_str());
   if (nbd_opt_go(h) == -1) throw libnbd_failure("upstream refused the export");
+  enlarge_send_buffer(nbd_aio_get_fd(h));  // WRITEs go out whole; also on the duplicate UpstreamWireConnection takes
   return handle;
 }
 
