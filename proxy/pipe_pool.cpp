@@ -4,9 +4,12 @@
 #include <sys/ioctl.h>
 #include <unistd.h>
 
+#include <spdlog/spdlog.h>
+
 #include <algorithm>
 #include <bit>
 #include <cerrno>
+#include <cstring>
 #include <utility>
 
 namespace bscache::proxy {
@@ -22,6 +25,11 @@ void close_pair(int read_fd, int write_fd) {
   ::close(write_fd);
 }
 }  // namespace
+
+void PooledPipe::Shelves::closed(unsigned size_class) {
+  --open;
+  open_bytes -= PipePool::kSmallestClass << size_class;
+}
 
 PooledPipe::Shelves::~Shelves() {
   for (auto& shelf : idle) {
@@ -71,7 +79,7 @@ void PooledPipe::give_back() {
   }
   if (!kept) {
     close_pair(read_fd_, write_fd_);
-    --shelves.open;
+    shelves.closed(size_class_);
   }
   read_fd_ = write_fd_ = -1;
   shelves_.reset();
@@ -91,8 +99,8 @@ std::vector<int> read_ends(std::span<const PooledPipe> pipes) {
   return fds;
 }
 
-PipePool::PipePool(size_t max_idle, size_t max_open)
-    : shelves_(std::make_shared<PooledPipe::Shelves>(max_idle, max_open)) {}
+PipePool::PipePool(size_t max_idle, size_t max_open, std::chrono::milliseconds refusal_memory)
+    : shelves_(std::make_shared<PooledPipe::Shelves>(max_idle, max_open, refusal_memory)) {}
 
 std::optional<PooledPipe> PipePool::acquire(size_t bytes) {
   if (bytes == 0 || bytes > kMaxBytes) return std::nullopt;
@@ -109,32 +117,54 @@ std::optional<PooledPipe> PipePool::acquire(size_t bytes) {
     --shelves_->idle_count;
     return pipe;
   }
-  if (shelves_->open >= shelves_->max_open) {
+  auto& shelves = *shelves_;
+  if (shelves.open >= shelves.max_open) {
     // At the limit: an idle pipe of another size makes room, else no pipe.
-    auto other = std::find_if(shelves_->idle.begin(), shelves_->idle.end(), [](const auto& s) { return !s.empty(); });
-    if (other == shelves_->idle.end()) {
+    auto other = std::find_if(shelves.idle.begin(), shelves.idle.end(), [](const auto& s) { return !s.empty(); });
+    if (other == shelves.idle.end()) {
       return std::nullopt;
     }
     close_pair(other->back().read_fd, other->back().write_fd);
     other->pop_back();
-    --shelves_->idle_count;
-    --shelves_->open;
+    --shelves.idle_count;
+    shelves.closed(static_cast<unsigned>(other - shelves.idle.begin()));
+  }
+  const bool past_refused_room = shelves.open_bytes + pipe.capacity_ > shelves.room_when_refused;
+  if (shelves.refused > 0 && past_refused_room && std::chrono::steady_clock::now() < shelves.refusal_expires) {
+    return std::nullopt;  // the kernel said no lately, with no more of its pipes taken than now
   }
   int fds[2];
   if (::pipe2(fds, O_NONBLOCK | O_CLOEXEC) == -1) {
+    refuse(pipe.capacity_, errno);
     return std::nullopt;
   }
   // F_SETPIPE_SZ may round up; less than asked is a refusal.
   const int got = ::fcntl(fds[1], F_SETPIPE_SZ, static_cast<int>(pipe.capacity_));
   if (got < 0 || static_cast<size_t>(got) < pipe.capacity_) {
+    const int error = got < 0 ? errno : 0;
     close_pair(fds[0], fds[1]);
+    refuse(pipe.capacity_, error);
     return std::nullopt;
   }
   pipe.read_fd_ = fds[0];
   pipe.write_fd_ = fds[1];
-  ++shelves_->created;
-  ++shelves_->open;
+  ++shelves.created;
+  ++shelves.open;
+  shelves.open_bytes += pipe.capacity_;
   return pipe;
+}
+
+void PipePool::refuse(size_t capacity, int error) {
+  auto& shelves = *shelves_;
+  if (shelves.refused++ == 0) {
+    spdlog::warn(
+        "the kernel refused a pipe of {} KiB ({}) with {} KiB of pipes open: data goes through buffers while "
+        "it does. An unprivileged process may own fs.pipe-user-pages-soft pages of pipes in all (default 64 MiB, "
+        "shared with the user's other processes) and one of at most fs.pipe-max-size bytes",
+        capacity >> 10, error ? std::strerror(error) : "less than asked", shelves.open_bytes >> 10);
+  }
+  shelves.room_when_refused = shelves.open_bytes;
+  shelves.refusal_expires = std::chrono::steady_clock::now() + shelves.refusal_memory;
 }
 
 std::vector<PooledPipe> PipePool::acquire_for(size_t bytes) {
@@ -166,6 +196,10 @@ uint64_t PipePool::created() const {
 
 size_t PipePool::open() const {
   return shelves_->open;
+}
+
+uint64_t PipePool::refused() const {
+  return shelves_->refused;
 }
 
 }  // namespace bscache::proxy

@@ -12,15 +12,21 @@
 // capacities (64 KiB to kMaxBytes), set with F_SETPIPE_SZ. The kernel may
 // refuse a capacity (an unprivileged process is limited by
 // /proc/sys/fs/pipe-max-size, default 1 MiB, and pipe-user-pages-soft, in
-// all 64 MiB of pipes); acquire() then says no and the READ takes a buffer
-// instead. Data sits in the kernel's pages, not in bscache's heap; sessions
-// count it in their byte budgets like a buffer (see SessionLimits).
+// all 64 MiB of pipes, shared by every process of the user: the packaged
+// service runs as a dynamic user); acquire() then says no and the READ takes
+// a buffer instead. After a refusal the pool does not ask the kernel again
+// for a while unless its own pipes shrank below what it held when refused:
+// each attempt costs four system calls, and under load every request would
+// make one. Logged once. Data sits in the kernel's pages, not in bscache's
+// heap; sessions count it in their byte budgets like a buffer (see
+// SessionLimits).
 //
 // Loop thread only (pipes are taken and given back by sessions).
 #pragma once
 
 #include <algorithm>
 #include <array>
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -65,12 +71,15 @@ class PipePool {
  public:
   // Keeps at most `max_idle` empty pipes for reuse, and has at most
   // `max_open` pipes open at once (each takes two descriptors): beyond that
-  // acquire() says no and the data takes a buffer.
-  explicit PipePool(size_t max_idle = 64, size_t max_open = 1024);
+  // acquire() says no and the data takes a buffer. After the kernel refuses
+  // a pipe, no new one is asked for during `refusal_memory` if it would take
+  // the pool's pipes past the room they had then.
+  explicit PipePool(size_t max_idle = 64, size_t max_open = 1024,
+                    std::chrono::milliseconds refusal_memory = std::chrono::seconds(1));
 
   // A pipe that holds at least `bytes` (1 to kMaxBytes); nullopt if the
-  // kernel will not give one that large (limits, out of descriptors) or
-  // max_open pipes are in use.
+  // kernel will not give one that large (limits, out of descriptors), did
+  // not lately (see above), or max_open pipes are in use.
   std::optional<PooledPipe> acquire(size_t bytes);
 
   // Pipes for a payload of `bytes` (1 to kMaxPayload): one per kBytesPerPipe,
@@ -94,9 +103,11 @@ class PipePool {
     return {static_cast<size_t>(index), std::min(total, (index + 1) * kBytesPerPipe) - at};
   }
 
-  // Pipes created (each one was not already in the pool); open now.
+  // Pipes created (each one was not already in the pool); open now; the
+  // kernel's refusals.
   uint64_t created() const;
   size_t open() const;
+  uint64_t refused() const;
 
   static constexpr size_t kSmallestClass = size_t{64} * 1024;  // a pipe's default capacity
   static constexpr unsigned kClasses = 8;                      // 64 KiB << 7 = 8 MiB
@@ -107,20 +118,30 @@ class PipePool {
   static constexpr size_t kMaxPayload = 8 * kBytesPerPipe;  // larger payloads take a buffer
 
  private:
+  void refuse(size_t capacity, int error);  // the kernel said no (error 0: a smaller pipe than asked)
+
   std::shared_ptr<PooledPipe::Shelves> shelves_;
 };
 
 struct PooledPipe::Shelves {
-  Shelves(size_t idle_limit, size_t open_limit) : max_idle(idle_limit), max_open(open_limit) {}
+  Shelves(size_t idle_limit, size_t open_limit, std::chrono::milliseconds refusal_memory)
+      : max_idle(idle_limit), max_open(open_limit), refusal_memory(refusal_memory) {}
   struct Idle {
     int read_fd, write_fd;
   };
   std::array<std::vector<Idle>, PipePool::kClasses> idle;
   const size_t max_idle;
   const size_t max_open;
+  const std::chrono::milliseconds refusal_memory;
   size_t idle_count = 0;
-  size_t open = 0;  // in use and idle
+  size_t open = 0;        // in use and idle
+  size_t open_bytes = 0;  // their capacities
   uint64_t created = 0;
+  // The last refusal: open_bytes then, and until when to believe it.
+  uint64_t refused = 0;
+  size_t room_when_refused = 0;
+  std::chrono::steady_clock::time_point refusal_expires{};
+  void closed(unsigned size_class);  // an open pipe was closed
   ~Shelves();
   Shelves(const Shelves&) = delete;
   Shelves& operator=(const Shelves&) = delete;
