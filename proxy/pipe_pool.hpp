@@ -14,10 +14,10 @@
 // /proc/sys/fs/pipe-max-size, default 1 MiB, and pipe-user-pages-soft, in
 // all 64 MiB of pipes, shared by every process of the user: the packaged
 // service runs as a dynamic user); acquire() then says no and the READ takes
-// a buffer instead. After a refusal the pool does not ask the kernel again
-// for a while unless its own pipes shrank below what it held when refused:
-// each attempt costs four system calls, and under load every request would
-// make one. Logged once. Data sits in the kernel's pages, not in bscache's
+// a buffer instead. For a second after a refusal the pool asks the kernel
+// for no pipe that would take its own past what it held when refused: each
+// attempt costs four system calls, and under load every request would make
+// one. Logged once. Data sits in the kernel's pages, not in bscache's
 // heap; sessions count it in their byte budgets like a buffer (see
 // SessionLimits).
 //
