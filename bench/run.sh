@@ -5,7 +5,7 @@
 # direct's. Writes bench/results/RESULTS.md, raw.tsv and ratios.png.
 #
 # usage: bench/run.sh [--quick] [--out DIR] [--only SECTIONS]
-#   --quick      3 runs per contender and smaller images (under 3 minutes)
+#   --quick      3 runs per contender and smaller images (6.5 minutes on 2026-12-02)
 #   --only S     run only these sections (comma-separated: seq, big-sparse,
 #                write-mix, tmpfs, hit-latency, data-path, memory,
 #                capacity-pressure, multi-export, tls, micro) and replace just their rows in an
