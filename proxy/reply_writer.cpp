@@ -36,6 +36,7 @@ void Reply::add_pipe_piece(size_t index, size_t length) {
   if (length == 0) return;
   pieces_.push_back({Source::Pipe, index, length});
   size_ += length;
+  pipe_bytes_ += length;
 }
 
 bool Reply::gather(size_t sent, std::vector<asio::const_buffer>& out) const {

@@ -44,11 +44,8 @@ class Reply {
   void set_payload(PooledBuffer payload) { payload_ = std::move(payload); }
   // The next `length` bytes of pipe `index` (see set_pipes) are the next piece.
   void add_pipe_piece(size_t index, size_t length);
-  // Takes the pipes the pipe pieces come from; `bytes` of data are in them.
-  void set_pipes(std::vector<PooledPipe> pipes, size_t bytes) {
-    pipes_ = std::move(pipes);
-    pipe_bytes_ = bytes;
-  }
+  // Takes the pipes the pipe pieces come from.
+  void set_pipes(std::vector<PooledPipe> pipes) { pipes_ = std::move(pipes); }
 
   // Bytes to send.
   size_t size() const { return size_; }
@@ -76,7 +73,7 @@ class Reply {
   wire::Bytes head_;
   PooledBuffer payload_;
   std::vector<PooledPipe> pipes_;
-  size_t pipe_bytes_ = 0;
+  size_t pipe_bytes_ = 0;  // the pipe pieces' lengths
   boost::container::small_vector<Piece, 3> pieces_;
   size_t size_ = 0;
 };

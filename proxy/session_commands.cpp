@@ -130,7 +130,7 @@ awaitable<bool> Session::serve_spliced_read(const RequestHeader& request) {
       in_pipes += share.bytes;
     }
   }
-  reply.set_pipes(std::move(pipes), in_pipes);
+  reply.set_pipes(std::move(pipes));
   ++metrics_->reads_spliced;
   writer_.send(std::move(reply));
   co_return true;

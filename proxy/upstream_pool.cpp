@@ -181,13 +181,12 @@ awaitable<CommandResult> UpstreamPool::run(CommandArgs args, CancelFlag cancelle
         // A flush with no connection due goes where a write last went, or anywhere.
         if (auto slot = args.op == UpstreamOp::Flush ? flush_target() : pick(args)) {
           send(*slot, std::move(command));
-        } else if (!args.pipes.empty()) {
-          command->result.needs_buffer = true;  // no connection splices now: nothing sent
-          ++in_flight_;
-          command->connection = connections_.size();
-          asio::post(loop_, [this, c = std::move(command)]() mutable { complete(std::move(c)); });
         } else {
-          command->result.error = ESHUTDOWN;  // every connection is down; reconnecting
+          if (!args.pipes.empty()) {
+            command->result.needs_buffer = true;  // no connection splices now: nothing sent
+          } else {
+            command->result.error = ESHUTDOWN;  // every connection is down; reconnecting
+          }
           ++in_flight_;
           command->connection = connections_.size();  // none
           asio::post(loop_, [this, c = std::move(command)]() mutable { complete(std::move(c)); });

@@ -91,7 +91,7 @@ class UpstreamPool final : public BlockStatusUpstream {
   struct FlushFanOut;
 
   // The least loaded connection that is up and suits the command, other than
-  // `avoid`: a READ into a pipe only on a connection that splices; other READs
+  // `avoid`: a READ or WRITE through pipes only on a connection that splices; other READs
   // and CACHE on the wire connections while any is up, else anywhere;
   // everything else on the libnbd connections (see UpstreamWireConnection).
   std::optional<size_t> pick(const CommandArgs& args, std::optional<size_t> avoid = std::nullopt) const;
