@@ -1,7 +1,8 @@
 // Export: one upstream export as bscache serves it: its upstream connections,
 // what it advertises to clients, its block-status cache and its counters.
-// Nothing here is shared with another export, so a write to one export can
-// never touch another's cache and a failing export leaves the others alone.
+// Nothing here is shared with another export, so a failing export leaves the
+// others alone; a write reaches another export's cache only through the
+// registry, when the two may be names of one disk (see may_alias()).
 //
 // Owned by the ExportRegistry (and kept alive by the sessions that use it);
 // everything in it lives on the loop thread.
@@ -41,12 +42,15 @@ class Export {
   // `handles` are open connections to this export (see UpstreamPool::connect).
   // Throws ExportRefused if the export cannot be served with these
   // settings (a --fetch-window below its minimum block size).
+  // `may_alias`: upstream does not list this name, so it may be another name
+  // for a disk also served under a name upstream lists.
   Export(asio::io_context& io, std::string name, std::vector<NbdHandlePtr> handles, const UpstreamTarget& target,
-         const ExportSettings& settings, std::shared_ptr<Metrics> metrics);
+         const ExportSettings& settings, std::shared_ptr<Metrics> metrics, bool may_alias = false);
   Export(const Export&) = delete;
   Export& operator=(const Export&) = delete;
 
   const std::string& name() const { return name_; }
+  bool may_alias() const { return may_alias_; }
   // What new clients are offered now (it changes if upstream comes back different).
   const ExportInfo& info() const { return info_; }
   UpstreamPool& upstream() { return *upstream_; }
@@ -89,6 +93,7 @@ class Export {
   void connection_changed(const std::optional<UpstreamInfo>& reconnected);
 
   const std::string name_;
+  const bool may_alias_;
   const bool read_only_;
   std::shared_ptr<Metrics> metrics_;  // shared with the registry: counters outlive a closed export
   std::unique_ptr<UpstreamPool> upstream_;

@@ -22,8 +22,11 @@ ExportSettings with_shared_budget(ExportSettings settings) {
   return settings;
 }
 
-bool listed(const std::vector<ExportListing>& listing, const std::string& name) {
-  return std::any_of(listing.begin(), listing.end(), [&](const ExportListing& e) { return e.name == name; });
+// Whether upstream lists `name` among its exports (false when it does not list).
+bool listed(const std::optional<UpstreamListing>& listing, const std::string& name) {
+  if (!listing || !listing->listed()) return false;
+  const auto& exports = listing->exports;
+  return std::any_of(exports.begin(), exports.end(), [&](const ExportListing& e) { return e.name == name; });
 }
 
 // Runs `job` (blocking) on `pool`; its result comes back on the awaiting coroutine's executor (the loop).
@@ -48,8 +51,39 @@ struct ExportRegistry::Opened {
   std::vector<NbdHandlePtr> handles;
   std::string canonical;  // the name upstream reports for it
   std::string error;      // set: refused, with upstream's message
-  std::optional<std::vector<ExportListing>> listing;
+  std::optional<UpstreamListing> listing;
   bool listing_known = false;
+};
+
+// Every other export whose map a write may change, forgotten while it is in flight.
+class ExportRegistry::AliasedWrite {
+ public:
+  explicit AliasedWrite(const Export& writer) : writer_(&writer) {}
+  AliasedWrite(const AliasedWrite&) = delete;
+  AliasedWrite& operator=(const AliasedWrite&) = delete;
+  ~AliasedWrite() {
+    // Whatever the write did, the other exports' state of the disk is unknown.
+    for (auto& held : held_) {
+      if (!held.target->closed()) {
+        held.target->block_status().end_mutation(held.ticket, 0, held.size, policy::Mutation::Write, false);
+      }
+    }
+  }
+  // Covers `e` if the write may change what it shows.
+  void cover(const std::shared_ptr<Export>& e) {
+    if (e.get() == writer_ || e->closed() || !(writer_->may_alias() || e->may_alias())) return;
+    const uint64_t size = e->info().size;
+    held_.push_back({e, e->block_status().begin_mutation(0, size), size});
+  }
+
+ private:
+  struct Held {
+    std::shared_ptr<Export> target;
+    BlockStatusService::Ticket ticket;
+    uint64_t size;
+  };
+  const Export* writer_;
+  std::vector<Held> held_;
 };
 
 // Clients naming an export that is being opened wait for that one opening.
@@ -102,12 +136,16 @@ void ExportRegistry::start() {
   // that does not answer at all should fail the start, visibly.
   listing_ = list_upstream_exports(target_);
   listing_at_ = std::chrono::steady_clock::now();
-  if (listing_) {
+  if (listing_->listed()) {
     std::string names;
-    for (const auto& e : *listing_) names += (names.empty() ? "\"" : ", \"") + e.name + "\"";
-    spdlog::info("upstream lists {} export{}: {}", listing_->size(), listing_->size() == 1 ? "" : "s", names);
+    for (const auto& e : listing_->exports) names += (names.empty() ? "\"" : ", \"") + e.name + "\"";
+    spdlog::info("upstream lists {} export{}: {}", listing_->exports.size(), listing_->exports.size() == 1 ? "" : "s",
+                 names);
   } else {
-    spdlog::warn("upstream does not list its exports: any name a client gives is passed through");
+    spdlog::warn(
+        "upstream does not list its exports (NBD_REP_ERR {:#x}: {}): clients asking for the list get that answer, "
+        "and every name a client gives may be another name for one disk",
+        listing_->error, listing_->message);
   }
 }
 
@@ -164,12 +202,6 @@ awaitable<ExportLookup> ExportRegistry::open(const std::string& name) {
     try {
       out.listing = refresh ? list_upstream_exports(target_) : cached;
       out.listing_known = true;
-      // A name upstream does not list may be one it accepts for another
-      // export's data: two caches over one disk. Refuse it (see the header).
-      if (!name.empty() && out.listing && !listed(*out.listing, name)) {
-        out.error = "upstream lists no export named \"" + name + "\"";
-        return out;
-      }
       out.handles = UpstreamPool::connect(target_for(name), settings_.upstream);
       out.canonical = read_upstream_info(out.handles.front().get()).export_name;
     } catch (const std::exception& e) {
@@ -198,7 +230,8 @@ awaitable<ExportLookup> ExportRegistry::open(const std::string& name) {
     co_return ExportLookup{nullptr, wire::kRepErrPolicy, message};
   } else {
     try {
-      e = std::make_shared<Export>(io_, key, std::move(opened.handles), target_for(key), settings_, metrics_for(key));
+      e = std::make_shared<Export>(io_, key, std::move(opened.handles), target_for(key), settings_, metrics_for(key),
+                                   !listed(opened.listing, key));
     } catch (const std::exception& ex) {
       spdlog::warn("export \"{}\" refused: {}", name, ex.what());
       finish(wire::kRepErrPolicy, ex.what());
@@ -208,10 +241,16 @@ awaitable<ExportLookup> ExportRegistry::open(const std::string& name) {
       if (on_state_) on_state_();
     });
     open_[key] = e;
+    // Writes in flight through other exports may already have changed what it shows.
+    std::erase_if(aliased_writes_, [](const auto& w) { return w.expired(); });
+    for (const auto& write : aliased_writes_) write.lock()->cover(e);
     spdlog::info(
-        "export \"{}\" opened ({} bytes, {} upstream connection{}, {} of them bscache's own for data; {} open)", key,
+        "export \"{}\" opened ({} bytes, {} upstream connection{}, {} of them bscache's own for data; {} open{})", key,
         e->info().size, e->upstream().connections(), e->upstream().connections() == 1 ? "" : "s",
-        e->upstream().wire_connections(), open_.size());
+        e->upstream().wire_connections(), open_.size(),
+        e->may_alias() ? "; upstream does not list it, so it may be another name for a listed disk: a write through "
+                         "it makes every other export forget its map"
+                       : "");
     arm_idle_sweep();
   }
   if (name != key) aliases_[name] = key;
@@ -237,31 +276,39 @@ bool ExportRegistry::make_room() {
   return true;
 }
 
-awaitable<std::vector<ExportListing>> ExportRegistry::list() {
+awaitable<UpstreamListing> ExportRegistry::list() {
   if (limits_.mode == ExportsMode::Single) {
-    co_return std::vector<ExportListing>{{single_->info().name, single_->info().description}};
+    co_return UpstreamListing{{{single_->info().name, single_->info().description}}, 0, {}};
   }
-  if (std::chrono::steady_clock::now() - listing_at_ > kListingLifetime) {
-    using Fresh = std::optional<std::optional<std::vector<ExportListing>>>;
+  // An error is asked again: it may have been passing, and the client should see what upstream says now.
+  if (!listing_ || !listing_->listed() || std::chrono::steady_clock::now() - listing_at_ > kListingLifetime) {
+    using Fresh = std::optional<UpstreamListing>;
     auto job = [this]() -> Fresh {
       try {
         return list_upstream_exports(target_);
       } catch (const std::exception& e) {
         spdlog::warn("listing upstream's exports: {}", e.what());
-        return std::nullopt;  // unreachable now: keep what we had
+        return std::nullopt;  // unreachable now
       }
     };
     Fresh fresh = co_await off_loop<Fresh>(opener_, std::move(job));
     if (fresh) {
-      listing_ = *fresh;
+      listing_ = std::move(*fresh);
       listing_at_ = std::chrono::steady_clock::now();
+    } else if (!listing_ || !listing_->listed()) {
+      co_return UpstreamListing{{}, wire::kRepErrShutdown, "upstream cannot be reached to list its exports"};
     }
   }
-  if (listing_) co_return *listing_;
-  // Upstream does not list: the exports bscache has open are all it can name.
-  std::vector<ExportListing> out;
-  for (const auto& [name, e] : open_) out.push_back({name, e->info().description});
-  co_return out;
+  co_return *listing_;  // unreachable now but listed recently: what it said then
+}
+
+std::shared_ptr<ExportRegistry::AliasedWrite> ExportRegistry::begin_aliased_write(const Export& writer) {
+  if (limits_.mode == ExportsMode::Single) return nullptr;
+  auto write = std::make_shared<AliasedWrite>(writer);
+  for (const auto& [key, e] : open_) write->cover(e);
+  std::erase_if(aliased_writes_, [](const auto& w) { return w.expired(); });
+  aliased_writes_.push_back(write);
+  return write;
 }
 
 void ExportRegistry::arm_idle_sweep() {

@@ -6,14 +6,20 @@
 // only it. --exports passthrough: a client's name selects the upstream export
 // of that name. It is opened (its own connections, cache and counters: see
 // Export) on the first client that names it, off the loop thread, and closed
-// after --export-idle-timeout without clients. LIST returns upstream's list.
+// after --export-idle-timeout without clients. LIST returns upstream's answer,
+// its error included.
 //
-// Two names must never mean the same upstream data under two caches (a write
-// through one would leave the other's cache stale). So in passthrough a name
-// upstream does not list is refused when upstream answers LIST (nbdkit's
-// plugins without exports accept any name for one disk, and list only ""),
-// and exports are keyed by the canonical name upstream reports (the default
-// export "" and its real name share one Export).
+// Every name upstream accepts is served, listed or not, and a write through
+// one name never leaves another name's cached map stale. Exports are keyed by
+// the canonical name upstream reports, so "" and the name of upstream's
+// default export share one Export. The names upstream lists are taken to be
+// distinct disks. A name it does not list (nbdkit's single-disk plugins accept
+// any name for their one disk; other servers make a new disk for a new name)
+// may or may not be another listed disk: such an export "may alias", and a
+// write, trim or zero through it makes every other export forget its whole
+// map for as long as the write is in flight, as a write through any export
+// does to those that may alias (see begin_aliased_write). When upstream does
+// not list at all, every export may alias.
 #pragma once
 
 #include <chrono>
@@ -65,7 +71,18 @@ class ExportRegistry {
   Export* single() const { return single_.get(); }
 
   awaitable<ExportLookup> find(std::string name);
-  awaitable<std::vector<ExportListing>> list();
+  // Upstream's LIST answer (reused for 5 s; an error is asked again), or the
+  // single export.
+  awaitable<UpstreamListing> list();
+
+  // Called just before a write, trim or zero through `writer` goes upstream
+  // (in the same loop step): every other export that may show the same disk
+  // (either of the two may alias) forgets its map and keeps no fetch that
+  // overlaps the write, until the returned guard is released once the write
+  // is answered. Exports opened meanwhile are covered too. Null when no
+  // export can alias (--exports single).
+  class AliasedWrite;
+  std::shared_ptr<AliasedWrite> begin_aliased_write(const Export& writer);
 
   // Every export opened so far, open or closed (their counters stay), by name.
   std::vector<ExportStats> stats() const;
@@ -110,7 +127,8 @@ class ExportRegistry {
   std::map<std::string, std::string> aliases_;                   // a name clients used -> canonical name
   std::map<std::string, std::shared_ptr<PendingOpen>> opening_;  // by the name asked for
   std::map<std::string, std::shared_ptr<Metrics>> metrics_;      // by canonical name, kept after close
-  std::optional<std::vector<ExportListing>> listing_;            // upstream's LIST, if it answers it
+  std::optional<UpstreamListing> listing_;                       // upstream's last LIST answer
+  std::vector<std::weak_ptr<AliasedWrite>> aliased_writes_;      // in flight
   std::chrono::steady_clock::time_point listing_at_;
   CacheGauges retired_cache_;  // evictions and expirations of closed exports' caches
   std::function<void()> on_state_;

@@ -140,8 +140,14 @@ OptionOutcome Handshake::handle_list(ByteSpan payload, Bytes& reply, const Optio
   }
   if (fixed_) {
     encode_server_reply(reply, kOptList, fixed_->name, fixed_->description);
+  } else if (context.listing && !context.listing->listed()) {
+    // Upstream's refusal, as upstream gave it: an empty list would say it has no exports.
+    encode_option_reply(reply, kOptList, context.listing->error, context.listing->message);
+    return OptionOutcome::Continue;
   } else if (context.listing) {
-    for (const auto& entry : *context.listing) encode_server_reply(reply, kOptList, entry.name, entry.description);
+    for (const auto& entry : context.listing->exports) {
+      encode_server_reply(reply, kOptList, entry.name, entry.description);
+    }
   }
   encode_option_reply(reply, kOptList, kRepAck);
   return OptionOutcome::Continue;

@@ -42,7 +42,7 @@ struct OptionNeed {
 // What the caller found for an option's need.
 struct OptionContext {
   const ExportChoice* choice = nullptr;                 // Kind::Export
-  const std::vector<ExportListing>* listing = nullptr;  // Kind::List
+  const UpstreamListing* listing = nullptr;  // Kind::List: the exports, or upstream's error
 };
 
 // What requests in the transmission phase are validated against: the export

@@ -77,7 +77,7 @@ awaitable<std::optional<NegotiatedExport>> negotiate(ClientStream& stream, Expor
   }
   ExportLookup looked_up;  // the export the last option named, held while the handshake goes on
   ExportChoice choice;
-  std::vector<ExportListing> listing;
+  UpstreamListing listing;
   Bytes out;
   for (;;) {
     std::array<uint8_t, kOptionHeaderSize> header_bytes{};

@@ -149,9 +149,10 @@ awaitable<void> Session::serve_mutation(const RequestHeader& request, WritePaylo
                    .length = request.length,
                    .flags = CommandFlags::from_wire(request.flags & kMutationFlags),
                    .pipes = sources};
-  // The ticket is taken in the same loop step as the co_await that hands the
-  // command to the pool, so it is taken before the command can reach upstream.
+  // The tickets are taken in the same loop step as the co_await that hands the
+  // command to the pool, so they are taken before the command can reach upstream.
   auto ticket = block_status_->begin_mutation(request.offset, request.length);
+  const auto aliased = ctx_.exports.begin_aliased_write(**export_);  // released as this returns
   auto result = co_await upstream_->run(args, cancelled_);
   if (result.needs_buffer) {
     // No connection splices now (nothing was sent): the data leaves the

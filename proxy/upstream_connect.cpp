@@ -4,9 +4,12 @@
 #include <libnbd.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <poll.h>
 #include <sys/socket.h>
 
 #include <algorithm>
+#include <array>
+#include <span>
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
@@ -14,6 +17,7 @@
 #include <string>
 
 #include "proxy/socket_buffers.hpp"
+#include "proxy/wire/codec.hpp"
 #include "proxy/wire/protocol.hpp"
 
 namespace bscache::proxy {
@@ -121,16 +125,105 @@ int export_collector(void* user_data, const char* name, const char* description)
   static_cast<std::vector<ExportListing>*>(user_data)->push_back({name, description});
   return 0;
 }
+
+// Blocking exchange on libnbd's non-blocking socket, bounded in time: the
+// opener thread must not hang on an upstream that stops answering.
+constexpr int kListTimeoutMs = 30'000;
+// Larger replies are not a LIST answer (a name and a description are 4 KiB at most each).
+constexpr uint32_t kMaxListReply = 64 * 1024;
+constexpr size_t kMaxListedExports = 100'000;
+
+void wait_for(int fd, short events) {
+  pollfd p{.fd = fd, .events = events, .revents = 0};
+  int r = 0;
+  do {
+    r = ::poll(&p, 1, kListTimeoutMs);
+  } while (r == -1 && errno == EINTR);
+  if (r == 0) throw std::runtime_error("listing upstream's exports: no answer in 30 s");
+  if (r == -1) throw std::runtime_error(std::string("listing upstream's exports: poll: ") + strerror(errno));
+}
+
+void send_all(int fd, wire::ByteSpan bytes) {
+  while (!bytes.empty()) {
+    const ssize_t n = ::send(fd, bytes.data(), bytes.size(), MSG_NOSIGNAL);
+    if (n > 0) {
+      bytes = bytes.subspan(static_cast<size_t>(n));
+    } else if (n == -1 && (errno == EAGAIN || errno == EINTR)) {
+      wait_for(fd, POLLOUT);
+    } else {
+      throw std::runtime_error(std::string("listing upstream's exports: send: ") + strerror(errno));
+    }
+  }
+}
+
+void recv_exact(int fd, std::span<uint8_t> into) {
+  while (!into.empty()) {
+    const ssize_t n = ::recv(fd, into.data(), into.size(), 0);
+    if (n > 0) {
+      into = into.subspan(static_cast<size_t>(n));
+    } else if (n == 0) {
+      throw std::runtime_error("listing upstream's exports: upstream closed the connection");
+    } else if (errno == EAGAIN || errno == EINTR) {
+      wait_for(fd, POLLIN);
+    } else {
+      throw std::runtime_error(std::string("listing upstream's exports: recv: ") + strerror(errno));
+    }
+  }
+}
+
+// NBD_OPT_LIST asked by bscache itself on the socket of a handle in option
+// mode, rather than with nbd_opt_list: libnbd 1.14 turns every error reply to
+// LIST into ENOTSUP and drops upstream's code and message, and a client must
+// get the answer upstream gave. The handle stays usable: the exchange is
+// whole when this returns.
+UpstreamListing list_on_socket(int fd) {
+  wire::Bytes request;
+  wire::encode_option_request(request, wire::kOptList);
+  send_all(fd, request);
+  UpstreamListing listing;
+  for (;;) {
+    std::array<uint8_t, wire::kOptionReplyHeaderSize> header_bytes{};
+    recv_exact(fd, header_bytes);
+    const auto header = wire::decode_option_reply_header(header_bytes);
+    if (!header || header->option != wire::kOptList || header->length > kMaxListReply) {
+      throw std::runtime_error("listing upstream's exports: malformed reply");
+    }
+    wire::Bytes payload(header->length);
+    recv_exact(fd, payload);
+    if (header->type == wire::kRepAck) return listing;
+    if (header->type & wire::kRepErrBit) {
+      listing.exports.clear();
+      listing.error = header->type;
+      listing.message.assign(payload.begin(), payload.end());
+      return listing;
+    }
+    const auto server = header->type == wire::kRepServer ? wire::decode_server_reply(payload) : std::nullopt;
+    if (!server || listing.exports.size() >= kMaxListedExports) {
+      throw std::runtime_error("listing upstream's exports: malformed reply");
+    }
+    listing.exports.push_back({server->name, server->description});
+  }
+}
 }  // namespace
 
-std::optional<std::vector<ExportListing>> list_upstream_exports(const UpstreamTarget& target) {
+UpstreamListing list_upstream_exports(const UpstreamTarget& target) {
   NbdHandlePtr handle = connect_for_options(target);
-  std::vector<ExportListing> exports;
-  nbd_list_callback collect{.callback = export_collector, .user_data = &exports, .free = nullptr};
-  const bool listed = nbd_opt_list(handle.get(), collect) != -1;
-  nbd_opt_abort(handle.get());
-  if (!listed) return std::nullopt;
-  return exports;
+  nbd_handle* h = handle.get();
+  UpstreamListing listing;
+  if (nbd_get_tls_negotiated(h) != 1) {
+    listing = list_on_socket(nbd_aio_get_fd(h));
+  } else {
+    // Over TLS the bytes are libnbd's to read: its error (always ENOTSUP in
+    // 1.14) is all there is, so the client is told the option is unsupported.
+    nbd_list_callback collect{.callback = export_collector, .user_data = &listing.exports, .free = nullptr};
+    if (nbd_opt_list(h, collect) == -1) {
+      listing.exports.clear();
+      listing.error = wire::kRepErrUnsup;
+      listing.message = nbd_get_error() ? nbd_get_error() : "upstream refused to list its exports";
+    }
+  }
+  nbd_opt_abort(h);
+  return listing;
 }
 
 std::string named_export(const UpstreamTarget& target) {

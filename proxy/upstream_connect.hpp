@@ -40,9 +40,10 @@ struct UpstreamTarget {
 
 // Throws std::runtime_error with libnbd's message on failure.
 NbdHandlePtr open_upstream(const UpstreamTarget& target);
-// Upstream's export list (NBD_OPT_LIST on a connection of its own); nullopt
-// if upstream refuses to list. Throws std::runtime_error if it cannot connect.
-std::optional<std::vector<ExportListing>> list_upstream_exports(const UpstreamTarget& target);
+// Upstream's export list (NBD_OPT_LIST on a connection of its own), or the
+// error upstream replied with. Throws std::runtime_error if it cannot connect
+// or the exchange breaks off.
+UpstreamListing list_upstream_exports(const UpstreamTarget& target);
 // The export the target names (--export-name, else the URI's path; "" if
 // neither). Connects to find out (libnbd parses the URI). Throws like open_upstream.
 std::string named_export(const UpstreamTarget& target);

@@ -28,4 +28,12 @@ struct ExportListing {
   std::string description;
 };
 
+// Upstream's answer to NBD_OPT_LIST: its exports, or the error it replied with.
+struct UpstreamListing {
+  std::vector<ExportListing> exports;
+  uint32_t error = 0;   // the NBD_REP_ERR_* upstream replied with; 0: `exports` is its list
+  std::string message;  // what upstream said with the error
+  bool listed() const { return error == 0; }
+};
+
 }  // namespace bscache::proxy

@@ -115,6 +115,34 @@ void encode_option_reply(Bytes& out, uint32_t option, uint32_t reply_type, std::
   put_bytes(out, payload);
 }
 
+void encode_option_request(Bytes& out, uint32_t option, ByteSpan payload) {
+  put_u64(out, kIHaveOpt);
+  put_u32(out, option);
+  put_u32(out, static_cast<uint32_t>(payload.size()));
+  out.insert(out.end(), payload.begin(), payload.end());
+}
+
+std::optional<OptionReplyHeader> decode_option_reply_header(ByteSpan bytes) {
+  if (bytes.size() != kOptionReplyHeaderSize) return std::nullopt;
+  ByteReader r(bytes);
+  if (r.u64() != kOptReplyMagic) return std::nullopt;
+  OptionReplyHeader h;
+  h.option = *r.u32();
+  h.type = *r.u32();
+  h.length = *r.u32();
+  return h;
+}
+
+std::optional<ServerReply> decode_server_reply(ByteSpan payload) {
+  ByteReader r(payload);
+  auto name_length = r.u32();
+  if (!name_length) return std::nullopt;
+  auto name = r.string(*name_length);
+  if (!name) return std::nullopt;
+  auto description = r.string(r.remaining());
+  return ServerReply{std::move(*name), std::move(*description)};
+}
+
 namespace {
 // Option reply header whose payload the caller appends right after.
 void option_reply_header(Bytes& out, uint32_t option, uint32_t reply_type, uint32_t length) {

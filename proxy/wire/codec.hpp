@@ -98,6 +98,23 @@ void encode_meta_context_reply(Bytes& out, uint32_t option, uint32_t context_id,
 // Reply to NBD_OPT_EXPORT_NAME: size, flags, and 124 zero bytes unless NO_ZEROES.
 void encode_export_name_reply(Bytes& out, uint64_t size, uint16_t tx_flags, bool no_zeroes);
 
+// The client's side of the option haggling (bscache asking upstream itself).
+void encode_option_request(Bytes& out, uint32_t option, ByteSpan payload = {});
+struct OptionReplyHeader {
+  uint32_t option = 0;
+  uint32_t type = 0;  // NBD_REP_*
+  uint32_t length = 0;
+};
+inline constexpr size_t kOptionReplyHeaderSize = 20;
+// 20 bytes: magic, option, reply type, length. nullopt on a wrong size or magic.
+std::optional<OptionReplyHeader> decode_option_reply_header(ByteSpan bytes);
+// Payload of NBD_REP_SERVER: the name, and the description after it.
+struct ServerReply {
+  std::string name;
+  std::string description;
+};
+std::optional<ServerReply> decode_server_reply(ByteSpan payload);
+
 // ---- Transmission ----------------------------------------------------------
 
 struct RequestHeader {

@@ -84,7 +84,7 @@ jq -e '([.exports[].cache.extents] | add) == .cache.extents and .cache.extents <
 stop_server tiny
 pass "--cache-max-extents 12 bounds the three exports' caches together; maps stay as direct"
 
-# Unknown name: NBD_REP_ERR_UNKNOWN (libnbd: ENOENT) with the reason; the others keep working.
+# A name upstream refuses: NBD_REP_ERR_UNKNOWN (libnbd: ENOENT) with upstream's reason; the others keep working.
 $py - "$T/bs.sock" <<'PY' || fail "unknown export"
 import errno, sys, nbd
 h = nbd.NBD()
@@ -99,14 +99,15 @@ try:
     sys.exit("INFO of an unknown export succeeded")
 except nbd.Error as e:
     assert e.errnum == errno.ENOENT, f"expected ERR_UNKNOWN (ENOENT), got {e.errnum}: {e}"
-    assert any('server error message: upstream lists no export named "nope.img"' in m for m in said), said
+    assert any('server error message: ' in m and 'No such file or directory' in m
+               for m in said), said
 h.set_debug(False)
 h.set_export_name("b.img")
 h.opt_go()          # the same connection may still choose a real export
 assert h.get_size() == 32 << 20
 PY
-grep -q 'export "nope.img" refused: upstream lists no export named "nope.img"' "$T/bs.log" || fail "no log line for the refusal"
-pass "an unknown export gets ERR_UNKNOWN naming it, and the client may go on to a real one"
+grep -q 'export "nope.img" refused: .*No such file or directory' "$T/bs.log" || fail "no log line for the refusal"
+pass "an export upstream refuses gets ERR_UNKNOWN with upstream's reason, and the client may go on to a real one"
 
 # "" is upstream's default export. Without one (nbdkit file dir= has none) it is refused with upstream's message.
 nbdinfo "$(uri bs)" >"$T/default.out" 2>&1 && fail "the default export opened on an upstream without one"

@@ -398,7 +398,7 @@ TEST_F(HandshakeTest, ARefusedExportGetsItsErrorAndNegotiationGoesOn) {
 
 TEST_F(HandshakeTest, ListRepliesWithEveryExportAndItsDescription) {
   Handshake h(true);
-  const std::vector<ExportListing> listing{{"a.img", "first"}, {"b.img", ""}};
+  const UpstreamListing listing{{{"a.img", "first"}, {"b.img", ""}}, 0, {}};
   Bytes out;
   EXPECT_EQ(h.handle(kOptList, {}, out, {.listing = &listing}), OptionOutcome::Continue);
   auto r = replies(out);
@@ -410,6 +410,17 @@ TEST_F(HandshakeTest, ListRepliesWithEveryExportAndItsDescription) {
   EXPECT_EQ(first.string(first.remaining()), "first");
   EXPECT_EQ(r[1].payload.size(), 4u + 5u);
   EXPECT_EQ(r[2].type, kRepAck);
+}
+
+TEST_F(HandshakeTest, ListPassesUpstreamsErrorOnAsItCame) {
+  Handshake h(true);
+  const UpstreamListing failed{{}, kRepErrPlatform, "listing is broken today"};
+  Bytes out;
+  EXPECT_EQ(h.handle(kOptList, {}, out, {.listing = &failed}), OptionOutcome::Continue);
+  auto r = replies(out);
+  ASSERT_EQ(r.size(), 1u) << "no SERVER replies before the error";
+  EXPECT_EQ(r[0].type, kRepErrPlatform);
+  EXPECT_EQ(std::string(r[0].payload.begin(), r[0].payload.end()), "listing is broken today");
 }
 
 TEST_F(HandshakeTest, ContextsSetForOneExportDoNotCarryOverToAnother) {

@@ -53,6 +53,31 @@ TEST(WireCodec, OptionReplies) {
   EXPECT_EQ(Bytes(out.begin() + 16, out.end()), hex({0, 0, 0, 8, 0, 0, 0, 4, 'd', 'i', 's', 'k'}));
 }
 
+// bscache asking upstream: the request it sends and the replies it reads back.
+TEST(WireCodec, OptionRequestAndReplyDecoding) {
+  Bytes out;
+  encode_option_request(out, kOptList);
+  EXPECT_EQ(out, hex({'I', 'H', 'A', 'V', 'E', 'O', 'P', 'T', 0, 0, 0, 3, 0, 0, 0, 0}));
+
+  Bytes reply;
+  encode_server_reply(reply, kOptList, "disk", "the disk");
+  auto header = decode_option_reply_header(ByteSpan(reply).first(kOptionReplyHeaderSize));
+  ASSERT_TRUE(header);
+  EXPECT_EQ(header->option, kOptList);
+  EXPECT_EQ(header->type, kRepServer);
+  EXPECT_EQ(header->length, 4u + 4u + 8u);
+  auto server = decode_server_reply(ByteSpan(reply).subspan(kOptionReplyHeaderSize));
+  ASSERT_TRUE(server);
+  EXPECT_EQ(server->name, "disk");
+  EXPECT_EQ(server->description, "the disk");
+
+  EXPECT_FALSE(decode_server_reply(hex({0, 0, 0, 5, 'd', 'i', 's', 'k'}))) << "name longer than the payload";
+  EXPECT_FALSE(decode_server_reply(hex({0, 0}))) << "no name length";
+  reply[0] ^= 1;
+  EXPECT_FALSE(decode_option_reply_header(ByteSpan(reply).first(kOptionReplyHeaderSize))) << "bad magic";
+  EXPECT_FALSE(decode_option_reply_header(ByteSpan(reply).first(19))) << "short";
+}
+
 TEST(WireCodec, ExportNameReply) {
   Bytes out;
   encode_export_name_reply(out, 1024, 3, true);
