@@ -16,7 +16,11 @@ std::string join(const std::vector<std::string>& items) {
 
 Export::Export(asio::io_context& io, std::string name, std::vector<NbdHandlePtr> handles, const UpstreamTarget& target,
                const ExportSettings& settings, std::shared_ptr<Metrics> metrics, bool may_alias)
-    : name_(std::move(name)), may_alias_(may_alias), read_only_(settings.read_only), metrics_(std::move(metrics)) {
+    : name_(std::move(name)),
+      may_alias_(may_alias),
+      read_only_(settings.read_only),
+      metrics_(std::move(metrics)),
+      write_gate_(io) {
   if (handles.empty()) throw std::logic_error("Export: no upstream connection");
   // Checked before any connection thread starts.
   info_ = make_export_info(read_upstream_info(handles.front().get()), read_only_);

@@ -22,6 +22,7 @@
 #include "proxy/export_info.hpp"
 #include "proxy/metrics.hpp"
 #include "proxy/upstream_pool.hpp"
+#include "proxy/write_gate.hpp"
 
 namespace bscache::proxy {
 
@@ -59,6 +60,8 @@ class Export {
   const BlockStatusService& block_status() const { return *block_status_; }
   Metrics& metrics() { return *metrics_; }
   const Metrics& metrics() const { return *metrics_; }
+  // Which writes may run together, when upstream needs aligned requests.
+  WriteGate& write_gate() { return write_gate_; }
 
   // Called after a connection of this export was lost or came back.
   void on_state_change(std::function<void()> callback) { on_state_ = std::move(callback); }
@@ -100,6 +103,7 @@ class Export {
   ExportInfo info_;
   std::unique_ptr<BlockStatusService> block_status_;
   std::function<void()> on_state_;
+  WriteGate write_gate_;
   CacheGauges final_gauges_;  // after close()
   size_t clients_ = 0;
   std::chrono::steady_clock::time_point last_used_ = std::chrono::steady_clock::now();

@@ -10,7 +10,9 @@ TransmissionLimits transmission_limits(const ExportInfo& info, const Negotiated&
   TransmissionLimits limits;
   limits.export_size = info.size;
   limits.tx_flags = info.tx_flags;
-  limits.min_block = info.min_block;
+  // Without the client's agreement to upstream's minimum block size, any
+  // alignment is valid (the spec's default minimum of 1).
+  limits.min_block = negotiated.block_size_agreed ? info.min_block : 1;
   limits.max_payload = info.max_block;  // already capped to kMaxPayload
   limits.structured_replies = negotiated.structured_replies;
   limits.has_meta_contexts = !negotiated.contexts.empty();
@@ -169,6 +171,12 @@ OptionOutcome Handshake::handle_start_tls(ByteSpan payload, Bytes& reply) {
 
 OptionOutcome Handshake::handle_info_or_go(uint32_t option, ByteSpan payload, Bytes& reply, const ExportInfo& info) {
   const auto request = decode_info_request(payload);  // checked by handle()
+  const bool asked_block_size =
+      std::find(request->requests.begin(), request->requests.end(), kInfoBlockSize) != request->requests.end();
+  // Upstream needs alignment the client has not agreed to (the spec's rules,
+  // and qemu-nbd's answers): INFO is refused with BLOCK_SIZE_REQD after the
+  // other infos; GO is served at minimum 1, bscache aligning its requests.
+  const bool unagreed = info.min_block > 1 && !asked_block_size;
   // NBD_INFO_EXPORT is sent whether asked for or not.
   encode_info_export(reply, option, info.size, info.tx_flags);
   for (uint16_t type : request->requests) {
@@ -185,8 +193,14 @@ OptionOutcome Handshake::handle_info_or_go(uint32_t option, ByteSpan payload, By
       default: break;  // unknown info requests are ignored, as the spec says
     }
   }
+  if (unagreed && option == kOptInfo) {
+    encode_option_reply(reply, option, kRepErrBlockSizeReqd, "request NBD_INFO_BLOCK_SIZE to use this export");
+    return OptionOutcome::Continue;
+  }
+  if (unagreed) encode_info_block_size(reply, option, 1, info.preferred_block, info.max_block);
   encode_option_reply(reply, option, kRepAck);
   if (option != kOptGo) return OptionOutcome::Continue;
+  negotiated_.block_size_agreed = asked_block_size;
   // Contexts chosen for another export do not carry over (the spec; nbdkit
   // does the same). A fixed export is every name's.
   if (!fixed_ && !negotiated_.contexts.empty() && request->export_name != negotiated_.contexts_export) {

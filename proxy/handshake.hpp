@@ -20,6 +20,10 @@ inline constexpr uint32_t kMaxOptionLength = 64 * 1024;
 struct Negotiated {
   bool structured_replies = false;
   bool no_zeroes = false;
+  // The client asked for NBD_INFO_BLOCK_SIZE in the GO that chose the export,
+  // and so agreed to upstream's minimum block size. A client that did not may
+  // send requests of any alignment: bscache aligns them (see Session).
+  bool block_size_agreed = false;
   std::vector<uint32_t> contexts;  // selected, as indexes into ExportInfo::contexts
   std::string contexts_export;     // the export SET_META_CONTEXT chose them for
 };
@@ -41,7 +45,7 @@ struct OptionNeed {
 
 // What the caller found for an option's need.
 struct OptionContext {
-  const ExportChoice* choice = nullptr;                 // Kind::Export
+  const ExportChoice* choice = nullptr;      // Kind::Export
   const UpstreamListing* listing = nullptr;  // Kind::List: the exports, or upstream's error
 };
 

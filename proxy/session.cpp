@@ -42,6 +42,7 @@ awaitable<void> Session::run() {
       info_ = chosen.info();
       negotiated_ = std::move(negotiated->negotiated);
       limits_ = transmission_limits(info_, negotiated_);
+      align_ = limits_.min_block < info_.min_block ? info_.min_block : 1;
       // Spliced data leaves as OFFSET_DATA/OFFSET_HOLE chunks in the order
       // upstream sent them, which needs structured replies, and bypasses
       // user space, which TLS cannot.

@@ -90,11 +90,19 @@ class Session : public std::enable_shared_from_this<Session> {
   awaitable<void> serve(wire::RequestHeader request, WritePayload payload, size_t held);
   awaitable<void> serve_read(const wire::RequestHeader& request);
   awaitable<bool> serve_spliced_read(const wire::RequestHeader& request);
-  awaitable<void> serve_mutation(const wire::RequestHeader& request, WritePayload payload);
+  awaitable<void> serve_mutation(wire::RequestHeader request, WritePayload payload);
   awaitable<void> serve_cache(const wire::RequestHeader& request);
   awaitable<void> serve_block_status(const wire::RequestHeader& request);
-  awaitable<void> serve_passthrough_block_status(const wire::RequestHeader& request);
+  awaitable<void> serve_passthrough_block_status(const wire::RequestHeader& request, const wire::RequestHeader& asked);
   bool try_block_status_hit(const wire::RequestHeader& request);
+
+  // Requests of a client that did not agree to upstream's minimum block size,
+  // made whole blocks for upstream (session_unaligned.cpp).
+  bool unaligned(const wire::RequestHeader& request) const;
+  awaitable<void> serve_unaligned_read(const wire::RequestHeader& request);
+  awaitable<void> serve_unaligned_write(const wire::RequestHeader& request, WritePayload payload);
+  // Reads `block` into `into`, holes as zeroes. Returns an errno (0 on success).
+  awaitable<int> read_whole(uint64_t offset, std::span<uint8_t> into);
 
   // Replies: every error a client sees goes through reply_error, which counts it.
   void reply_result(const wire::RequestHeader& request, int error);
@@ -117,6 +125,9 @@ class Session : public std::enable_shared_from_this<Session> {
   Negotiated negotiated_;
   wire::TransmissionLimits limits_;
   bool only_base_allocation_ = false;
+  // Upstream's minimum block size when this client did not agree to it (its
+  // requests may be unaligned: see session_unaligned.cpp), else 1.
+  uint32_t align_ = 1;
   bool splice_reads_ = false;   // plain socket, structured replies, pipes on offer
   bool splice_writes_ = false;  // plain socket, pipes on offer
   bool stopping_ = false;

@@ -4,6 +4,8 @@
 #include <algorithm>
 #include <cstring>
 
+#include "policy/alignment.hpp"
+#include "policy/fetch_window.hpp"
 #include "proxy/errors.hpp"
 #include "proxy/session.hpp"
 
@@ -18,11 +20,24 @@ constexpr uint16_t kMutationFlags = kCmdFlagFua | kCmdFlagNoHole | kCmdFlagFastZ
 awaitable<void> Session::serve(RequestHeader request, WritePayload payload, size_t held) {
   auto self = shared_from_this();
   try {
+    const bool whole_blocks = !unaligned(request);
     switch (request.type) {
-      case kCmdRead: co_await serve_read(request); break;
+      case kCmdRead:
+        if (whole_blocks) {
+          co_await serve_read(request);
+        } else {
+          co_await serve_unaligned_read(request);
+        }
+        break;
       case kCmdWrite:
-      case kCmdTrim:
-      case kCmdWriteZeroes: co_await serve_mutation(request, std::move(payload)); break;
+      case kCmdWriteZeroes:
+        if (whole_blocks) {
+          co_await serve_mutation(request, std::move(payload));
+        } else {
+          co_await serve_unaligned_write(request, std::move(payload));
+        }
+        break;
+      case kCmdTrim: co_await serve_mutation(request, std::move(payload)); break;
       case kCmdFlush: reply_result(request, (co_await upstream_->flush(CommandFlags::from_wire(0))).error); break;
       case kCmdCache: co_await serve_cache(request); break;
       case kCmdBlockStatus: co_await serve_block_status(request); break;
@@ -138,10 +153,24 @@ awaitable<bool> Session::serve_spliced_read(const RequestHeader& request) {
 
 // The cache bracket: a mutation forgets its range when it starts and records
 // what it left when it ends (see CoherentCache).
-awaitable<void> Session::serve_mutation(const RequestHeader& request, WritePayload payload) {
+awaitable<void> Session::serve_mutation(RequestHeader request, WritePayload payload) {
+  if (request.type == kCmdTrim && unaligned(request)) {
+    // A TRIM may leave any of its range as it was: the whole blocks inside it are trimmed.
+    const auto inside = policy::interior({request.offset, request.length}, align_, info_.size);
+    if (!inside) {
+      reply_result(request, 0);
+      co_return;
+    }
+    request.offset = inside->offset;
+    request.length = static_cast<uint32_t>(inside->length);
+  }
   const auto [op, kind] = request.type == kCmdWrite  ? std::pair{UpstreamOp::Write, policy::Mutation::Write}
                           : request.type == kCmdTrim ? std::pair{UpstreamOp::Trim, policy::Mutation::Trim}
                                                      : std::pair{UpstreamOp::Zero, policy::Mutation::WriteZeroes};
+  // Where some clients' writes are read-modify-writes, no write may land in
+  // their blocks between their read and their write (see WriteGate).
+  std::optional<WriteGate::Hold> gate;
+  if (info_.min_block > 1) gate.emplace(co_await (**export_).write_gate().enter(request.offset, request.length, false));
   const std::vector<int> sources = read_ends(payload.pipes);  // a WRITE spliced into pipes leaves them by splice too
   CommandArgs args{.op = op,
                    .buffer = payload.buffer.span(),
@@ -170,8 +199,10 @@ awaitable<void> Session::serve_mutation(const RequestHeader& request, WritePaylo
 }
 
 awaitable<void> Session::serve_cache(const RequestHeader& request) {
+  // Whole blocks for upstream: CACHE is advice, and more of it does no harm.
+  const auto blocks = policy::widen({request.offset, request.length}, align_, info_.size);
   auto result = co_await upstream_->run(
-      {.op = UpstreamOp::Cache, .buffer = {}, .offset = request.offset, .length = request.length, .flags = {}},
+      {.op = UpstreamOp::Cache, .buffer = {}, .offset = blocks.offset, .length = blocks.length, .flags = {}},
       cancelled_);
   reply_result(request, result.error);
 }
@@ -186,17 +217,39 @@ bool Session::try_block_status_hit(const RequestHeader& request) {
   return true;
 }
 
+namespace {
+// The query upstream is asked: the client's, or for an unaligned query of a
+// client that did not agree to upstream's block size, the whole blocks
+// around it without REQ_ONE (whose one extent might end before the query
+// starts), at most 4 GiB - 1 long. The answer is then cut back to the
+// client's range (cut_descriptors).
+RequestHeader block_status_asked(const RequestHeader& request, uint32_t align, uint64_t export_size) {
+  if (policy::is_aligned({request.offset, request.length}, align, export_size)) return request;
+  RequestHeader asked = request;
+  const auto blocks = policy::widen({request.offset, request.length}, align, export_size);
+  asked.offset = blocks.offset;
+  asked.length = static_cast<uint32_t>(std::min<uint64_t>(blocks.length, policy::kMaxRequestLength / align * align));
+  asked.flags &= ~kCmdFlagReqOne;
+  return asked;
+}
+}  // namespace
+
 awaitable<void> Session::serve_block_status(const RequestHeader& request) {
   ++metrics_->block_status_misses;
+  const RequestHeader asked = block_status_asked(request, align_, info_.size);
   if (!only_base_allocation_ || !block_status_->caching()) {
-    co_await serve_passthrough_block_status(request);
+    co_await serve_passthrough_block_status(request, asked);
     co_return;
   }
   std::vector<Descriptor> descriptors;
-  int error = co_await block_status_->answer_after_miss(request.offset, request.length, request.flags & kCmdFlagReqOne,
-                                                        descriptors);
+  int error =
+      co_await block_status_->answer_after_miss(asked.offset, asked.length, asked.flags & kCmdFlagReqOne, descriptors);
   if (error) {
     reply_result(request, error);
+  } else if (asked.offset != request.offset || asked.length != request.length) {
+    std::vector<Descriptor> cut;
+    cut_descriptors(descriptors, request.offset - asked.offset, request.length, request.flags & kCmdFlagReqOne, cut);
+    reply_base_allocation(request, cut);
   } else {
     reply_base_allocation(request, descriptors);
   }
@@ -204,9 +257,10 @@ awaitable<void> Session::serve_block_status(const RequestHeader& request) {
 
 // Contexts other than base:allocation are never cached: ask upstream and
 // translate its per-context answer to this client's context ids.
-awaitable<void> Session::serve_passthrough_block_status(const RequestHeader& request) {
+awaitable<void> Session::serve_passthrough_block_status(const RequestHeader& request, const RequestHeader& asked) {
   const bool req_one = request.flags & kCmdFlagReqOne;
-  auto result = co_await upstream_->block_status(request.offset, request.length, {.req_one = req_one});
+  auto result =
+      co_await upstream_->block_status(asked.offset, asked.length, {.req_one = (asked.flags & kCmdFlagReqOne) != 0});
   if (result.error) {
     reply_result(request, result.error);
     co_return;
@@ -218,7 +272,7 @@ awaitable<void> Session::serve_passthrough_block_status(const RequestHeader& req
     clipped.clear();
     if (info_.upstream_context(context)) {
       if (const auto* descriptors = result.extents_for(info_.contexts[context])) {
-        clip_descriptors(*descriptors, request.length, req_one, clipped);
+        cut_descriptors(*descriptors, request.offset - asked.offset, request.length, req_one, clipped);
       }
     } else {
       clipped.push_back({request.length, 0});  // base:allocation synthesized: all data

@@ -9,10 +9,10 @@
 
 #include <algorithm>
 #include <array>
-#include <span>
 #include <cerrno>
 #include <cstdlib>
 #include <cstring>
+#include <span>
 #include <stdexcept>
 #include <string>
 

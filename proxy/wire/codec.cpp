@@ -357,4 +357,18 @@ void clip_descriptors(std::span<const Descriptor> descriptors, uint32_t length, 
   }
 }
 
+void cut_descriptors(std::span<const Descriptor> descriptors, uint64_t skip, uint32_t length, bool req_one,
+                     std::vector<Descriptor>& out) {
+  std::vector<Descriptor> rest;
+  for (const auto& d : descriptors) {
+    if (skip >= d.length) {
+      skip -= d.length;
+      continue;
+    }
+    rest.push_back({static_cast<uint32_t>(d.length - skip), d.flags});
+    skip = 0;
+  }
+  clip_descriptors(rest, length, req_one, out);
+}
+
 }  // namespace bscache::wire

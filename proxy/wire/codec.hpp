@@ -140,6 +140,10 @@ struct Descriptor {
 // them: none past the request's end, and only the first with REQ_ONE.
 void clip_descriptors(std::span<const Descriptor> descriptors, uint32_t length, bool req_one,
                       std::vector<Descriptor>& out);
+// The same for a reply to a longer request that began `skip` bytes earlier
+// (a query widened to whole blocks): the first `skip` bytes are dropped.
+void cut_descriptors(std::span<const Descriptor> descriptors, uint64_t skip, uint32_t length, bool req_one,
+                     std::vector<Descriptor>& out);
 void encode_block_status_chunk(Bytes& out, uint64_t cookie, bool done, uint32_t context_id,
                                std::span<const Descriptor> descriptors);
 void encode_error_chunk(Bytes& out, uint64_t cookie, bool done, uint32_t error, std::string_view message);

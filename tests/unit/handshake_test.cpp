@@ -61,6 +61,13 @@ class HandshakeTest : public ::testing::Test {
   ExportInfo info;
 };
 
+Bytes go_request() {
+  Bytes b;
+  put_u32(b, 0);  // export name ""
+  put_u16(b, 0);  // no info requests
+  return b;
+}
+
 TEST_F(HandshakeTest, UnknownOptionIsUnsupportedAndNegotiationContinues) {
   Handshake h(info, true);
   Bytes out;
@@ -148,9 +155,34 @@ TEST_F(HandshakeTest, InfoStaysInNegotiation) {
   Handshake h(info, true);
   Bytes request;
   put_u32(request, 0);
-  put_u16(request, 0);
+  put_u16(request, 1);
+  put_u16(request, kInfoBlockSize);
   Bytes out;
   EXPECT_EQ(h.handle(kOptInfo, request, out), OptionOutcome::Continue);
+  EXPECT_EQ(replies(out).back().type, kRepAck);
+}
+
+// Upstream needs 512-byte alignment (info's minimum): a client that does not
+// ask for block sizes is told so by INFO, and served at minimum 1 after GO.
+TEST_F(HandshakeTest, ClientsThatDoNotAskForBlockSizesGetBlockSizeReqdOrMinimumOne) {
+  Handshake h(info, true);
+  Bytes out;
+  EXPECT_EQ(h.handle(kOptInfo, go_request(), out), OptionOutcome::Continue);
+  auto r = replies(out);
+  ASSERT_EQ(r.size(), 2u);
+  EXPECT_EQ(ByteReader(r[0].payload).u16(), kInfoExport) << "the infos first, as qemu-nbd sends them";
+  EXPECT_EQ(r[1].type, kRepErrBlockSizeReqd);
+
+  out.clear();
+  EXPECT_EQ(h.handle(kOptGo, go_request(), out), OptionOutcome::Transmission);
+  r = replies(out);
+  ASSERT_EQ(r.size(), 3u);
+  ByteReader sizes(r[1].payload);
+  EXPECT_EQ(sizes.u16(), kInfoBlockSize);
+  EXPECT_EQ(sizes.u32(), 1u) << "minimum 1: bscache aligns what this client sends";
+  EXPECT_EQ(r[2].type, kRepAck);
+  EXPECT_FALSE(h.negotiated().block_size_agreed);
+  EXPECT_EQ(transmission_limits(info, h.negotiated()).min_block, 1u);
 }
 
 TEST_F(HandshakeTest, MalformedGoIsInvalid) {
@@ -192,13 +224,6 @@ TEST_F(HandshakeTest, OversizedExportNameCloses) {
 }
 
 // ---- STARTTLS (--tls on|require) ----
-
-Bytes go_request() {
-  Bytes b;
-  put_u32(b, 0);  // export name ""
-  put_u16(b, 0);  // no info requests
-  return b;
-}
 
 TEST_F(HandshakeTest, RequireRefusesEverythingButStartTlsAndAbortBeforeTls) {
   Handshake h(info, true, TlsMode::Require);
@@ -301,10 +326,16 @@ TEST(TransmissionLimitsTest, ComeFromTheExportAndTheNegotiation) {
   EXPECT_EQ(limits.export_size, uint64_t{1} << 30);
   EXPECT_EQ(limits.tx_flags, info.tx_flags);
   EXPECT_TRUE(limits.tx_flags & kTxSendFua);
-  EXPECT_EQ(limits.min_block, 4096u);
+  EXPECT_EQ(limits.min_block, 1u) << "no GO that asked for block sizes yet";
   EXPECT_EQ(limits.max_payload, 1u << 20) << "upstream's maximum block size bounds READ/WRITE";
   EXPECT_TRUE(limits.structured_replies);
   EXPECT_TRUE(limits.has_meta_contexts);
+  Bytes go;
+  put_u32(go, 0);
+  put_u16(go, 1);
+  put_u16(go, kInfoBlockSize);
+  h.handle(kOptGo, go, out);
+  EXPECT_EQ(transmission_limits(info, h.negotiated()).min_block, 4096u) << "agreed to in GO";
 }
 
 TEST(TransmissionLimitsTest, PayloadNeverExceedsOurOwnMaximum) {

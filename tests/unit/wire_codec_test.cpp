@@ -53,6 +53,19 @@ TEST(WireCodec, OptionReplies) {
   EXPECT_EQ(Bytes(out.begin() + 16, out.end()), hex({0, 0, 0, 8, 0, 0, 0, 4, 'd', 'i', 's', 'k'}));
 }
 
+TEST(WireCodec, CutDescriptorsDropsTheWidenedStart) {
+  const std::vector<Descriptor> upstream{{512, 3}, {1024, 0}, {512, 3}};
+  std::vector<Descriptor> out;
+  cut_descriptors(upstream, 100, 1000, false, out);
+  EXPECT_EQ(out, (std::vector<Descriptor>{{412, 3}, {588, 0}}));
+  out.clear();
+  cut_descriptors(upstream, 600, 5000, true, out);
+  EXPECT_EQ(out, (std::vector<Descriptor>{{936, 0}})) << "REQ_ONE: the extent the query starts in";
+  out.clear();
+  cut_descriptors(upstream, 2048, 10, false, out);
+  EXPECT_TRUE(out.empty()) << "nothing left past the reply";
+}
+
 // bscache asking upstream: the request it sends and the replies it reads back.
 TEST(WireCodec, OptionRequestAndReplyDecoding) {
   Bytes out;
