@@ -22,13 +22,21 @@ bool Session::unaligned(const RequestHeader& request) const {
   return align_ > 1 && !policy::is_aligned({request.offset, request.length}, align_, info_.size);
 }
 
+// In pieces of at most upstream's maximum block size: widening may take a
+// READ of the largest size past it.
 awaitable<int> Session::read_whole(uint64_t offset, std::span<uint8_t> into) {
-  auto result = co_await upstream_->run(
-      {.op = UpstreamOp::Read, .buffer = into, .offset = offset, .length = into.size(), .flags = {}}, cancelled_);
-  if (result.error) co_return result.error;
-  // A hole's bytes are zeroes, whatever the buffer held before.
-  for (const auto& c : result.chunks) {
-    if (c.hole) std::memset(into.data() + (c.offset - offset), 0, c.length);
+  const size_t most = std::max<size_t>(info_.max_block / align_ * align_, align_);
+  for (size_t done = 0; done < into.size();) {
+    const auto piece = into.subspan(done, std::min(most, into.size() - done));
+    const uint64_t at = offset + done;
+    auto result = co_await upstream_->run(
+        {.op = UpstreamOp::Read, .buffer = piece, .offset = at, .length = piece.size(), .flags = {}}, cancelled_);
+    if (result.error) co_return result.error;
+    // A hole's bytes are zeroes, whatever the buffer held before.
+    for (const auto& c : result.chunks) {
+      if (c.hole) std::memset(piece.data() + (c.offset - at), 0, c.length);
+    }
+    done += piece.size();
   }
   co_return 0;
 }
