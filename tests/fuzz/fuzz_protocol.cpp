@@ -37,6 +37,9 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   wire::decode_request_header(input.first(std::min<size_t>(size, wire::kRequestHeaderSize)));
   wire::decode_info_request(input);
   wire::decode_meta_context_request(input);
+  // What upstream sends back when bscache lists its exports itself.
+  wire::decode_option_reply_header(input.first(std::min<size_t>(size, wire::kOptionReplyHeaderSize)));
+  wire::decode_server_reply(input);
 
   wire::ByteReader r(input);
   auto flags = r.u32();
