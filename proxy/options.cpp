@@ -330,7 +330,8 @@ std::vector<OptionSpec> option_table() {
      text([](Options& o) -> auto& { return o.tls.certificates_dir; })},
     {"tls-psk", "FILE", "PSK: username:hexkey lines (read at every TLS handshake)", "",
      text([](Options& o) -> auto& { return o.tls.psk_file; })},
-    {"tls-verify-peer", nullptr, "require a client certificate signed by ca-cert.pem", "",
+    {"tls-verify-peer", nullptr,
+     "X.509: require a client certificate signed by ca-cert.pem; PSK: accepted, every client is verified by its key", "",
      flag([](Options& o) -> auto& { return o.tls.verify_peer; })},
     {"tls-priority", "STRING", "GnuTLS priority string (TLS 1.2 at least in any case)", d.tls.priority,
      text([](Options& o) -> auto& { return o.tls.priority; })},
@@ -437,7 +438,9 @@ std::optional<std::string> validate(const Options& o) {
   if (o.tls.mode != TlsMode::Off && o.tls.certificates_dir.empty() == o.tls.psk_file.empty()) {
     return "--tls needs exactly one of --tls-certificates DIR and --tls-psk FILE";
   }
-  if (o.tls.verify_peer && o.tls.certificates_dir.empty()) return "--tls-verify-peer needs --tls-certificates";
+  // --tls-verify-peer with --tls-psk is accepted, as nbdkit accepts it: a PSK
+  // handshake succeeds only for a client holding a key from the file, so every
+  // client is verified already.
   if (!o.upstream.tls.certificates_dir.empty() && !o.upstream.tls.psk_file.empty()) {
     return "give at most one of --upstream-tls-certificates and --upstream-tls-psk";
   }
