@@ -126,7 +126,7 @@ std::string Server::uri() const {
 
 std::string Server::describe() const {
   if (!config_.single) return uri();
-  return acceptors_.empty() ? "one client on stdin (-s)" : "one client from socket activation (-s)";
+  return acceptors_.empty() ? "stdin (-s: one client)" : "the socket-activation socket (-s: one client)";
 }
 
 awaitable<void> Server::accept_loop(Acceptor& acceptor) {
