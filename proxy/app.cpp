@@ -3,6 +3,7 @@
 #include <signal.h>
 #include <spawn.h>
 #include <spdlog/spdlog.h>
+#include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -57,7 +58,7 @@ ExportsMode exports_mode(const Options& options, const UpstreamTarget& target) {
 
 class App {
  public:
-  explicit App(const Options& options) : options_(options) {}
+  App(const Options& options, pid_t parent) : options_(options), parent_(parent) {}
   int run();
 
  private:
@@ -65,6 +66,7 @@ class App {
   bool listen();
   bool write_pidfile();
   void handle_signals();
+  bool follow_parent();
   void teardown();
   void start_child();
   void reap_child();
@@ -92,6 +94,7 @@ class App {
   }
 
   const Options& options_;
+  const pid_t parent_;  // our parent when main() began, for --exit-with-parent
   asio::io_context io_;
   ServiceNotifier notifier_{io_};  // first: it takes NOTIFY_SOCKET out of the environment before any child starts
   Metrics metrics_;
@@ -114,9 +117,17 @@ class App {
 
 int App::run() {
   if (!connect_upstream() || !listen() || !write_pidfile()) return exit_code_ ? exit_code_ : 1;
-  notifier_.ready("listening on " + server_->uri());
+  notifier_.ready("listening on " + server_->describe());
   handle_signals();
-  if (!options_.run.empty()) start_child();
+  if (options_.exit_with_parent && !follow_parent()) {
+    asio::co_spawn(io_, shutdown("the parent process is gone (--exit-with-parent)"), asio::detached);
+  } else if (!options_.run.empty()) {
+    start_child();
+  }
+  if (options_.listen.single) {
+    server_->on_single_client_done(
+        [this] { asio::co_spawn(io_, shutdown("the one client (-s) disconnected"), asio::detached); });
+  }
   if (options_.stats_interval.count() > 0) asio::co_spawn(io_, periodic_summary(), asio::detached);
   io_.run();
   teardown();
@@ -162,8 +173,10 @@ bool App::connect_upstream() {
 
 bool App::listen() {
   ListenConfig listen = options_.listen;
-  if (!options_.run.empty() && listen.unix_path.empty() && !listen.port && !listen.systemd) {
-    // Captive mode with no listener named: a private socket in a fresh directory.
+  const bool captive_default = !options_.run.empty() && listen.unix_path.empty() && !listen.port && !listen.systemd;
+  if (captive_default || listen.unix_path == "-") {
+    // Captive mode with no listener named, or nbdkit's "-U -": a private
+    // socket in a fresh directory, which nobody else can reach or race for.
     std::string pattern = (std::filesystem::temp_directory_path() / "bscacheXXXXXX").string();
     if (!mkdtemp(pattern.data())) {
       spdlog::error("mkdtemp: {}", strerror(errno));
@@ -188,7 +201,7 @@ bool App::listen() {
   if (metrics_http_) metrics_http_->start();
   spdlog::info("bscache {}: upstream {}, policy {}, prefetch {}, listening on {}{}{}", BSCACHE_VERSION,
                describe_upstream(), options_.block_status.coherence.describe(),
-               options_.block_status.prefetch.enabled ? "on" : "off", server_->uri(),
+               options_.block_status.prefetch.enabled ? "on" : "off", server_->describe(),
                metrics_http_ ? ", metrics on http://" + metrics_http_->endpoint() + "/metrics" : "",
                tls_ ? std::string(options_.tls.mode == TlsMode::Require ? ", TLS required (" : ", TLS offered (") +
                           tls_->describe() + ")"
@@ -220,6 +233,18 @@ void App::handle_signals() {
   on_signals(*children_, [this](int) { reap_child(); });
 }
 
+// --exit-with-parent: SIGTERM when the parent dies, handled as any SIGTERM
+// (hence set only now that the signal handlers are in place). A parent that
+// died before prctl took effect left us with another parent: exit at once.
+// Linux sends the signal when the parent *thread* that started us ends; a
+// multi-threaded parent must start bscache from a thread that lives as long.
+bool App::follow_parent() {
+  if (::prctl(PR_SET_PDEATHSIG, SIGTERM) != 0) spdlog::warn("--exit-with-parent: prctl: {}", strerror(errno));
+  if (getppid() == parent_) return true;
+  spdlog::info("--exit-with-parent: the parent process (pid {}) is already gone", parent_);
+  return false;
+}
+
 void App::teardown() {
   server_.reset();
   // Joins the upstream threads (their libnbd handles closed) before this
@@ -245,6 +270,10 @@ void App::start_child() {
   setenv("nbd", uri.c_str(), 1);
   if (!server_->unix_path().empty()) setenv("unixsocket", server_->unix_path().c_str(), 1);
   if (server_->tcp_port()) setenv("port", std::to_string(*server_->tcp_port()).c_str(), 1);
+  // As nbdkit sets them: $tls is 1 for --tls on, 2 for require; $exportname is
+  // the name to ask for ("": upstream's default export, or the one export).
+  if (options_.tls.mode != TlsMode::Off) setenv("tls", options_.tls.mode == TlsMode::Require ? "2" : "1", 1);
+  setenv("exportname", "", 1);
   const char* argv[] = {"/bin/sh", "-c", options_.run.c_str(), nullptr};
   if (int rc = posix_spawn(&child_, "/bin/sh", nullptr, nullptr, const_cast<char* const*>(argv), environ); rc != 0) {
     spdlog::error("--run: cannot start /bin/sh: {}", strerror(rc));
@@ -359,8 +388,8 @@ awaitable<void> App::periodic_summary() {
 
 }  // namespace
 
-int run_bscache(const Options& options) {
-  App app(options);
+int run_bscache(const Options& options, pid_t parent) {
+  App app(options, parent);
   return app.run();
 }
 

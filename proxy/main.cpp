@@ -1,5 +1,6 @@
 // bscache: a caching block-status proxy for NBD.
 #include <sys/resource.h>
+#include <unistd.h>
 
 #include <csignal>
 #include <iostream>
@@ -7,9 +8,13 @@
 #include "proxy/app.hpp"
 #include "proxy/logging.hpp"
 #include "proxy/options.hpp"
+#include "proxy/server.hpp"
 
 int main(int argc, char* argv[]) {
-  auto parsed = bscache::proxy::parse_options(argc, argv);
+  // First, before anything can take time: --exit-with-parent compares it
+  // with getppid() once it has asked for the signal.
+  const pid_t parent = getppid();
+  auto parsed = bscache::proxy::parse_options(argc, argv, bscache::proxy::socket_activated());
   if (!parsed.options) {
     (parsed.exit_code == 0 ? std::cout : std::cerr) << parsed.message << '\n';
     return parsed.exit_code;
@@ -22,5 +27,5 @@ int main(int argc, char* argv[]) {
     files.rlim_cur = files.rlim_max;
     setrlimit(RLIMIT_NOFILE, &files);
   }
-  return bscache::proxy::run_bscache(*parsed.options);
+  return bscache::proxy::run_bscache(*parsed.options, parent);
 }

@@ -41,7 +41,10 @@ struct OptionSpec {
   const char* value_name;  // shown in --help; nullptr: a switch that takes no value
   const char* help;
   std::string default_text;  // shown in --help as (=...); empty: none shown
-  Store store;               // called only when the option was given
+  Store store;               // called only when the option was given; null: accepted and ignored
+  // false: command line only, no config-file key. For switches that say how this
+  // one process was started (-s, --exit-with-parent), which a service's file has no use for.
+  bool config_key = true;
 };
 
 // Longest duration any option accepts: a week is past any sensible timeout or
@@ -242,17 +245,33 @@ std::vector<OptionSpec> option_table() {
      text([](Options& o) -> auto& { return o.upstream.tls.username; })},
     {"upstream-tls-verify-peer", "on|off", "upstream TLS: verify the server's certificate", on_off(d.upstream.tls.verify_peer),
      on_or_off([](Options& o) -> auto& { return o.upstream.tls.verify_peer; })},
-    {"unix", "PATH", "listen on this Unix socket", "", text([](Options& o) -> auto& { return o.listen.unix_path; })},
-    {"port", "N", "listen on this TCP port (0: any free port)", "",
+    // Short names and second spellings are nbdkit's where the meaning is the
+    // same (README "Options" lists which, and why others are left out). Only
+    // the first long name is a config-file key.
+    {"unix,socket,U", "PATH",
+     "listen on this Unix socket (also --socket, as qemu-nbd; '-': a private one in a fresh temporary directory, for --run)",
+     "",
+     text([](Options& o) -> auto& { return o.listen.unix_path; })},
+    {"port,p", "N", "listen on this TCP port (0: any free port)", "",
      [](const std::string& value, Options& o) -> Refusal {
        auto port = parse_unsigned(value);
        if (!port || *port > 65535) return "must be a port number from 0 to 65535";
        o.listen.port = static_cast<uint16_t>(*port);
        return std::nullopt;
      }},
-    {"bind", "ADDR", "TCP address to listen on", d.listen.bind, text([](Options& o) -> auto& { return o.listen.bind; })},
+    {"bind,ipaddr,ip-addr,i", "ADDR", "TCP address to listen on (also --ipaddr, as nbdkit)", d.listen.bind, text([](Options& o) -> auto& { return o.listen.bind; })},
     {"systemd", nullptr, "listen on sockets passed by systemd (LISTEN_FDS)", "",
      flag([](Options& o) -> auto& { return o.listen.systemd; })},
+    {"single,stdin,s", nullptr,
+     "serve one client, then exit: the connected socket on stdin and stdout (as nbd_connect_command passes it), or "
+     "the first connection on a socket-activation socket (nbdinfo/nbdcopy '[ CMD ]'); command line only",
+     "", flag([](Options& o) -> auto& { return o.listen.single; }), false},
+    {"exit-with-parent", nullptr,
+     "exit cleanly (stopping --upstream-command) when the process that started bscache dies; command line only", "",
+     flag([](Options& o) -> auto& { return o.exit_with_parent; }), false},
+    // Accepted so nbdkit command lines work unchanged: bscache never forks.
+    {"foreground,no-fork,f", nullptr, "ignored: bscache always runs in the foreground (nbdkit's -f)", "", nullptr,
+     false},
     {"socket-mode", "MODE", "permissions of the Unix socket (octal)", mode.str(),
      [](const std::string& value, Options& o) -> Refusal {
        auto parsed = parse_unsigned(value, 8);
@@ -260,10 +279,12 @@ std::vector<OptionSpec> option_table() {
        o.listen.socket_mode = static_cast<unsigned>(*parsed);
        return std::nullopt;
      }},
-    {"run", "CMD", "run CMD once listening, with $uri $nbd $unixsocket $port set; exit with its status", "",
+    {"run", "CMD",
+     "run CMD once listening, with $uri $nbd $unixsocket $port $tls $exportname set (as nbdkit); exit with its status",
+     "",
      text([](Options& o) -> auto& { return o.run; })},
-    {"readonly,r", nullptr, "refuse writes (EPERM)", "", flag([](Options& o) -> auto& { return o.read_only; })},
-    {"pidfile", "PATH", "write our PID here once accepting connections", "",
+    {"readonly,read-only,r", nullptr, "refuse writes (EPERM; also --read-only)", "", flag([](Options& o) -> auto& { return o.read_only; })},
+    {"pidfile,pid-file,P", "PATH", "write our PID here once accepting connections (also --pid-file)", "",
      text([](Options& o) -> auto& { return o.pidfile; })},
     {"log-level", "LEVEL", "trace|debug|info|warn|error", d.log_level,
      [](const std::string& value, Options& o) -> Refusal {
@@ -330,7 +351,8 @@ std::vector<OptionSpec> option_table() {
      text([](Options& o) -> auto& { return o.tls.certificates_dir; })},
     {"tls-psk", "FILE", "PSK: username:hexkey lines (read at every TLS handshake)", "",
      text([](Options& o) -> auto& { return o.tls.psk_file; })},
-    {"tls-verify-peer", nullptr, "require a client certificate signed by ca-cert.pem", "",
+    {"tls-verify-peer", nullptr,
+     "X.509: require a client certificate signed by ca-cert.pem; PSK: accepted, every client is verified by its key", "",
      flag([](Options& o) -> auto& { return o.tls.verify_peer; })},
     {"tls-priority", "STRING", "GnuTLS priority string (TLS 1.2 at least in any case)", d.tls.priority,
      text([](Options& o) -> auto& { return o.tls.priority; })},
@@ -385,6 +407,7 @@ std::optional<std::string> apply_config_file(const std::vector<OptionSpec>& tabl
     auto spec =
         std::find_if(table.begin(), table.end(), [&](const OptionSpec& s) { return long_name(s.name) == entry.key; });
     if (spec == table.end() || !spec->store) return where + "unknown key '" + entry.key + "' (see --help)";
+    if (!spec->config_key) return where + entry.key + " is for the command line only, not for a config file";
     if (!spec->value_name) {
       if (entry.value != "true" && entry.value != "false") {
         return where + entry.key + " must be true or false (got '" + entry.value + "')";
@@ -405,7 +428,7 @@ std::string render_config(const std::vector<OptionSpec>& table, const Given& giv
   out << "# bscache configuration (bscache --print-config). Every long option is a key;\n"
          "# the command line wins over this file.\n";
   for (const auto& spec : table) {
-    if (!spec.store) continue;
+    if (!spec.store || !spec.config_key) continue;
     const std::string name = long_name(spec.name);
     auto it = given.find(name);
     std::string value = it != given.end() ? it->second : spec.value_name ? spec.default_text : "false";
@@ -427,8 +450,13 @@ std::optional<std::string> validate(const Options& o) {
   if (o.upstream.uri.empty() == o.upstream.command.empty()) {
     return "give exactly one of --upstream URI and --upstream-command CMD";
   }
-  if (o.listen.unix_path.empty() && !o.listen.port && !o.listen.systemd && o.run.empty()) {
-    return "nothing to listen on: give --unix PATH, --port N, --systemd or --run CMD";
+  if (o.listen.single && (!o.listen.unix_path.empty() || o.listen.port || o.listen.systemd || !o.run.empty())) {
+    // As nbdkit refuses -s with -U, -p or --run: the one client comes from stdin or socket activation.
+    return "-s/--single serves one client on stdin (or a socket-activation socket): it cannot be combined with "
+           "--unix, --port, --systemd or --run";
+  }
+  if (o.listen.unix_path.empty() && !o.listen.port && !o.listen.systemd && o.run.empty() && !o.listen.single) {
+    return "nothing to listen on: give --unix PATH, --port N, --systemd, --run CMD or -s";
   }
   const bool tls_credentials = !o.tls.certificates_dir.empty() || !o.tls.psk_file.empty();
   if (o.tls.mode == TlsMode::Off && (tls_credentials || o.tls.verify_peer)) {
@@ -437,7 +465,9 @@ std::optional<std::string> validate(const Options& o) {
   if (o.tls.mode != TlsMode::Off && o.tls.certificates_dir.empty() == o.tls.psk_file.empty()) {
     return "--tls needs exactly one of --tls-certificates DIR and --tls-psk FILE";
   }
-  if (o.tls.verify_peer && o.tls.certificates_dir.empty()) return "--tls-verify-peer needs --tls-certificates";
+  // --tls-verify-peer with --tls-psk is accepted, as nbdkit accepts it: a PSK
+  // handshake succeeds only for a client holding a key from the file, so every
+  // client is verified already.
   if (!o.upstream.tls.certificates_dir.empty() && !o.upstream.tls.psk_file.empty()) {
     return "give at most one of --upstream-tls-certificates and --upstream-tls-psk";
   }
@@ -446,11 +476,11 @@ std::optional<std::string> validate(const Options& o) {
 
 }  // namespace
 
-ParseResult parse_options(int argc, const char* const argv[]) {
+ParseResult parse_options(int argc, const char* const argv[], bool socket_activated) {
   const std::vector<OptionSpec> table = option_table();
   po::options_description desc(
       "bscache: a caching block-status proxy for NBD\n\n"
-      "Usage: bscache --upstream URI (--unix PATH | --port N | --run CMD) [options]\n\nOptions");
+      "Usage: bscache --upstream URI (--unix PATH | --port N | --run CMD | -s) [options]\n\nOptions");
   for (const auto& spec : table) {
     if (!spec.value_name) {
       desc.add_options()(spec.name, spec.help);
@@ -491,6 +521,13 @@ ParseResult parse_options(int argc, const char* const argv[]) {
     settings[name] = spec.value_name ? value : "true";
   }
   if (given.count("print-config")) return {std::nullopt, 0, render_config(table, settings)};
+  // nbdkit's convention: started by socket activation with nowhere else to
+  // listen (nbdinfo/nbdcopy '-- [ bscache --upstream URI ]'), serve the passed
+  // sockets as if --systemd were given.
+  auto& listen = options.listen;
+  if (socket_activated && listen.unix_path.empty() && !listen.port && !listen.single && options.run.empty()) {
+    listen.systemd = true;
+  }
   if (auto refusal = validate(options)) return fail(*refusal);
   auto& limits = options.block_status.limits;
   limits.max_extents = std::max<size_t>(cache::max_extents_for_memory(options.cache_max_memory), 1);

@@ -34,6 +34,8 @@ struct Options {
   size_t cache_max_extents = 0;
   std::string run;  // command started once listening
   bool read_only = false;
+  // Exit as on SIGTERM when the parent process dies (PR_SET_PDEATHSIG).
+  bool exit_with_parent = false;
   std::string pidfile;
   std::string log_level = "info";
   std::string log_format = "text";  // or "json": one object per line
@@ -51,6 +53,8 @@ struct ParseResult {
   std::string message;
 };
 
-ParseResult parse_options(int argc, const char* const argv[]);
+// `socket_activated`: the environment passes listening sockets (LISTEN_FDS
+// for this process); with no listener named they are used, as nbdkit does.
+ParseResult parse_options(int argc, const char* const argv[], bool socket_activated = false);
 
 }  // namespace bscache::proxy

@@ -12,15 +12,20 @@
 #include <boost/asio/local/stream_protocol.hpp>
 
 #include "proxy/socket_buffers.hpp"
+#include "proxy/stdin_socket.hpp"
 
 namespace bscache::proxy {
+
+bool socket_activated() {
+  const char* pid = std::getenv("LISTEN_PID");
+  return pid && std::getenv("LISTEN_FDS") && std::strtol(pid, nullptr, 10) == getpid();
+}
 
 namespace {
 // sd_listen_fds(3) without libsystemd: fds 3.. when LISTEN_PID is us.
 std::vector<int> systemd_listen_fds() {
-  const char* pid = std::getenv("LISTEN_PID");
+  if (!socket_activated()) return {};
   const char* fds = std::getenv("LISTEN_FDS");
-  if (!pid || !fds || std::strtol(pid, nullptr, 10) != getpid()) return {};
   std::vector<int> out;
   for (long i = 0; i < std::strtol(fds, nullptr, 10); ++i) out.push_back(3 + static_cast<int>(i));
   unsetenv("LISTEN_PID");
@@ -31,8 +36,19 @@ std::vector<int> systemd_listen_fds() {
 }  // namespace
 
 Server::Server(ProxyContext& context, const ListenConfig& config) : ctx_(context), config_(config) {
-  if (config_.systemd) {
-    for (int fd : systemd_listen_fds()) {
+  // -s takes its client from socket activation when it has one: nbdinfo and
+  // nbdcopy start '[ CMD ]' so, with stdin on /dev/null. (nbdkit refuses -s
+  // there; serving the first connection keeps -s's meaning, one client.)
+  const bool activated = config_.single && socket_activated();
+  if (config_.single && !activated) stdin_client_ = take_stdin_socket(ctx_.io);
+  if (config_.systemd || activated) {
+    std::vector<int> fds = systemd_listen_fds();
+    if (config_.single && fds.size() > 1) {
+      // One client: from the first socket; the others would only hold connections nobody serves.
+      for (size_t i = 1; i < fds.size(); ++i) ::close(fds[i]);
+      fds = {fds.front()};
+    }
+    for (int fd : fds) {
       sockaddr_storage address{};
       socklen_t length = sizeof address;
       if (getsockname(fd, reinterpret_cast<sockaddr*>(&address), &length) == -1) {
@@ -42,7 +58,10 @@ Server::Server(ProxyContext& context, const ListenConfig& config) : ctx_(context
       acceptor->assign(asio::generic::stream_protocol(address.ss_family, 0), fd);
       acceptors_.push_back(std::move(acceptor));
     }
-    if (acceptors_.empty()) throw std::runtime_error("--systemd given but no sockets were passed (LISTEN_FDS)");
+    if (acceptors_.empty()) {
+      throw std::runtime_error(config_.single ? "-s: LISTEN_FDS passed no socket"
+                                              : "--systemd given but no sockets were passed (LISTEN_FDS)");
+    }
   }
   if (!config_.unix_path.empty()) {
     struct stat st {};
@@ -64,7 +83,9 @@ Server::Server(ProxyContext& context, const ListenConfig& config) : ctx_(context
     acceptor->assign(asio::generic::stream_protocol(endpoint.protocol().family(), IPPROTO_TCP), tcp.release());
     acceptors_.push_back(std::move(acceptor));
   }
-  if (acceptors_.empty()) throw std::runtime_error("nothing to listen on: give --unix, --port or --systemd");
+  if (acceptors_.empty() && !stdin_client_) {
+    throw std::runtime_error("nothing to listen on: give --unix, --port or --systemd");
+  }
 }
 
 Server::~Server() {
@@ -72,7 +93,18 @@ Server::~Server() {
 }
 
 void Server::start() {
+  if (stdin_client_) {
+    Session::Socket socket = std::move(*stdin_client_);
+    stdin_client_.reset();
+    start_session(std::move(socket));
+  }
   for (auto& acceptor : acceptors_) asio::co_spawn(ctx_.io, accept_loop(*acceptor), asio::detached);
+}
+
+void Server::start_session(Session::Socket socket) {
+  enlarge_send_buffer(socket.native_handle());
+  auto session = std::make_shared<Session>(ctx_, std::move(socket), next_id_++);
+  asio::co_spawn(ctx_.io, run_session(std::move(session)), asio::detached);
 }
 
 void Server::stop() {
@@ -90,6 +122,11 @@ std::string Server::uri() const {
     return "nbd://" + (v6 ? "[" + config_.bind + "]" : config_.bind) + ":" + std::to_string(*bound_port_);
   }
   return {};
+}
+
+std::string Server::describe() const {
+  if (!config_.single) return uri();
+  return acceptors_.empty() ? "stdin (-s: one client)" : "the socket-activation socket (-s: one client)";
 }
 
 awaitable<void> Server::accept_loop(Acceptor& acceptor) {
@@ -110,9 +147,12 @@ awaitable<void> Server::accept_loop(Acceptor& acceptor) {
       spdlog::warn("refusing connection: {} clients already connected (--max-connections)", sessions_.size());
       continue;  // the socket closes as it goes out of scope
     }
-    enlarge_send_buffer(socket.native_handle());
-    auto session = std::make_shared<Session>(ctx_, std::move(socket), next_id_++);
-    asio::co_spawn(ctx_.io, run_session(std::move(session)), asio::detached);
+    start_session(std::move(socket));
+    if (config_.single) {
+      // -s: one client; a second is refused by the closed socket.
+      acceptor.close(ec);
+      co_return;
+    }
   }
 }
 
@@ -126,6 +166,7 @@ awaitable<void> Server::run_session(std::shared_ptr<Session> session) {
   sessions_.erase(id);
   --ctx_.metrics.connections_current;
   spdlog::info("connection {} closed ({} open)", id, sessions_.size());
+  if (config_.single && single_done_) single_done_();
 }
 
 }  // namespace bscache::proxy

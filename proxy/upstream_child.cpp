@@ -2,8 +2,8 @@
 
 #include <fcntl.h>
 #include <signal.h>
-#include <spawn.h>
 #include <spdlog/spdlog.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <sys/wait.h>
@@ -95,19 +95,37 @@ UpstreamChild::UpstreamChild(const std::vector<std::string>& command) {
   std::vector<std::string> env = child_environment();
   auto argv = pointers(args);
   auto envp = pointers(env);
-  posix_spawn_file_actions_t actions;
-  posix_spawn_file_actions_init(&actions);
-  posix_spawn_file_actions_adddup2(&actions, listener, kListenFd);
-  const int rc = posix_spawn(&pid_, "/bin/sh", &actions, nullptr, argv.data(), envp.data());
-  posix_spawn_file_actions_destroy(&actions);
+  const int null = ::open("/dev/null", O_RDONLY | O_CLOEXEC);
+  const pid_t self = ::getpid();
+  // fork + exec rather than posix_spawn, for the prctl: posix_spawn cannot
+  // set a parent-death signal.
+  pid_ = ::fork();
+  if (pid_ == 0) {
+    // Only async-signal-safe calls from here to exec: other threads may hold locks.
+    ::dup2(listener, kListenFd);  // the copy is not close-on-exec
+    // stdin and stdout are not the server's: with -s they are a client's
+    // connection, and --run's command owns stdout.
+    if (null >= 0) ::dup2(null, STDIN_FILENO);
+    ::dup2(STDERR_FILENO, STDOUT_FILENO);
+    // If bscache dies without stopping it (SIGKILL), the server goes too:
+    // nobody else knows its private socket. SIGTERM, so it exits cleanly. The
+    // signal follows the thread that forked, the main thread, which lives as
+    // long as bscache. A bscache already gone before prctl: exit now.
+    ::prctl(PR_SET_PDEATHSIG, SIGTERM);
+    if (::getppid() != self) ::_exit(127);
+    ::execve("/bin/sh", argv.data(), envp.data());
+    ::_exit(127);
+  }
+  const int error = errno;
+  if (null >= 0) ::close(null);
   // The server holds the listener now. Not keeping it here means a server
   // that died refuses connections instead of leaving them queued forever.
   ::close(listener);
-  if (rc != 0) {
+  if (pid_ < 0) {
     pid_ = -1;
     std::error_code ignored;
     std::filesystem::remove_all(dir_, ignored);
-    throw system_failure("cannot start /bin/sh", rc);
+    throw system_failure("cannot start /bin/sh", error);
   }
   spdlog::debug("upstream command started (pid {}), listening on {}", pid_, socket_path_);
 }

@@ -21,7 +21,9 @@ namespace bscache::proxy {
 class UpstreamChild {
  public:
   // Starts `command` (argv[0] looked up in PATH) with LISTEN_FDS=1 and the
-  // listening socket as descriptor 3. Throws std::runtime_error if it cannot.
+  // listening socket as descriptor 3, stdin on /dev/null, stdout on our
+  // stderr, and SIGTERM as its parent-death signal (so it does not outlive a
+  // killed bscache). Throws std::runtime_error if it cannot.
   explicit UpstreamChild(const std::vector<std::string>& command);
   // SIGTERM, up to 5 s to exit, then SIGKILL; removes the socket's directory.
   ~UpstreamChild();

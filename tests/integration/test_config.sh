@@ -41,6 +41,8 @@ grep -qx "upstream = $(uri up)" "$T/printed.conf" || fail "--print-config lacks 
 grep -qx "readonly = true" "$T/printed.conf" || fail "--print-config lacks the switch"
 grep -qx "policy = exclusive" "$T/printed.conf" || fail "--print-config lacks a default"
 grep -qx "# metrics =" "$T/printed.conf" || fail "--print-config should comment out an unset option"
+grep -qE "^#? *(single|exit-with-parent|foreground|pid-file|read-only) =" "$T/printed.conf" \
+  && fail "--print-config shows a command-line-only option or a second spelling"
 "$BSCACHE" --config "$T/printed.conf" --print-config >"$T/again.conf" || fail "--print-config of its own output"
 diff "$T/printed.conf" "$T/again.conf" || fail "--print-config output does not read back to the same settings"
 "$BSCACHE" --print-config >"$T/defaults.conf" || fail "--print-config with nothing given"
@@ -66,6 +68,11 @@ refused "3: expected 'key = value'" "just words"
 refused "4: key 'unix' already given on line 2" "# comment" "unix = $T/y.sock"
 refused "3: sections are not used" "[bscache]"
 refused "3: policy must be" "policy = sometimes"
+# How this one process was started, not a setting: command line only.
+refused "3: single is for the command line only" "single = true"
+refused "3: exit-with-parent is for the command line only" "exit-with-parent = true"
+refused "3: unknown key 'foreground'" "foreground = true"
+refused "3: unknown key 'pid-file'" "pid-file = $T/p.pid"
 rc=0; "$BSCACHE" --config "$T/missing.conf" 2>"$T/err" || rc=$?
 ((rc == 2)) && grep -q "missing.conf.*No such file" "$T/err" || fail "a missing file: exit $rc, $(cat "$T/err")"
 pass "bad keys, values and lines refused with exit 2, naming file, line and key"

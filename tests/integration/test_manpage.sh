@@ -5,7 +5,7 @@ source "$(dirname "$0")/lib.sh"
 page=$TEST_TOOLS/bscache.1
 [[ -s $page ]] || fail "$page missing (the build makes it with help2man)"
 
-mapfile -t options < <("$BSCACHE" --help | grep -oE '^ +(-[a-z] \[ )?--[a-z][a-z-]*' | grep -oE -- '--[a-z-]+')
+mapfile -t options < <("$BSCACHE" --help | grep -oE '^ +(-[a-zA-Z] \[ )?--[a-z][a-z-]*' | grep -oE -- '--[a-z-]+')
 ((${#options[@]} >= 30)) || fail "only ${#options[@]} options found in --help"
 missing=()
 for option in "${options[@]}"; do
