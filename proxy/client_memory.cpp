@@ -21,24 +21,33 @@ size_t ClientMemory::take_peak() {
   return std::exchange(peak_, held_);
 }
 
-void ClientMemory::wait(Waiter& waiter, Verdict why) {
-  if (waiter.is_linked()) waiter.unlink();
-  (why == Verdict::Full ? room_waiters_ : pressure_waiters_).push_back(waiter);
+void ClientMemory::wait(Waiter& waiter, Verdict why, size_t more) {
+  waiter.more_ = more;
+  const bool for_room = why == Verdict::Full;
+  if (waiter.is_linked() && waiter.for_room_ == for_room) return;  // keeps its place
+  went(waiter);
+  waiter.for_room_ = for_room;
+  (for_room ? room_waiters_ : pressure_waiters_).push_back(waiter);
 }
 
-// A waiter of room looks again after any release; a waiter of the pressure
-// rule only once the total is back under half (until then only its own
-// replies leaving can let it go on, and its session sees those itself).
+void ClientMemory::went(Waiter& waiter) {
+  const bool was_first = !room_waiters_.empty() && &room_waiters_.front() == &waiter;
+  waiter.unlink();
+  if (was_first) wake();  // the next may fit too
+}
+
+// The first waiter of room looks again once its request fits (the others
+// after it, in turn); waiters of the pressure rule once the total is back
+// under half (until then only their own replies leaving can let them go on,
+// and their sessions see those themselves).
 void ClientMemory::wake() {
-  const auto wake_all = [](Waiters& waiters) {
-    while (!waiters.empty()) {
-      Waiter& waiter = waiters.front();
-      waiters.pop_front();
-      waiter.timer_.cancel();
-    }
-  };
-  wake_all(room_waiters_);
-  if (held_ <= limit_ / 2) wake_all(pressure_waiters_);
+  if (!room_waiters_.empty() && fits(room_waiters_.front().more_)) room_waiters_.front().timer_.cancel();
+  if (held_ > limit_ / 2) return;
+  while (!pressure_waiters_.empty()) {
+    Waiter& waiter = pressure_waiters_.front();
+    pressure_waiters_.pop_front();
+    waiter.timer_.cancel();
+  }
 }
 
 }  // namespace bscache::proxy

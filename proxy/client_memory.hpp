@@ -12,18 +12,24 @@
 //   - a request is taken only if the total stays within the limit with it
 //     (its charge is known before any buffer is allocated), so the total
 //     never exceeds the limit by more than the replies answered without
-//     going upstream (cache hits, errors), each within kRequestCharge;
-//   - beyond half the limit, a client with replies queued in bscache (its
-//     socket is full: it does not read them) is not read from until they are
-//     written. These are the clients that hold the most, and the memory they
-//     hold is not coming back by itself; a client that reads its replies
-//     holds only what is in flight, and is served while the total allows.
+//     going upstream (cache hits, errors), each within kRequestCharge. Clients
+//     waiting for room are served first come, first served: a client does
+//     not take room while others wait for it before it (else one client
+//     among many that want room would lose every race for it). A request
+//     larger than the whole limit is taken when nothing else is held;
+//   - beyond half the limit, a client that holds anything (requests in
+//     flight, replies queued) is not read from until it holds nothing: one
+//     request at a time each, and a client whose replies queue up because it
+//     does not read them stops for good. Those are the clients that hold the
+//     most, and what they hold is not coming back by itself; a client that
+//     reads its replies comes back to holding nothing after each answer and
+//     is served while the total allows. So clients that never read hold at
+//     most half the limit plus one request and its reply each.
 //
-// A session that may not go on waits here: its timer is cancelled when
-// memory comes back (after any release for a waiter of room; once the total
-// is back under half for a waiter of the pressure rule). Each wait is woken
-// once, so a release costs nothing when nobody waits and O(1) amortized
-// when many do.
+// A session that may not go on waits here: its timer is cancelled when it
+// may (the first waiter of room, once its request fits; every waiter of the
+// pressure rule once the total is back under half). A release costs nothing
+// when nobody waits, and O(1) amortized when many do.
 //
 // Loop thread only: plain integers, no locks.
 #pragma once
@@ -70,19 +76,13 @@ class ClientMemory {
     held_ -= bytes;
     if (!room_waiters_.empty() || (!pressure_waiters_.empty() && held_ <= limit_ / 2)) wake();
   }
+  bool fits(size_t more) const { return held_ + more <= limit_ || held_ == 0; }
 
   enum class Verdict : uint8_t {
     Go,        // take it
-    Pressure,  // over half the limit and this client has replies queued: wait until they go
+    Pressure,  // over half the limit and this client holds something: wait until it holds nothing
     Full,      // the limit cannot hold it: wait for memory to come back
   };
-  // Whether a client whose queued replies hold `queued` bytes may take `more`.
-  Verdict admit(size_t queued, size_t more) const {
-    if (queued > 0 && held_ + more > limit_ / 2) return Verdict::Pressure;
-    if (held_ + more > limit_) return Verdict::Full;
-    return Verdict::Go;
-  }
-
   // A session waiting for memory: its timer is cancelled when it should look again.
   class Waiter : public boost::intrusive::list_base_hook<boost::intrusive::link_mode<boost::intrusive::auto_unlink>> {
    public:
@@ -91,9 +91,22 @@ class ClientMemory {
    private:
     friend class ClientMemory;
     asio::steady_timer& timer_;
+    size_t more_ = 0;
+    bool for_room_ = false;
   };
-  // Registers `waiter` (once) for a wake-up; `why` is the verdict that stopped it.
-  void wait(Waiter& waiter, Verdict why);
+
+  // Whether the client of `waiter`, which holds `own` bytes, may take `more`.
+  Verdict admit(const Waiter& waiter, size_t own, size_t more) const {
+    if (own > 0 && held_ + more > limit_ / 2) return Verdict::Pressure;
+    if (!fits(more)) return Verdict::Full;
+    if (!room_waiters_.empty() && &room_waiters_.front() != &waiter) return Verdict::Full;  // not past those waiting
+    return Verdict::Go;
+  }
+  // Registers `waiter` for a wake-up (a waiter of room keeps its place); `why`
+  // is the verdict that stopped it, `more` what it wants.
+  void wait(Waiter& waiter, Verdict why, size_t more);
+  // The client of `waiter` was let go on (Go): it leaves the queue.
+  void went(Waiter& waiter);
 
   // Clients stopped by this bound, ever (each stop counted once), and now.
   uint64_t pauses() const { return pauses_; }

@@ -94,23 +94,26 @@ bool Session::must_wait() const {
          held_in_flight_ + writer_.backlog_bytes() >= ctx_.limits.max_backlog_bytes;
 }
 
-// Waits until this client may take `more` bytes: within its own limits (before
-// a new request is read) and within what all clients may hold together.
-awaitable<void> Session::wait_for_room(size_t more, bool new_request) {
-  bool paused = false;
-  while (!writer_.broken()) {
-    if (new_request && must_wait()) {
-      co_await wait_for_wakeup();
-      continue;
-    }
-    const auto verdict = ctx_.memory.admit(writer_.backlog_bytes(), more);
-    if (verdict == ClientMemory::Verdict::Go) break;
-    if (!paused) ctx_.memory.count_pause();
-    paused = true;
-    ctx_.memory.wait(memory_waiter_, verdict);
-    co_await wait_for_wakeup();
+// Whether this client may take `more` bytes now: within its own limits
+// (before a new request is read) and within what all clients may hold
+// together. If not, the wake-up timer is what to wait on. No coroutine: this
+// runs before every request, and the answer is almost always yes.
+bool Session::room_for(size_t more, bool new_request) {
+  if (new_request && must_wait()) {
+    // Waiting for itself, not for memory: no place in the queue for room.
+    if (memory_waiter_.is_linked()) ctx_.memory.went(memory_waiter_);
+    return false;
   }
-  memory_waiter_.unlink();
+  const auto verdict = ctx_.memory.admit(memory_waiter_, held_in_flight_ + writer_.backlog_bytes(), more);
+  if (verdict == ClientMemory::Verdict::Go) {
+    paused_by_total_ = false;
+    if (memory_waiter_.is_linked()) ctx_.memory.went(memory_waiter_);
+    return true;
+  }
+  if (!paused_by_total_) ctx_.memory.count_pause();
+  paused_by_total_ = true;
+  ctx_.memory.wait(memory_waiter_, verdict, more);
+  return false;
 }
 
 awaitable<void> Session::transmission() {
@@ -119,7 +122,9 @@ awaitable<void> Session::transmission() {
   // nobody waits for the answers to what it still has in flight.
   bool orderly = true;
   while (!writer_.broken()) {
-    co_await wait_for_room(ClientMemory::kRequestCharge, true);
+    while (!writer_.broken() && !room_for(ClientMemory::kRequestCharge, true)) {
+      co_await wait_for_wakeup();
+    }
     if (writer_.broken()) break;
     if (!co_await stream_.read_exact(header_bytes)) {
       orderly = false;
@@ -142,7 +147,9 @@ awaitable<void> Session::transmission() {
     if ((valid && request->type == kCmdRead) ||
         (request->type == kCmdWrite && request->length <= limits_.max_payload)) {
       const size_t charge = request_charge(request->type, request->length);
-      co_await wait_for_room(charge, false);
+      while (!writer_.broken() && !room_for(charge, false)) {
+        co_await wait_for_wakeup();
+      }
       if (writer_.broken()) break;
       hold(charge);
       charged = charge;

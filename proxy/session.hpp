@@ -90,7 +90,7 @@ class Session : public std::enable_shared_from_this<Session> {
   // The connection loop (session.cpp).
   awaitable<void> transmission();
   bool must_wait() const;
-  awaitable<void> wait_for_room(size_t more, bool new_request);
+  bool room_for(size_t more, bool new_request);
   awaitable<bool> read_write_payload(size_t length, WritePayload& payload);
   void dispatch(const wire::RequestHeader& request, WritePayload payload, size_t charged);
   void request_done(size_t held_bytes);
@@ -135,6 +135,7 @@ class Session : public std::enable_shared_from_this<Session> {
   bool splice_reads_ = false;   // plain socket, structured replies, pipes on offer
   bool splice_writes_ = false;  // plain socket, pipes on offer
   bool stopping_ = false;
+  bool paused_by_total_ = false;  // stopped by --max-client-memory (counted once per stop)
   unsigned in_flight_ = 0;
   size_t held_in_flight_ = 0;  // requests in flight, as charged (see request_charge)
   // Set when the client is gone: its commands not yet sent upstream are dropped.

@@ -13,25 +13,46 @@ namespace {
 constexpr size_t MiB = size_t{1} << 20;
 using Verdict = ClientMemory::Verdict;
 
-TEST(ClientMemory, ARequestIsTakenOnlyIfTheTotalHoldsIt) {
-  ClientMemory memory(64 * MiB);
-  EXPECT_EQ(memory.admit(0, 64 * MiB), Verdict::Go) << "exactly the limit";
+class Admission : public ::testing::Test {
+ protected:
+  asio::io_context io;
+  asio::steady_timer timer{io};
+  ClientMemory::Waiter me{timer};
+  ClientMemory memory{64 * MiB};
+};
+
+TEST_F(Admission, ARequestIsTakenOnlyIfTheTotalHoldsIt) {
+  EXPECT_EQ(memory.admit(me, 0, 64 * MiB), Verdict::Go) << "exactly the limit";
   memory.charge(60 * MiB);
-  EXPECT_EQ(memory.admit(0, 4 * MiB), Verdict::Go);
-  EXPECT_EQ(memory.admit(0, 4 * MiB + 1), Verdict::Full) << "past the limit, even holding nothing queued";
+  EXPECT_EQ(memory.admit(me, 0, 4 * MiB), Verdict::Go);
+  EXPECT_EQ(memory.admit(me, 0, 4 * MiB + 1), Verdict::Full) << "past the limit, even holding nothing queued";
   memory.release(60 * MiB);
   EXPECT_EQ(memory.held(), 0u);
+  EXPECT_EQ(memory.admit(me, 0, 100 * MiB), Verdict::Go) << "larger than the limit: taken when nothing is held";
 }
 
-TEST(ClientMemory, BeyondHalfAClientWithUnreadRepliesStops) {
-  ClientMemory memory(64 * MiB);
+TEST_F(Admission, BeyondHalfOnlyAClientHoldingNothingGoesOn) {
   memory.charge(31 * MiB);
-  EXPECT_EQ(memory.admit(1, MiB), Verdict::Go) << "at half: everyone goes on";
-  EXPECT_EQ(memory.admit(1, MiB + 1), Verdict::Pressure) << "past half, with replies queued";
-  EXPECT_EQ(memory.admit(0, 16 * MiB), Verdict::Go) << "a client that reads its replies goes on";
+  EXPECT_EQ(memory.admit(me, 1, MiB), Verdict::Go) << "at half: everyone goes on";
+  EXPECT_EQ(memory.admit(me, 1, MiB + 1), Verdict::Pressure) << "past half, holding something";
+  EXPECT_EQ(memory.admit(me, 0, 16 * MiB), Verdict::Go) << "a client holding nothing goes on";
   memory.charge(32 * MiB);
-  EXPECT_EQ(memory.admit(5 * MiB, 2 * MiB), Verdict::Pressure) << "queued replies: pressure, not room, is why";
+  EXPECT_EQ(memory.admit(me, 5 * MiB, 2 * MiB), Verdict::Pressure) << "holding something: pressure, not room, is why";
   memory.release(63 * MiB);
+}
+
+TEST_F(Admission, FirstComeFirstServedForRoom) {
+  asio::steady_timer other_timer{io};
+  ClientMemory::Waiter other{other_timer};
+  memory.charge(63 * MiB);
+  ASSERT_EQ(memory.admit(other, 0, 2 * MiB), Verdict::Full);
+  memory.wait(other, Verdict::Full, 2 * MiB);
+  memory.release(62 * MiB);
+  EXPECT_EQ(memory.admit(me, 0, 4096), Verdict::Full) << "room, but another client waits for it first";
+  EXPECT_EQ(memory.admit(other, 0, 2 * MiB), Verdict::Go) << "the first in line";
+  memory.went(other);
+  EXPECT_EQ(memory.admit(me, 0, 4096), Verdict::Go) << "then the next";
+  memory.release(MiB);
 }
 
 class Waiting : public ::testing::Test {
@@ -54,24 +75,29 @@ class Waiting : public ::testing::Test {
   ClientMemory memory{64 * MiB};
 };
 
-TEST_F(Waiting, AWaiterOfRoomIsWokenByAnyRelease) {
+TEST_F(Waiting, TheFirstWaiterOfRoomIsWokenOnceItsRequestFits) {
   memory.charge(64 * MiB);
   Sleeper s(io);
-  memory.wait(s.waiter, Verdict::Full);
+  memory.wait(s.waiter, Verdict::Full, 8192);
   EXPECT_EQ(memory.paused(), 1u);
   run();
   EXPECT_FALSE(s.woken);
   memory.release(4096);
   run();
+  EXPECT_FALSE(s.woken) << "4 KiB back: its 8 KiB do not fit yet";
+  memory.release(4096);
+  run();
   EXPECT_TRUE(s.woken);
-  EXPECT_EQ(memory.paused(), 0u) << "woken once: it registers again if it still cannot go on";
-  memory.release(64 * MiB - 4096);
+  EXPECT_EQ(memory.paused(), 1u) << "it keeps its place until it goes on";
+  memory.went(s.waiter);
+  EXPECT_EQ(memory.paused(), 0u);
+  memory.release(64 * MiB - 8192);
 }
 
 TEST_F(Waiting, AWaiterOfThePressureRuleIsWokenOnlyUnderHalf) {
   memory.charge(40 * MiB);
   Sleeper s(io);
-  memory.wait(s.waiter, Verdict::Pressure);
+  memory.wait(s.waiter, Verdict::Pressure, 4096);
   memory.release(4 * MiB);  // 36 MiB: still over half
   run();
   EXPECT_FALSE(s.woken) << "only its own replies leaving can let it go on meanwhile";
@@ -85,8 +111,8 @@ TEST_F(Waiting, AWaiterThatGoesAwayLeavesTheList) {
   memory.charge(64 * MiB);
   {
     Sleeper s(io);
-    memory.wait(s.waiter, Verdict::Full);
-    memory.wait(s.waiter, Verdict::Full);  // registering twice is once
+    memory.wait(s.waiter, Verdict::Full, 4096);
+    memory.wait(s.waiter, Verdict::Full, 4096);  // registering twice is once
     EXPECT_EQ(memory.paused(), 1u);
     s.timer.cancel();
     run();
