@@ -3,6 +3,7 @@
 CLIENTS raw-socket clients (structured replies, base:allocation) each pipeline
 requests of one KIND for SECONDS and never read a reply:
   read1  1-byte READs               bs     REQ_ONE block-status queries (cache hits)
+  read64k 64 KiB READs
   einval READs past the end         flush  FLUSHes
   write  4 KiB WRITEs               mixed  a little of each
 While they sit there bscache's resident memory (VmRSS, sampled, and VmHWM)
@@ -125,6 +126,8 @@ def requests(kind, size, n, start):
         k = kind if kind != "mixed" else ("read1", "bs", "einval", "flush", "write")[i % 5]
         if k == "read1":
             out.append(struct.pack(">IHHQQI", REQ_MAGIC, 0, 0, i, (i * 4096) % size, 1))
+        elif k == "read64k":
+            out.append(struct.pack(">IHHQQI", REQ_MAGIC, 0, 0, i, (i * 65536) % size, 65536))
         elif k == "bs":
             out.append(struct.pack(">IHHQQI", REQ_MAGIC, 1 << 3, 7, i, (i * 4096) % (size // 2), 4096))
         elif k == "einval":

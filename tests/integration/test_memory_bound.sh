@@ -12,8 +12,8 @@
 #     (bscache 12e0c9f held +1058 MiB for 1-byte READs, +528 for hits, +437 for
 #     errors, +162 for flushes). Not under the sanitizers: their allocators keep
 #     freed memory (ASan's quarantine) and malloc_trim does not reach them.
-# Then 200 such clients at once (block-status hits: no upstream in the way, so
-# the total is reached within seconds) against --max-client-memory:
+# Then 200 such clients at once (64 KiB READs: their sockets fill after 64
+# replies, so the total is reached within seconds) against --max-client-memory:
 #   - RSS growth within that bound + 64 KiB per connection (its session,
 #     socket and coroutine frames, which the count leaves out) + the allowance;
 #   - a libnbd client on another connection gets every reply meanwhile (write,
@@ -59,12 +59,11 @@ for kind in read1 bs einval flush write; do
 done
 
 # 200 clients at once against the total.
-total_mib=32
+total_mib=64
 bound=$(((total_mib + 200 * 64 / 1024 + 16) * memory_factor))
 start_bscache crowd --upstream "$(uri up)" --stats-file "$T/crowd.json" --max-client-memory ${total_mib}M
-nbdinfo --map "$(uri crowd)" >/dev/null
 out=$($py "$here/memory_hostile.py" --sock "$T/crowd.sock" --pid "$(cat "$T/crowd.pid")" --stats "$T/crowd.json" \
-  --kind bs --clients 200 --seconds $crowd_seconds --bound-mib $bound --uri "$(uri crowd)" --served-max-seconds 5) \
+  --kind read64k --clients 200 --seconds $crowd_seconds --bound-mib $bound --uri "$(uri crowd)" --served-max-seconds 5) \
   || { echo "$out"; fail "200 clients that never read, total bound ${total_mib}M"; }
 echo "$out"
 grep -q "pauses by the total" <<<"$out" || fail "no client.memory_* in the stats file"
