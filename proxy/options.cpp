@@ -314,7 +314,7 @@ std::vector<OptionSpec> option_table() {
      bytes([](Options& o) -> auto& { return o.session.max_backlog_bytes; }, uint64_t{1} << 20, uint64_t{16} << 30)},
     // All clients together (see ClientMemory); at least 16 MiB, at most 1 TiB.
     {"max-client-memory", "BYTES",
-     "bytes all clients together may hold; beyond half of it, clients with unread replies are not read from "
+     "bytes all clients together may hold; beyond half of it, a client holding anything is not read from "
      "(default: a quarter of RAM, at least 256M)",
      format_bytes(d.session.max_client_memory),
      bytes([](Options& o) -> auto& { return o.session.max_client_memory; }, uint64_t{16} << 20, uint64_t{1} << 40)},
