@@ -17,6 +17,7 @@
 #include <boost/asio/signal_set.hpp>
 
 #include "proxy/export_registry.hpp"
+#include "proxy/memory_reclaimer.hpp"
 #include "proxy/metrics_http.hpp"
 #include "proxy/server.hpp"
 #include "proxy/service_notify.hpp"
@@ -100,6 +101,8 @@ class App {
   Metrics metrics_;
   BufferPool buffers_;
   PipePool pipes_{64, pipe_limit()};
+  ClientMemory client_memory_{options_.session.max_client_memory};
+  MemoryReclaimer reclaimer_{io_, client_memory_, buffers_};
   std::unique_ptr<UpstreamChild> upstream_child_;  // --upstream-command's server; outlives exports_
   std::unique_ptr<ExportRegistry> exports_;
   std::unique_ptr<TlsServerCredentials> tls_;
@@ -129,6 +132,7 @@ int App::run() {
         [this] { asio::co_spawn(io_, shutdown("the one client (-s) disconnected"), asio::detached); });
   }
   if (options_.stats_interval.count() > 0) asio::co_spawn(io_, periodic_summary(), asio::detached);
+  reclaimer_.start();
   io_.run();
   teardown();
   return exit_code_;
@@ -167,7 +171,7 @@ bool App::connect_upstream() {
     }
   }
   context_ = std::make_unique<ProxyContext>(
-      ProxyContext{io_, *exports_, metrics_, buffers_, &pipes_, options_.session, tls_.get()});
+      ProxyContext{io_, *exports_, metrics_, buffers_, &pipes_, client_memory_, options_.session, tls_.get()});
   return true;
 }
 
@@ -311,6 +315,7 @@ awaitable<void> App::shutdown(std::string why) {
     co_await sleep(std::chrono::milliseconds(10));
   }
   exports_->shutdown();
+  reclaimer_.stop();
   io_.stop();
 }
 
@@ -328,6 +333,11 @@ Metrics App::totals() const {
   sum.connections_current = metrics_.connections_current;
   sum.connections_total = metrics_.connections_total;
   sum.connections_rejected = metrics_.connections_rejected;
+  sum.client_memory_bytes = client_memory_.held();
+  sum.client_memory_limit = client_memory_.limit();
+  sum.client_memory_pauses = client_memory_.pauses();
+  sum.client_memory_paused = client_memory_.paused();
+  sum.memory_trims = reclaimer_.trims();
   return sum;
 }
 

@@ -18,6 +18,10 @@ unsigned class_for(size_t size) {
 }
 }  // namespace
 
+size_t PooledBuffer::footprint(size_t size) {
+  return class_bytes(class_for(size));
+}
+
 PooledBuffer::PooledBuffer(PooledBuffer&& other) noexcept
     : shelves_(std::move(other.shelves_)),
       data_(std::move(other.data_)),
@@ -63,6 +67,7 @@ PooledBuffer BufferPool::acquire(size_t size) {
   buffer.size_class_ = size_class;
   {
     std::lock_guard lock(shelves_->mutex);
+    ++shelves_->acquisitions;
     auto& shelf = shelves_->idle[size_class];
     if (!shelf.empty()) {
       buffer.data_ = std::move(shelf.back());
@@ -85,6 +90,27 @@ size_t BufferPool::idle_bytes() const {
 uint64_t BufferPool::allocations() const {
   std::lock_guard lock(shelves_->mutex);
   return shelves_->allocations;
+}
+
+uint64_t BufferPool::acquisitions() const {
+  std::lock_guard lock(shelves_->mutex);
+  return shelves_->acquisitions;
+}
+
+void BufferPool::shrink(size_t keep_bytes) {
+  std::vector<std::unique_ptr<uint8_t[]>> freed;  // freed after the lock is let go
+  {
+    std::lock_guard lock(shelves_->mutex);
+    for (unsigned c = 0; c < kClasses && shelves_->idle_bytes > keep_bytes; ++c) {
+      auto& shelf = shelves_->idle[c];
+      while (!shelf.empty() && shelves_->idle_bytes > keep_bytes) {
+        freed.push_back(std::move(shelf.back()));
+        shelf.pop_back();
+        shelves_->idle_bytes -= class_bytes(c);
+      }
+      if (shelf.empty()) shelf.shrink_to_fit();
+    }
+  }
 }
 
 }  // namespace bscache::proxy

@@ -38,6 +38,10 @@ class PooledBuffer {
 
   uint8_t* data() const { return data_.get(); }
   size_t size() const { return size_; }
+  // Bytes the buffer really takes: its whole size class (0 when empty).
+  size_t capacity() const { return data_ ? footprint(size_) : 0; }
+  // What a buffer of `size` bytes takes (its power-of-two class, at least 4 KiB).
+  static size_t footprint(size_t size);
   std::span<uint8_t> span() const { return {data_.get(), size_}; }
   explicit operator bool() const { return data_ != nullptr; }
 
@@ -63,6 +67,11 @@ class BufferPool {
   size_t idle_bytes() const;
   // Buffers handed out that were not already in the pool (each one a fresh allocation).
   uint64_t allocations() const;
+  // Buffers handed out, fresh or reused.
+  uint64_t acquisitions() const;
+  // Frees idle buffers, smallest first, until at most `keep_bytes` of them are
+  // left (a pool nobody has asked for a while: see MemoryReclaimer).
+  void shrink(size_t keep_bytes);
 
   static constexpr size_t kSmallestClass = 4096;
   static constexpr unsigned kClasses = 15;  // 4 KiB << 14 = 64 MiB
@@ -79,6 +88,7 @@ struct PooledBuffer::Shelves {
   size_t idle_bytes = 0;
   const size_t max_idle_bytes;
   uint64_t allocations = 0;
+  uint64_t acquisitions = 0;
 };
 
 }  // namespace bscache::proxy

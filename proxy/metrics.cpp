@@ -104,9 +104,11 @@ std::string render_stats_json(const Metrics& m, const CacheGauges& cache, const 
   nlohmann::json doc;
   doc["uptime_seconds"] = uptime(m);
   doc["policy"] = policy;
-  doc["client"] = {{"connections_current", m.connections_current},
-                   {"connections_total", m.connections_total},
-                   {"connections_rejected", m.connections_rejected}};
+  doc["client"] = {{"connections_current", m.connections_current},   {"connections_total", m.connections_total},
+                   {"connections_rejected", m.connections_rejected}, {"memory_bytes", m.client_memory_bytes},
+                   {"memory_limit_bytes", m.client_memory_limit},    {"memory_pauses", m.client_memory_pauses},
+                   {"memory_paused", m.client_memory_paused}};
+  doc["process"] = {{"memory_trims", m.memory_trims}};
   export_sections(doc, m, cache);
   doc["exports"] = nlohmann::json::object();
   for (const auto& e : exports) {
@@ -211,6 +213,17 @@ std::string render_prometheus(const Metrics& m, const CacheGauges& cache, const 
            static_cast<double>(m.connections_total));
   x.global("bscache_client_connections_rejected_total", "counter", "Client connections refused at the limit.",
            static_cast<double>(m.connections_rejected));
+  x.global("bscache_client_memory_bytes", "gauge",
+           "Bytes all clients hold in bscache (requests in flight, queued replies).",
+           static_cast<double>(m.client_memory_bytes));
+  x.global("bscache_client_memory_limit_bytes", "gauge", "The bound on what all clients hold (--max-client-memory).",
+           static_cast<double>(m.client_memory_limit));
+  x.global("bscache_client_memory_pauses_total", "counter", "Times a client was not read from because of that bound.",
+           static_cast<double>(m.client_memory_pauses));
+  x.global("bscache_client_memory_paused", "gauge", "Clients not read from now because of that bound.",
+           static_cast<double>(m.client_memory_paused));
+  x.global("bscache_memory_trims_total", "counter", "Times freed memory was given back to the system (malloc_trim).",
+           static_cast<double>(m.memory_trims));
   x.global("bscache_exports_open", "gauge", "Upstream exports open now.",
            static_cast<double>(std::count_if(exports.begin(), exports.end(), [](const auto& e) { return e.open; })));
   x.each_op("bscache_client_requests_total", "Client requests received, by operation.", &Metrics::client_requests);

@@ -49,6 +49,13 @@ struct Metrics {
   uint64_t reads_spliced = 0;         // READs whose data went through pipes (PipePool), not bscache's memory
   uint64_t writes_spliced = 0;        // the same for WRITEs
   uint64_t cache_bypassed = 0;        // block-status misses forwarded unchanged: the cache could not keep a window
+  // What all clients hold in bscache and its bound (see ClientMemory); set by
+  // the app when rendering, not counted per export.
+  uint64_t client_memory_bytes = 0;
+  uint64_t client_memory_limit = 0;
+  uint64_t client_memory_pauses = 0;  // clients stopped by the bound, ever
+  uint64_t client_memory_paused = 0;  // ...and waiting now
+  uint64_t memory_trims = 0;          // times freed memory was given back to the system (malloc_trim)
 };
 
 // Values that live elsewhere (the cache) and are sampled when rendering.

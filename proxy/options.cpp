@@ -330,9 +330,15 @@ std::vector<OptionSpec> option_table() {
      integer([](Options& o) -> auto& { return o.session.max_in_flight; }, 1, 4096)},
     // At least 1 MiB so a client can have a few requests in flight; at most 16 GiB.
     {"max-reply-backlog", "BYTES",
-     "bytes one client may hold (payloads in flight + unread replies) before we stop reading from it",
+     "bytes one client may hold (requests in flight + unread replies, as allocated) before we stop reading from it",
      format_bytes(d.session.max_backlog_bytes),
      bytes([](Options& o) -> auto& { return o.session.max_backlog_bytes; }, uint64_t{1} << 20, uint64_t{16} << 30)},
+    // All clients together (see ClientMemory); at least 16 MiB, at most 1 TiB.
+    {"max-client-memory", "BYTES",
+     "bytes all clients together may hold; beyond half of it, a client holding anything is not read from "
+     "(default: a quarter of RAM, at least 256M)",
+     format_bytes(d.session.max_client_memory),
+     bytes([](Options& o) -> auto& { return o.session.max_client_memory; }, uint64_t{16} << 20, uint64_t{1} << 40)},
     {"handshake-timeout", "D", "time a client has to finish the handshake", format_duration(d.session.handshake_timeout),
      duration([](Options& o) -> auto& { return o.session.handshake_timeout; })},
     {"tls", "off|on|require", "offer STARTTLS to clients (require: nothing else before it)", "off",

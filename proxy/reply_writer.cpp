@@ -11,6 +11,8 @@ namespace bscache::proxy {
 namespace {
 // Replies gathered into one writev; Asio passes at most 64 buffers per call anyway.
 constexpr size_t kMaxRepliesPerWrite = 32;
+// A queue longer than this has grown its deque's map: it is replaced once empty.
+constexpr size_t kLongQueue = 1024;
 }  // namespace
 
 void Reply::add_head_piece(size_t from) {
@@ -64,6 +66,15 @@ Reply::PipeBytes Reply::pipe_at(size_t sent) const {
   return {};
 }
 
+size_t Reply::memory() const {
+  constexpr size_t kPage = 4096;
+  const size_t pipe_pages = pipes_.empty() ? 0 : ((pipe_bytes_ + kPage - 1) / kPage + pipes_.size()) * kPage;
+  const size_t pieces_heap =
+      pieces_.capacity() > pieces_.static_capacity ? heap_block(pieces_.capacity() * sizeof(Piece)) : 0;
+  return heap_block(head_.capacity()) + payload_.capacity() + pipe_pages + pieces_heap +
+         heap_block(pipes_.capacity() * sizeof(PooledPipe));
+}
+
 bool Reply::has_payload_pieces() const {
   return std::any_of(pieces_.begin(), pieces_.end(), [](const Piece& p) { return p.source != Source::Head; });
 }
@@ -75,13 +86,33 @@ Reply head_only(wire::Bytes bytes) {
   return reply;
 }
 
-ReplyWriter::ReplyWriter(ClientStream& stream, uint64_t connection_id, Hooks hooks)
-    : stream_(stream), id_(connection_id), hooks_(std::move(hooks)) {}
+// A deque stores its elements in blocks of 512 bytes or one element, plus a
+// pointer in its map: a queued reply takes its own size there.
+size_t ReplyWriter::held_by(const Reply& reply) {
+  return sizeof(Queued) + sizeof(void*) + reply.memory();
+}
+
+ReplyWriter::ReplyWriter(ClientStream& stream, uint64_t connection_id, ClientMemory& memory, Hooks hooks)
+    : stream_(stream), id_(connection_id), memory_(memory), hooks_(std::move(hooks)) {}
+
+ReplyWriter::~ReplyWriter() {
+  drop_queue();
+}
+
+void ReplyWriter::drop_queue() {
+  std::deque<Queued>().swap(queue_);
+  long_queue_ = false;
+  memory_.release(backlog_bytes_);
+  backlog_bytes_ = 0;
+}
 
 void ReplyWriter::send(Reply reply) {
   if (broken_) return;  // the client is gone: nobody to tell
-  backlog_bytes_ += reply.memory();
+  const size_t held = held_by(reply);
+  backlog_bytes_ += held;
+  memory_.charge(held);
   queue_.push_back({std::move(reply), 0});
+  if (queue_.size() > kLongQueue) long_queue_ = true;
   if (writing_) return;  // drain() gets to it
   // The common case, a reply to an idle socket: write what fits now. The
   // socket is non-blocking, so a full buffer just leaves the rest queued.
@@ -140,16 +171,23 @@ void ReplyWriter::advance(size_t written) {
       return;
     }
     written -= left;
-    backlog_bytes_ -= front.reply.memory();
+    const size_t held = held_by(front.reply);
+    backlog_bytes_ -= held;
+    memory_.release(held);
     queue_.pop_front();  // its payload buffer or pipe goes back to the pool
+  }
+  // A deque keeps the map of every block it ever had: once a long queue is
+  // empty, give that back too.
+  if (queue_.empty() && long_queue_) {
+    std::deque<Queued>().swap(queue_);
+    long_queue_ = false;
   }
 }
 
 void ReplyWriter::break_connection(const boost::system::error_code& ec) {
   spdlog::debug("connection {}: write failed: {}", id_, ec.message());
   broken_ = true;
-  queue_.clear();
-  backlog_bytes_ = 0;
+  drop_queue();
   stream_.shutdown_receive();  // ends the session's read loop
   hooks_.progress();
 }

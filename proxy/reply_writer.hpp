@@ -20,6 +20,7 @@
 
 #include "proxy/asio.hpp"
 #include "proxy/buffer_pool.hpp"
+#include "proxy/client_memory.hpp"
 #include "proxy/client_stream.hpp"
 #include "proxy/pipe_pool.hpp"
 #include "proxy/wire/codec.hpp"
@@ -49,9 +50,12 @@ class Reply {
 
   // Bytes to send.
   size_t size() const { return size_; }
-  // Bytes the reply keeps alive until it is sent: its header bytes and its
-  // whole payload buffer (a READ answered with holes sends little of it).
-  size_t memory() const { return head_.size() + payload_.size() + pipe_bytes_; }
+  // Bytes the reply keeps alive until it is sent, as the allocator and the
+  // kernel take them: the heap blocks of its header bytes and piece lists,
+  // its whole payload buffer (its size class: a 1-byte READ holds 4 KiB, a
+  // READ answered with holes sends little of it), and the pages its pipes
+  // hold. Not the Reply object itself: the queue holding it counts that.
+  size_t memory() const;
   bool has_payload_pieces() const;
   // The unsent part, from byte `sent` on, as buffers for a gathered write, up
   // to the first pipe piece. True if that is the whole rest of the reply.
@@ -87,13 +91,19 @@ class ReplyWriter {
     std::function<void()> start_drain;  // spawn drain() keeping the session alive
     std::function<void()> progress;     // bytes left the backlog, or the writer broke
   };
-  ReplyWriter(ClientStream& stream, uint64_t connection_id, Hooks hooks);
+  ReplyWriter(ClientStream& stream, uint64_t connection_id, ClientMemory& memory, Hooks hooks);
+  ~ReplyWriter();
+  ReplyWriter(const ReplyWriter&) = delete;
+  ReplyWriter& operator=(const ReplyWriter&) = delete;
 
   void send(Reply reply);
   awaitable<void> drain();
 
-  // Memory held by replies queued and not yet fully written (see Reply::memory).
+  // Memory held by replies queued and not yet fully written: each one's
+  // Reply::memory and its place in the queue. Also charged to `memory`.
   size_t backlog_bytes() const { return backlog_bytes_; }
+  // What a queued reply holds (Reply::memory plus its place in the queue).
+  static size_t held_by(const Reply& reply);
   bool idle() const { return !writing_ && queue_.empty(); }
   // A write failed: the client is gone. Everything queued was dropped.
   bool broken() const { return broken_; }
@@ -109,13 +119,17 @@ class ReplyWriter {
     Reply reply;
     size_t sent = 0;
   };
+  void drop_queue();
+
   ClientStream& stream_;
   uint64_t id_;
+  ClientMemory& memory_;
   Hooks hooks_;
   std::deque<Queued> queue_;
   size_t backlog_bytes_ = 0;
   bool writing_ = false;
   bool broken_ = false;
+  bool long_queue_ = false;                  // the queue grew long since it was last replaced
   std::vector<asio::const_buffer> buffers_;  // reused by every write
 };
 

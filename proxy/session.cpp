@@ -22,7 +22,7 @@ Session::Session(ProxyContext& context, Socket socket, uint64_t id)
     : ctx_(context),
       stream_(std::move(socket)),
       id_(id),
-      writer_(stream_, id,
+      writer_(stream_, id, context.memory,
               {.start_drain = [this] { asio::co_spawn(ctx_.io, drain_replies(), asio::detached); },
                .progress = [this] { writer_progress(); }}),
       wakeup_(context.io) {
@@ -82,11 +82,39 @@ void Session::close_when_idle() {
   stream_.close();
 }
 
+size_t request_charge(uint16_t type, uint32_t length) {
+  if (type != kCmdRead && type != kCmdWrite) return ClientMemory::kRequestCharge;
+  // A buffer's size class, or pipe pages (one more per pipe for a partly filled one).
+  return ClientMemory::kRequestCharge + PooledBuffer::footprint(length) + 4096;
+}
+
 // Back-pressure: too many requests in flight, or too many bytes held for
-// this client (payloads in flight plus replies it has not read yet).
+// this client (requests in flight plus replies it has not read yet).
 bool Session::must_wait() const {
   return in_flight_ >= ctx_.limits.max_in_flight ||
-         payload_bytes_in_flight_ + writer_.backlog_bytes() >= ctx_.limits.max_backlog_bytes;
+         held_in_flight_ + writer_.backlog_bytes() >= ctx_.limits.max_backlog_bytes;
+}
+
+// Whether this client may take `more` bytes now: within its own limits
+// (before a new request is read) and within what all clients may hold
+// together. If not, the wake-up timer is what to wait on. No coroutine: this
+// runs before every request, and the answer is almost always yes.
+bool Session::room_for(size_t more, bool new_request) {
+  if (new_request && must_wait()) {
+    // Waiting for itself, not for memory: no place in the queue for room.
+    if (memory_waiter_.is_linked()) ctx_.memory.went(memory_waiter_);
+    return false;
+  }
+  const auto verdict = ctx_.memory.admit(memory_waiter_, held_in_flight_ + writer_.backlog_bytes(), more);
+  if (verdict == ClientMemory::Verdict::Go) {
+    paused_by_total_ = false;
+    if (memory_waiter_.is_linked()) ctx_.memory.went(memory_waiter_);
+    return true;
+  }
+  if (!paused_by_total_) ctx_.memory.count_pause();
+  paused_by_total_ = true;
+  ctx_.memory.wait(memory_waiter_, verdict, more);
+  return false;
 }
 
 awaitable<void> Session::transmission() {
@@ -95,7 +123,7 @@ awaitable<void> Session::transmission() {
   // nobody waits for the answers to what it still has in flight.
   bool orderly = true;
   while (!writer_.broken()) {
-    while (must_wait() && !writer_.broken()) {
+    while (!writer_.broken() && !room_for(ClientMemory::kRequestCharge, true)) {
       co_await wait_for_wakeup();
     }
     if (writer_.broken()) break;
@@ -113,6 +141,20 @@ awaitable<void> Session::transmission() {
                   request->cookie, request->offset, request->length, request->flags);
     if (request->type == kCmdDisc) break;  // the spec: finish what is in flight, then close
 
+    // A READ or WRITE is charged its buffer before one is taken (a WRITE's
+    // payload is read into it whether or not the request is valid).
+    const bool valid = !stopping_ && validate_request(*request, limits_) == 0;
+    size_t charged = 0;
+    if ((valid && request->type == kCmdRead) ||
+        (request->type == kCmdWrite && request->length <= limits_.max_payload)) {
+      const size_t charge = request_charge(request->type, request->length);
+      while (!writer_.broken() && !room_for(charge, false)) {
+        co_await wait_for_wakeup();
+      }
+      if (writer_.broken()) break;
+      hold(charge);
+      charged = charge;
+    }
     WritePayload payload;
     if (request->type == kCmdWrite) {
       if (request->length > limits_.max_payload) {
@@ -124,12 +166,13 @@ awaitable<void> Session::transmission() {
       } else {
         const bool complete = co_await read_write_payload(request->length, payload);
         if (!complete) {
+          unhold(charged);
           orderly = false;
           break;
         }
       }
     }
-    dispatch(*request, std::move(payload));
+    dispatch(*request, std::move(payload), charged);
   }
   if (!orderly || writer_.broken()) cancelled_->store(true);
   // Let requests in flight finish and their replies go out.
@@ -165,26 +208,42 @@ awaitable<bool> Session::read_write_payload(size_t length, WritePayload& payload
   co_return complete;
 }
 
-void Session::dispatch(const RequestHeader& request, WritePayload payload) {
+// `charged`: what the caller already holds for this request (a READ's or
+// WRITE's buffer, see transmission()); answered here, it is given back.
+void Session::dispatch(const RequestHeader& request, WritePayload payload, size_t charged) {
   if (stopping_) {
+    unhold(charged);
     reply_error(request, kErrShutdown, "server is shutting down");
     return;
   }
   if (uint32_t error = validate_request(request, limits_)) {
+    unhold(charged);
     reply_error(request, error, "invalid request");
     return;
   }
-  if (request.type == kCmdBlockStatus && try_block_status_hit(request)) return;
-  // A READ counts against the backlog at once, whatever it is read into.
-  const size_t held = request.type == kCmdRead ? request.length : payload.size();
+  if (request.type == kCmdBlockStatus && try_block_status_hit(request)) {
+    unhold(charged);
+    return;
+  }
+  const size_t held = request_charge(request.type, request.length);
+  hold(held - charged);
   ++in_flight_;
-  payload_bytes_in_flight_ += held;
   asio::co_spawn(ctx_.io, serve(request, std::move(payload), held), asio::detached);
+}
+
+void Session::hold(size_t bytes) {
+  held_in_flight_ += bytes;
+  ctx_.memory.charge(bytes);
+}
+
+void Session::unhold(size_t bytes) {
+  held_in_flight_ -= bytes;
+  ctx_.memory.release(bytes);
 }
 
 void Session::request_done(size_t held_bytes) {
   --in_flight_;
-  payload_bytes_in_flight_ -= held_bytes;
+  unhold(held_bytes);
   wakeup_.cancel();
   close_when_idle();
 }

@@ -18,6 +18,7 @@
 #include "proxy/asio.hpp"
 #include "proxy/block_status_service.hpp"
 #include "proxy/buffer_pool.hpp"
+#include "proxy/client_memory.hpp"
 #include "proxy/client_stream.hpp"
 #include "proxy/export.hpp"
 #include "proxy/export_info.hpp"
@@ -36,12 +37,18 @@ struct SessionLimits {
   unsigned max_in_flight = 64;
   // Time a client has to finish the handshake. Default: 30 s.
   std::chrono::milliseconds handshake_timeout{30'000};
-  // Bytes one client may hold in bscache: payloads of its requests in flight
-  // plus replies not yet written to it (their headers and whole payload
-  // buffers, however little of a buffer a reply of holes sends). At the limit bscache stops reading
-  // that client's requests until it reads its replies, so a client's memory is
-  // at most this plus one request's payload (32 MiB). Default: 64 MiB.
+  // Bytes one client may hold in bscache, counted as allocated (see
+  // ClientMemory): its requests in flight (ClientMemory::kRequestCharge each
+  // plus the buffer their payload takes) and the replies not yet written to
+  // it (each one's object, header and whole payload buffer, however little of
+  // a buffer a reply of holes sends). At the limit bscache stops reading that
+  // client's requests until it reads its replies, so a client holds at most
+  // this plus one request (2 KiB + 32 MiB). Default: 64 MiB.
   size_t max_backlog_bytes = size_t{64} << 20;
+  // Bytes all clients together may hold, counted the same way (see
+  // ClientMemory for what happens at the limit). Default: a quarter of the
+  // machine's memory, at least 256 MiB.
+  size_t max_client_memory = default_client_memory();
 };
 
 // What every session shares.
@@ -50,7 +57,8 @@ struct ProxyContext {
   ExportRegistry& exports;
   Metrics& metrics;  // the client connection counters; the rest is counted per export
   BufferPool& buffers;
-  PipePool* pipes;  // null: nothing is spliced
+  PipePool* pipes;       // null: nothing is spliced
+  ClientMemory& memory;  // what all clients hold, and its bound
   SessionLimits limits;
   const TlsServerCredentials* tls = nullptr;  // --tls off: null
 };
@@ -63,6 +71,10 @@ struct WritePayload {
   size_t in_pipes = 0;
   size_t size() const { return buffer.size() + in_pipes; }
 };
+
+// What a request in flight is charged (see ClientMemory): its bookkeeping,
+// and for a READ or WRITE of `length` bytes the buffer (or pipe pages) its data takes.
+size_t request_charge(uint16_t type, uint32_t length);
 
 class Session : public std::enable_shared_from_this<Session> {
  public:
@@ -78,9 +90,12 @@ class Session : public std::enable_shared_from_this<Session> {
   // The connection loop (session.cpp).
   awaitable<void> transmission();
   bool must_wait() const;
+  bool room_for(size_t more, bool new_request);
   awaitable<bool> read_write_payload(size_t length, WritePayload& payload);
-  void dispatch(const wire::RequestHeader& request, WritePayload payload);
+  void dispatch(const wire::RequestHeader& request, WritePayload payload, size_t charged);
   void request_done(size_t held_bytes);
+  void hold(size_t bytes);    // charged to this client's requests in flight and to the total
+  void unhold(size_t bytes);  // ...and given back
   awaitable<void> drain_replies();
   void writer_progress();
   void close_when_idle();
@@ -131,12 +146,14 @@ class Session : public std::enable_shared_from_this<Session> {
   bool splice_reads_ = false;   // plain socket, structured replies, pipes on offer
   bool splice_writes_ = false;  // plain socket, pipes on offer
   bool stopping_ = false;
+  bool paused_by_total_ = false;  // stopped by --max-client-memory (counted once per stop)
   unsigned in_flight_ = 0;
-  size_t payload_bytes_in_flight_ = 0;
+  size_t held_in_flight_ = 0;  // requests in flight, as charged (see request_charge)
   // Set when the client is gone: its commands not yet sent upstream are dropped.
   std::shared_ptr<std::atomic<bool>> cancelled_ = std::make_shared<std::atomic<bool>>(false);
-  asio::steady_timer wakeup_;                  // cancelled whenever a request finishes or replies drain
-  std::vector<wire::Descriptor> descriptors_;  // reused by cache hits
+  asio::steady_timer wakeup_;                    // cancelled whenever a request finishes or replies drain
+  ClientMemory::Waiter memory_waiter_{wakeup_};  // ...or when the total bound lets this client go on
+  std::vector<wire::Descriptor> descriptors_;    // reused by cache hits
 };
 
 }  // namespace bscache::proxy

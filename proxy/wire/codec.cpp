@@ -322,7 +322,11 @@ uint32_t validate_request(const RequestHeader& r, const TransmissionLimits& l) {
   if (r.type == kCmdFlush) return (r.offset == 0 && r.length == 0) ? 0 : kErrInval;
 
   if (r.length == 0) return kErrInval;
-  if (r.offset > l.export_size || r.length > l.export_size - r.offset) return kErrInval;
+  // Past the end, a WRITE or WRITE_ZEROES gets ENOSPC (the spec's advice, and
+  // what nbdkit answers); anything else EINVAL.
+  if (r.offset > l.export_size || r.length > l.export_size - r.offset) {
+    return (r.type == kCmdWrite || r.type == kCmdWriteZeroes) ? kErrNoSpc : kErrInval;
+  }
   const uint32_t align = l.min_block ? l.min_block : 1;
   if (r.offset % align != 0 || r.length % align != 0) return kErrInval;
   if ((r.type == kCmdRead || r.type == kCmdWrite) && r.length > l.max_payload) {

@@ -165,8 +165,9 @@ struct TransmissionLimits {
 };
 
 // Returns 0 if the request may go upstream, else the NBD error to reply with
-// (EINVAL for malformed requests, EPERM for writes to a read-only export,
-// EOVERFLOW for a DF read larger than one chunk could hold).
+// (EINVAL for malformed requests, ENOSPC for a WRITE or WRITE_ZEROES past the
+// end, EPERM for writes to a read-only export, EOVERFLOW for a DF read larger
+// than one chunk could hold).
 uint32_t validate_request(const RequestHeader& request, const TransmissionLimits& limits);
 
 const char* command_name(uint16_t type);
