@@ -16,14 +16,14 @@
 
 #include <boost/asio/signal_set.hpp>
 
-#include "proxy/export_registry.hpp"
-#include "proxy/memory_reclaimer.hpp"
-#include "proxy/metrics_http.hpp"
-#include "proxy/server.hpp"
-#include "proxy/service_notify.hpp"
-#include "proxy/tls/tls_server.hpp"
-#include "proxy/upstream_child.hpp"
-#include "proxy/upstream_pool.hpp"
+#include "proxy/exports/export_registry.hpp"
+#include "proxy/io/memory_reclaimer.hpp"
+#include "proxy/ops/metrics_http.hpp"
+#include "proxy/ops/service_notify.hpp"
+#include "proxy/server/server.hpp"
+#include "proxy/server/tls/tls_server.hpp"
+#include "proxy/upstream/upstream_child.hpp"
+#include "proxy/upstream/upstream_pool.hpp"
 
 extern char** environ;
 

@@ -6,9 +6,9 @@
 #include <iostream>
 
 #include "proxy/app.hpp"
-#include "proxy/logging.hpp"
+#include "proxy/ops/logging.hpp"
 #include "proxy/options.hpp"
-#include "proxy/server.hpp"
+#include "proxy/server/server.hpp"
 
 int main(int argc, char* argv[]) {
   // First, before anything can take time: --exit-with-parent compares it

@@ -10,12 +10,12 @@
 #include <vector>
 
 #include "policy/coherence.hpp"
-#include "proxy/block_status_service.hpp"
-#include "proxy/server.hpp"
-#include "proxy/session.hpp"
-#include "proxy/tls/tls_server.hpp"
-#include "proxy/upstream_connect.hpp"
-#include "proxy/upstream_connection.hpp"
+#include "proxy/exports/block_status_service.hpp"
+#include "proxy/server/server.hpp"
+#include "proxy/server/session.hpp"
+#include "proxy/server/tls/tls_server.hpp"
+#include "proxy/upstream/upstream_connect.hpp"
+#include "proxy/upstream/upstream_connection.hpp"
 
 namespace bscache::proxy {
 

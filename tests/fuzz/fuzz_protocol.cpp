@@ -12,7 +12,7 @@
 #include <cstdint>
 #include <span>
 
-#include "proxy/handshake.hpp"
+#include "proxy/negotiation/handshake.hpp"
 #include "proxy/wire/codec.hpp"
 
 using namespace bscache;

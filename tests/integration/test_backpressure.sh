@@ -13,7 +13,7 @@
 # Accepted READs: bscache reads another request only while payloads in flight
 # plus unsent reply bytes are below the backlog; the client's socket absorbs
 # up to bscache's send buffer of replies (it asks for 2 MiB, which the kernel
-# caps at net.core.wmem_max and doubles: proxy/socket_buffers.hpp), so at most
+# caps at net.core.wmem_max and doubles: proxy/io/socket_buffers.hpp), so at most
 # ceil((backlog + max(1 MiB, 2 * min(2 MiB, wmem_max))) / size) READs.
 #
 # Under ThreadSanitizer every application byte written has 4 bytes of shadow

@@ -10,7 +10,7 @@
 #include <optional>
 #include <vector>
 
-#include "proxy/block_status_service.hpp"
+#include "proxy/exports/block_status_service.hpp"
 
 namespace bscache::proxy {
 namespace {

@@ -4,8 +4,8 @@
 
 #include <utility>
 
-#include "proxy/buffer_pool.hpp"
-#include "proxy/client_memory.hpp"
+#include "proxy/io/buffer_pool.hpp"
+#include "proxy/io/client_memory.hpp"
 
 namespace bscache::proxy {
 namespace {

@@ -1,5 +1,5 @@
 // Option negotiation, driven option by option without a socket.
-#include "proxy/handshake.hpp"
+#include "proxy/negotiation/handshake.hpp"
 
 #include <gtest/gtest.h>
 

@@ -1,5 +1,5 @@
 // PipePool: pipes of the capacity asked for, reused only when empty.
-#include "proxy/pipe_pool.hpp"
+#include "proxy/io/pipe_pool.hpp"
 
 #include <fcntl.h>
 #include <gtest/gtest.h>

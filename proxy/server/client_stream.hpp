@@ -1,0 +1,77 @@
+// ClientStream: a client connection's byte stream, plain or TLS.
+//
+// Everything a session and its handshake read or write goes through here, so
+// they do not know whether the client sent STARTTLS: after start_tls() the
+// same calls encrypt and decrypt. Reads return false at an expected end (EOF,
+// a closed socket, a failed TLS record), never throw. Writes follow Asio's
+// write_some rules: bytes written, or an error (would_block when nothing fits).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <span>
+#include <vector>
+
+#include <boost/asio/buffer.hpp>
+#include <boost/asio/generic/stream_protocol.hpp>
+
+#include "proxy/io/asio.hpp"
+
+namespace bscache::proxy {
+
+class TlsServerCredentials;
+class TlsSession;
+
+class ClientStream {
+ public:
+  using Socket = asio::generic::stream_protocol::socket;
+  using Buffers = std::span<const asio::const_buffer>;
+
+  explicit ClientStream(Socket socket);
+  ~ClientStream();
+  ClientStream(const ClientStream&) = delete;
+  ClientStream& operator=(const ClientStream&) = delete;
+
+  Socket& socket() { return socket_; }
+  bool tls() const { return tls_ != nullptr; }
+
+  awaitable<bool> read_exact(std::span<uint8_t> buffer);
+  awaitable<bool> discard(uint64_t length);
+
+  // Writes what fits now, without waiting.
+  size_t write_now(Buffers buffers, boost::system::error_code& ec);
+  // Moves `length` bytes from the socket into pipes (the write ends of
+  // PipePool::acquire_for's), waiting for the client as needed.
+  // Returns the bytes moved; fewer than `length` means a pipe filled up
+  // early (see PipePool), nullopt that the client is gone.
+  awaitable<std::optional<size_t>> splice_in(std::span<const int> pipes, size_t length);
+  // Moves up to `n` bytes from a pipe into the socket without waiting
+  // (splice: no copy). Plain sockets only, not after STARTTLS.
+  size_t splice_now(int pipe_fd, size_t n, boost::system::error_code& ec);
+  // Waits until a write can make progress (with TLS, in the direction GnuTLS
+  // last asked for). False: the socket closed.
+  awaitable<bool> wait_writable() { return wait(!tls_wants_read_); }
+  // Waits until something can be written, then writes what fits.
+  awaitable<size_t> write_some(Buffers buffers, boost::system::error_code& ec);
+  // Throws boost::system::system_error if the peer is gone (as asio::async_write does).
+  awaitable<void> write_all(std::span<const uint8_t> bytes);
+
+  // After STARTTLS was acknowledged: the TLS handshake, on the loop. False:
+  // the peer failed it or left (logged); close the connection.
+  awaitable<bool> start_tls(const TlsServerCredentials& credentials, uint64_t connection_id);
+
+  void shutdown_receive();  // ends a pending read with an EOF
+  void close();             // close_notify if TLS, then close
+
+ private:
+  awaitable<bool> wait(bool for_write);
+  size_t tls_write_now(Buffers buffers, boost::system::error_code& ec);
+
+  Socket socket_;
+  std::unique_ptr<TlsSession> tls_;
+  bool tls_wants_read_ = false;     // direction of the last TLS write that could not finish
+  std::vector<uint8_t> coalesced_;  // small pieces gathered into one TLS record
+};
+
+}  // namespace bscache::proxy

@@ -1,0 +1,80 @@
+// UpstreamLink: what UpstreamPool needs of one upstream connection, whichever
+// engine moves its bytes (UpstreamConnection: libnbd on a thread of its own;
+// UpstreamWireConnection: bscache's own transmission client on the loop).
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <optional>
+#include <vector>
+
+#include "proxy/negotiation/upstream_info.hpp"
+#include "proxy/upstream/upstream_command.hpp"
+
+namespace bscache::proxy {
+
+struct UpstreamOptions {
+  // Reconnect (with backoff from 100 ms to 5 s) when a connection dies. Default: on.
+  bool reconnect = true;
+  // A command unanswered this long drops its connection (then reconnect). Default: 0, off.
+  std::chrono::milliseconds timeout{0};
+  // Upstream connections when upstream advertises CAN_MULTI_CONN (else 1). Default: 4.
+  unsigned connections = 4;
+  // Wire (default): with more than one connection to a plain (not TLS)
+  // upstream, the second half carry READ, CACHE and WRITEs in pipes through
+  // bscache's own client (UpstreamWireConnection), which splices their data.
+  // Libnbd: every connection through libnbd.
+  enum class DataPath : uint8_t { Libnbd, Wire };
+  DataPath data_path = DataPath::Wire;
+};
+
+// Set by the client side when nobody wants the command's answer any more
+// (the client disconnected): a command not yet sent upstream is then dropped
+// with ECANCELED instead of being sent.
+using CancelFlag = std::shared_ptr<const std::atomic<bool>>;
+
+// A command on its way through a connection. The pool creates it, the
+// connection fills `result`, and hands it back through its `Finished` callback.
+struct UpstreamCommand {
+  CommandArgs args;
+  CommandResult result;
+  CancelFlag cancelled;
+  size_t connection = 0;
+  std::chrono::steady_clock::time_point sent_at;  // by the pool, on the loop thread
+  std::chrono::steady_clock::time_point started;  // by the connection, when it sends the command
+  std::vector<UpstreamCommand*>* done = nullptr;  // where libnbd's callback records completion
+  // Set by the connection when it failed the command without sending it (its
+  // upstream had just died): nothing reached upstream, so the pool may send it
+  // on another connection instead of failing the client's request.
+  bool never_sent = false;
+  virtual ~UpstreamCommand() = default;
+  // Resumes whoever waits for the result. Called on the loop thread, once.
+  virtual void deliver() = 0;
+};
+
+using UpstreamBatch = std::vector<std::unique_ptr<UpstreamCommand>>;
+
+class UpstreamLink {
+ public:
+  // Every command that finished in one go (one wake-up of a connection's
+  // thread, one read of the wire); may be called on any thread: the receiver
+  // moves them to its own.
+  using Finished = std::function<void(UpstreamBatch)>;
+  // Lost (nullopt) or re-established (with what the new connection negotiated).
+  using StateChanged = std::function<void(size_t index, std::optional<UpstreamInfo> reconnected)>;
+
+  virtual ~UpstreamLink() = default;
+  // The command goes upstream soon after; its result comes back through Finished, never from inside submit().
+  virtual void submit(std::unique_ptr<UpstreamCommand> command) = 0;
+  // Asks upstream to disconnect once what is in flight is answered.
+  virtual void disconnect() = 0;
+  // Whether BLOCK_STATUS may be sent on this connection.
+  virtual bool carries_block_status() const = 0;
+  // Whether it takes a READ or WRITE through pipes (CommandArgs::pipes).
+  virtual bool splices() const = 0;
+};
+
+}  // namespace bscache::proxy

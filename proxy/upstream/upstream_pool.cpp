@@ -1,0 +1,337 @@
+#include "proxy/upstream/upstream_pool.hpp"
+
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <stdexcept>
+
+#include <boost/asio/dispatch.hpp>
+#include <boost/asio/redirect_error.hpp>
+
+#include "proxy/upstream/upstream_wire_connection.hpp"
+
+namespace bscache::proxy {
+
+uint16_t wire_command(UpstreamOp op) {
+  switch (op) {
+    case UpstreamOp::Read: return wire::kCmdRead;
+    case UpstreamOp::Write: return wire::kCmdWrite;
+    case UpstreamOp::Flush: return wire::kCmdFlush;
+    case UpstreamOp::Trim: return wire::kCmdTrim;
+    case UpstreamOp::Zero: return wire::kCmdWriteZeroes;
+    case UpstreamOp::Cache: return wire::kCmdCache;
+    case UpstreamOp::BlockStatus: return wire::kCmdBlockStatus;
+  }
+  return wire::kCmdFlush;
+}
+
+CommandFlags CommandFlags::from_wire(uint16_t flags) {
+  return {.fua = (flags & wire::kCmdFlagFua) != 0,
+          .no_hole = (flags & wire::kCmdFlagNoHole) != 0,
+          .fast_zero = (flags & wire::kCmdFlagFastZero) != 0,
+          .df = (flags & wire::kCmdFlagDf) != 0,
+          .req_one = (flags & wire::kCmdFlagReqOne) != 0};
+}
+
+namespace {
+bool is_mutation(UpstreamOp op) {
+  return op == UpstreamOp::Write || op == UpstreamOp::Trim || op == UpstreamOp::Zero;
+}
+
+// What a command weighs when choosing the least loaded connection.
+uint64_t load_of(const CommandArgs& args) {
+  constexpr uint64_t kPerCommand = 4096;
+  return kPerCommand + (args.pipes.empty() ? args.buffer.size() : args.length);
+}
+
+const char* op_name(UpstreamOp op) {
+  return wire::command_name(wire_command(op));
+}
+}  // namespace
+
+// A command whose completion resumes an awaiting coroutine (or any handler).
+template <typename Handler>
+struct UpstreamPool::PendingWith final : UpstreamCommand {
+  explicit PendingWith(Handler h) : handler(std::move(h)) {}
+  Handler handler;
+  void deliver() override {
+    auto executor = asio::get_associated_executor(handler);
+    asio::dispatch(executor, [h = std::move(handler), r = std::move(result)]() mutable { h(std::move(r)); });
+  }
+};
+
+std::vector<NbdHandlePtr> UpstreamPool::connect(const UpstreamTarget& target, const UpstreamOptions& options) {
+  std::vector<NbdHandlePtr> handles;
+  handles.push_back(open_upstream(target));
+  // More than one connection only where upstream promises they see one state.
+  const bool multi_conn = read_upstream_info(handles.front().get()).can_multi_conn;
+  const unsigned wanted = multi_conn ? std::max(1u, options.connections) : 1u;
+  while (handles.size() < wanted) {
+    try {
+      handles.push_back(open_upstream(target));
+    } catch (const std::exception& e) {
+      spdlog::warn("upstream connection {} of {}: {}; going on with {}", handles.size() + 1, wanted, e.what(),
+                   handles.size());
+      break;
+    }
+  }
+  return handles;
+}
+
+UpstreamPool::UpstreamPool(asio::io_context& loop, std::vector<NbdHandlePtr> handles, const UpstreamTarget& target,
+                           UpstreamOptions options, Metrics& metrics)
+    : loop_(loop), metrics_(metrics) {
+  if (handles.empty()) throw std::logic_error("UpstreamPool: no connection");
+  info_ = read_upstream_info(handles.front().get());
+  // One message to the loop per batch a connection hands back.
+  // Messages already posted when the pool goes (an idle export closed while
+  // a connection's news was on its way) find it gone: commands are still
+  // delivered, with ESHUTDOWN, and the news is dropped.
+  std::weak_ptr<UpstreamPool*> alive = alive_;
+  auto finished = [this, alive](UpstreamBatch batch) {
+    asio::post(loop_, [alive, b = std::move(batch)]() mutable {
+      auto pool = alive.lock();
+      for (auto& command : b) {
+        if (pool) {
+          (*pool)->complete(std::move(command));
+        } else {
+          command->result = CommandResult::failed(ESHUTDOWN);
+          command->deliver();
+        }
+      }
+    });
+  };
+  auto changed = [this, alive](size_t index, std::optional<UpstreamInfo> reconnected) {
+    asio::post(loop_, [alive, index, r = std::move(reconnected)]() mutable {
+      if (auto pool = alive.lock()) (*pool)->connection_changed(index, std::move(r));
+    });
+  };
+  connections_.resize(handles.size());
+  // --data-path wire: the second half read through bscache's own client.
+  const bool wire = options.data_path == UpstreamOptions::DataPath::Wire && handles.size() > 1;
+  const size_t through_libnbd = (handles.size() + 1) / 2;
+  for (size_t i = 0; i < handles.size(); ++i) {
+    if (wire && i >= through_libnbd && UpstreamWireConnection::usable(handles[i].get())) {
+      connections_[i].connection =
+          std::make_unique<UpstreamWireConnection>(loop_, i, std::move(handles[i]), target, options, finished, changed);
+    } else {
+      connections_[i].connection =
+          std::make_unique<UpstreamConnection>(i, std::move(handles[i]), target, options, finished, changed);
+    }
+  }
+  metrics_.upstream_connections = connections_.size();
+}
+
+UpstreamPool::~UpstreamPool() {
+  alive_.reset();        // what the threads posted and the loop has not run yet finds the pool gone
+  connections_.clear();  // joins every connection's thread
+  metrics_.upstream_connections = 0;
+}
+
+size_t UpstreamPool::connections_up() const {
+  size_t up = 0;
+  for (const auto& s : connections_) up += s.up ? 1 : 0;
+  return up;
+}
+
+size_t UpstreamPool::wire_connections() const {
+  size_t wire = 0;
+  for (const auto& s : connections_) wire += s.connection->carries_block_status() ? 0 : 1;
+  return wire;
+}
+
+bool UpstreamPool::splices() const {
+  return std::any_of(connections_.begin(), connections_.end(),
+                     [](const Slot& s) { return s.up && s.connection->splices(); });
+}
+
+std::optional<size_t> UpstreamPool::pick(const CommandArgs& args, std::optional<size_t> avoid) const {
+  const UpstreamOp op = args.op;
+  auto least_loaded = [&](auto suits) {
+    std::optional<size_t> best;
+    for (size_t i = 0; i < connections_.size(); ++i) {
+      const Slot& s = connections_[i];
+      if (s.up && i != avoid && suits(s) && (!best || s.load < connections_[*best].load)) best = i;
+    }
+    return best;
+  };
+  if (!args.pipes.empty()) return least_loaded([](const Slot& s) { return s.connection->splices(); });
+  const bool libnbd_only = op != UpstreamOp::Read && op != UpstreamOp::Cache;
+  if (libnbd_only) return least_loaded([](const Slot& s) { return s.connection->carries_block_status(); });
+  if (auto wire = least_loaded([](const Slot& s) { return !s.connection->carries_block_status(); })) return wire;
+  return least_loaded([](const Slot&) { return true; });
+}
+
+// The one connection due for a flush, if exactly one is; else the least loaded.
+std::optional<size_t> UpstreamPool::flush_target() const {
+  for (size_t i = 0; i < connections_.size(); ++i) {
+    if (connections_[i].up && connections_[i].wrote_since_flush) return i;
+  }
+  return pick({.op = UpstreamOp::Flush, .buffer = {}, .offset = 0, .length = 0, .flags = {}});
+}
+
+awaitable<CommandResult> UpstreamPool::run(CommandArgs args, CancelFlag cancelled) {
+  return asio::async_initiate<decltype(use_awaitable), void(CommandResult)>(
+      [this, args, cancelled = std::move(cancelled)](auto handler) mutable {
+        auto command = std::make_unique<PendingWith<decltype(handler)>>(std::move(handler));
+        command->args = args;
+        command->cancelled = std::move(cancelled);
+        // A flush with no connection due goes where a write last went, or anywhere.
+        if (auto slot = args.op == UpstreamOp::Flush ? flush_target() : pick(args)) {
+          send(*slot, std::move(command));
+        } else {
+          if (!args.pipes.empty()) {
+            command->result.needs_buffer = true;  // no connection splices now: nothing sent
+          } else {
+            command->result.error = ESHUTDOWN;  // every connection is down; reconnecting
+          }
+          ++in_flight_;
+          command->connection = connections_.size();  // none
+          asio::post(loop_, [this, c = std::move(command)]() mutable { complete(std::move(c)); });
+        }
+      },
+      use_awaitable);
+}
+
+awaitable<CommandResult> UpstreamPool::block_status(uint64_t offset, uint64_t length, CommandFlags flags) {
+  return run({.op = UpstreamOp::BlockStatus, .buffer = {}, .offset = offset, .length = length, .flags = flags});
+}
+
+// Every connection that carried a write since its last flush is flushed; the
+// client's FLUSH succeeds only if all of them do. The flushes go out at once;
+// the timer is the "all answered" signal (cancelled by the last answer).
+struct UpstreamPool::FlushFanOut {
+  explicit FlushFanOut(asio::io_context& loop) : all_answered(loop, asio::steady_timer::time_point::max()) {}
+  size_t remaining = 0;
+  CommandResult result;
+  asio::steady_timer all_answered;
+};
+
+awaitable<CommandResult> UpstreamPool::flush(CommandFlags flags) {
+  const CommandArgs args{.op = UpstreamOp::Flush, .buffer = {}, .offset = 0, .length = 0, .flags = flags};
+  if (lost_unflushed_writes_) {
+    // Writes acknowledged over a connection that died before any flush may
+    // not have reached stable storage: say so once, to the next flusher.
+    lost_unflushed_writes_ = false;
+    spdlog::warn("FLUSH fails: an upstream connection carrying unflushed writes was lost");
+    co_return CommandResult::failed(EIO);
+  }
+  std::vector<size_t> targets;
+  for (size_t i = 0; i < connections_.size(); ++i) {
+    if (connections_[i].up && connections_[i].wrote_since_flush) targets.push_back(i);
+  }
+  if (targets.size() <= 1) {
+    co_return co_await run(args);  // the common case; run() picks if none is due
+  }
+
+  auto fan = std::make_shared<FlushFanOut>(loop_);
+  fan->remaining = targets.size();
+  for (size_t slot : targets) {
+    auto on_answer = [fan](CommandResult r) {
+      if (r.error && !fan->result.error) fan->result = std::move(r);
+      if (--fan->remaining == 0) fan->all_answered.cancel();
+    };
+    auto command = std::make_unique<PendingWith<decltype(on_answer)>>(std::move(on_answer));
+    command->args = args;
+    send(slot, std::move(command));
+  }
+  while (fan->remaining > 0) {
+    boost::system::error_code ignored;  // cancellation is the signal
+    co_await fan->all_answered.async_wait(asio::redirect_error(use_awaitable, ignored));
+  }
+  co_return std::move(fan->result);
+}
+
+void UpstreamPool::send(size_t slot, std::unique_ptr<UpstreamCommand> command) {
+  Slot& s = connections_[slot];
+  const UpstreamOp op = command->args.op;
+  command->connection = slot;
+  if (is_mutation(op)) {
+    s.wrote_since_flush = true;
+    ++s.writes_in_flight;
+  } else if (op == UpstreamOp::Flush) {
+    // This flush covers the writes that completed before it; one still in
+    // flight is not covered, so the connection stays due for a flush.
+    s.wrote_since_flush = s.writes_in_flight > 0;
+  }
+  s.load += load_of(command->args);
+  ++in_flight_;
+  command->sent_at = std::chrono::steady_clock::now();
+  s.connection->submit(std::move(command));
+}
+
+// The one place where upstream commands are counted, on the loop thread.
+void UpstreamPool::complete(std::unique_ptr<UpstreamCommand> command) {
+  --in_flight_;
+  const UpstreamOp op = command->args.op;
+  const int error = command->result.error;
+  if (command->connection < connections_.size()) {
+    Slot& s = connections_[command->connection];
+    s.load -= load_of(command->args);
+    if (is_mutation(op)) --s.writes_in_flight;
+    if (op == UpstreamOp::Flush && error) s.wrote_since_flush = true;  // still due
+  }
+  if (command->never_sent && resend(command)) return;
+  const bool sent = !command->never_sent && command->connection < connections_.size();
+  if (command->result.needs_buffer && !sent) {  // nothing went upstream: nothing to count
+    command->deliver();
+    return;
+  }
+  if (error != ECANCELED) {  // a cancelled command never left bscache
+    const uint16_t type = wire_command(op);
+    ++metrics_.upstream_requests[type];
+    if (error) {
+      ++metrics_.upstream_errors[type];
+      spdlog::warn("upstream {} at {}+{} failed: {}", op_name(op), command->args.offset, command->args.length,
+                   strerror(error));
+    }
+    if (op == UpstreamOp::BlockStatus && !error) {
+      const auto elapsed = std::chrono::steady_clock::now() - command->sent_at;
+      metrics_.upstream_block_status_latency.observe(std::chrono::duration<double>(elapsed).count());
+    }
+  }
+  command->deliver();
+}
+
+// A command its connection failed without sending (the connection died
+// between our send() and its thread picking the command up) goes to another
+// connection: nothing of it reached upstream, and the client should not see
+// an error a healthy connection would not have given. Not a FLUSH: it was
+// meant to cover writes on the connection that died, which no other
+// connection's flush covers (connection_changed fails the next flush instead).
+bool UpstreamPool::resend(std::unique_ptr<UpstreamCommand>& command) {
+  const bool cancelled = command->cancelled && command->cancelled->load(std::memory_order_relaxed);
+  if (command->args.op == UpstreamOp::Flush || cancelled) return false;
+  const auto slot = pick(command->args, command->connection);
+  if (!slot && !command->args.pipes.empty()) {
+    command->result = CommandResult{};
+    command->result.needs_buffer = true;  // the caller reads into a buffer instead
+    return false;
+  }
+  if (!slot) return false;
+  command->never_sent = false;
+  command->result = CommandResult{};
+  send(*slot, std::move(command));
+  return true;
+}
+
+void UpstreamPool::connection_changed(size_t index, std::optional<UpstreamInfo> reconnected) {
+  Slot& s = connections_[index];
+  s.up = reconnected.has_value();
+  if (!s.up) {
+    if (s.wrote_since_flush) lost_unflushed_writes_ = true;
+    s.wrote_since_flush = false;
+  } else {
+    ++metrics_.upstream_reconnects;
+  }
+  metrics_.upstream_connections = connections_up();
+  if (on_state_) on_state_(std::move(reconnected));
+}
+
+void UpstreamPool::shutdown() {
+  for (auto& s : connections_) s.connection->disconnect();
+}
+
+}  // namespace bscache::proxy

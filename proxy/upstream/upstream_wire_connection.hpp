@@ -1,0 +1,60 @@
+// UpstreamWireConnection: one upstream connection that bscache speaks NBD on
+// itself, on the loop thread, over the socket libnbd negotiated. UpstreamPool
+// sends it READ, CACHE and the WRITEs whose data is in pipes (any command
+// would work: see below for why only those).
+//
+// Why: moving bytes is CPU-bound on two cores shared with the client and the
+// upstream server, and what a proxy adds is copies, system calls and
+// wake-ups. Here READ data is spliced from the socket into pipes and WRITE
+// data from pipes into the socket (splice(2): no copy; see PipePool), which
+// libnbd cannot do; the loop sends the requests of one loop step in one
+// gathered write, and nothing changes threads (a command through libnbd on a
+// thread of its own, UpstreamConnection, costs a hand-off each way). A WRITE
+// in a buffer stays on libnbd threads: through this class it measured slower
+// (the loop then did both copies of every written byte between reading
+// clients; see README "Data path").
+//
+// libnbd still opens the connection (URI, handshake, options, meta contexts)
+// and is then left idle: bscache takes a duplicate of its socket
+// (duplicate_socket). Not used over TLS (libnbd holds the session), nor
+// for BLOCK_STATUS: libnbd does not say which context id upstream gave which
+// meta context.
+//
+// Everything here runs on the loop thread but the blocking reconnect, which
+// runs on a helper thread and posts its result back.
+#pragma once
+
+#include <memory>
+
+#include "proxy/io/asio.hpp"
+#include "proxy/upstream/upstream_connect.hpp"
+#include "proxy/upstream/upstream_link.hpp"
+
+namespace bscache::proxy {
+
+class UpstreamWireConnection final : public UpstreamLink {
+ public:
+  // Adopts an open handle (see open_upstream) whose socket is plain.
+  UpstreamWireConnection(asio::io_context& loop, size_t index, NbdHandlePtr handle, const UpstreamTarget& target,
+                         UpstreamOptions options, Finished finished, StateChanged state_changed);
+  // Fails what is in flight with ESHUTDOWN; waits for a reconnect attempt in progress.
+  ~UpstreamWireConnection() override;
+  UpstreamWireConnection(const UpstreamWireConnection&) = delete;
+  UpstreamWireConnection& operator=(const UpstreamWireConnection&) = delete;
+
+  // Loop thread only.
+  void submit(std::unique_ptr<UpstreamCommand> command) override;
+  void disconnect() override;
+  bool carries_block_status() const override { return false; }
+  // Until a READ overflowed its pipe (see splice_payload in the .cpp).
+  bool splices() const override;
+
+  // Whether a handle can be driven by this class (no TLS, no extended headers).
+  static bool usable(nbd_handle* handle);
+
+ private:
+  struct State;  // shared with the I/O handlers, which may outlive this object briefly
+  std::shared_ptr<State> state_;
+};
+
+}  // namespace bscache::proxy
