@@ -16,7 +16,7 @@ well-behaved clients retry what fails meanwhile (ESHUTDOWN), and only replies
 that succeeded are compared. bscache's RSS is sampled every 2 s.
 
 Asserted at the end: no well-behaved reply differed from direct; RSS at the end
-(median of the last 5 samples) is within 10% of RSS at minute 2 (median of 5
+(median of the last 5 samples) is at most 10% above RSS at minute 2 (median of 5
 samples around it; with --duration under 10 minutes, at a fifth of the run
 but not before 60 s).
 
@@ -343,8 +343,10 @@ os.unlink(img)
 print(f"soak: {args.duration:g} s, {restarts} upstream restarts, {counts}")
 print(f"RSS at {reference_at:g} s: {ref_rss / 1024:.1f} MiB; at the end: {end_rss / 1024:.1f} MiB "
       f"({100 * (end_rss - ref_rss) / ref_rss:+.1f}%); peak {max(r for _, r in samples) / 1024:.1f} MiB")
-if abs(end_rss - ref_rss) > 0.10 * ref_rss:
-    failure(f"RSS at the end ({end_rss / 1024:.1f} MiB) is not within 10% of RSS at {reference_at:g} s "
+# Growth is what a leak or a bound that does not hold looks like; ending lower
+# (the non-readers' memory given back between their reconnects) is not.
+if end_rss - ref_rss > 0.10 * ref_rss:
+    failure(f"RSS at the end ({end_rss / 1024:.1f} MiB) is more than 10% above RSS at {reference_at:g} s "
             f"({ref_rss / 1024:.1f} MiB)")
 if min(counts["reads"], counts["writes"], counts["walked"]) == 0:
     failure(f"a kind of well-behaved client got no answer at all: {counts}")
