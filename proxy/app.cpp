@@ -22,8 +22,8 @@
 #include "proxy/ops/service_notify.hpp"
 #include "proxy/server/server.hpp"
 #include "proxy/server/tls/tls_server.hpp"
-#include "proxy/upstream/upstream_child.hpp"
-#include "proxy/upstream/upstream_pool.hpp"
+#include "proxy/upstream/child_process.hpp"
+#include "proxy/upstream/pool.hpp"
 
 extern char** environ;
 

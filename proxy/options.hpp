@@ -14,8 +14,8 @@
 #include "proxy/server/server.hpp"
 #include "proxy/server/session.hpp"
 #include "proxy/server/tls/tls_server.hpp"
-#include "proxy/upstream/upstream_connect.hpp"
-#include "proxy/upstream/upstream_connection.hpp"
+#include "proxy/upstream/connect.hpp"
+#include "proxy/upstream/libnbd_connection.hpp"
 
 namespace bscache::proxy {
 

@@ -65,12 +65,12 @@ void Export::close() {
   upstream_.reset();  // joins the connection threads
 }
 
-Export::Client::Client(std::shared_ptr<Export> e) : export_(std::move(e)) {
+Export::Hold::Hold(std::shared_ptr<Export> e) : export_(std::move(e)) {
   ++export_->clients_;
   export_->last_used_ = std::chrono::steady_clock::now();
 }
 
-Export::Client::~Client() {
+Export::Hold::~Hold() {
   --export_->clients_;
   export_->last_used_ = std::chrono::steady_clock::now();
 }

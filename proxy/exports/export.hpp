@@ -22,7 +22,7 @@
 #include "proxy/io/asio.hpp"
 #include "proxy/negotiation/export_info.hpp"
 #include "proxy/ops/metrics.hpp"
-#include "proxy/upstream/upstream_pool.hpp"
+#include "proxy/upstream/pool.hpp"
 
 namespace bscache::proxy {
 
@@ -79,12 +79,12 @@ class Export {
   bool closed() const { return !upstream_; }
 
   // A client's hold on an export: while one exists the export stays open.
-  class Client {
+  class Hold {
    public:
-    explicit Client(std::shared_ptr<Export> e);
-    ~Client();
-    Client(const Client&) = delete;
-    Client& operator=(const Client&) = delete;
+    explicit Hold(std::shared_ptr<Export> e);
+    ~Hold();
+    Hold(const Hold&) = delete;
+    Hold& operator=(const Hold&) = delete;
     Export& operator*() const { return *export_; }
     Export* operator->() const { return export_.get(); }
 

@@ -151,7 +151,7 @@ void ExportRegistry::start() {
 
 ExportLookup ExportRegistry::hold(const std::shared_ptr<Export>& e) const {
   ExportLookup lookup;
-  lookup.client = std::make_unique<Export::Client>(e);
+  lookup.hold = std::make_unique<Export::Hold>(e);
   return lookup;
 }
 

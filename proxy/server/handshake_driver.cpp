@@ -100,7 +100,7 @@ awaitable<std::optional<NegotiatedExport>> negotiate(ClientStream& stream, Expor
       const OptionNeed need = handshake->needs(header->option, payload);
       if (need.kind == OptionNeed::Kind::Export) {
         looked_up = co_await exports.find(need.name);
-        choice = {looked_up.client ? &(*looked_up.client)->info() : nullptr, looked_up.error, looked_up.message};
+        choice = {looked_up.hold ? &(*looked_up.hold)->info() : nullptr, looked_up.error, looked_up.message};
         context.choice = &choice;
       } else if (need.kind == OptionNeed::Kind::List) {
         listing = co_await exports.list();
@@ -122,7 +122,7 @@ awaitable<std::optional<NegotiatedExport>> negotiate(ClientStream& stream, Expor
       if (single) {
         looked_up = co_await exports.find({});
       }
-      co_return NegotiatedExport{handshake->negotiated(), std::move(looked_up.client)};
+      co_return NegotiatedExport{handshake->negotiated(), std::move(looked_up.hold)};
     }
   }
 }

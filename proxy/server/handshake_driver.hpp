@@ -37,7 +37,7 @@ class TlsServerCredentials;
 // What a finished handshake chose: the options, and the export (held).
 struct NegotiatedExport {
   Negotiated negotiated;
-  std::unique_ptr<Export::Client> chosen;
+  std::unique_ptr<Export::Hold> chosen;
 };
 
 // Runs the handshake on `stream`, the TLS handshake included if the client

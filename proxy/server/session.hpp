@@ -27,7 +27,7 @@
 #include "proxy/ops/metrics.hpp"
 #include "proxy/server/client_stream.hpp"
 #include "proxy/server/reply_writer.hpp"
-#include "proxy/upstream/upstream_pool.hpp"
+#include "proxy/upstream/pool.hpp"
 #include "proxy/wire/codec.hpp"
 
 namespace bscache::proxy {
@@ -128,7 +128,7 @@ class Session : public std::enable_shared_from_this<Session> {
   ClientStream stream_;
   uint64_t id_;
   // The export the client chose (held while the session lasts), and its parts.
-  std::unique_ptr<Export::Client> export_;
+  std::unique_ptr<Export::Hold> export_;
   UpstreamPool* upstream_ = nullptr;
   BlockStatusService* block_status_ = nullptr;
   Metrics* metrics_ = nullptr;

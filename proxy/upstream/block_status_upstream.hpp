@@ -5,7 +5,7 @@
 #include <cstdint>
 
 #include "proxy/io/asio.hpp"
-#include "proxy/upstream/upstream_command.hpp"
+#include "proxy/upstream/command.hpp"
 
 namespace bscache::proxy {
 

@@ -72,7 +72,7 @@ bool ReplyParser::received(size_t n, std::vector<uint64_t>& done) {
       done.push_back(cookie_);  // a simple READ reply's data
       expect_header();
       return true;
-    case Stage::Discard: {
+    case Stage::ErrorChunk: {
       const uint32_t error = be32(scratch_.data());
       if (error == 0) return fail("an error chunk with error 0");
       if (target_->error == 0) target_->error = error;
@@ -149,7 +149,7 @@ bool ReplyParser::chunk_rest_complete(std::vector<uint64_t>& done) {
     default:
       if (!is_error_type(chunk_type_)) return fail("an unexpected chunk type " + std::to_string(chunk_type_));
       if (chunk_length_ < 6 || chunk_length_ > kMaxScratch) return fail("an error chunk of a bad length");
-      stage_ = Stage::Discard;
+      stage_ = Stage::ErrorChunk;
       scratch_.resize(chunk_length_);
       want_ = scratch_;
       filled_ = 0;

@@ -71,7 +71,7 @@ class ReplyParser {
   bool mid_reply() const { return stage_ != Stage::Header || filled_ > 0; }
 
  private:
-  enum class Stage : uint8_t { Header, ChunkRest, Payload, Sink, Discard };
+  enum class Stage : uint8_t { Header, ChunkRest, Payload, Sink, ErrorChunk };
 
   bool expect_payload(uint64_t at, uint32_t length);
 

@@ -2,7 +2,7 @@
 # An upstream over TCP (every other test reaches nbdkit over a Unix socket):
 # the meta contexts are listed and negotiated on every upstream connection
 # (the listing is pushed out by hand, see list_meta_contexts in
-# proxy/upstream/upstream_connect.cpp), so block status through bscache is upstream's;
+# proxy/upstream/connect.cpp), so block status through bscache is upstream's;
 # READs and WRITEs are spliced from and into TCP sockets and the bytes are
 # upstream's.
 source "$(dirname "$0")/lib.sh"

@@ -1,6 +1,6 @@
 // What bscache asks of its upstream and what comes back: plain data, no
-// libnbd. libnbd stays inside proxy/upstream_connect.cpp (opening a
-// connection) and proxy/upstream_connection.cpp, which translates these flags
+// libnbd. libnbd stays inside proxy/upstream/connect.cpp (opening a
+// connection) and proxy/upstream/libnbd_connection.cpp, which translates these flags
 // to LIBNBD_CMD_FLAG_* (the NBD wire bits and libnbd's bits are different
 // vocabularies that only happen to share some numbers).
 #pragma once
@@ -79,7 +79,7 @@ struct CommandArgs {
   // which). READ: their write ends, empty; the data is spliced
   // into them in the order upstream sends it, and `chunks` says what it is.
   // WRITE: their read ends, holding the payload, spliced into the upstream
-  // socket. Only UpstreamWireConnection does this (splices()).
+  // socket. Only WireConnection does this (splices()).
   std::span<const int> pipes = {};
 };
 

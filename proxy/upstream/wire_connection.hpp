@@ -1,4 +1,4 @@
-// UpstreamWireConnection: one upstream connection that bscache speaks NBD on
+// WireConnection: one upstream connection that bscache speaks NBD on
 // itself, on the loop thread, over the socket libnbd negotiated. UpstreamPool
 // sends it READ, CACHE and the WRITEs whose data is in pipes (any command
 // would work: see below for why only those).
@@ -9,7 +9,7 @@
 // data from pipes into the socket (splice(2): no copy; see PipePool), which
 // libnbd cannot do; the loop sends the requests of one loop step in one
 // gathered write, and nothing changes threads (a command through libnbd on a
-// thread of its own, UpstreamConnection, costs a hand-off each way). A WRITE
+// thread of its own, LibnbdConnection, costs a hand-off each way). A WRITE
 // in a buffer stays on libnbd threads: through this class it measured slower
 // (the loop then did both copies of every written byte between reading
 // clients; see README "Data path").
@@ -27,25 +27,25 @@
 #include <memory>
 
 #include "proxy/io/asio.hpp"
-#include "proxy/upstream/upstream_connect.hpp"
-#include "proxy/upstream/upstream_link.hpp"
+#include "proxy/upstream/connect.hpp"
+#include "proxy/upstream/connection.hpp"
 
 namespace bscache::proxy {
 
-class UpstreamWireConnection final : public UpstreamLink {
+class WireConnection final : public UpstreamConnection {
  public:
   // Adopts an open handle (see open_upstream) whose socket is plain.
-  UpstreamWireConnection(asio::io_context& loop, size_t index, NbdHandlePtr handle, const UpstreamTarget& target,
+  WireConnection(asio::io_context& loop, size_t index, NbdHandlePtr handle, const UpstreamTarget& target,
                          UpstreamOptions options, Finished finished, StateChanged state_changed);
   // Fails what is in flight with ESHUTDOWN; waits for a reconnect attempt in progress.
-  ~UpstreamWireConnection() override;
-  UpstreamWireConnection(const UpstreamWireConnection&) = delete;
-  UpstreamWireConnection& operator=(const UpstreamWireConnection&) = delete;
+  ~WireConnection() override;
+  WireConnection(const WireConnection&) = delete;
+  WireConnection& operator=(const WireConnection&) = delete;
 
   // Loop thread only.
   void submit(std::unique_ptr<UpstreamCommand> command) override;
   void disconnect() override;
-  bool carries_block_status() const override { return false; }
+  Kind kind() const override { return Kind::Wire; }
   // Until a READ overflowed its pipe (see splice_payload in the .cpp).
   bool splices() const override;
 

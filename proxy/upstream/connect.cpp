@@ -1,4 +1,4 @@
-#include "proxy/upstream/upstream_connect.hpp"
+#include "proxy/upstream/connect.hpp"
 
 #include <fcntl.h>
 #include <libnbd.h>
@@ -242,7 +242,7 @@ NbdHandlePtr open_upstream(const UpstreamTarget& target) {
   if (nbd_get_structured_replies_negotiated(h) == 1 && !list_meta_contexts(h, offered)) offered.clear();
   for (const auto& name : offered) nbd_add_meta_context(h, name.c_str());
   if (nbd_opt_go(h) == -1) throw libnbd_failure("upstream refused the export");
-  // WRITEs go out whole; the duplicate UpstreamWireConnection takes shares the setting.
+  // WRITEs go out whole; the duplicate WireConnection takes shares the setting.
   enlarge_send_buffer(nbd_aio_get_fd(h));
   return handle;
 }

@@ -3,11 +3,11 @@
 // When upstream advertises CAN_MULTI_CONN, bscache opens --upstream-connections
 // connections and spreads commands over them; otherwise exactly one. Each of
 // the first half (at least one) is driven by libnbd on a thread of its own
-// (UpstreamConnection) and carries block status, writes in buffers, trims,
+// (LibnbdConnection) and carries block status, writes in buffers, trims,
 // zeroes and flushes. With --data-path wire (the default) and more than one
 // connection to a plain upstream, the second half carries READ, CACHE and
 // WRITEs through pipes, spoken by bscache itself on the loop
-// (UpstreamWireConnection), and flushes when they carried writes; with
+// (WireConnection), and flushes when they carried writes; with
 // --data-path libnbd they are libnbd connections too and every command goes
 // anywhere. All of the pool's own
 // state lives on the loop thread, and every upstream request and error is
@@ -37,8 +37,8 @@
 #include "proxy/negotiation/upstream_info.hpp"
 #include "proxy/ops/metrics.hpp"
 #include "proxy/upstream/block_status_upstream.hpp"
-#include "proxy/upstream/upstream_command.hpp"
-#include "proxy/upstream/upstream_connection.hpp"
+#include "proxy/upstream/command.hpp"
+#include "proxy/upstream/libnbd_connection.hpp"
 
 namespace bscache::proxy {
 
@@ -59,7 +59,7 @@ class UpstreamPool final : public BlockStatusUpstream {
   const UpstreamInfo& info() const { return info_; }
   size_t connections() const { return connections_.size(); }
   size_t connections_up() const;
-  // How many carry the data commands through UpstreamWireConnection.
+  // How many carry the data commands through WireConnection.
   size_t wire_connections() const;
   // Whether a READ or WRITE through pipes (CommandArgs::pipes) can be sent now.
   bool splices() const;
@@ -80,7 +80,7 @@ class UpstreamPool final : public BlockStatusUpstream {
 
  private:
   struct Slot {
-    std::unique_ptr<UpstreamLink> connection;
+    std::unique_ptr<UpstreamConnection> connection;
     bool up = true;
     bool wrote_since_flush = false;  // carried a WRITE/TRIM/ZERO since its last FLUSH was sent
     unsigned writes_in_flight = 0;
@@ -93,7 +93,7 @@ class UpstreamPool final : public BlockStatusUpstream {
   // The least loaded connection that is up and suits the command, other than
   // `avoid`: a READ or WRITE through pipes only on a connection that splices; other READs
   // and CACHE on the wire connections while any is up, else anywhere;
-  // everything else on the libnbd connections (see UpstreamWireConnection).
+  // everything else on the libnbd connections (see WireConnection).
   std::optional<size_t> pick(const CommandArgs& args, std::optional<size_t> avoid = std::nullopt) const;
   std::optional<size_t> flush_target() const;
   void send(size_t slot, std::unique_ptr<UpstreamCommand> command);

@@ -1,4 +1,4 @@
-#include "proxy/upstream/upstream_connection.hpp"
+#include "proxy/upstream/libnbd_connection.hpp"
 
 #include <libnbd.h>
 #include <poll.h>
@@ -44,7 +44,7 @@ int64_t start_command(nbd_handle* h, UpstreamCommand& c, nbd_chunk_callback chun
 }
 }  // namespace
 
-UpstreamConnection::UpstreamConnection(size_t index, NbdHandlePtr handle, const UpstreamTarget& target,
+LibnbdConnection::LibnbdConnection(size_t index, NbdHandlePtr handle, const UpstreamTarget& target,
                                        UpstreamOptions options, Finished finished, StateChanged state_changed)
     : index_(index),
       target_(target),
@@ -57,7 +57,7 @@ UpstreamConnection::UpstreamConnection(size_t index, NbdHandlePtr handle, const 
   thread_ = std::thread([this] { run(); });
 }
 
-UpstreamConnection::~UpstreamConnection() {
+LibnbdConnection::~LibnbdConnection() {
   {
     std::lock_guard lock(mutex_);
     inbox_.stop = true;
@@ -68,26 +68,26 @@ UpstreamConnection::~UpstreamConnection() {
 }
 
 // Under mutex_: wake the thread if it sleeps (once; it clears the flag when it wakes).
-void UpstreamConnection::ring() {
+void LibnbdConnection::ring() {
   if (!inbox_.sleeping) return;
   inbox_.sleeping = false;
   const uint64_t one = 1;
   [[maybe_unused]] ssize_t n = ::write(doorbell_, &one, sizeof one);  // can only fail if the counter is full
 }
 
-void UpstreamConnection::submit(std::unique_ptr<UpstreamCommand> command) {
+void LibnbdConnection::submit(std::unique_ptr<UpstreamCommand> command) {
   std::lock_guard lock(mutex_);
   inbox_.commands.push_back(std::move(command));
   ring();
 }
 
-void UpstreamConnection::disconnect() {
+void LibnbdConnection::disconnect() {
   std::lock_guard lock(mutex_);
   inbox_.disconnect = true;
   ring();
 }
 
-void UpstreamConnection::run() {
+void LibnbdConnection::run() {
   adopt(std::move(first_handle_));
   while (take_inbox()) {
     const auto now = Clock::now();
@@ -139,7 +139,7 @@ void UpstreamConnection::run() {
 }
 
 // Tells libnbd its socket is ready; what that finished joins the batch.
-void UpstreamConnection::notify(bool write) {
+void LibnbdConnection::notify(bool write) {
   nbd_handle* h = handle_.get();
   if ((write ? nbd_aio_notify_write(h) : nbd_aio_notify_read(h)) == -1) {
     spdlog::warn("upstream connection {}: {}", index_, nbd_get_error());
@@ -148,7 +148,7 @@ void UpstreamConnection::notify(bool write) {
 }
 
 // Takes what other threads handed in; false once asked to stop.
-bool UpstreamConnection::take_inbox() {
+bool LibnbdConnection::take_inbox() {
   incoming_.commands.clear();
   {
     std::lock_guard lock(mutex_);
@@ -175,7 +175,7 @@ bool UpstreamConnection::take_inbox() {
   return true;
 }
 
-void UpstreamConnection::adopt(NbdHandlePtr handle) {
+void LibnbdConnection::adopt(NbdHandlePtr handle) {
   handle_ = std::move(handle);
   auto contexts = std::make_shared<std::vector<std::string>>();
   for (size_t i = 0;; ++i) {
@@ -188,11 +188,11 @@ void UpstreamConnection::adopt(NbdHandlePtr handle) {
   fd_ = nbd_aio_get_fd(handle_.get());
 }
 
-void UpstreamConnection::finish(std::unique_ptr<UpstreamCommand> command) {
+void LibnbdConnection::finish(std::unique_ptr<UpstreamCommand> command) {
   finished_batch_.push_back(std::move(command));
 }
 
-void UpstreamConnection::issue(std::unique_ptr<UpstreamCommand> command) {
+void LibnbdConnection::issue(std::unique_ptr<UpstreamCommand> command) {
   if (!handle_) {
     // Submitted before the loop heard this connection was lost.
     command->result.error = ESHUTDOWN;
@@ -234,14 +234,14 @@ void UpstreamConnection::issue(std::unique_ptr<UpstreamCommand> command) {
 }
 
 // libnbd lock held, inside an nbd_aio_* call: record, hand back later.
-int UpstreamConnection::on_complete(void* user_data, int* error) {
+int LibnbdConnection::on_complete(void* user_data, int* error) {
   auto* command = static_cast<UpstreamCommand*>(user_data);
   command->result.error = *error;
   command->done->push_back(command);
   return 1;  // retire the command automatically
 }
 
-int UpstreamConnection::on_extent(void* user_data, const char* context, uint64_t, uint32_t* entries, size_t count,
+int LibnbdConnection::on_extent(void* user_data, const char* context, uint64_t, uint32_t* entries, size_t count,
                                   int*) {
   auto* command = static_cast<UpstreamCommand*>(user_data);
   const auto& contexts = *command->result.contexts;
@@ -254,7 +254,7 @@ int UpstreamConnection::on_extent(void* user_data, const char* context, uint64_t
   return 0;
 }
 
-int UpstreamConnection::on_chunk(void* user_data, const void*, size_t count, uint64_t offset, unsigned status, int*) {
+int LibnbdConnection::on_chunk(void* user_data, const void*, size_t count, uint64_t offset, unsigned status, int*) {
   auto* command = static_cast<UpstreamCommand*>(user_data);
   if (status == LIBNBD_READ_DATA || status == LIBNBD_READ_HOLE) {
     command->result.chunks.push_back({offset, static_cast<uint32_t>(count), status == LIBNBD_READ_HOLE});
@@ -265,7 +265,7 @@ int UpstreamConnection::on_chunk(void* user_data, const void*, size_t count, uin
 // After any libnbd call: what completed in it joins the batch (libnbd has
 // returned, so nothing of its refers to those commands any more), then a dead
 // handle ends the connection.
-void UpstreamConnection::after_libnbd_call() {
+void LibnbdConnection::after_libnbd_call() {
   for (UpstreamCommand* raw : completed_) {
     auto it = pending_.find(raw);
     if (it == pending_.end()) continue;
@@ -281,14 +281,14 @@ void UpstreamConnection::after_libnbd_call() {
 }
 
 // One message to the loop for everything that finished since the last one.
-void UpstreamConnection::hand_back() {
+void LibnbdConnection::hand_back() {
   if (finished_batch_.empty()) return;
   finished_(std::exchange(finished_batch_, {}));
 }
 
 // Ends the connection now: every command in flight fails with `error`. With
 // the handle closed, libnbd no longer touches any of their buffers.
-void UpstreamConnection::fail_connection(int error, const char* why) {
+void LibnbdConnection::fail_connection(int error, const char* why) {
   if (!handle_) return;
   if (why) spdlog::warn("upstream connection {} lost: {}; {} commands in flight fail", index_, why, pending_.size());
   handle_.reset();  // libnbd closes its socket
@@ -307,7 +307,7 @@ void UpstreamConnection::fail_connection(int error, const char* why) {
   if (options_.reconnect) reconnect_at_ = Clock::now() + backoff_;
 }
 
-void UpstreamConnection::try_reconnect() {
+void LibnbdConnection::try_reconnect() {
   reconnect_at_.reset();
   if (closing_) return;
   // Connecting blocks (DNS, TCP, the handshake). That is fine here: this
@@ -331,7 +331,7 @@ void UpstreamConnection::try_reconnect() {
 
 // With --upstream-timeout: a command upstream has not answered in time means
 // the connection is stuck; drop it (failing everything in flight) and reconnect.
-void UpstreamConnection::check_timeout(Clock::time_point now) {
+void LibnbdConnection::check_timeout(Clock::time_point now) {
   if (options_.timeout.count() <= 0 || now < next_timeout_check_) return;
   const auto period = std::max<std::chrono::milliseconds>(options_.timeout / 4, std::chrono::milliseconds(10));
   next_timeout_check_ = now + period;
@@ -344,7 +344,7 @@ void UpstreamConnection::check_timeout(Clock::time_point now) {
 }
 
 // Until the next timer: a reconnect attempt, or the timeout check while commands are in flight.
-int UpstreamConnection::poll_timeout_ms(Clock::time_point now) const {
+int LibnbdConnection::poll_timeout_ms(Clock::time_point now) const {
   std::optional<Clock::time_point> wake = reconnect_at_;
   if (options_.timeout.count() > 0 && !pending_.empty() && (!wake || next_timeout_check_ < *wake)) {
     wake = next_timeout_check_;

@@ -1,4 +1,4 @@
-#include "proxy/upstream/upstream_child.hpp"
+#include "proxy/upstream/child_process.hpp"
 
 #include <fcntl.h>
 #include <signal.h>

@@ -50,7 +50,7 @@ std::string named_export(const UpstreamTarget& target);
 UpstreamInfo read_upstream_info(nbd_handle* h);
 // A duplicate of the socket of a handle in the transmission phase, for
 // speaking NBD over it without libnbd (the handle must then stay idle, and
-// must not be encrypted: see UpstreamWireConnection::usable). Throws
+// must not be encrypted: see WireConnection::usable). Throws
 // std::runtime_error if dup fails.
 int duplicate_socket(nbd_handle* h);
 // Takes ownership of a string libnbd allocated (nullptr gives "").

@@ -1,4 +1,4 @@
-// UpstreamConnection: one libnbd connection to the upstream server, pumped by
+// LibnbdConnection: one libnbd connection to the upstream server, pumped by
 // its own thread.
 //
 // Why a thread per connection: the bytes of READ and WRITE payloads are
@@ -36,26 +36,26 @@
 #include <vector>
 
 #include "proxy/negotiation/upstream_info.hpp"
-#include "proxy/upstream/upstream_connect.hpp"
-#include "proxy/upstream/upstream_link.hpp"
+#include "proxy/upstream/connect.hpp"
+#include "proxy/upstream/connection.hpp"
 
 namespace bscache::proxy {
 
-class UpstreamConnection final : public UpstreamLink {
+class LibnbdConnection final : public UpstreamConnection {
  public:
   // Adopts an open handle (see open_upstream) and starts the thread.
-  UpstreamConnection(size_t index, NbdHandlePtr handle, const UpstreamTarget& target, UpstreamOptions options,
+  LibnbdConnection(size_t index, NbdHandlePtr handle, const UpstreamTarget& target, UpstreamOptions options,
                      Finished finished, StateChanged state_changed);
   // Closes the handle (failing what is in flight) and joins the thread.
-  ~UpstreamConnection() override;
-  UpstreamConnection(const UpstreamConnection&) = delete;
-  UpstreamConnection& operator=(const UpstreamConnection&) = delete;
+  ~LibnbdConnection() override;
+  LibnbdConnection(const LibnbdConnection&) = delete;
+  LibnbdConnection& operator=(const LibnbdConnection&) = delete;
 
   // Any thread. The command is sent from this connection's thread soon after.
   void submit(std::unique_ptr<UpstreamCommand> command) override;
   // Any thread. Asks upstream to disconnect once what is in flight is answered.
   void disconnect() override;
-  bool carries_block_status() const override { return true; }
+  Kind kind() const override { return Kind::Libnbd; }
   bool splices() const override { return false; }
 
  private:

@@ -1,4 +1,4 @@
-#include "proxy/upstream/upstream_wire_connection.hpp"
+#include "proxy/upstream/wire_connection.hpp"
 
 #include <fcntl.h>
 #include <libnbd.h>
@@ -77,7 +77,7 @@ constexpr size_t kMaxGather = 64;
 constexpr std::chrono::milliseconds kFirstBackoff{100};
 }  // namespace
 
-struct UpstreamWireConnection::State : std::enable_shared_from_this<State> {
+struct WireConnection::State : std::enable_shared_from_this<State> {
   using Clock = std::chrono::steady_clock;
   using Socket = asio::generic::stream_protocol::socket;
 
@@ -158,7 +158,7 @@ struct UpstreamWireConnection::State : std::enable_shared_from_this<State> {
   static awaitable<void> read_loop(std::shared_ptr<State> self, uint64_t generation);
 };
 
-void UpstreamWireConnection::State::adopt(NbdHandlePtr h) {
+void WireConnection::State::adopt(NbdHandlePtr h) {
   const int fd = duplicate_socket(h.get());  // usable(h) was checked by whoever opened it
   sockaddr_storage address{};
   socklen_t length = sizeof address;
@@ -188,7 +188,7 @@ void UpstreamWireConnection::State::adopt(NbdHandlePtr h) {
   asio::co_spawn(loop, read_loop(shared_from_this(), generation), asio::detached);
 }
 
-void UpstreamWireConnection::State::submit(std::unique_ptr<UpstreamCommand> command) {
+void WireConnection::State::submit(std::unique_ptr<UpstreamCommand> command) {
   if (!up || closing) {
     // Submitted before the loop heard this connection was lost: nothing was sent.
     command->result.error = ESHUTDOWN;
@@ -216,7 +216,7 @@ void UpstreamWireConnection::State::submit(std::unique_ptr<UpstreamCommand> comm
 }
 
 // Everything submitted in this loop step goes out in one gathered write.
-void UpstreamWireConnection::State::post_write() {
+void WireConnection::State::post_write() {
   if (write_posted || writing) return;
   write_posted = true;
   asio::post(loop, [self = shared_from_this()] {
@@ -225,7 +225,7 @@ void UpstreamWireConnection::State::post_write() {
   });
 }
 
-void UpstreamWireConnection::State::start_write() {
+void WireConnection::State::start_write() {
   if (writing || !up || splicing_out) return;
   gather.clear();
   const auto now = Clock::now();
@@ -276,7 +276,7 @@ void UpstreamWireConnection::State::start_write() {
 
 // The payload of `splicing_out`, from its pipes into the socket (no copy),
 // as fast as the socket takes it; then the next gathered write.
-void UpstreamWireConnection::State::splice_out() {
+void WireConnection::State::splice_out() {
   if (!up) return;
   InFlight* f = splicing_out;
   const CommandArgs& a = f->command->args;
@@ -315,7 +315,7 @@ void UpstreamWireConnection::State::splice_out() {
 // room to spare, but counts pieces, not bytes: a stream of small segments (a
 // TCP upstream without receive offload) can fill it early. Then the rest of
 // that READ is dropped and the caller reads again into a buffer.
-UpstreamWireConnection::State::Spliced UpstreamWireConnection::State::splice_payload(size_t& moved,
+WireConnection::State::Spliced WireConnection::State::splice_payload(size_t& moved,
                                                                                      std::string& failure) {
   moved = 0;
   auto it = pending.find(parser->cookie());
@@ -357,7 +357,7 @@ UpstreamWireConnection::State::Spliced UpstreamWireConnection::State::splice_pay
   return Spliced::Overflow;
 }
 
-awaitable<void> UpstreamWireConnection::State::read_loop(std::shared_ptr<State> self, uint64_t generation) {
+awaitable<void> WireConnection::State::read_loop(std::shared_ptr<State> self, uint64_t generation) {
   boost::system::error_code ec;
   for (;;) {
     size_t n = 0;
@@ -396,7 +396,7 @@ awaitable<void> UpstreamWireConnection::State::read_loop(std::shared_ptr<State> 
   }
 }
 
-void UpstreamWireConnection::State::complete_done() {
+void WireConnection::State::complete_done() {
   for (const uint64_t cookie : done) {
     auto it = pending.find(cookie);
     if (it == pending.end()) continue;
@@ -415,13 +415,13 @@ void UpstreamWireConnection::State::complete_done() {
   hand_back();
 }
 
-void UpstreamWireConnection::State::hand_back() {
+void WireConnection::State::hand_back() {
   if (!batch.empty()) finished(std::exchange(batch, {}));
 }
 
 // Ends the connection now: what was sent fails with `error`, what was not
 // with ESHUTDOWN and marked never sent (the pool may send it elsewhere).
-void UpstreamWireConnection::State::lost(int error, const std::string& why) {
+void WireConnection::State::lost(int error, const std::string& why) {
   if (!up) return;
   up = false;
   ++generation;
@@ -450,7 +450,7 @@ void UpstreamWireConnection::State::lost(int error, const std::string& why) {
 
 // With --upstream-timeout: a command upstream has not answered in time means
 // the connection is stuck; drop it (failing everything in flight) and reconnect.
-void UpstreamWireConnection::State::arm_timeout() {
+void WireConnection::State::arm_timeout() {
   if (options.timeout.count() <= 0 || timeout_armed) return;
   timeout_armed = true;
   timeout_timer.expires_after(std::max<std::chrono::milliseconds>(options.timeout / 4, std::chrono::milliseconds(10)));
@@ -460,7 +460,7 @@ void UpstreamWireConnection::State::arm_timeout() {
   });
 }
 
-void UpstreamWireConnection::State::check_timeout() {
+void WireConnection::State::check_timeout() {
   if (!up) return;
   const auto now = Clock::now();
   bool waiting = false;
@@ -475,7 +475,7 @@ void UpstreamWireConnection::State::check_timeout() {
   if (waiting) arm_timeout();
 }
 
-void UpstreamWireConnection::State::schedule_reconnect() {
+void WireConnection::State::schedule_reconnect() {
   reconnect_timer.expires_after(backoff);
   reconnect_timer.async_wait([self = shared_from_this()](const boost::system::error_code& ec) {
     if (!ec && !self->closing) self->start_connector();
@@ -485,7 +485,7 @@ void UpstreamWireConnection::State::schedule_reconnect() {
 // Connecting blocks (DNS, TCP, the handshake): it runs on a thread of its own
 // and posts the outcome back. The previous attempt has posted its outcome
 // already (that is what started this one), so joining it does not wait.
-void UpstreamWireConnection::State::start_connector() {
+void WireConnection::State::start_connector() {
   if (connector.joinable()) connector.join();
   connector = std::thread([weak = weak_from_this(), target = target, &loop = loop] {
     NbdHandlePtr h;
@@ -504,7 +504,7 @@ void UpstreamWireConnection::State::start_connector() {
   });
 }
 
-void UpstreamWireConnection::State::reconnected(NbdHandlePtr h, std::optional<UpstreamInfo> info,
+void WireConnection::State::reconnected(NbdHandlePtr h, std::optional<UpstreamInfo> info,
                                                 const std::string& failure) {
   if (closing) return;
   std::string why = failure;
@@ -528,14 +528,14 @@ void UpstreamWireConnection::State::reconnected(NbdHandlePtr h, std::optional<Up
   state_changed(index, std::move(info));
 }
 
-UpstreamWireConnection::UpstreamWireConnection(asio::io_context& loop, size_t index, NbdHandlePtr handle,
+WireConnection::WireConnection(asio::io_context& loop, size_t index, NbdHandlePtr handle,
                                                const UpstreamTarget& target, UpstreamOptions options, Finished finished,
                                                StateChanged state_changed)
     : state_(std::make_shared<State>(loop, index, target, options, std::move(finished), std::move(state_changed))) {
   state_->adopt(std::move(handle));
 }
 
-UpstreamWireConnection::~UpstreamWireConnection() {
+WireConnection::~WireConnection() {
   State& s = *state_;
   s.closing = true;
   try {
@@ -548,15 +548,15 @@ UpstreamWireConnection::~UpstreamWireConnection() {
   if (s.connector.joinable()) s.connector.join();
 }
 
-void UpstreamWireConnection::submit(std::unique_ptr<UpstreamCommand> command) {
+void WireConnection::submit(std::unique_ptr<UpstreamCommand> command) {
   state_->submit(std::move(command));
 }
 
-bool UpstreamWireConnection::splices() const {
+bool WireConnection::splices() const {
   return state_->splicing;
 }
 
-void UpstreamWireConnection::disconnect() {
+void WireConnection::disconnect() {
   State& s = *state_;
   s.closing = true;
   s.reconnect_timer.cancel();
@@ -565,7 +565,7 @@ void UpstreamWireConnection::disconnect() {
   s.post_write();  // NBD_CMD_DISC after what is queued; upstream answers what is in flight, then closes
 }
 
-bool UpstreamWireConnection::usable(nbd_handle* handle) {
+bool WireConnection::usable(nbd_handle* handle) {
   if (nbd_get_tls_negotiated(handle) == 1) return false;
 #ifdef LIBNBD_HAVE_NBD_GET_EXTENDED_HEADERS_NEGOTIATED
   // A libnbd newer than Debian 12's may negotiate 64-bit headers, which this client does not speak.

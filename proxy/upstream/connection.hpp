@@ -1,6 +1,6 @@
-// UpstreamLink: what UpstreamPool needs of one upstream connection, whichever
-// engine moves its bytes (UpstreamConnection: libnbd on a thread of its own;
-// UpstreamWireConnection: bscache's own transmission client on the loop).
+// UpstreamConnection: what UpstreamPool needs of one upstream connection, whichever
+// engine moves its bytes (LibnbdConnection: libnbd on a thread of its own;
+// WireConnection: bscache's own transmission client on the loop).
 #pragma once
 
 #include <atomic>
@@ -12,7 +12,7 @@
 #include <vector>
 
 #include "proxy/negotiation/upstream_info.hpp"
-#include "proxy/upstream/upstream_command.hpp"
+#include "proxy/upstream/command.hpp"
 
 namespace bscache::proxy {
 
@@ -25,7 +25,7 @@ struct UpstreamOptions {
   unsigned connections = 4;
   // Wire (default): with more than one connection to a plain (not TLS)
   // upstream, the second half carry READ, CACHE and WRITEs in pipes through
-  // bscache's own client (UpstreamWireConnection), which splices their data.
+  // bscache's own client (WireConnection), which splices their data.
   // Libnbd: every connection through libnbd.
   enum class DataPath : uint8_t { Libnbd, Wire };
   DataPath data_path = DataPath::Wire;
@@ -57,7 +57,7 @@ struct UpstreamCommand {
 
 using UpstreamBatch = std::vector<std::unique_ptr<UpstreamCommand>>;
 
-class UpstreamLink {
+class UpstreamConnection {
  public:
   // Every command that finished in one go (one wake-up of a connection's
   // thread, one read of the wire); may be called on any thread: the receiver
@@ -66,13 +66,15 @@ class UpstreamLink {
   // Lost (nullopt) or re-established (with what the new connection negotiated).
   using StateChanged = std::function<void(size_t index, std::optional<UpstreamInfo> reconnected)>;
 
-  virtual ~UpstreamLink() = default;
+  virtual ~UpstreamConnection() = default;
   // The command goes upstream soon after; its result comes back through Finished, never from inside submit().
   virtual void submit(std::unique_ptr<UpstreamCommand> command) = 0;
   // Asks upstream to disconnect once what is in flight is answered.
   virtual void disconnect() = 0;
-  // Whether BLOCK_STATUS may be sent on this connection.
-  virtual bool carries_block_status() const = 0;
+  // Libnbd connections carry every command; wire connections carry READ
+  // and CACHE (and spliced WRITEs) only, never BLOCK_STATUS.
+  enum class Kind : uint8_t { Libnbd, Wire };
+  virtual Kind kind() const = 0;
   // Whether it takes a READ or WRITE through pipes (CommandArgs::pipes).
   virtual bool splices() const = 0;
 };

@@ -1,4 +1,4 @@
-#include "proxy/upstream/upstream_pool.hpp"
+#include "proxy/upstream/pool.hpp"
 
 #include <spdlog/spdlog.h>
 
@@ -10,7 +10,7 @@
 #include <boost/asio/dispatch.hpp>
 #include <boost/asio/redirect_error.hpp>
 
-#include "proxy/upstream/upstream_wire_connection.hpp"
+#include "proxy/upstream/wire_connection.hpp"
 
 namespace bscache::proxy {
 
@@ -113,12 +113,12 @@ UpstreamPool::UpstreamPool(asio::io_context& loop, std::vector<NbdHandlePtr> han
   const bool wire = options.data_path == UpstreamOptions::DataPath::Wire && handles.size() > 1;
   const size_t through_libnbd = (handles.size() + 1) / 2;
   for (size_t i = 0; i < handles.size(); ++i) {
-    if (wire && i >= through_libnbd && UpstreamWireConnection::usable(handles[i].get())) {
+    if (wire && i >= through_libnbd && WireConnection::usable(handles[i].get())) {
       connections_[i].connection =
-          std::make_unique<UpstreamWireConnection>(loop_, i, std::move(handles[i]), target, options, finished, changed);
+          std::make_unique<WireConnection>(loop_, i, std::move(handles[i]), target, options, finished, changed);
     } else {
       connections_[i].connection =
-          std::make_unique<UpstreamConnection>(i, std::move(handles[i]), target, options, finished, changed);
+          std::make_unique<LibnbdConnection>(i, std::move(handles[i]), target, options, finished, changed);
     }
   }
   metrics_.upstream_connections = connections_.size();
@@ -138,7 +138,7 @@ size_t UpstreamPool::connections_up() const {
 
 size_t UpstreamPool::wire_connections() const {
   size_t wire = 0;
-  for (const auto& s : connections_) wire += s.connection->carries_block_status() ? 0 : 1;
+  for (const auto& s : connections_) wire += s.connection->kind() == UpstreamConnection::Kind::Wire ? 1 : 0;
   return wire;
 }
 
@@ -159,8 +159,11 @@ std::optional<size_t> UpstreamPool::pick(const CommandArgs& args, std::optional<
   };
   if (!args.pipes.empty()) return least_loaded([](const Slot& s) { return s.connection->splices(); });
   const bool libnbd_only = op != UpstreamOp::Read && op != UpstreamOp::Cache;
-  if (libnbd_only) return least_loaded([](const Slot& s) { return s.connection->carries_block_status(); });
-  if (auto wire = least_loaded([](const Slot& s) { return !s.connection->carries_block_status(); })) return wire;
+  auto of_kind = [](UpstreamConnection::Kind kind) {
+    return [kind](const Slot& s) { return s.connection->kind() == kind; };
+  };
+  if (libnbd_only) return least_loaded(of_kind(UpstreamConnection::Kind::Libnbd));
+  if (auto wire = least_loaded(of_kind(UpstreamConnection::Kind::Wire))) return wire;
   return least_loaded([](const Slot&) { return true; });
 }
 
