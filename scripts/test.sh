@@ -17,25 +17,42 @@ jobs=${CTEST_JOBS:-4}
 sanitize=1
 if [[ ${1:-} == --no-sanitize ]]; then sanitize=0; shift; fi
 
+# Seconds per phase, printed at the end (and on failure), to keep CI's time in view.
+phases=()
+phase_start=$SECONDS
+phase() { phases+=("$(printf '%5d s  %s' $((SECONDS - phase_start)) "$1")"); phase_start=$SECONDS; }
+report_phases() { echo "== time per phase =="; printf '%s\n' "${phases[@]}"; echo "total: $SECONDS s"; }
+trap report_phases EXIT
+
 scripts/deps.sh
+phase "dependencies"
 BUILD_DIR=build scripts/build.sh
+phase "build"
 BUILD_DIR=build scripts/check.sh --no-tidy
+phase "static checks"
 # A second qemu for the interop tests (qemu 10 from bookworm-backports, in a
 # private prefix); without it test_qemu10 reports itself skipped.
 timeout 300 scripts/qemu10.sh >/dev/null || echo "qemu 10 could not be fetched: test_qemu10 will be skipped" >&2
+phase "qemu 10"
 (cd build && ctest --output-on-failure --timeout 300 -j"$jobs" "$@")
+phase "tests"
 
 echo "== fuzzing the handshake and request decoder =="
 FUZZ_SECONDS=${FUZZ_SECONDS:-30} scripts/fuzz.sh
+phase "fuzzing (build and run)"
 
 if ((sanitize)); then
   echo "== again under AddressSanitizer + UBSan =="
   BUILD_DIR=build-asan BUILD_TYPE=Debug scripts/build.sh -DBSCACHE_SANITIZE=ON
+  phase "ASan build"
   export ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
   (cd build-asan && ctest --output-on-failure --timeout 600 -j"$jobs" -LE tooling "$@")
+  phase "ASan tests"
   unset ASAN_OPTIONS
   echo "== again under ThreadSanitizer =="
   BUILD_DIR=build-tsan BUILD_TYPE=RelWithDebInfo scripts/build.sh -DBSCACHE_TSAN=ON
+  phase "TSan build"
   export TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1 suppressions=$PWD/tests/tsan.supp"
   (cd build-tsan && ctest --output-on-failure --timeout 600 -j"$jobs" -LE tooling "$@")
+  phase "TSan tests"
 fi
