@@ -2,9 +2,10 @@
 // answer cache hits inline, and spawn one coroutine per request that waits on
 // upstream; replies leave in completion order through the ReplyWriter.
 //
-// The connection loop is session.cpp; what each command does (the filter
-// logic: the cache bracket around mutations, block-status hit and miss) is
-// session_commands.cpp, one short function per command.
+// The connection loop is session.cpp; what each command does (the cache
+// bracket around mutations, READs through pipes or buffers) is
+// session_commands.cpp, one short function per command. A BLOCK_STATUS is
+// one call to the export's BlockStatusService, which answers it whole.
 #pragma once
 
 #include <atomic>
@@ -107,9 +108,6 @@ class Session : public std::enable_shared_from_this<Session> {
   awaitable<bool> serve_spliced_read(const wire::RequestHeader& request);
   awaitable<void> serve_mutation(wire::RequestHeader request, WritePayload payload);
   awaitable<void> serve_cache(const wire::RequestHeader& request);
-  awaitable<void> serve_block_status(const wire::RequestHeader& request);
-  awaitable<void> serve_passthrough_block_status(const wire::RequestHeader& request, const wire::RequestHeader& asked);
-  bool try_block_status_hit(const wire::RequestHeader& request);
 
   // Requests of a client that did not agree to upstream's minimum block size,
   // made whole blocks for upstream (session_unaligned.cpp).
@@ -122,7 +120,7 @@ class Session : public std::enable_shared_from_this<Session> {
   // Replies: every error a client sees goes through reply_error, which counts it.
   void reply_result(const wire::RequestHeader& request, int error);
   void reply_error(const wire::RequestHeader& request, uint32_t nbd_error, std::string_view message);
-  void reply_base_allocation(const wire::RequestHeader& request, std::span<const wire::Descriptor> descriptors);
+  void reply_block_status(const wire::RequestHeader& request, BlockStatusReply reply);
 
   ProxyContext& ctx_;
   ClientStream stream_;
@@ -139,10 +137,11 @@ class Session : public std::enable_shared_from_this<Session> {
   ReplyWriter writer_;
   Negotiated negotiated_;
   wire::TransmissionLimits limits_;
-  bool only_base_allocation_ = false;
   // Upstream's minimum block size when this client did not agree to it (its
   // requests may be unaligned: see session_unaligned.cpp), else 1.
   uint32_t align_ = 1;
+  // info_, negotiated_.contexts and align_, as the block-status service needs them.
+  BlockStatusClient block_status_client_;
   bool splice_reads_ = false;   // plain socket, structured replies, pipes on offer
   bool splice_writes_ = false;  // plain socket, pipes on offer
   bool stopping_ = false;
@@ -153,7 +152,6 @@ class Session : public std::enable_shared_from_this<Session> {
   std::shared_ptr<std::atomic<bool>> cancelled_ = std::make_shared<std::atomic<bool>>(false);
   asio::steady_timer wakeup_;                    // cancelled whenever a request finishes or replies drain
   ClientMemory::Waiter memory_waiter_{wakeup_};  // ...or when the total bound lets this client go on
-  std::vector<wire::Descriptor> descriptors_;    // reused by cache hits
 };
 
 }  // namespace bscache::proxy
