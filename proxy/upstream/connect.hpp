@@ -10,7 +10,7 @@
 
 #include "proxy/negotiation/upstream_info.hpp"
 
-struct nbd_handle;  // libnbd's handle; libnbd.h stays inside proxy/upstream*.cpp
+struct nbd_handle;  // libnbd's handle; libnbd.h stays inside proxy/upstream/*.cpp
 
 namespace bscache::proxy {
 
