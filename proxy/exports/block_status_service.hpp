@@ -21,6 +21,7 @@
 #include "policy/coherence.hpp"
 #include "policy/fetch_window.hpp"
 #include "policy/prefetch.hpp"
+#include "proxy/exports/config.hpp"
 #include "proxy/io/asio.hpp"
 #include "proxy/negotiation/export_info.hpp"
 #include "proxy/ops/metrics.hpp"
@@ -28,16 +29,6 @@
 #include "proxy/wire/codec.hpp"
 
 namespace bscache::proxy {
-
-struct BlockStatusConfig {
-  policy::CoherencePolicy coherence;
-  policy::PrefetchConfig prefetch;
-  cache::CacheLimits limits;
-  // Longest window asked for on a miss. Default: the 32-bit limit.
-  uint64_t max_window = policy::kMaxRequestLength;
-  // Most descriptors in one reply without REQ_ONE. Default: 65536.
-  size_t max_descriptors = 65536;
-};
 
 // One client's side of BLOCK_STATUS, fixed when it chose the export (a
 // reconnect changes what new clients are offered, not what this one agreed to).

@@ -9,7 +9,6 @@
 #pragma once
 
 #include <atomic>
-#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <span>
@@ -27,30 +26,12 @@
 #include "proxy/negotiation/handshake.hpp"
 #include "proxy/ops/metrics.hpp"
 #include "proxy/server/client_stream.hpp"
+#include "proxy/server/config.hpp"
 #include "proxy/server/reply_writer.hpp"
 #include "proxy/upstream/pool.hpp"
 #include "proxy/wire/codec.hpp"
 
 namespace bscache::proxy {
-
-struct SessionLimits {
-  // Requests one client may have in flight before we stop reading from it. Default: 64.
-  unsigned max_in_flight = 64;
-  // Time a client has to finish the handshake. Default: 30 s.
-  std::chrono::milliseconds handshake_timeout{30'000};
-  // Bytes one client may hold in bscache, counted as allocated (see
-  // ClientMemory): its requests in flight (ClientMemory::kRequestCharge each
-  // plus the buffer their payload takes) and the replies not yet written to
-  // it (each one's object, header and whole payload buffer, however little of
-  // a buffer a reply of holes sends). At the limit bscache stops reading that
-  // client's requests until it reads its replies, so a client holds at most
-  // this plus one request (2 KiB + 32 MiB). Default: 64 MiB.
-  size_t max_backlog_bytes = size_t{64} << 20;
-  // Bytes all clients together may hold, counted the same way (see
-  // ClientMemory for what happens at the limit). Default: a quarter of the
-  // machine's memory, at least 256 MiB.
-  size_t max_client_memory = default_client_memory();
-};
 
 // What every session shares.
 struct ProxyContext {

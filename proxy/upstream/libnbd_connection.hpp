@@ -26,10 +26,8 @@
 // wake-up in one batch (one message to the loop, not one per command).
 #pragma once
 
-#include <atomic>
 #include <chrono>
 #include <cstdint>
-#include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -37,7 +35,7 @@
 #include <unordered_map>
 #include <vector>
 
-#include "proxy/negotiation/upstream_info.hpp"
+#include "proxy/upstream/config.hpp"
 #include "proxy/upstream/connect.hpp"
 #include "proxy/upstream/connection.hpp"
 

@@ -27,6 +27,7 @@
 #include <memory>
 
 #include "proxy/io/asio.hpp"
+#include "proxy/upstream/config.hpp"
 #include "proxy/upstream/connect.hpp"
 #include "proxy/upstream/connection.hpp"
 
