@@ -12,7 +12,7 @@
 // thread of its own, LibnbdConnection, costs a hand-off each way). A WRITE
 // in a buffer stays on libnbd threads: through this class it measured slower
 // (the loop then did both copies of every written byte between reading
-// clients; see README "Data path").
+// clients; see bench/results/RESULTS-data-path.md).
 //
 // libnbd still opens the connection (URI, handshake, options, meta contexts)
 // and is then left idle: bscache takes a duplicate of its socket
