@@ -55,18 +55,6 @@ wire::RequestHeader asked_upstream(const wire::RequestHeader& request, uint32_t 
   asked.flags &= ~wire::kCmdFlagReqOne;
   return asked;
 }
-
-// The descriptors of a context upstream answered, as the client's request may
-// carry them: cut to its range (which `asked` may have widened).
-void cut_to_request(std::span<const wire::Descriptor> descriptors, const wire::RequestHeader& request,
-                    const wire::RequestHeader& asked, std::vector<wire::Descriptor>& out) {
-  const bool req_one = request.flags & wire::kCmdFlagReqOne;
-  if (asked.offset == request.offset && asked.length == request.length) {
-    wire::clip_descriptors(descriptors, request.length, req_one, out);
-  } else {
-    wire::cut_descriptors(descriptors, request.offset - asked.offset, request.length, req_one, out);
-  }
-}
 }  // namespace
 
 // base:allocation alone, which upstream can tell and the cache keeps.
@@ -137,7 +125,9 @@ awaitable<BlockStatusReply> BlockStatusService::pass_through(const BlockStatusCl
     descriptors.clear();
     if (offered.upstream_context(context)) {
       if (const auto* answered = result.extents_for(offered.contexts[context])) {
-        cut_to_request(*answered, request, asked, descriptors);
+        // Cut to the client's range (which `asked` may have widened).
+        wire::cut_descriptors(*answered, request.offset - asked.offset, request.length,
+                              request.flags & wire::kCmdFlagReqOne, descriptors);
       }
     } else {
       descriptors.push_back({request.length, 0});  // base:allocation synthesized: all data
