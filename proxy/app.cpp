@@ -11,8 +11,6 @@
 #include <algorithm>
 #include <cstdlib>
 #include <filesystem>
-#include <fstream>
-#include <optional>
 
 #include <boost/asio/signal_set.hpp>
 

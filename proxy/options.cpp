@@ -3,7 +3,6 @@
 #include <wordexp.h>
 
 #include <algorithm>
-#include <cctype>
 #include <cerrno>
 #include <charconv>
 #include <cstring>

@@ -4,9 +4,10 @@
 
 #include <algorithm>
 #include <cerrno>
-#include <cstring>
 
 #include <boost/asio/redirect_error.hpp>
+
+#include "policy/alignment.hpp"
 
 namespace bscache::proxy {
 
@@ -34,23 +35,116 @@ BlockStatusService::BlockStatusService(asio::io_context& io, BlockStatusUpstream
   }
 }
 
-bool BlockStatusService::try_answer(uint64_t offset, uint32_t length, bool req_one,
-                                    std::vector<wire::Descriptor>& out) {
-  if (!info_.upstream_context(static_cast<size_t>(info_.base_allocation))) {
+namespace {
+// A client's context id on the wire: its index among the contexts it was offered, plus one.
+uint32_t wire_context_id(uint32_t context) {
+  return context + 1;
+}
+
+// The query upstream is asked: the client's, or for an unaligned query of a
+// client that did not agree to upstream's block size, the whole blocks
+// around it without REQ_ONE (whose one extent might end before the query
+// starts), at most 4 GiB - 1 long. The answer is then cut back to the
+// client's range (cut_descriptors).
+wire::RequestHeader asked_upstream(const wire::RequestHeader& request, uint32_t align, uint64_t export_size) {
+  if (policy::is_aligned({request.offset, request.length}, align, export_size)) return request;
+  wire::RequestHeader asked = request;
+  const auto blocks = policy::widen({request.offset, request.length}, align, export_size);
+  asked.offset = blocks.offset;
+  asked.length = static_cast<uint32_t>(std::min<uint64_t>(blocks.length, policy::kMaxRequestLength / align * align));
+  asked.flags &= ~wire::kCmdFlagReqOne;
+  return asked;
+}
+}  // namespace
+
+// base:allocation alone, which upstream can tell and the cache keeps.
+bool BlockStatusService::answers_from_cache(const BlockStatusClient& client) const {
+  const ExportInfo& offered = *client.offered;
+  return caching() && client.selected.size() == 1 &&
+         client.selected[0] == static_cast<uint32_t>(offered.base_allocation) &&
+         offered.upstream_context(client.selected[0]);
+}
+
+bool BlockStatusService::try_answer(const BlockStatusClient& client, const wire::RequestHeader& request,
+                                    wire::Bytes& chunks) {
+  const ExportInfo& offered = *client.offered;
+  const auto base_allocation = static_cast<uint32_t>(offered.base_allocation);
+  if (client.selected.size() != 1 || client.selected[0] != base_allocation) return false;
+  if (!offered.upstream_context(base_allocation)) {
     // Upstream cannot tell: everything is data, which is always a safe answer.
-    out.assign(1, wire::Descriptor{length, 0});
-    return true;
+    hit_.assign(1, wire::Descriptor{request.length, 0});
+  } else if (caching() && lookup(request.offset, request.length, request.flags & wire::kCmdFlagReqOne, hit_)) {
+    maybe_prefetch(request.offset);
+  } else {
+    return false;
   }
-  if (!caching() || !lookup(offset, length, req_one, out)) return false;
-  maybe_prefetch(offset);
+  ++metrics_.block_status_hits;
+  chunks.reserve(wire::kStructuredHeaderSize + 4 + 8 * hit_.size());
+  wire::encode_block_status_chunk(chunks, request.cookie, true, wire_context_id(base_allocation), hit_);
   return true;
+}
+
+awaitable<BlockStatusReply> BlockStatusService::answer(BlockStatusClient client, wire::RequestHeader request) {
+  ++metrics_.block_status_misses;
+  const wire::RequestHeader asked = asked_upstream(request, client.align, client.offered->size);
+  if (!answers_from_cache(client)) co_return co_await pass_through(client, request, asked);
+  BlockStatusReply reply;
+  std::vector<wire::Descriptor> descriptors;
+  reply.error = co_await answer_after_miss(asked.offset, asked.length, asked.flags & wire::kCmdFlagReqOne, descriptors);
+  if (reply.error) co_return reply;
+  std::vector<wire::Descriptor> cut;
+  const bool widened = asked.offset != request.offset || asked.length != request.length;
+  if (widened) {
+    wire::cut_descriptors(descriptors, request.offset - asked.offset, request.length,
+                          request.flags & wire::kCmdFlagReqOne, cut);
+  }
+  const auto& answered = widened ? cut : descriptors;
+  reply.chunks.reserve(wire::kStructuredHeaderSize + 4 + 8 * answered.size());
+  wire::encode_block_status_chunk(reply.chunks, request.cookie, true, wire_context_id(client.selected[0]), answered);
+  co_return reply;
+}
+
+// Contexts other than base:allocation are never cached: one upstream call
+// answers every context the client selected that upstream has, each
+// translated to the client's context id; base:allocation where upstream
+// lacks it is all data.
+awaitable<BlockStatusReply> BlockStatusService::pass_through(const BlockStatusClient& client,
+                                                             const wire::RequestHeader& request,
+                                                             const wire::RequestHeader& asked) {
+  const ExportInfo& offered = *client.offered;
+  auto result = co_await upstream_.block_status(asked.offset, asked.length,
+                                                {.req_one = (asked.flags & wire::kCmdFlagReqOne) != 0});
+  BlockStatusReply reply;
+  if (result.error) {
+    reply.error = result.error;  // the pool logged and counted it
+    co_return reply;
+  }
+  std::vector<wire::Descriptor> descriptors;
+  for (size_t i = 0; i < client.selected.size(); ++i) {
+    const uint32_t context = client.selected[i];
+    descriptors.clear();
+    if (offered.upstream_context(context)) {
+      if (const auto* answered = result.extents_for(offered.contexts[context])) {
+        // Cut to the client's range (which `asked` may have widened).
+        wire::cut_descriptors(*answered, request.offset - asked.offset, request.length,
+                              request.flags & wire::kCmdFlagReqOne, descriptors);
+      }
+    } else {
+      descriptors.push_back({request.length, 0});  // base:allocation synthesized: all data
+    }
+    if (descriptors.empty()) {
+      reply.error = EIO;
+      reply.message = "upstream sent no extents for a selected context";
+      co_return reply;
+    }
+    const bool done = i + 1 == client.selected.size();
+    wire::encode_block_status_chunk(reply.chunks, request.cookie, done, wire_context_id(context), descriptors);
+  }
+  co_return reply;
 }
 
 awaitable<int> BlockStatusService::answer_after_miss(uint64_t offset, uint32_t length, bool req_one,
                                                      std::vector<wire::Descriptor>& out) {
-  if (!caching()) {
-    co_return co_await ask_upstream_directly(offset, length, req_one, out);
-  }
   auto fetch = joinable_fetch(offset);
   if (!fetch) {
     if (policy::should_bypass(cache_.extents().max_extents())) {

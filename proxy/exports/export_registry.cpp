@@ -3,7 +3,6 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
-#include <stdexcept>
 
 #include <boost/asio/post.hpp>
 #include <boost/asio/redirect_error.hpp>

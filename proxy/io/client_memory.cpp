@@ -5,6 +5,8 @@
 #include <algorithm>
 #include <utility>
 
+#include "proxy/io/memory_bound.hpp"
+
 namespace bscache::proxy {
 
 size_t default_client_memory() {

@@ -51,10 +51,6 @@ constexpr size_t heap_block(size_t n) {
   return chunk < 32 ? 32 : chunk;
 }
 
-// A quarter of the machine's physical memory, at least 256 MiB: the default
-// of --max-client-memory.
-size_t default_client_memory();
-
 class ClientMemory {
  public:
   // Charged per request in flight on top of its payload's buffer or pipes.

@@ -19,7 +19,6 @@ struct UpstreamInfo {
   std::string export_name;
   std::string description;
   std::vector<std::string> contexts;  // meta contexts negotiated upstream
-  int base_allocation_index = -1;     // index into contexts, -1 if absent
 };
 
 // One export in a LIST reply (upstream's, or ours).

@@ -48,8 +48,7 @@ awaitable<void> Session::run() {
       // user space, which TLS cannot.
       splice_reads_ = ctx_.pipes && !stream_.tls() && negotiated_.structured_replies;
       splice_writes_ = ctx_.pipes && !stream_.tls();
-      only_base_allocation_ =
-          negotiated_.contexts.size() == 1 && negotiated_.contexts[0] == static_cast<uint32_t>(info_.base_allocation);
+      block_status_client_ = {.offered = &info_, .selected = negotiated_.contexts, .align = align_};
       spdlog::debug("connection {}: transmission, structured replies {}, {} meta contexts", id_,
                     negotiated_.structured_replies, negotiated_.contexts.size());
       co_await transmission();
@@ -221,9 +220,13 @@ void Session::dispatch(const RequestHeader& request, WritePayload payload, size_
     reply_error(request, error, "invalid request");
     return;
   }
-  if (request.type == kCmdBlockStatus && try_block_status_hit(request)) {
-    unhold(charged);
-    return;
+  if (request.type == kCmdBlockStatus) {
+    Bytes chunks;
+    if (block_status_->try_answer(block_status_client_, request, chunks)) {
+      unhold(charged);
+      writer_.send(head_only(std::move(chunks)));
+      return;
+    }
   }
   const size_t held = request_charge(request.type, request.length);
   hold(held - charged);

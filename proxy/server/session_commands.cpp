@@ -5,7 +5,6 @@
 #include <cstring>
 
 #include "policy/alignment.hpp"
-#include "policy/fetch_window.hpp"
 #include "proxy/server/session.hpp"
 #include "proxy/wire/errors.hpp"
 
@@ -40,7 +39,9 @@ awaitable<void> Session::serve(RequestHeader request, WritePayload payload, size
       case kCmdTrim: co_await serve_mutation(request, std::move(payload)); break;
       case kCmdFlush: reply_result(request, (co_await upstream_->flush(CommandFlags::from_wire(0))).error); break;
       case kCmdCache: co_await serve_cache(request); break;
-      case kCmdBlockStatus: co_await serve_block_status(request); break;
+      case kCmdBlockStatus:
+        reply_block_status(request, co_await block_status_->answer(block_status_client_, request));
+        break;
       default: reply_error(request, kErrInval, "unknown command");
     }
   } catch (const std::exception& e) {
@@ -207,90 +208,14 @@ awaitable<void> Session::serve_cache(const RequestHeader& request) {
   reply_result(request, result.error);
 }
 
-bool Session::try_block_status_hit(const RequestHeader& request) {
-  if (!only_base_allocation_) return false;
-  if (!block_status_->try_answer(request.offset, request.length, request.flags & kCmdFlagReqOne, descriptors_)) {
-    return false;
-  }
-  ++metrics_->block_status_hits;
-  reply_base_allocation(request, descriptors_);
-  return true;
-}
-
-namespace {
-// The query upstream is asked: the client's, or for an unaligned query of a
-// client that did not agree to upstream's block size, the whole blocks
-// around it without REQ_ONE (whose one extent might end before the query
-// starts), at most 4 GiB - 1 long. The answer is then cut back to the
-// client's range (cut_descriptors).
-RequestHeader block_status_asked(const RequestHeader& request, uint32_t align, uint64_t export_size) {
-  if (policy::is_aligned({request.offset, request.length}, align, export_size)) return request;
-  RequestHeader asked = request;
-  const auto blocks = policy::widen({request.offset, request.length}, align, export_size);
-  asked.offset = blocks.offset;
-  asked.length = static_cast<uint32_t>(std::min<uint64_t>(blocks.length, policy::kMaxRequestLength / align * align));
-  asked.flags &= ~kCmdFlagReqOne;
-  return asked;
-}
-}  // namespace
-
-awaitable<void> Session::serve_block_status(const RequestHeader& request) {
-  ++metrics_->block_status_misses;
-  const RequestHeader asked = block_status_asked(request, align_, info_.size);
-  if (!only_base_allocation_ || !block_status_->caching()) {
-    co_await serve_passthrough_block_status(request, asked);
-    co_return;
-  }
-  std::vector<Descriptor> descriptors;
-  int error =
-      co_await block_status_->answer_after_miss(asked.offset, asked.length, asked.flags & kCmdFlagReqOne, descriptors);
-  if (error) {
-    reply_result(request, error);
-  } else if (asked.offset != request.offset || asked.length != request.length) {
-    std::vector<Descriptor> cut;
-    cut_descriptors(descriptors, request.offset - asked.offset, request.length, request.flags & kCmdFlagReqOne, cut);
-    reply_base_allocation(request, cut);
+void Session::reply_block_status(const RequestHeader& request, BlockStatusReply reply) {
+  if (!reply.error) {
+    writer_.send(head_only(std::move(reply.chunks)));
+  } else if (!reply.message.empty()) {
+    reply_error(request, nbd_error_from_errno(reply.error), reply.message);
   } else {
-    reply_base_allocation(request, descriptors);
+    reply_result(request, reply.error);
   }
-}
-
-// Contexts other than base:allocation are never cached: ask upstream and
-// translate its per-context answer to this client's context ids.
-awaitable<void> Session::serve_passthrough_block_status(const RequestHeader& request, const RequestHeader& asked) {
-  const bool req_one = request.flags & kCmdFlagReqOne;
-  auto result =
-      co_await upstream_->block_status(asked.offset, asked.length, {.req_one = (asked.flags & kCmdFlagReqOne) != 0});
-  if (result.error) {
-    reply_result(request, result.error);
-    co_return;
-  }
-  Bytes out;
-  std::vector<Descriptor> clipped;
-  for (size_t i = 0; i < negotiated_.contexts.size(); ++i) {
-    const uint32_t context = negotiated_.contexts[i];
-    clipped.clear();
-    if (info_.upstream_context(context)) {
-      if (const auto* descriptors = result.extents_for(info_.contexts[context])) {
-        cut_descriptors(*descriptors, request.offset - asked.offset, request.length, req_one, clipped);
-      }
-    } else {
-      clipped.push_back({request.length, 0});  // base:allocation synthesized: all data
-    }
-    if (clipped.empty()) {
-      reply_error(request, kErrIo, "upstream sent no extents for a selected context");
-      co_return;
-    }
-    encode_block_status_chunk(out, request.cookie, i + 1 == negotiated_.contexts.size(), context + 1, clipped);
-  }
-  writer_.send(head_only(std::move(out)));
-}
-
-void Session::reply_base_allocation(const RequestHeader& request, std::span<const Descriptor> descriptors) {
-  Bytes out;
-  out.reserve(kStructuredHeaderSize + 4 + 8 * descriptors.size());
-  encode_block_status_chunk(out, request.cookie, true, static_cast<uint32_t>(info_.base_allocation) + 1, descriptors);
-  writer_.send(head_only(std::move(out)));
 }
 
 void Session::reply_result(const RequestHeader& request, int error) {

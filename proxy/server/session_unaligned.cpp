@@ -5,7 +5,8 @@
 // to) refuses those. So they go upstream as whole blocks: READ reads the
 // blocks and answers the bytes asked for; WRITE and WRITE_ZEROES
 // read-modify-write the blocks at their edges; TRIM trims the whole blocks
-// inside it (and CACHE and BLOCK_STATUS widen: see session_commands.cpp).
+// inside it (and CACHE widens: see session_commands.cpp; BLOCK_STATUS too: see
+// BlockStatusService).
 #include <spdlog/spdlog.h>
 
 #include <algorithm>

@@ -7,7 +7,6 @@
 #include <poll.h>
 #include <sys/socket.h>
 
-#include <algorithm>
 #include <array>
 #include <cerrno>
 #include <cstdlib>
@@ -276,8 +275,6 @@ UpstreamInfo read_upstream_info(nbd_handle* h) {
     std::string context = take_libnbd_string(name);
     if (nbd_can_meta_context(h, context.c_str()) == 1) info.contexts.push_back(context);
   }
-  auto it = std::find(info.contexts.begin(), info.contexts.end(), wire::kBaseAllocation);
-  info.base_allocation_index = it == info.contexts.end() ? -1 : static_cast<int>(it - info.contexts.begin());
   return info;
 }
 

@@ -4,13 +4,12 @@
 #pragma once
 
 #include <memory>
-#include <optional>
 #include <string>
-#include <vector>
 
 #include "proxy/negotiation/upstream_info.hpp"
+#include "proxy/upstream/config.hpp"
 
-struct nbd_handle;  // libnbd's handle; libnbd.h stays inside proxy/upstream*.cpp
+struct nbd_handle;  // libnbd's handle; libnbd.h stays inside proxy/upstream/*.cpp
 
 namespace bscache::proxy {
 
@@ -18,25 +17,6 @@ struct NbdClose {
   void operator()(nbd_handle* h) const;
 };
 using NbdHandlePtr = std::unique_ptr<nbd_handle, NbdClose>;
-
-// TLS to upstream beyond what the URI says (nbds:// turns it on; libnbd 1.14
-// URIs carry only tls-certificates and tls-psk-file).
-struct UpstreamTls {
-  std::string certificates_dir;
-  std::string psk_file;
-  std::string username;
-  bool verify_peer = true;  // libnbd's default
-  bool any() const { return !certificates_dir.empty() || !psk_file.empty() || !username.empty(); }
-};
-
-// How to reach the upstream server.
-struct UpstreamTarget {
-  std::string uri;                   // any libnbd URI, or empty when command is set
-  std::vector<std::string> command;  // started once by UpstreamChild, then reached by its uri
-  std::string export_name;           // overrides the URI's export when set
-  bool export_name_set = false;
-  UpstreamTls tls;
-};
 
 // Throws std::runtime_error with libnbd's message on failure.
 NbdHandlePtr open_upstream(const UpstreamTarget& target);

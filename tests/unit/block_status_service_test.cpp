@@ -1,13 +1,16 @@
 // BlockStatusService against a stand-in upstream that answers when the test
 // says so: misses become one window fetch however many clients wait, hits need
 // no upstream, prefetch runs ahead of a scan, and a write racing a fetch never
-// lets the fetch's old answer back into the cache.
+// lets the fetch's old answer back into the cache. Contexts other than
+// base:allocation are passed through, one upstream call per query, with the
+// client's context ids; base:allocation that upstream lacks is all data.
 #include <gtest/gtest.h>
 
 #include <boost/asio/redirect_error.hpp>
 
 #include <memory>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "proxy/exports/block_status_service.hpp"
@@ -46,9 +49,13 @@ class ScriptedUpstream final : public BlockStatusUpstream {
   }
 
   void answer(size_t i, std::vector<Descriptor> extents) {
+    answer_contexts(i, {"base:allocation"}, {std::move(extents)});
+  }
+  // Upstream's answer for each of `contexts` (the contexts its connection negotiated).
+  void answer_contexts(size_t i, std::vector<std::string> contexts, std::vector<std::vector<Descriptor>> extents) {
     CommandResult result;
-    result.extents = {std::move(extents)};
-    result.contexts = std::make_shared<const std::vector<std::string>>(1, "base:allocation");
+    result.extents = std::move(extents);
+    result.contexts = std::make_shared<const std::vector<std::string>>(std::move(contexts));
     calls.at(i)->result = std::move(result);
     calls.at(i)->answered.cancel();
   }
@@ -63,37 +70,104 @@ class ScriptedUpstream final : public BlockStatusUpstream {
   asio::io_context& io_;
 };
 
+// One block-status chunk of a reply, as the client reads it.
+struct Chunk {
+  bool done = false;
+  uint32_t context_id = 0;
+  std::vector<Descriptor> descriptors;
+  bool operator==(const Chunk&) const = default;
+};
+
+std::vector<Chunk> decode_chunks(wire::ByteSpan reply, uint64_t cookie) {
+  std::vector<Chunk> chunks;
+  wire::ByteReader in(reply);
+  while (in.remaining() > 0) {
+    const auto magic = in.u32();
+    const auto flags = in.u16();
+    const auto type = in.u16();
+    const auto chunk_cookie = in.u64();
+    const auto length = in.u32();
+    const auto context_id = in.u32();
+    EXPECT_EQ(magic.value_or(0), wire::kStructuredReplyMagic);
+    EXPECT_EQ(type.value_or(0), wire::kReplyTypeBlockStatus);
+    EXPECT_EQ(chunk_cookie.value_or(0), cookie);
+    if (!flags || !length || !context_id || *length < 4) {
+      ADD_FAILURE() << "truncated chunk";
+      break;
+    }
+    Chunk chunk{.done = (*flags & wire::kReplyFlagDone) != 0, .context_id = *context_id, .descriptors = {}};
+    for (uint32_t i = 0; i < (*length - 4) / 8; ++i) {
+      const auto extent = in.u32();
+      const auto state = in.u32();
+      if (!extent || !state) break;
+      chunk.descriptors.push_back({*extent, *state});
+    }
+    chunks.push_back(std::move(chunk));
+  }
+  return chunks;
+}
+
+wire::RequestHeader block_status_request(uint64_t offset, uint32_t length, bool req_one) {
+  static uint64_t cookie = 0;
+  return {.flags = req_one ? wire::kCmdFlagReqOne : uint16_t{0},
+          .type = wire::kCmdBlockStatus,
+          .cookie = ++cookie,
+          .offset = offset,
+          .length = length};
+}
+
 class BlockStatusServiceTest : public ::testing::Test {
  protected:
-  explicit BlockStatusServiceTest(bool prefetch = false) {
+  explicit BlockStatusServiceTest(bool prefetch = false,
+                                  std::vector<std::string> upstream_contexts = {"base:allocation"},
+                                  policy::CoherenceMode coherence = policy::CoherenceMode::Exclusive) {
     UpstreamInfo upstream;
     upstream.size = 64 * kMiB;
-    upstream.contexts = {"base:allocation"};
-    upstream.base_allocation_index = 0;
+    upstream.contexts = std::move(upstream_contexts);
     info = make_export_info(upstream, false);
     BlockStatusConfig config;
+    config.coherence.mode = coherence;
     config.prefetch.enabled = prefetch;
     config.max_window = 16 * kMiB;
     config.limits.allocation_granularity = uint64_t{64} * 1024;
     service = std::make_unique<BlockStatusService>(io, fake, info, config, metrics);
+    select({"base:allocation"});
   }
+
+  // The contexts the client selects, by name, in this order.
+  void select(const std::vector<std::string>& names) {
+    selected.clear();
+    for (const auto& name : names) {
+      const auto ids = match_contexts(info, name, false);
+      ASSERT_EQ(ids.size(), 1u) << name;
+      selected.push_back(ids[0]);
+    }
+    client = {.offered = &info, .selected = selected, .align = 1};
+  }
+  uint32_t context_id(const std::string& name) { return match_contexts(info, name, false).at(0) + 1; }
 
   // A client's query after a miss, left running until the test answers upstream.
   struct Pending {
     bool done = false;
     int error = -1;
-    std::vector<Descriptor> answer;
+    std::string_view message;
+    std::vector<Chunk> chunks;
+    std::vector<Descriptor> answer;  // the base:allocation chunk's, when that is the one context
   };
   std::shared_ptr<Pending> ask_after_miss(uint64_t offset, uint32_t length, bool req_one) {
     auto pending = std::make_shared<Pending>();
     asio::co_spawn(
         io,
-        [this, pending, offset, length, req_one]() -> awaitable<void> {
-          pending->error = co_await service->answer_after_miss(offset, length, req_one, pending->answer);
+        [this, pending, request = block_status_request(offset, length, req_one)]() -> awaitable<void> {
+          auto reply = co_await service->answer(client, request);
+          pending->error = reply.error;
+          pending->message = reply.message;
+          pending->chunks = decode_chunks(reply.chunks, request.cookie);
+          if (pending->chunks.size() == 1) pending->answer = pending->chunks[0].descriptors;
           pending->done = true;
         },
         asio::detached);
-    io.poll();
+    settle();
     return pending;
   }
   void settle() {
@@ -101,9 +175,15 @@ class BlockStatusServiceTest : public ::testing::Test {
     io.poll();
   }
   std::optional<std::vector<Descriptor>> hit(uint64_t offset, uint32_t length, bool req_one) {
-    std::vector<Descriptor> out;
-    if (!service->try_answer(offset, length, req_one, out)) return std::nullopt;
-    return out;
+    const auto request = block_status_request(offset, length, req_one);
+    wire::Bytes reply;
+    if (!service->try_answer(client, request, reply)) return std::nullopt;
+    const auto chunks = decode_chunks(reply, request.cookie);
+    EXPECT_EQ(chunks.size(), 1u);
+    if (chunks.size() != 1) return std::nullopt;
+    EXPECT_TRUE(chunks[0].done);
+    EXPECT_EQ(chunks[0].context_id, static_cast<uint32_t>(info.base_allocation) + 1);
+    return chunks[0].descriptors;
   }
 
   asio::io_context io;
@@ -111,6 +191,8 @@ class BlockStatusServiceTest : public ::testing::Test {
   ExportInfo info;
   Metrics metrics;
   std::unique_ptr<BlockStatusService> service;
+  std::vector<uint32_t> selected;
+  BlockStatusClient client;
 };
 
 TEST_F(BlockStatusServiceTest, AMissFetchesOneWindowWithoutReqOneAndLaterQueriesHit) {
@@ -217,6 +299,123 @@ TEST_F(PrefetchingServiceTest, AScanThroughAWindowFetchesTheNextOneAhead) {
   ASSERT_GE(fake.calls.size(), 2u);
   EXPECT_EQ(fake.calls[1]->offset, 16 * kMiB);
   EXPECT_EQ(metrics.prefetches_issued, fake.calls.size() - 1);
+}
+
+// An upstream with base:allocation and a dirty bitmap, and a client that selects both.
+class PassthroughTest : public BlockStatusServiceTest {
+ protected:
+  static constexpr uint32_t kDirty = 1;
+  PassthroughTest() : BlockStatusServiceTest(false, {"base:allocation", "qemu:dirty-bitmap:b"}) {
+    select({"qemu:dirty-bitmap:b", "base:allocation"});
+  }
+};
+
+TEST_F(PassthroughTest, EveryQueryAsksUpstreamOnceAndAnswersEachContextUnderTheClientsId) {
+  EXPECT_FALSE(hit(0, 8192, false)) << "a dirty bitmap is never cached";
+  auto query = ask_after_miss(0, 8192, false);
+  ASSERT_EQ(fake.calls.size(), 1u);
+  EXPECT_EQ(fake.calls[0]->offset, 0u);
+  EXPECT_EQ(fake.calls[0]->length, 8192u);
+  EXPECT_FALSE(fake.calls[0]->flags.req_one);
+  // Upstream's connection lists its contexts in its own order.
+  fake.answer_contexts(0, {"base:allocation", "qemu:dirty-bitmap:b"},
+                       {{{4096, 0}, {65536, kHoleZero}}, {{8192, kDirty}}});
+  settle();
+  ASSERT_TRUE(query->done);
+  EXPECT_EQ(query->error, 0);
+  EXPECT_EQ(query->chunks, (std::vector<Chunk>{{false, context_id("qemu:dirty-bitmap:b"), {{8192, kDirty}}},
+                                               {true, context_id("base:allocation"), {{4096, 0}, {4096, kHoleZero}}}}))
+      << "in the client's order, cut to its range, the last one done";
+  auto again = ask_after_miss(0, 8192, false);
+  EXPECT_EQ(fake.calls.size(), 2u) << "nothing was kept";
+}
+
+TEST_F(PassthroughTest, ReqOneAsksUpstreamWithReqOneAndSendsOneDescriptorPerContext) {
+  auto query = ask_after_miss(4096, 8192, true);
+  ASSERT_EQ(fake.calls.size(), 1u);
+  EXPECT_TRUE(fake.calls[0]->flags.req_one);
+  fake.answer_contexts(0, {"base:allocation", "qemu:dirty-bitmap:b"},
+                       {{{65536, kHoleZero}, {4096, 0}}, {{4096, kDirty}, {4096, 0}}});
+  settle();
+  ASSERT_TRUE(query->done);
+  EXPECT_EQ(query->chunks, (std::vector<Chunk>{{false, context_id("qemu:dirty-bitmap:b"), {{4096, kDirty}}},
+                                               {true, context_id("base:allocation"), {{8192, kHoleZero}}}}));
+}
+
+TEST_F(PassthroughTest, AContextUpstreamLeftOutFailsTheQueryWithEio) {
+  auto query = ask_after_miss(0, 4096, false);
+  fake.answer_contexts(0, {"base:allocation"}, {{{4096, 0}}});  // a reconnect lost the bitmap
+  settle();
+  ASSERT_TRUE(query->done);
+  EXPECT_EQ(query->error, EIO);
+  EXPECT_EQ(query->message, "upstream sent no extents for a selected context");
+}
+
+TEST_F(PassthroughTest, AnUpstreamErrorReachesTheClient) {
+  auto query = ask_after_miss(0, 4096, false);
+  fake.fail(0, EINVAL);
+  settle();
+  ASSERT_TRUE(query->done);
+  EXPECT_EQ(query->error, EINVAL);
+  EXPECT_EQ(fake.calls.size(), 1u) << "a passed-through query is asked once";
+}
+
+TEST_F(PassthroughTest, AnUnalignedQueryIsAskedAsWholeBlocksAndCutBack) {
+  client.align = 4096;
+  auto query = ask_after_miss(1024, 1024, true);
+  ASSERT_EQ(fake.calls.size(), 1u);
+  EXPECT_EQ(fake.calls[0]->offset, 0u);
+  EXPECT_EQ(fake.calls[0]->length, 4096u);
+  EXPECT_FALSE(fake.calls[0]->flags.req_one) << "one extent of the block might end before the query starts";
+  fake.answer_contexts(0, {"base:allocation", "qemu:dirty-bitmap:b"},
+                       {{{512, 0}, {3584, kHoleZero}}, {{4096, kDirty}}});
+  settle();
+  ASSERT_TRUE(query->done);
+  EXPECT_EQ(query->chunks, (std::vector<Chunk>{{false, context_id("qemu:dirty-bitmap:b"), {{1024, kDirty}}},
+                                               {true, context_id("base:allocation"), {{1024, kHoleZero}}}}));
+}
+
+// An upstream without base:allocation: bscache offers it, and it is all data.
+class SynthesizedTest : public BlockStatusServiceTest {
+ protected:
+  SynthesizedTest() : BlockStatusServiceTest(false, {"qemu:allocation-depth"}) {}
+};
+
+TEST_F(SynthesizedTest, BaseAllocationAloneIsAllDataWithoutAskingUpstream) {
+  EXPECT_EQ(hit(0, 65536, false), (std::vector<Descriptor>{{65536, 0}}));
+  EXPECT_EQ(hit(4096, 512, true), (std::vector<Descriptor>{{512, 0}}));
+  EXPECT_TRUE(fake.calls.empty());
+  EXPECT_EQ(metrics.block_status_hits, 2u);
+}
+
+TEST_F(SynthesizedTest, BesideAContextUpstreamHasItIsAllDataInTheSameReply) {
+  select({"base:allocation", "qemu:allocation-depth"});
+  EXPECT_FALSE(hit(0, 8192, false));
+  auto query = ask_after_miss(0, 8192, false);
+  ASSERT_EQ(fake.calls.size(), 1u);
+  fake.answer_contexts(0, {"qemu:allocation-depth"}, {{{4096, 1}, {4096, 0}}});
+  settle();
+  ASSERT_TRUE(query->done);
+  EXPECT_EQ(query->chunks, (std::vector<Chunk>{{false, context_id("base:allocation"), {{8192, 0}}},
+                                               {true, context_id("qemu:allocation-depth"), {{4096, 1}, {4096, 0}}}}));
+}
+
+// --cache-coherence off: base:allocation is asked upstream for every query.
+class CoherenceOffTest : public BlockStatusServiceTest {
+ protected:
+  CoherenceOffTest() : BlockStatusServiceTest(false, {"base:allocation"}, policy::CoherenceMode::Off) {}
+};
+
+TEST_F(CoherenceOffTest, EveryQueryIsAskedAsItCameAndNothingIsKept) {
+  auto first = ask_after_miss(0, 4096, true);
+  ASSERT_EQ(fake.calls.size(), 1u);
+  EXPECT_EQ(fake.calls[0]->length, 4096u) << "no window";
+  EXPECT_TRUE(fake.calls[0]->flags.req_one);
+  fake.answer(0, {{65536, kHoleZero}});
+  settle();
+  ASSERT_TRUE(first->done);
+  EXPECT_EQ(first->answer, (std::vector<Descriptor>{{4096, kHoleZero}}));
+  EXPECT_FALSE(hit(0, 4096, true));
 }
 
 }  // namespace
