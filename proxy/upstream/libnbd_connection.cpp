@@ -13,23 +13,20 @@
 #include <stdexcept>
 #include <utility>
 
+#include "proxy/wire/protocol.hpp"
+
 namespace bscache::proxy {
 
 namespace {
-uint32_t libnbd_flags(const CommandFlags& f) {
-  uint32_t out = 0;
-  if (f.fua) out |= LIBNBD_CMD_FLAG_FUA;
-  if (f.no_hole) out |= LIBNBD_CMD_FLAG_NO_HOLE;
-  if (f.fast_zero) out |= LIBNBD_CMD_FLAG_FAST_ZERO;
-  if (f.df) out |= LIBNBD_CMD_FLAG_DF;
-  if (f.req_one) out |= LIBNBD_CMD_FLAG_REQ_ONE;
-  return out;
-}
+// libnbd's command flags are the NBD wire bits: CommandFlags::to_wire is the mapping.
+static_assert(LIBNBD_CMD_FLAG_FUA == wire::kCmdFlagFua && LIBNBD_CMD_FLAG_NO_HOLE == wire::kCmdFlagNoHole &&
+              LIBNBD_CMD_FLAG_DF == wire::kCmdFlagDf && LIBNBD_CMD_FLAG_REQ_ONE == wire::kCmdFlagReqOne &&
+              LIBNBD_CMD_FLAG_FAST_ZERO == wire::kCmdFlagFastZero);
 
 int64_t start_command(nbd_handle* h, UpstreamCommand& c, nbd_chunk_callback chunk, nbd_extent_callback extent,
                       nbd_completion_callback done) {
   const auto& a = c.args;
-  const uint32_t flags = libnbd_flags(a.flags);
+  const uint32_t flags = a.flags.to_wire();
   switch (a.op) {
     case UpstreamOp::Read:
       return nbd_aio_pread_structured(h, a.buffer.data(), a.buffer.size(), a.offset, chunk, done, flags);

@@ -27,14 +27,6 @@ uint16_t wire_command(UpstreamOp op) {
   return wire::kCmdFlush;
 }
 
-CommandFlags CommandFlags::from_wire(uint16_t flags) {
-  return {.fua = (flags & wire::kCmdFlagFua) != 0,
-          .no_hole = (flags & wire::kCmdFlagNoHole) != 0,
-          .fast_zero = (flags & wire::kCmdFlagFastZero) != 0,
-          .df = (flags & wire::kCmdFlagDf) != 0,
-          .req_one = (flags & wire::kCmdFlagReqOne) != 0};
-}
-
 namespace {
 bool is_mutation(UpstreamOp op) {
   return op == UpstreamOp::Write || op == UpstreamOp::Trim || op == UpstreamOp::Zero;

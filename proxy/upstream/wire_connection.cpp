@@ -25,53 +25,13 @@
 
 #include "proxy/io/pipe_pool.hpp"
 #include "proxy/wire/protocol.hpp"
+#include "proxy/wire/codec.hpp"
+#include "proxy/wire/errors.hpp"
 #include "proxy/wire/reply_parser.hpp"
 
 namespace bscache::proxy {
 
 namespace {
-using RequestBytes = std::array<uint8_t, 28>;
-
-void put_be(uint8_t* p, uint64_t v, int bytes) {
-  for (int i = bytes - 1; i >= 0; --i, v >>= 8) p[i] = static_cast<uint8_t>(v);
-}
-
-RequestBytes encode_request(uint16_t flags, uint16_t type, uint64_t cookie, uint64_t offset, uint32_t length) {
-  RequestBytes r{};
-  put_be(r.data(), wire::kRequestMagic, 4);
-  put_be(r.data() + 4, flags, 2);
-  put_be(r.data() + 6, type, 2);
-  put_be(r.data() + 8, cookie, 8);
-  put_be(r.data() + 16, offset, 8);
-  put_be(r.data() + 24, length, 4);
-  return r;
-}
-
-uint16_t wire_flags(const CommandFlags& f) {
-  uint16_t out = 0;
-  if (f.fua) out |= wire::kCmdFlagFua;
-  if (f.no_hole) out |= wire::kCmdFlagNoHole;
-  if (f.df) out |= wire::kCmdFlagDf;
-  if (f.fast_zero) out |= wire::kCmdFlagFastZero;
-  if (f.req_one) out |= wire::kCmdFlagReqOne;
-  return out;
-}
-
-// NBD errors are Linux errno values; one upstream should not send is EINVAL (the spec's advice).
-int errno_from_nbd(uint32_t error) {
-  switch (error) {
-    case wire::kErrPerm: return EPERM;
-    case wire::kErrIo: return EIO;
-    case wire::kErrNoMem: return ENOMEM;
-    case wire::kErrInval: return EINVAL;
-    case wire::kErrNoSpc: return ENOSPC;
-    case wire::kErrOverflow: return EOVERFLOW;
-    case wire::kErrNotSup: return ENOTSUP;
-    case wire::kErrShutdown: return ESHUTDOWN;
-    default: return EINVAL;
-  }
-}
-
 // One gathered write carries at most this many buffers (Asio's limit per sendmsg).
 constexpr size_t kMaxGather = 64;
 constexpr std::chrono::milliseconds kFirstBackoff{100};
@@ -84,7 +44,7 @@ struct WireConnection::State : std::enable_shared_from_this<State> {
   struct InFlight {
     std::unique_ptr<UpstreamCommand> command;
     uint64_t cookie = 0;
-    RequestBytes header{};
+    wire::RequestBytes header{};
     wire::ReplyTarget target;
     bool sent = false;  // part of a write handed to the socket
     // A READ into a pipe whose pipe filled up before its payload was in: the
@@ -125,7 +85,7 @@ struct WireConnection::State : std::enable_shared_from_this<State> {
   InFlight* splicing_out = nullptr;
   uint64_t spliced_out = 0;  // bytes of its payload sent
   bool disconnect_wanted = false, disconnect_sent = false;
-  const RequestBytes disconnect_request = encode_request(0, wire::kCmdDisc, 0, 0, 0);
+  const wire::RequestBytes disconnect_request = wire::encode_request({.type = wire::kCmdDisc});
   std::optional<wire::ReplyParser> parser;
   std::vector<uint64_t> done;  // cookies the parser finished
   UpstreamBatch batch;         // handed to `finished` once per read or write
@@ -200,8 +160,11 @@ void WireConnection::State::submit(std::unique_ptr<UpstreamCommand> command) {
   auto f = std::make_unique<InFlight>();
   const auto& a = command->args;
   f->cookie = next_cookie++;
-  f->header =
-      encode_request(wire_flags(a.flags), wire_command(a.op), f->cookie, a.offset, static_cast<uint32_t>(a.length));
+  f->header = wire::encode_request({.flags = a.flags.to_wire(),
+                                    .type = wire_command(a.op),
+                                    .cookie = f->cookie,
+                                    .offset = a.offset,
+                                    .length = static_cast<uint32_t>(a.length)});
   f->target.type = wire_command(a.op);
   f->target.offset = a.offset;
   if (a.op == UpstreamOp::Read) {
@@ -402,7 +365,7 @@ void WireConnection::State::complete_done() {
     std::unique_ptr<InFlight> f = std::move(it->second);
     pending.erase(it);
     CommandResult& r = f->command->result;
-    r.error = f->target.error ? errno_from_nbd(f->target.error) : 0;
+    r.error = errno_from_nbd(f->target.error);
     if (f->overflowed && !r.error) r.needs_buffer = true;
     if (!r.error && !r.needs_buffer && f->command->args.op == UpstreamOp::Read) {
       r.chunks.reserve(f->target.pieces.size());

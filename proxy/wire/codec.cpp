@@ -219,13 +219,20 @@ std::optional<RequestHeader> decode_request_header(ByteSpan bytes) {
   return h;
 }
 
+RequestBytes encode_request(const RequestHeader& request) {
+  RequestBytes r;
+  store_be32(r.data(), kRequestMagic);
+  store_be16(r.data() + 4, request.flags);
+  store_be16(r.data() + 6, request.type);
+  store_be64(r.data() + 8, request.cookie);
+  store_be64(r.data() + 16, request.offset);
+  store_be32(r.data() + 24, request.length);
+  return r;
+}
+
 void encode_request_header(Bytes& out, const RequestHeader& request) {
-  put_u32(out, kRequestMagic);
-  put_u16(out, request.flags);
-  put_u16(out, request.type);
-  put_u64(out, request.cookie);
-  put_u64(out, request.offset);
-  put_u32(out, request.length);
+  const RequestBytes bytes = encode_request(request);
+  out.insert(out.end(), bytes.begin(), bytes.end());
 }
 
 void encode_simple_reply(Bytes& out, uint64_t cookie, uint32_t error) {

@@ -5,6 +5,7 @@
 // append to a byte vector so a whole reply can be sent with one write.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <memory>
 #include <optional>
@@ -126,6 +127,11 @@ struct RequestHeader {
 };
 // 28 bytes. nullopt on a wrong size or magic.
 std::optional<RequestHeader> decode_request_header(ByteSpan bytes);
+// The one request encoder. A fixed array: a request in flight keeps its
+// header in it, without an allocation.
+using RequestBytes = std::array<uint8_t, kRequestHeaderSize>;
+RequestBytes encode_request(const RequestHeader& request);
+// Appends encode_request's bytes.
 void encode_request_header(Bytes& out, const RequestHeader& request);
 
 void encode_simple_reply(Bytes& out, uint64_t cookie, uint32_t error);
