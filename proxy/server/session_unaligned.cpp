@@ -12,6 +12,7 @@
 #include <cstring>
 
 #include "policy/alignment.hpp"
+#include "proxy/server/read_reply.hpp"
 #include "proxy/server/session.hpp"
 
 namespace bscache::proxy {
@@ -52,13 +53,7 @@ awaitable<void> Session::serve_unaligned_read(const RequestHeader& request) {
     co_return;
   }
   Reply reply;
-  if (negotiated_.structured_replies) {
-    encode_offset_data_header(reply.head(), request.cookie, true, request.offset, request.length);
-  } else {
-    encode_simple_reply(reply.head(), request.cookie, 0);
-  }
-  reply.add_head_piece(0);
-  reply.add_payload_piece(request.offset - blocks.offset, request.length);
+  add_read_data(reply, request, negotiated_.structured_replies, request.offset - blocks.offset);
   reply.set_payload(std::move(buffer));
   writer_.send(std::move(reply));
 }

@@ -22,12 +22,7 @@ uint16_t wire_command(UpstreamOp op);
 
 using wire::CommandFlags;
 
-// A piece of a structured READ reply.
-struct ReadChunk {
-  uint64_t offset = 0;
-  uint32_t length = 0;
-  bool hole = false;
-};
+using wire::ReadChunk;
 
 struct CommandResult {
   int error = 0;  // errno from upstream or libnbd; 0 on success

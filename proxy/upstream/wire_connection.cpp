@@ -368,8 +368,7 @@ void WireConnection::State::complete_done() {
     r.error = errno_from_nbd(f->target.error);
     if (f->overflowed && !r.error) r.needs_buffer = true;
     if (!r.error && !r.needs_buffer && f->command->args.op == UpstreamOp::Read) {
-      r.chunks.reserve(f->target.pieces.size());
-      for (const auto& p : f->target.pieces) r.chunks.push_back({p.offset, p.length, p.hole});
+      r.chunks = std::move(f->target.pieces);
     }
     batch.push_back(std::move(f->command));
   }

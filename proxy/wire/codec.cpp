@@ -280,6 +280,14 @@ void encode_offset_hole(Bytes& out, uint64_t cookie, bool done, uint64_t offset,
   put_u32(out, length);
 }
 
+void encode_read_chunk(Bytes& out, uint64_t cookie, bool done, const ReadChunk& chunk) {
+  if (chunk.hole) {
+    encode_offset_hole(out, cookie, done, chunk.offset, chunk.length);
+  } else {
+    encode_offset_data_header(out, cookie, done, chunk.offset, chunk.length);
+  }
+}
+
 void encode_done(Bytes& out, uint64_t cookie) {
   encode_structured_header(out, kReplyFlagDone, kReplyTypeNone, cookie, 0);
 }

@@ -20,7 +20,7 @@ size_t prefix_of(uint16_t type) {
 }
 
 // Whether the pieces of a READ describe every byte of it exactly once.
-bool covers_exactly(std::vector<ReplyTarget::Piece> pieces, uint64_t offset, uint64_t length) {
+bool covers_exactly(std::vector<ReadChunk> pieces, uint64_t offset, uint64_t length) {
   std::sort(pieces.begin(), pieces.end(), [](const auto& a, const auto& b) { return a.offset < b.offset; });
   uint64_t at = offset;
   for (const auto& p : pieces) {

@@ -1,5 +1,6 @@
 // The wire vocabulary's single homes: byte order, the request encoder, the
-// command flags and the errno <-> NBD error mapping, each checked both ways.
+// READ chunk encoder, the command flags and the errno <-> NBD error mapping,
+// each checked both ways.
 #include <gtest/gtest.h>
 
 #include <cerrno>
@@ -38,6 +39,17 @@ TEST(WireVocabulary, OneRequestEncoderForBothForms) {
   ASSERT_TRUE(back);
   EXPECT_EQ(back->type, kCmdWrite);
   EXPECT_EQ(back->flags, kCmdFlagFua);
+}
+
+TEST(WireVocabulary, ReadChunksEncodeAsHoleOrDataHeader) {
+  Bytes hole, data, expected;
+  encode_read_chunk(hole, 9, false, {.offset = 512, .length = 1024, .hole = true});
+  encode_offset_hole(expected, 9, false, 512, 1024);
+  EXPECT_EQ(hole, expected);
+  expected.clear();
+  encode_read_chunk(data, 9, true, {.offset = 0, .length = 512, .hole = false});
+  encode_offset_data_header(expected, 9, true, 0, 512);
+  EXPECT_EQ(data, expected);
 }
 
 TEST(WireVocabulary, CommandFlagsRoundTripEveryBit) {
