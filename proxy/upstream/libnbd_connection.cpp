@@ -174,14 +174,7 @@ bool LibnbdConnection::take_inbox() {
 
 void LibnbdConnection::adopt(NbdHandlePtr handle) {
   handle_ = std::move(handle);
-  auto contexts = std::make_shared<std::vector<std::string>>();
-  for (size_t i = 0;; ++i) {
-    char* raw_name = nbd_get_meta_context(handle_.get(), i);
-    if (!raw_name) break;
-    std::string name = take_libnbd_string(raw_name);
-    if (nbd_can_meta_context(handle_.get(), name.c_str()) == 1) contexts->push_back(std::move(name));
-  }
-  contexts_ = std::move(contexts);
+  contexts_ = std::make_shared<const std::vector<std::string>>(selected_meta_contexts(handle_.get()));
   fd_ = nbd_aio_get_fd(handle_.get());
 }
 
