@@ -8,8 +8,8 @@
 #include <stdexcept>
 
 #include <boost/asio/dispatch.hpp>
-#include <boost/asio/redirect_error.hpp>
 
+#include "proxy/io/loop_signal.hpp"
 #include "proxy/upstream/wire_connection.hpp"
 
 namespace bscache::proxy {
@@ -196,12 +196,12 @@ awaitable<CommandResult> UpstreamPool::block_status(uint64_t offset, uint64_t le
 
 // Every connection that carried a write since its last flush is flushed; the
 // client's FLUSH succeeds only if all of them do. The flushes go out at once;
-// the timer is the "all answered" signal (cancelled by the last answer).
+// the last answer notifies `all_answered`.
 struct UpstreamPool::FlushFanOut {
-  explicit FlushFanOut(asio::io_context& loop) : all_answered(loop, asio::steady_timer::time_point::max()) {}
+  explicit FlushFanOut(asio::io_context& loop) : all_answered(loop) {}
   size_t remaining = 0;
   CommandResult result;
-  asio::steady_timer all_answered;
+  LoopSignal all_answered;
 };
 
 awaitable<CommandResult> UpstreamPool::flush(CommandFlags flags) {
@@ -226,16 +226,13 @@ awaitable<CommandResult> UpstreamPool::flush(CommandFlags flags) {
   for (size_t slot : targets) {
     auto on_answer = [fan](CommandResult r) {
       if (r.error && !fan->result.error) fan->result = std::move(r);
-      if (--fan->remaining == 0) fan->all_answered.cancel();
+      if (--fan->remaining == 0) fan->all_answered.notify();
     };
     auto command = std::make_unique<PendingWith<decltype(on_answer)>>(std::move(on_answer));
     command->args = args;
     send(slot, std::move(command));
   }
-  while (fan->remaining > 0) {
-    boost::system::error_code ignored;  // cancellation is the signal
-    co_await fan->all_answered.async_wait(asio::redirect_error(use_awaitable, ignored));
-  }
+  while (fan->remaining > 0) co_await fan->all_answered.wait();
   co_return std::move(fan->result);
 }
 
