@@ -18,15 +18,17 @@
 #include <string>
 #include <thread>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include <boost/asio/generic/stream_protocol.hpp>
 #include <boost/asio/write.hpp>
 
 #include "proxy/io/pipe_pool.hpp"
-#include "proxy/wire/protocol.hpp"
+#include "proxy/upstream/reconnector.hpp"
 #include "proxy/wire/codec.hpp"
 #include "proxy/wire/errors.hpp"
+#include "proxy/wire/protocol.hpp"
 #include "proxy/wire/reply_parser.hpp"
 
 namespace bscache::proxy {
@@ -34,7 +36,6 @@ namespace bscache::proxy {
 namespace {
 // One gathered write carries at most this many buffers (Asio's limit per sendmsg).
 constexpr size_t kMaxGather = 64;
-constexpr std::chrono::milliseconds kFirstBackoff{100};
 }  // namespace
 
 struct WireConnection::State : std::enable_shared_from_this<State> {
@@ -56,8 +57,7 @@ struct WireConnection::State : std::enable_shared_from_this<State> {
   State(asio::io_context& l, size_t i, const UpstreamTarget& t, UpstreamOptions o, Finished f, StateChanged c)
       : loop(l),
         index(i),
-        target(t),
-        options(o),
+        reconnector(i, t, o),
         finished(std::move(f)),
         state_changed(std::move(c)),
         timeout_timer(l),
@@ -65,8 +65,7 @@ struct WireConnection::State : std::enable_shared_from_this<State> {
 
   asio::io_context& loop;
   const size_t index;
-  const UpstreamTarget target;
-  const UpstreamOptions options;
+  Reconnector reconnector;
   const Finished finished;
   const StateChanged state_changed;
 
@@ -96,8 +95,6 @@ struct WireConnection::State : std::enable_shared_from_this<State> {
   bool splicing = true;
   std::array<uint8_t, size_t{64} * 1024> discard{};  // the dropped rest of an overflowed READ
   asio::steady_timer reconnect_timer;
-  std::chrono::milliseconds backoff = kFirstBackoff;
-  uint64_t reconnect_failures = 0;
   std::thread connector;  // the reconnect attempt, if one ran; joined by the owner
 
   void adopt(NbdHandlePtr h);
@@ -402,19 +399,19 @@ void WireConnection::State::lost(int error, const std::string& why) {
   pending.clear();
   outbox.clear();
   done.clear();
-  if (!closing) spdlog::warn("upstream connection {} lost: {}; {} commands in flight fail", index, why, failed);
+  if (!closing) reconnector.log_lost(why, failed);
   hand_back();  // the failures reach the loop before the news of the loss
   if (closing) return;
   state_changed(index, std::nullopt);
-  if (options.reconnect) schedule_reconnect();
+  if (reconnector.reconnects()) schedule_reconnect();
 }
 
 // With --upstream-timeout: a command upstream has not answered in time means
 // the connection is stuck; drop it (failing everything in flight) and reconnect.
 void WireConnection::State::arm_timeout() {
-  if (options.timeout.count() <= 0 || timeout_armed) return;
+  if (!reconnector.times_out() || timeout_armed) return;
   timeout_armed = true;
-  timeout_timer.expires_after(std::max<std::chrono::milliseconds>(options.timeout / 4, std::chrono::milliseconds(10)));
+  timeout_timer.expires_after(reconnector.timeout_check_period());
   timeout_timer.async_wait([self = shared_from_this()](const boost::system::error_code& ec) {
     self->timeout_armed = false;
     if (!ec) self->check_timeout();
@@ -427,8 +424,8 @@ void WireConnection::State::check_timeout() {
   bool waiting = false;
   for (const auto& [cookie, f] : pending) {
     if (!f->sent) continue;
-    if (now - f->command->started > options.timeout) {
-      lost(ETIMEDOUT, "a command got no answer within --upstream-timeout");
+    if (reconnector.overdue(f->command->started, now)) {
+      lost(ETIMEDOUT, Reconnector::kOverdue);
       return;
     }
     waiting = true;
@@ -437,7 +434,7 @@ void WireConnection::State::check_timeout() {
 }
 
 void WireConnection::State::schedule_reconnect() {
-  reconnect_timer.expires_after(backoff);
+  reconnect_timer.expires_after(reconnector.backoff());
   reconnect_timer.async_wait([self = shared_from_this()](const boost::system::error_code& ec) {
     if (!ec && !self->closing) self->start_connector();
   });
@@ -448,14 +445,16 @@ void WireConnection::State::schedule_reconnect() {
 // already (that is what started this one), so joining it does not wait.
 void WireConnection::State::start_connector() {
   if (connector.joinable()) connector.join();
-  connector = std::thread([weak = weak_from_this(), target = target, &loop = loop] {
+  // The reconnector lives as long as this thread: the owner joins it first.
+  connector = std::thread([weak = weak_from_this(), &reconnector = std::as_const(reconnector), &loop = loop] {
     NbdHandlePtr h;
     std::optional<UpstreamInfo> info;
     std::string failure;
     try {
-      h = open_upstream(target);
-      info = read_upstream_info(h.get());
-      if (!usable(h.get())) throw std::runtime_error("the upstream connection is now encrypted");
+      auto opened = reconnector.open();
+      if (!usable(opened.handle.get())) throw std::runtime_error("the upstream connection is now encrypted");
+      h = std::move(opened.handle);
+      info = std::move(opened.info);
     } catch (const std::exception& e) {
       failure = e.what();
     }
@@ -476,15 +475,11 @@ void WireConnection::State::reconnected(NbdHandlePtr h, std::optional<UpstreamIn
     }
   }
   if (!why.empty()) {
-    ++reconnect_failures;
-    spdlog::warn("upstream connection {}: reconnect attempt {} failed: {}", index, reconnect_failures, why);
-    backoff = std::min(backoff * 2, std::chrono::milliseconds(5000));
+    reconnector.failed(why);
     schedule_reconnect();
     return;
   }
-  spdlog::info("upstream connection {} reconnected after {} failed attempts", index, reconnect_failures);
-  reconnect_failures = 0;
-  backoff = kFirstBackoff;
+  reconnector.succeeded();
   state_changed(index, std::move(info));
 }
 
