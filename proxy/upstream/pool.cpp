@@ -77,23 +77,34 @@ UpstreamPool::UpstreamPool(asio::io_context& loop, std::vector<NbdHandlePtr> han
     : loop_(loop), metrics_(metrics) {
   if (handles.empty()) throw std::logic_error("UpstreamPool: no connection");
   info_ = read_upstream_info(handles.front().get());
-  // One message to the loop per batch a connection hands back.
   // Messages already posted when the pool goes (an idle export closed while
   // a connection's news was on its way) find it gone: commands are still
   // delivered, with ESHUTDOWN, and the news is dropped.
   std::weak_ptr<UpstreamPool*> alive = alive_;
-  auto finished = [this, alive](UpstreamBatch batch) {
-    asio::post(loop_, [alive, b = std::move(batch)]() mutable {
-      auto pool = alive.lock();
-      for (auto& command : b) {
-        if (pool) {
-          (*pool)->complete(std::move(command));
-        } else {
-          command->result = CommandResult::failed(ESHUTDOWN);
-          command->deliver();
-        }
+  auto complete_all = [alive](UpstreamBatch& batch) {
+    auto pool = alive.lock();
+    for (auto& command : batch) {
+      if (pool) {
+        (*pool)->complete(std::move(command));
+      } else {
+        command->result = CommandResult::failed(ESHUTDOWN);
+        command->deliver();
       }
-    });
+    }
+  };
+  // A libnbd connection hands back on its own thread: one message to the loop per batch.
+  auto finished_elsewhere = [this, complete_all](UpstreamBatch batch) {
+    asio::post(loop_, [complete_all, b = std::move(batch)]() mutable { complete_all(b); });
+  };
+  // A wire connection runs on the loop: its batches complete where they are.
+  // Not once the pool is going: its waiters then resume in a later step, not
+  // inside the pool's destructor.
+  auto finished_here = [alive, complete_all, finished_elsewhere](UpstreamBatch batch) {
+    if (alive.expired()) {
+      finished_elsewhere(std::move(batch));
+    } else {
+      complete_all(batch);
+    }
   };
   auto changed = [this, alive](size_t index, std::optional<UpstreamInfo> reconnected) {
     asio::post(loop_, [alive, index, r = std::move(reconnected)]() mutable {
@@ -107,10 +118,10 @@ UpstreamPool::UpstreamPool(asio::io_context& loop, std::vector<NbdHandlePtr> han
   for (size_t i = 0; i < handles.size(); ++i) {
     if (wire && i >= through_libnbd && WireConnection::usable(handles[i].get())) {
       connections_[i].connection =
-          std::make_unique<WireConnection>(loop_, i, std::move(handles[i]), target, options, finished, changed);
+          std::make_unique<WireConnection>(loop_, i, std::move(handles[i]), target, options, finished_here, changed);
     } else {
       connections_[i].connection =
-          std::make_unique<LibnbdConnection>(i, std::move(handles[i]), target, options, finished, changed);
+          std::make_unique<LibnbdConnection>(i, std::move(handles[i]), target, options, finished_elsewhere, changed);
     }
   }
   metrics_.upstream_connections = connections_.size();

@@ -147,11 +147,12 @@ void WireConnection::State::adopt(NbdHandlePtr h) {
 
 void WireConnection::State::submit(std::unique_ptr<UpstreamCommand> command) {
   if (!up || closing) {
-    // Submitted before the loop heard this connection was lost: nothing was sent.
+    // Submitted before the loop heard this connection was lost: nothing was
+    // sent. Handed back in a later step: never from inside submit().
     command->result.error = ESHUTDOWN;
     command->never_sent = true;
     batch.push_back(std::move(command));
-    hand_back();
+    asio::post(loop, [self = shared_from_this()] { self->hand_back(); });
     return;
   }
   auto f = std::make_unique<InFlight>();
@@ -215,23 +216,24 @@ void WireConnection::State::start_write() {
     gather.push_back(asio::buffer(disconnect_request));
     disconnect_sent = true;
   }
-  hand_back();  // the cancelled ones
-  if (gather.empty()) return;
-  writing = true;
-  arm_timeout();
-  asio::async_write(*socket, gather,
-                    [self = shared_from_this(), gen = generation](const boost::system::error_code& ec, size_t) {
-                      self->writing = false;
-                      if (ec && gen == self->generation) {
-                        self->lost(ESHUTDOWN, "writing to the server: " + ec.message());
-                        return;
-                      }
-                      if (self->splicing_out) {
-                        self->splice_out();
-                      } else {
-                        self->start_write();
-                      }
-                    });
+  if (!gather.empty()) {
+    writing = true;
+    arm_timeout();
+    asio::async_write(*socket, gather,
+                      [self = shared_from_this(), gen = generation](const boost::system::error_code& ec, size_t) {
+                        self->writing = false;
+                        if (ec && gen == self->generation) {
+                          self->lost(ESHUTDOWN, "writing to the server: " + ec.message());
+                          return;
+                        }
+                        if (self->splicing_out) {
+                          self->splice_out();
+                        } else {
+                          self->start_write();
+                        }
+                      });
+  }
+  hand_back();  // the cancelled ones, last: their waiters resume right here
 }
 
 // The payload of `splicing_out`, from its pipes into the socket (no copy),
@@ -351,7 +353,10 @@ awaitable<void> WireConnection::State::read_loop(std::shared_ptr<State> self, ui
       self->lost(EIO, "protocol error from the server: " + self->parser->failure());
       co_return;
     }
-    if (!self->done.empty()) self->complete_done();
+    if (!self->done.empty()) {
+      self->complete_done();
+      if (self->generation != generation) co_return;  // lost while the results were handed back
+    }
   }
 }
 
