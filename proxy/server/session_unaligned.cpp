@@ -87,7 +87,7 @@ awaitable<void> Session::serve_unaligned_write(const RequestHeader& request, Wri
     }
     data = payload.buffer.span();
   }
-  const CommandFlags fua{.fua = (request.flags & kCmdFlagFua) != 0};
+  const CommandFlags fua = CommandFlags::from_wire(request.flags & kCmdFlagFua);
   auto ticket = block_status_->begin_mutation(plan.whole.offset, plan.whole.length);
   const auto aliased = ctx_.exports.begin_aliased_write(**export_);
 
