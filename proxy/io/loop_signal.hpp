@@ -6,8 +6,7 @@
 //   while (!finished) co_await signal.wait();
 //
 // Underneath it is a steady_timer that never expires, woken by cancelling
-// it: Boost 1.74 has no channel or condition variable for coroutines, and
-// waiting on a timer costs no allocation beyond the coroutine's own frame.
+// it: Boost 1.74 has no channel or condition variable for coroutines.
 #pragma once
 
 #include "proxy/io/asio.hpp"
