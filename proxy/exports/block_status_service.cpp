@@ -5,8 +5,6 @@
 #include <algorithm>
 #include <cerrno>
 
-#include <boost/asio/redirect_error.hpp>
-
 #include "policy/alignment.hpp"
 
 namespace bscache::proxy {
@@ -155,10 +153,7 @@ awaitable<int> BlockStatusService::answer_after_miss(uint64_t offset, uint32_t l
     }
     fetch = start_fetch(policy::window_for_miss(offset, length, req_one, planned_window(offset)), false);
   }
-  while (!fetch->finished) {
-    boost::system::error_code ignored;  // cancellation is the "finished" signal
-    co_await fetch->done.async_wait(asio::redirect_error(use_awaitable, ignored));
-  }
+  while (!fetch->finished) co_await fetch->done.wait();
   // The reply answers its waiters even if it was not stored (too old for the
   // TTL, more than the cache can hold, or evicted since), as a pass-through
   // would have: a miss never costs more than one upstream call. The cache may
@@ -253,7 +248,6 @@ std::shared_ptr<BlockStatusService::Fetch> BlockStatusService::start_fetch(polic
   fetch->prefetch = prefetch;
   fetch->sent = cache_.extents().now();
   fetch->store_limit = window_budget();
-  fetch->done.expires_at(asio::steady_timer::time_point::max());
   fetches_[window.offset] = fetch;
   // Detached: a fetch outlives the client that caused it, others may wait on it.
   asio::co_spawn(io_, run_fetch(fetch), asio::detached);
@@ -291,7 +285,7 @@ awaitable<void> BlockStatusService::run_fetch(std::shared_ptr<Fetch> fetch) {
   }
   fetch->finished = true;
   if (auto it = fetches_.find(fetch->offset); it != fetches_.end() && it->second == fetch) fetches_.erase(it);
-  fetch->done.cancel();
+  fetch->done.notify();
 }
 
 void BlockStatusService::note_window(uint64_t start, uint64_t end, bool prefetch) {

@@ -23,6 +23,7 @@
 #include "policy/prefetch.hpp"
 #include "proxy/exports/config.hpp"
 #include "proxy/io/asio.hpp"
+#include "proxy/io/loop_signal.hpp"
 #include "proxy/negotiation/export_info.hpp"
 #include "proxy/ops/metrics.hpp"
 #include "proxy/upstream/block_status_upstream.hpp"
@@ -80,7 +81,7 @@ class BlockStatusService {
     size_t store_limit = 0;             // most extents of the reply the cache keeps
     cache::TimePoint sent;              // when its ticket was taken (its creation until then)
     std::vector<cache::Extent> usable;  // the reply outside its taint: answers whoever waited
-    asio::steady_timer done;            // cancelled when the fetch finishes
+    LoopSignal done;                    // notified when the fetch finishes
   };
   struct Window {
     uint64_t end = 0;

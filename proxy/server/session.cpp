@@ -4,8 +4,6 @@
 
 #include <array>
 
-#include <boost/asio/redirect_error.hpp>
-
 #include "proxy/server/handshake_driver.hpp"
 
 namespace bscache::proxy {
@@ -25,9 +23,7 @@ Session::Session(ProxyContext& context, Socket socket, uint64_t id)
       writer_(stream_, id, context.memory,
               {.start_drain = [this] { asio::co_spawn(ctx_.io, drain_replies(), asio::detached); },
                .progress = [this] { writer_progress(); }}),
-      wakeup_(context.io) {
-  wakeup_.expires_at(asio::steady_timer::time_point::max());
-}
+      wakeup_(context.io) {}
 
 awaitable<void> Session::run() {
   auto self = shared_from_this();
@@ -247,7 +243,7 @@ void Session::unhold(size_t bytes) {
 void Session::request_done(size_t held_bytes) {
   --in_flight_;
   unhold(held_bytes);
-  wakeup_.cancel();
+  wakeup_.notify();
   close_when_idle();
 }
 
@@ -258,13 +254,12 @@ awaitable<void> Session::drain_replies() {
 
 void Session::writer_progress() {
   if (writer_.broken()) cancelled_->store(true);  // nobody will read what upstream sends
-  wakeup_.cancel();
+  wakeup_.notify();
   close_when_idle();
 }
 
 awaitable<void> Session::wait_for_wakeup() {
-  boost::system::error_code ignored;
-  co_await wakeup_.async_wait(asio::redirect_error(use_awaitable, ignored));
+  return wakeup_.wait();
 }
 
 }  // namespace bscache::proxy

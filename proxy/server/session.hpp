@@ -21,6 +21,7 @@
 #include "proxy/io/asio.hpp"
 #include "proxy/io/buffer_pool.hpp"
 #include "proxy/io/client_memory.hpp"
+#include "proxy/io/loop_signal.hpp"
 #include "proxy/io/pipe_pool.hpp"
 #include "proxy/negotiation/export_info.hpp"
 #include "proxy/negotiation/handshake.hpp"
@@ -131,7 +132,7 @@ class Session : public std::enable_shared_from_this<Session> {
   size_t held_in_flight_ = 0;  // requests in flight, as charged (see request_charge)
   // Set when the client is gone: its commands not yet sent upstream are dropped.
   std::shared_ptr<std::atomic<bool>> cancelled_ = std::make_shared<std::atomic<bool>>(false);
-  asio::steady_timer wakeup_;                    // cancelled whenever a request finishes or replies drain
+  LoopSignal wakeup_;                            // notified whenever a request finishes or replies drain
   ClientMemory::Waiter memory_waiter_{wakeup_};  // ...or when the total bound lets this client go on
 };
 

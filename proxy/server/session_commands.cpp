@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "policy/alignment.hpp"
+#include "proxy/server/read_reply.hpp"
 #include "proxy/server/session.hpp"
 #include "proxy/wire/errors.hpp"
 
@@ -71,33 +72,15 @@ awaitable<void> Session::serve_read(const RequestHeader& request) {
     co_return;
   }
   Reply reply;
-  auto& head = reply.head();
   auto& chunks = result.chunks;
   const bool holes = std::any_of(chunks.begin(), chunks.end(), [](const ReadChunk& c) { return c.hole; });
   if (!negotiated_.structured_replies || !holes) {
     // One piece of data (libnbd zero-fills holes in the buffer for a simple reply).
-    if (negotiated_.structured_replies) {
-      encode_offset_data_header(head, request.cookie, true, request.offset, request.length);
-    } else {
-      encode_simple_reply(head, request.cookie, 0);
-    }
-    reply.add_head_piece(0);
-    reply.add_payload_piece(0, request.length);
+    add_read_data(reply, request, negotiated_.structured_replies, 0);
   } else {
     std::sort(chunks.begin(), chunks.end(), [](const ReadChunk& a, const ReadChunk& b) { return a.offset < b.offset; });
-    for (size_t i = 0; i < chunks.size(); ++i) {
-      const auto& c = chunks[i];
-      const bool done = i + 1 == chunks.size();
-      const size_t from = head.size();
-      if (c.hole) {
-        encode_offset_hole(head, request.cookie, done, c.offset, c.length);
-        reply.add_head_piece(from);
-      } else {
-        encode_offset_data_header(head, request.cookie, done, c.offset, c.length);
-        reply.add_head_piece(from);
-        reply.add_payload_piece(c.offset - request.offset, c.length);
-      }
-    }
+    add_read_chunks(reply, request.cookie, chunks,
+                    [&](const ReadChunk& c) { reply.add_payload_piece(c.offset - request.offset, c.length); });
   }
   // A reply of holes only sends none of the buffer: give it back now.
   if (reply.has_payload_pieces()) reply.set_payload(std::move(buffer));
@@ -127,25 +110,14 @@ awaitable<bool> Session::serve_spliced_read(const RequestHeader& request) {
     co_return true;
   }
   Reply reply;
-  auto& head = reply.head();
   size_t in_pipes = 0;  // data bytes so far: where the next chunk's data starts
-  for (size_t i = 0; i < result.chunks.size(); ++i) {
-    const auto& c = result.chunks[i];
-    const bool done = i + 1 == result.chunks.size();
-    const size_t from = head.size();
-    if (c.hole) {
-      encode_offset_hole(head, request.cookie, done, c.offset, c.length);
-      reply.add_head_piece(from);
-      continue;
-    }
-    encode_offset_data_header(head, request.cookie, done, c.offset, c.length);
-    reply.add_head_piece(from);
+  add_read_chunks(reply, request.cookie, result.chunks, [&](const ReadChunk& c) {
     for (const size_t end = in_pipes + c.length; in_pipes < end;) {  // the chunk's data, pipe by pipe
       const auto share = PipePool::share_at(in_pipes, end);
       reply.add_pipe_piece(share.index, share.bytes);
       in_pipes += share.bytes;
     }
-  }
+  });
   reply.set_pipes(std::move(pipes));
   ++metrics_->reads_spliced;
   writer_.send(std::move(reply));

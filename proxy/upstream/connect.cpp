@@ -268,14 +268,20 @@ UpstreamInfo read_upstream_info(nbd_handle* h) {
   if (int64_t v = nbd_get_block_size(h, LIBNBD_SIZE_MAXIMUM); v > 0) info.max_block = static_cast<uint32_t>(v);
   info.export_name = take_libnbd_string(nbd_get_canonical_export_name(h));
   info.description = take_libnbd_string(nbd_get_export_description(h));
-  // Ask libnbd which contexts were really selected, in a stable order.
+  info.contexts = selected_meta_contexts(h);
+  return info;
+}
+
+// Of the contexts asked for, those libnbd says upstream really selected.
+std::vector<std::string> selected_meta_contexts(nbd_handle* h) {
+  std::vector<std::string> selected;
   for (size_t i = 0;; ++i) {
     char* name = nbd_get_meta_context(h, i);
     if (!name) break;
     std::string context = take_libnbd_string(name);
-    if (nbd_can_meta_context(h, context.c_str()) == 1) info.contexts.push_back(context);
+    if (nbd_can_meta_context(h, context.c_str()) == 1) selected.push_back(std::move(context));
   }
-  return info;
+  return selected;
 }
 
 int duplicate_socket(nbd_handle* h) {

@@ -28,6 +28,8 @@ UpstreamListing list_upstream_exports(const UpstreamTarget& target);
 // neither). Connects to find out (libnbd parses the URI). Throws like open_upstream.
 std::string named_export(const UpstreamTarget& target);
 UpstreamInfo read_upstream_info(nbd_handle* h);
+// The meta contexts upstream selected on a handle in transmission, in a stable order.
+std::vector<std::string> selected_meta_contexts(nbd_handle* h);
 // A duplicate of the socket of a handle in the transmission phase, for
 // speaking NBD over it without libnbd (the handle must then stay idle, and
 // must not be encrypted: see WireConnection::usable). Throws

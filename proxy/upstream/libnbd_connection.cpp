@@ -13,23 +13,20 @@
 #include <stdexcept>
 #include <utility>
 
+#include "proxy/wire/protocol.hpp"
+
 namespace bscache::proxy {
 
 namespace {
-uint32_t libnbd_flags(const CommandFlags& f) {
-  uint32_t out = 0;
-  if (f.fua) out |= LIBNBD_CMD_FLAG_FUA;
-  if (f.no_hole) out |= LIBNBD_CMD_FLAG_NO_HOLE;
-  if (f.fast_zero) out |= LIBNBD_CMD_FLAG_FAST_ZERO;
-  if (f.df) out |= LIBNBD_CMD_FLAG_DF;
-  if (f.req_one) out |= LIBNBD_CMD_FLAG_REQ_ONE;
-  return out;
-}
+// libnbd's command flags are the NBD wire bits: CommandFlags::to_wire is the mapping.
+static_assert(LIBNBD_CMD_FLAG_FUA == wire::kCmdFlagFua && LIBNBD_CMD_FLAG_NO_HOLE == wire::kCmdFlagNoHole &&
+              LIBNBD_CMD_FLAG_DF == wire::kCmdFlagDf && LIBNBD_CMD_FLAG_REQ_ONE == wire::kCmdFlagReqOne &&
+              LIBNBD_CMD_FLAG_FAST_ZERO == wire::kCmdFlagFastZero);
 
 int64_t start_command(nbd_handle* h, UpstreamCommand& c, nbd_chunk_callback chunk, nbd_extent_callback extent,
                       nbd_completion_callback done) {
   const auto& a = c.args;
-  const uint32_t flags = libnbd_flags(a.flags);
+  const uint32_t flags = a.flags.to_wire();
   switch (a.op) {
     case UpstreamOp::Read:
       return nbd_aio_pread_structured(h, a.buffer.data(), a.buffer.size(), a.offset, chunk, done, flags);
@@ -47,12 +44,11 @@ int64_t start_command(nbd_handle* h, UpstreamCommand& c, nbd_chunk_callback chun
 LibnbdConnection::LibnbdConnection(size_t index, NbdHandlePtr handle, const UpstreamTarget& target,
                                    UpstreamOptions options, Finished finished, StateChanged state_changed)
     : index_(index),
-      target_(target),
-      options_(options),
       finished_(std::move(finished)),
       state_changed_(std::move(state_changed)),
       first_handle_(std::move(handle)),
-      doorbell_(::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)) {
+      doorbell_(::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)),
+      reconnector_(index, target, options) {
   if (doorbell_ < 0) throw std::runtime_error(std::string("eventfd: ") + strerror(errno));
   thread_ = std::thread([this] { run(); });
 }
@@ -177,14 +173,7 @@ bool LibnbdConnection::take_inbox() {
 
 void LibnbdConnection::adopt(NbdHandlePtr handle) {
   handle_ = std::move(handle);
-  auto contexts = std::make_shared<std::vector<std::string>>();
-  for (size_t i = 0;; ++i) {
-    char* raw_name = nbd_get_meta_context(handle_.get(), i);
-    if (!raw_name) break;
-    std::string name = take_libnbd_string(raw_name);
-    if (nbd_can_meta_context(handle_.get(), name.c_str()) == 1) contexts->push_back(std::move(name));
-  }
-  contexts_ = std::move(contexts);
+  contexts_ = std::make_shared<const std::vector<std::string>>(selected_meta_contexts(handle_.get()));
   fd_ = nbd_aio_get_fd(handle_.get());
 }
 
@@ -289,7 +278,7 @@ void LibnbdConnection::hand_back() {
 // the handle closed, libnbd no longer touches any of their buffers.
 void LibnbdConnection::fail_connection(int error, const char* why) {
   if (!handle_) return;
-  if (why) spdlog::warn("upstream connection {} lost: {}; {} commands in flight fail", index_, why, pending_.size());
+  if (why) reconnector_.log_lost(why, pending_.size());
   handle_.reset();  // libnbd closes its socket
   fd_ = -1;
   completed_.clear();  // their commands are in pending_ and fail below
@@ -303,7 +292,7 @@ void LibnbdConnection::fail_connection(int error, const char* why) {
   if (closing_) return;
   hand_back();  // the failures reach the loop before the news of the loss
   state_changed_(index_, std::nullopt);
-  if (options_.reconnect) reconnect_at_ = Clock::now() + backoff_;
+  if (reconnector_.reconnects()) reconnect_at_ = Clock::now() + reconnector_.backoff();
 }
 
 void LibnbdConnection::try_reconnect() {
@@ -313,30 +302,24 @@ void LibnbdConnection::try_reconnect() {
   // thread serves only this connection, and while it is down the pool sends
   // it nothing.
   try {
-    NbdHandlePtr handle = open_upstream(target_);
-    UpstreamInfo fresh = read_upstream_info(handle.get());
-    spdlog::info("upstream connection {} reconnected after {} failed attempts", index_, reconnect_failures_);
-    reconnect_failures_ = 0;
-    backoff_ = kFirstBackoff;
-    adopt(std::move(handle));
-    state_changed_(index_, std::move(fresh));
+    Reconnector::Opened opened = reconnector_.open();
+    reconnector_.succeeded();
+    adopt(std::move(opened.handle));
+    state_changed_(index_, std::move(opened.info));
   } catch (const std::exception& e) {
-    ++reconnect_failures_;
-    spdlog::warn("upstream connection {}: reconnect attempt {} failed: {}", index_, reconnect_failures_, e.what());
-    backoff_ = std::min(backoff_ * 2, std::chrono::milliseconds(5000));
-    reconnect_at_ = Clock::now() + backoff_;
+    reconnector_.failed(e.what());
+    reconnect_at_ = Clock::now() + reconnector_.backoff();
   }
 }
 
 // With --upstream-timeout: a command upstream has not answered in time means
 // the connection is stuck; drop it (failing everything in flight) and reconnect.
 void LibnbdConnection::check_timeout(Clock::time_point now) {
-  if (options_.timeout.count() <= 0 || now < next_timeout_check_) return;
-  const auto period = std::max<std::chrono::milliseconds>(options_.timeout / 4, std::chrono::milliseconds(10));
-  next_timeout_check_ = now + period;
+  if (!reconnector_.times_out() || now < next_timeout_check_) return;
+  next_timeout_check_ = now + reconnector_.timeout_check_period();
   for (const auto& [raw, command] : pending_) {
-    if (now - command->started > options_.timeout) {
-      fail_connection(ETIMEDOUT, "a command got no answer within --upstream-timeout");
+    if (reconnector_.overdue(command->started, now)) {
+      fail_connection(ETIMEDOUT, Reconnector::kOverdue);
       return;
     }
   }
@@ -345,7 +328,7 @@ void LibnbdConnection::check_timeout(Clock::time_point now) {
 // Until the next timer: a reconnect attempt, or the timeout check while commands are in flight.
 int LibnbdConnection::poll_timeout_ms(Clock::time_point now) const {
   std::optional<Clock::time_point> wake = reconnect_at_;
-  if (options_.timeout.count() > 0 && !pending_.empty() && (!wake || next_timeout_check_ < *wake)) {
+  if (reconnector_.times_out() && !pending_.empty() && (!wake || next_timeout_check_ < *wake)) {
     wake = next_timeout_check_;
   }
   if (!wake) return -1;

@@ -38,6 +38,7 @@
 #include "proxy/upstream/config.hpp"
 #include "proxy/upstream/connect.hpp"
 #include "proxy/upstream/connection.hpp"
+#include "proxy/upstream/reconnector.hpp"
 
 namespace bscache::proxy {
 
@@ -88,11 +89,7 @@ class LibnbdConnection final : public UpstreamConnection {
                        int* error);
   static int on_chunk(void* user_data, const void* subbuf, size_t count, uint64_t offset, unsigned status, int* error);
 
-  static constexpr std::chrono::milliseconds kFirstBackoff{100};
-
   const size_t index_;
-  const UpstreamTarget target_;
-  const UpstreamOptions options_;
   const Finished finished_;
   const StateChanged state_changed_;
   NbdHandlePtr first_handle_;  // adopted by the thread when it starts
@@ -108,10 +105,9 @@ class LibnbdConnection final : public UpstreamConnection {
   // What handle_ negotiated: names result.extents.
   std::shared_ptr<const std::vector<std::string>> contexts_;
   bool closing_ = false;
-  std::chrono::milliseconds backoff_ = kFirstBackoff;
+  Reconnector reconnector_;
   std::optional<Clock::time_point> reconnect_at_;
   Clock::time_point next_timeout_check_;
-  uint64_t reconnect_failures_ = 0;
   // In flight, keyed by address: libnbd's callbacks get the raw pointer.
   std::unordered_map<UpstreamCommand*, std::unique_ptr<UpstreamCommand>> pending_;
   // Completed inside a libnbd call; handed back once that call has returned.

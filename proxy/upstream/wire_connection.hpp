@@ -21,7 +21,8 @@
 // meta context.
 //
 // Everything here runs on the loop thread but the blocking reconnect, which
-// runs on a helper thread and posts its result back.
+// runs on a helper thread and posts its result back. Results are handed back
+// where they arrive: `finished` is called on the loop (never inside submit()).
 #pragma once
 
 #include <memory>

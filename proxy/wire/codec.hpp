@@ -5,6 +5,7 @@
 // append to a byte vector so a whole reply can be sent with one write.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <memory>
 #include <optional>
@@ -126,6 +127,11 @@ struct RequestHeader {
 };
 // 28 bytes. nullopt on a wrong size or magic.
 std::optional<RequestHeader> decode_request_header(ByteSpan bytes);
+// The one request encoder. A fixed array: a request in flight keeps its
+// header in it, without an allocation.
+using RequestBytes = std::array<uint8_t, kRequestHeaderSize>;
+RequestBytes encode_request(const RequestHeader& request);
+// Appends encode_request's bytes.
 void encode_request_header(Bytes& out, const RequestHeader& request);
 
 void encode_simple_reply(Bytes& out, uint64_t cookie, uint32_t error);
@@ -150,6 +156,16 @@ void encode_error_chunk(Bytes& out, uint64_t cookie, bool done, uint32_t error, 
 // Header and offset of an OFFSET_DATA chunk; the caller appends data_length bytes.
 void encode_offset_data_header(Bytes& out, uint64_t cookie, bool done, uint64_t offset, uint32_t data_length);
 void encode_offset_hole(Bytes& out, uint64_t cookie, bool done, uint64_t offset, uint32_t length);
+// A piece of a READ's data as upstream sent it: bytes, or a hole, at a disk offset.
+struct ReadChunk {
+  uint64_t offset = 0;
+  uint32_t length = 0;
+  bool hole = false;
+  bool operator==(const ReadChunk&) const = default;
+};
+// The one READ reply chunk encoder: an OFFSET_HOLE chunk, or an OFFSET_DATA
+// chunk's header and offset (the caller sends its `length` bytes after it).
+void encode_read_chunk(Bytes& out, uint64_t cookie, bool done, const ReadChunk& chunk);
 void encode_done(Bytes& out, uint64_t cookie);
 
 // ---- Request validation ----------------------------------------------------
