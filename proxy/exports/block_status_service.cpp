@@ -70,8 +70,8 @@ bool BlockStatusService::try_answer(const BlockStatusClient& client, const wire:
   if (client.selected.size() != 1 || client.selected[0] != base_allocation) return false;
   // Upstream cannot tell (it lacked base:allocation when this client came,
   // or lost it in a reconnect since): everything is data, always a safe answer.
-  const bool upstream_tells = offered.upstream_context(base_allocation) &&
-                              info_.upstream_context(static_cast<size_t>(info_.base_allocation));
+  const bool upstream_tells =
+      offered.upstream_context(base_allocation) && info_.upstream_context(static_cast<size_t>(info_.base_allocation));
   if (!upstream_tells) {
     hit_.assign(1, wire::Descriptor{request.length, 0});
   } else if (caching() && lookup(request.offset, request.length, request.flags & wire::kCmdFlagReqOne, hit_)) {
