@@ -52,7 +52,7 @@ struct ExportLimits {
 // A name looked up: a hold on its export, or why not.
 struct ExportLookup {
   std::unique_ptr<Export::Hold> hold;  // null: refused
-  uint32_t error = 0;                      // an NBD_REP_ERR_* when refused
+  uint32_t error = 0;                  // an NBD_REP_ERR_* when refused
   std::string message;
 };
 

@@ -45,7 +45,7 @@ int64_t start_command(nbd_handle* h, UpstreamCommand& c, nbd_chunk_callback chun
 }  // namespace
 
 LibnbdConnection::LibnbdConnection(size_t index, NbdHandlePtr handle, const UpstreamTarget& target,
-                                       UpstreamOptions options, Finished finished, StateChanged state_changed)
+                                   UpstreamOptions options, Finished finished, StateChanged state_changed)
     : index_(index),
       target_(target),
       options_(options),
@@ -241,8 +241,7 @@ int LibnbdConnection::on_complete(void* user_data, int* error) {
   return 1;  // retire the command automatically
 }
 
-int LibnbdConnection::on_extent(void* user_data, const char* context, uint64_t, uint32_t* entries, size_t count,
-                                  int*) {
+int LibnbdConnection::on_extent(void* user_data, const char* context, uint64_t, uint32_t* entries, size_t count, int*) {
   auto* command = static_cast<UpstreamCommand*>(user_data);
   const auto& contexts = *command->result.contexts;
   auto it = std::find(contexts.begin(), contexts.end(), context);

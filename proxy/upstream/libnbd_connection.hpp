@@ -45,7 +45,7 @@ class LibnbdConnection final : public UpstreamConnection {
  public:
   // Adopts an open handle (see open_upstream) and starts the thread.
   LibnbdConnection(size_t index, NbdHandlePtr handle, const UpstreamTarget& target, UpstreamOptions options,
-                     Finished finished, StateChanged state_changed);
+                   Finished finished, StateChanged state_changed);
   // Closes the handle (failing what is in flight) and joins the thread.
   ~LibnbdConnection() override;
   LibnbdConnection(const LibnbdConnection&) = delete;

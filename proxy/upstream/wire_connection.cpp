@@ -315,8 +315,7 @@ void WireConnection::State::splice_out() {
 // room to spare, but counts pieces, not bytes: a stream of small segments (a
 // TCP upstream without receive offload) can fill it early. Then the rest of
 // that READ is dropped and the caller reads again into a buffer.
-WireConnection::State::Spliced WireConnection::State::splice_payload(size_t& moved,
-                                                                                     std::string& failure) {
+WireConnection::State::Spliced WireConnection::State::splice_payload(size_t& moved, std::string& failure) {
   moved = 0;
   auto it = pending.find(parser->cookie());
   InFlight* f = it == pending.end() ? nullptr : it->second.get();
@@ -504,8 +503,7 @@ void WireConnection::State::start_connector() {
   });
 }
 
-void WireConnection::State::reconnected(NbdHandlePtr h, std::optional<UpstreamInfo> info,
-                                                const std::string& failure) {
+void WireConnection::State::reconnected(NbdHandlePtr h, std::optional<UpstreamInfo> info, const std::string& failure) {
   if (closing) return;
   std::string why = failure;
   if (why.empty()) {
@@ -528,9 +526,8 @@ void WireConnection::State::reconnected(NbdHandlePtr h, std::optional<UpstreamIn
   state_changed(index, std::move(info));
 }
 
-WireConnection::WireConnection(asio::io_context& loop, size_t index, NbdHandlePtr handle,
-                                               const UpstreamTarget& target, UpstreamOptions options, Finished finished,
-                                               StateChanged state_changed)
+WireConnection::WireConnection(asio::io_context& loop, size_t index, NbdHandlePtr handle, const UpstreamTarget& target,
+                               UpstreamOptions options, Finished finished, StateChanged state_changed)
     : state_(std::make_shared<State>(loop, index, target, options, std::move(finished), std::move(state_changed))) {
   state_->adopt(std::move(handle));
 }

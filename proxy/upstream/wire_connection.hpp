@@ -36,7 +36,7 @@ class WireConnection final : public UpstreamConnection {
  public:
   // Adopts an open handle (see open_upstream) whose socket is plain.
   WireConnection(asio::io_context& loop, size_t index, NbdHandlePtr handle, const UpstreamTarget& target,
-                         UpstreamOptions options, Finished finished, StateChanged state_changed);
+                 UpstreamOptions options, Finished finished, StateChanged state_changed);
   // Fails what is in flight with ESHUTDOWN; waits for a reconnect attempt in progress.
   ~WireConnection() override;
   WireConnection(const WireConnection&) = delete;
