@@ -219,5 +219,40 @@ TEST_F(PrefetchingServiceTest, AScanThroughAWindowFetchesTheNextOneAhead) {
   EXPECT_EQ(metrics.prefetches_issued, fake.calls.size() - 1);
 }
 
+// The window of a miss is as long as one request the upstream connection can
+// send (with the default --fetch-window): 4 GiB - 1 (rounded down to the
+// allocation unit) with 32-bit requests, the whole export with extended headers.
+TEST(BlockStatusServiceWindow, FollowsTheLongestRequestUpstreamTakes) {
+  for (const bool extended : {false, true}) {
+    SCOPED_TRACE(extended ? "extended headers" : "32-bit requests");
+    asio::io_context io;
+    ScriptedUpstream fake{io};
+    UpstreamInfo upstream;
+    upstream.size = uint64_t{16} << 30;
+    upstream.min_block = 512;
+    upstream.contexts = {"base:allocation"};
+    upstream.base_allocation_index = 0;
+    if (extended) upstream.max_block_status_length = UINT64_MAX;
+    const ExportInfo info = make_export_info(upstream, false);
+    BlockStatusConfig config;
+    config.prefetch.enabled = false;
+    Metrics metrics;
+    BlockStatusService service(io, fake, info, config, metrics);
+    int error = -1;
+    std::vector<Descriptor> answer;
+    asio::co_spawn(
+        io, [&]() -> awaitable<void> { error = co_await service.answer_after_miss(0, 4096, true, answer); },
+        asio::detached);
+    io.poll();
+    ASSERT_EQ(fake.calls.size(), 1u);
+    EXPECT_EQ(fake.calls[0]->length, extended ? upstream.size : uint64_t{0xffff0000u});
+    fake.answer(0, {{0xffff0000u, kHoleZero}});
+    io.restart();
+    io.poll();
+    EXPECT_EQ(error, 0);
+    EXPECT_EQ(answer, (std::vector<Descriptor>{{4096, kHoleZero}}));
+  }
+}
+
 }  // namespace
 }  // namespace bscache::proxy
