@@ -14,14 +14,16 @@
 # python/ (the `nbd` module: never on the system's site-packages, where it
 # would hide Debian's 1.14 module). `. PREFIX/env` puts all of it first in
 # PATH, PYTHONPATH, LD_LIBRARY_PATH and PKG_CONFIG_PATH.
-# Prints the prefix; does nothing if it is already there.
+# Prints the prefix; does nothing if it is already there. Exits 75 when the
+# source cannot be had (not Debian 12, no mirror, the mirror unreachable), so
+# that callers can skip rather than fail; any other failure is an error.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 prefix=${LIBNBD_NEW_PREFIX:-$PWD/.cache/libnbd-new}
 if [[ -x $prefix/bin/nbdinfo && -f $prefix/env ]]; then echo "$prefix"; exit 0; fi
 
 codename=$(. /etc/os-release && echo "${VERSION_CODENAME:-}")
-[[ $codename == bookworm ]] || { echo "libnbd-new: needs Debian 12 (bookworm), this is '$codename'" >&2; exit 1; }
+[[ $codename == bookworm ]] || { echo "libnbd-new: needs Debian 12 (bookworm), this is '$codename'" >&2; exit 75; }
 # What the configure line below needs, all from Debian 12 (scripts/deps.sh).
 for p in gcc make pkg-config dpkg-dev libgnutls28-dev libxml2-dev python3-dev; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" ||
@@ -29,7 +31,7 @@ for p in gcc make pkg-config dpkg-dev libgnutls28-dev libxml2-dev python3-dev; d
 done
 # The mirror that serves this machine's own bookworm suite also has trixie.
 mirror=$(apt-get indextargets --format '$(REPO_URI) $(RELEASE)' | awk -v r="$codename" '$2 == r { print $1; exit }')
-[[ -n $mirror ]] || { echo "libnbd-new: no Debian mirror for $codename in the apt configuration" >&2; exit 1; }
+[[ -n $mirror ]] || { echo "libnbd-new: no Debian mirror for $codename in the apt configuration" >&2; exit 75; }
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/bscache-libnbd-new.XXXXXX")
 trap 'rm -rf "$work"' EXIT
@@ -38,10 +40,11 @@ printf 'deb-src %s trixie main\n' "$mirror" >"$work/sources.list"
 apt=(-o "Dir::Etc::SourceList=$work/sources.list" -o Dir::Etc::SourceParts=/dev/null
   -o "Dir::State::Lists=$work/lists" -o "Dir::Cache=$work/cache" -o Debug::NoLocking=1 -o APT::Sandbox::User=root
   -o Acquire::Retries=2 -o Acquire::http::Timeout=30)
-apt-get "${apt[@]}" update -qq
+apt-get "${apt[@]}" update -qq || { echo "libnbd-new: cannot read trixie's sources from $mirror" >&2; exit 75; }
 # apt checks the sources against trixie's signed Release file (Debian 12's
 # keyring has trixie's keys) and dpkg-source applies Debian's patches.
-(cd "$work" && apt-get "${apt[@]}" source -qq libnbd >/dev/null)
+(cd "$work" && apt-get "${apt[@]}" source -qq libnbd >/dev/null) ||
+  { echo "libnbd-new: cannot fetch trixie's libnbd source from $mirror" >&2; exit 75; }
 src=$(find "$work" -mindepth 1 -maxdepth 1 -type d -name 'libnbd-*' | head -1)
 [[ -n $src ]] || { echo "libnbd-new: apt-get source unpacked no libnbd" >&2; exit 1; }
 
@@ -69,6 +72,12 @@ for d in include lib python sh info copy; do
 done
 staged=$work/dest$prefix
 rm -f "$staged"/lib/*.la "$staged"/python/*.la
+# libnbd.pc names neither its include directory nor its library directory
+# (it assumes /usr): without them a build would compile against the system's
+# libnbd.h and link the system's libnbd. The rpath lets what links it run
+# without LD_LIBRARY_PATH.
+sed -i -e 's|^Cflags:.*|Cflags: -I${includedir}|' -e 's|^Libs:.*|Libs: -L${libdir} -Wl,-rpath,${libdir} -lnbd|' \
+  "$staged/lib/pkgconfig/libnbd.pc"
 # Debian's nbdsh runs `python3 -mnbd`; this one runs it with the private module.
 cat >"$staged/bin/nbdsh" <<WRAPPER
 #!/bin/sh
