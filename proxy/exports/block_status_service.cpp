@@ -192,7 +192,8 @@ size_t BlockStatusService::window_budget() const {
 
 policy::FetchWindow BlockStatusService::planned_window(uint64_t offset) const {
   const uint64_t bytes = policy::window_bytes(window_budget(), density_.bytes_per_extent(), config_.max_window);
-  return policy::plan_fetch(offset, info_.size, info_.min_block, bytes, config_.limits.allocation_granularity);
+  return policy::plan_fetch(offset, info_.size, info_.min_block, bytes, config_.limits.allocation_granularity,
+                            info_.max_block_status_length);
 }
 
 bool BlockStatusService::lookup(uint64_t offset, uint32_t length, bool req_one, std::vector<wire::Descriptor>& out) {

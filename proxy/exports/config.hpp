@@ -9,7 +9,6 @@
 
 #include "cache/limits.hpp"
 #include "policy/coherence.hpp"
-#include "policy/fetch_window.hpp"
 #include "policy/prefetch.hpp"
 #include "proxy/upstream/config.hpp"
 
@@ -19,8 +18,9 @@ struct BlockStatusConfig {
   policy::CoherencePolicy coherence;
   policy::PrefetchConfig prefetch;
   cache::CacheLimits limits;
-  // Longest window asked for on a miss. Default: the 32-bit limit.
-  uint64_t max_window = policy::kMaxRequestLength;
+  // Longest window asked for on a miss. Default: no limit but upstream's
+  // (ExportInfo::max_block_status_length: 4 GiB - 1 without extended headers).
+  uint64_t max_window = UINT64_MAX;
   // Most descriptors in one reply without REQ_ONE. Default: 65536.
   size_t max_descriptors = 65536;
 };

@@ -16,6 +16,7 @@ ExportInfo make_export_info(const UpstreamInfo& up, bool force_read_only) {
   info.preferred_block = up.preferred_block;
   info.max_block = std::min(up.max_block, kMaxPayload);
   info.advertise_block_size = up.advertises_block_size;
+  info.max_block_status_length = up.max_block_status_length;
   const bool read_only = force_read_only || up.read_only;
   uint16_t f = kTxHasFlags;
   if (read_only) f |= kTxReadOnly;

@@ -9,6 +9,7 @@
 
 #include <array>
 #include <cerrno>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <span>
@@ -266,6 +267,12 @@ UpstreamInfo read_upstream_info(nbd_handle* h) {
   }
   if (int64_t v = nbd_get_block_size(h, LIBNBD_SIZE_PREFERRED); v > 0) info.preferred_block = static_cast<uint32_t>(v);
   if (int64_t v = nbd_get_block_size(h, LIBNBD_SIZE_MAXIMUM); v > 0) info.max_block = static_cast<uint32_t>(v);
+#ifdef BSCACHE_HAVE_NBD_BLOCK_STATUS_64
+  // 64-bit lengths on the wire, and LibnbdConnection asks through
+  // nbd_aio_block_status_64, whose extents may be that long too. Without
+  // extended headers libnbd refuses any length over 32 bits (ERANGE).
+  if (nbd_get_extended_headers_negotiated(h) == 1) info.max_block_status_length = UINT64_MAX;
+#endif
   info.export_name = take_libnbd_string(nbd_get_canonical_export_name(h));
   info.description = take_libnbd_string(nbd_get_export_description(h));
   info.contexts = selected_meta_contexts(h);

@@ -9,6 +9,7 @@
 #include <algorithm>
 #include <array>
 #include <cerrno>
+#include <cstdint>
 #include <cstring>
 #include <stdexcept>
 #include <utility>
@@ -23,6 +24,45 @@ static_assert(LIBNBD_CMD_FLAG_FUA == wire::kCmdFlagFua && LIBNBD_CMD_FLAG_NO_HOL
               LIBNBD_CMD_FLAG_DF == wire::kCmdFlagDf && LIBNBD_CMD_FLAG_REQ_ONE == wire::kCmdFlagReqOne &&
               LIBNBD_CMD_FLAG_FAST_ZERO == wire::kCmdFlagFastZero);
 
+#ifdef BSCACHE_HAVE_NBD_BLOCK_STATUS_64
+// Descriptors have 32-bit lengths: a longer extent is handed on in pieces of
+// 4 GiB - 64 KiB, a multiple of every minimum block size NBD allows (powers
+// of two up to 64 KiB), so no piece ends mid-block. The cache joins
+// neighbours with equal flags again.
+constexpr uint64_t kLongExtentPiece = 0xffff0000u;
+// At most this many descriptors per context and reply (the protocol's cap for
+// one chunk): a reply covering less than asked is allowed without REQ_ONE, and
+// a hole of exabytes must not become a billion pieces.
+constexpr size_t kMaxPieces = (size_t{1} << 20) - 1;
+
+// nbd_aio_block_status_64's callback (libnbd lock held): copies, as
+// LibnbdConnection::on_extent does, since libnbd reuses `entries`.
+int on_extent64(void* user_data, const char* context, uint64_t, nbd_extent* entries, size_t count, int* error) {
+  auto* command = static_cast<UpstreamCommand*>(user_data);
+  const auto& contexts = *command->result.contexts;
+  auto it = std::find(contexts.begin(), contexts.end(), context);
+  if (it == contexts.end()) return 0;
+  auto& out = command->result.extents[static_cast<size_t>(it - contexts.begin())];
+  const size_t most = command->args.flags.req_one ? 1 : kMaxPieces;
+  uint64_t covered = 0;  // nothing past the request's end is of use
+  for (size_t i = 0; i < count && out.size() < most && covered < command->args.length; ++i) {
+    if (entries[i].flags > UINT32_MAX) {
+      // No context bscache serves has such a status, and a 32-bit descriptor
+      // cannot carry it: fail the command rather than cut the status short.
+      *error = EOVERFLOW;
+      return -1;
+    }
+    for (uint64_t left = entries[i].length; left > 0 && out.size() < most && covered < command->args.length;) {
+      const uint64_t piece = std::min(left, kLongExtentPiece);
+      out.push_back({static_cast<uint32_t>(piece), static_cast<uint32_t>(entries[i].flags)});
+      left -= piece;
+      covered += piece;
+    }
+  }
+  return 0;
+}
+#endif
+
 int64_t start_command(nbd_handle* h, UpstreamCommand& c, nbd_chunk_callback chunk, nbd_extent_callback extent,
                       nbd_completion_callback done) {
   const auto& a = c.args;
@@ -35,7 +75,16 @@ int64_t start_command(nbd_handle* h, UpstreamCommand& c, nbd_chunk_callback chun
     case UpstreamOp::Trim: return nbd_aio_trim(h, a.length, a.offset, done, flags);
     case UpstreamOp::Zero: return nbd_aio_zero(h, a.length, a.offset, done, flags);
     case UpstreamOp::Cache: return nbd_aio_cache(h, a.length, a.offset, done, flags);
-    case UpstreamOp::BlockStatus: return nbd_aio_block_status(h, a.length, a.offset, extent, done, flags);
+    case UpstreamOp::BlockStatus:
+#ifdef BSCACHE_HAVE_NBD_BLOCK_STATUS_64
+      // Whatever the length: one callback for every window, and with
+      // extended headers extents (and windows) longer than 4 GiB - 1.
+      return nbd_aio_block_status_64(h, a.length, a.offset,
+                                     {.callback = on_extent64, .user_data = extent.user_data, .free = nullptr}, done,
+                                     flags);
+#else
+      return nbd_aio_block_status(h, a.length, a.offset, extent, done, flags);
+#endif
   }
   return -1;
 }

@@ -418,5 +418,43 @@ TEST_F(CoherenceOffTest, EveryQueryIsAskedAsItCameAndNothingIsKept) {
   EXPECT_FALSE(hit(0, 4096, true));
 }
 
+// The window of a miss is as long as one request the upstream connection can
+// send (with the default --fetch-window): 4 GiB - 1 (rounded down to the
+// allocation unit) with 32-bit requests, the whole export with extended headers.
+TEST(BlockStatusServiceWindow, FollowsTheLongestRequestUpstreamTakes) {
+  for (const bool extended : {false, true}) {
+    SCOPED_TRACE(extended ? "extended headers" : "32-bit requests");
+    asio::io_context io;
+    ScriptedUpstream fake{io};
+    UpstreamInfo upstream;
+    upstream.size = uint64_t{16} << 30;
+    upstream.min_block = 512;
+    upstream.contexts = {"base:allocation"};
+    if (extended) upstream.max_block_status_length = UINT64_MAX;
+    const ExportInfo info = make_export_info(upstream, false);
+    BlockStatusConfig config;
+    config.prefetch.enabled = false;
+    Metrics metrics;
+    BlockStatusService service(io, fake, info, config, metrics);
+    const std::vector<uint32_t> selected{static_cast<uint32_t>(info.base_allocation)};
+    const BlockStatusClient client{.offered = &info, .selected = selected, .align = 1};
+    const auto request = block_status_request(0, 4096, true);
+    BlockStatusReply reply;
+    reply.error = -1;
+    asio::co_spawn(
+        io, [&]() -> awaitable<void> { reply = co_await service.answer(client, request); }, asio::detached);
+    io.poll();
+    ASSERT_EQ(fake.calls.size(), 1u);
+    EXPECT_EQ(fake.calls[0]->length, extended ? upstream.size : uint64_t{0xffff0000u});
+    fake.answer(0, {{0xffff0000u, kHoleZero}});
+    io.restart();
+    io.poll();
+    EXPECT_EQ(reply.error, 0);
+    const auto chunks = decode_chunks(reply.chunks, request.cookie);
+    ASSERT_EQ(chunks.size(), 1u);
+    EXPECT_EQ(chunks[0].descriptors, (std::vector<Descriptor>{{4096, kHoleZero}}));
+  }
+}
+
 }  // namespace
 }  // namespace bscache::proxy
