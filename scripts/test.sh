@@ -63,6 +63,7 @@ else
     -R '^integration\.(test_cache_scan|test_race|test_differential|test_differential\.libnbd|test_upstream_conn_death\.libnbd|test_qemu10|test_libnbd_new)$')
   echo "== the newer libnbd took $((SECONDS - libnbd_new_started)) s (its build, bscache's, 7 tests) =="
 fi
+phase "newer libnbd (build and tests)"
 
 echo "== fuzzing the handshake and request decoder =="
 FUZZ_SECONDS=${FUZZ_SECONDS:-30} scripts/fuzz.sh
