@@ -24,6 +24,7 @@ import nbdwire
 # Fixed newstyle, no zeroes, NBD_OPT_GO for the default export, simple replies.
 c = nbdwire.connect_unix(sys.argv[2]).go(structured=False)
 sock, recv = c.s, c.recv
+sock.settimeout(None)  # blocking: each send() below hands over its whole piece
 
 def write(cookie, offset, data, piece):
     sock.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 1, cookie, offset, len(data)))
