@@ -34,7 +34,7 @@ BlockStatusService::BlockStatusService(asio::io_context& io, BlockStatusUpstream
   }
 }
 
-bool BlockStatusService::try_answer(uint64_t offset, uint32_t length, bool req_one,
+bool BlockStatusService::try_answer(uint64_t offset, uint64_t length, bool req_one,
                                     std::vector<wire::Descriptor>& out) {
   if (!info_.upstream_context(static_cast<size_t>(info_.base_allocation))) {
     // Upstream cannot tell: everything is data, which is always a safe answer.
@@ -46,7 +46,7 @@ bool BlockStatusService::try_answer(uint64_t offset, uint32_t length, bool req_o
   return true;
 }
 
-awaitable<int> BlockStatusService::answer_after_miss(uint64_t offset, uint32_t length, bool req_one,
+awaitable<int> BlockStatusService::answer_after_miss(uint64_t offset, uint64_t length, bool req_one,
                                                      std::vector<wire::Descriptor>& out) {
   if (!caching()) {
     co_return co_await ask_upstream_directly(offset, length, req_one, out);
@@ -75,7 +75,7 @@ awaitable<int> BlockStatusService::answer_after_miss(uint64_t offset, uint32_t l
   co_return co_await ask_upstream_directly(offset, length, req_one, out);
 }
 
-awaitable<int> BlockStatusService::forward_unchanged(uint64_t offset, uint32_t length, bool req_one,
+awaitable<int> BlockStatusService::forward_unchanged(uint64_t offset, uint64_t length, bool req_one,
                                                      std::vector<wire::Descriptor>& out) {
   if (!bypass_logged_) {
     bypass_logged_ = true;
@@ -103,32 +103,36 @@ policy::FetchWindow BlockStatusService::planned_window(uint64_t offset) const {
   return policy::plan_fetch(offset, info_.size, info_.min_block, bytes, config_.limits.allocation_granularity);
 }
 
-bool BlockStatusService::lookup(uint64_t offset, uint32_t length, bool req_one, std::vector<wire::Descriptor>& out) {
+bool BlockStatusService::lookup(uint64_t offset, uint64_t length, bool req_one, std::vector<wire::Descriptor>& out) {
   scratch_.clear();
   if (cache_.extents().lookup(offset, length, scratch_, req_one ? 1 : config_.max_descriptors) == 0) return false;
   out.clear();
-  for (const auto& e : scratch_) out.push_back({static_cast<uint32_t>(e.length), e.flags});
+  for (const auto& e : scratch_) out.push_back({e.length, e.flags});
   return true;
 }
 
-bool BlockStatusService::answer_from(const Fetch& fetch, uint64_t offset, uint32_t length, bool req_one,
+bool BlockStatusService::answer_from(const Fetch& fetch, uint64_t offset, uint64_t length, bool req_one,
                                      std::vector<wire::Descriptor>& out) {
   scratch_.clear();
   if (cache::lookup_run(fetch.usable, offset, length, scratch_, req_one ? 1 : kMaxReplyDescriptors) == 0) {
     return false;
   }
   out.clear();
-  for (const auto& e : scratch_) out.push_back({static_cast<uint32_t>(e.length), e.flags});
+  for (const auto& e : scratch_) out.push_back({e.length, e.flags});
   return true;
 }
 
-awaitable<int> BlockStatusService::ask_upstream_directly(uint64_t offset, uint32_t length, bool req_one,
+awaitable<int> BlockStatusService::ask_upstream_directly(uint64_t offset, uint64_t length, bool req_one,
                                                          std::vector<wire::Descriptor>& out) {
-  auto result = co_await upstream_.block_status(offset, length, {.req_one = req_one});
+  // Upstream takes at most a 32-bit length (libnbd 1.14): a longer query
+  // (an extended-headers client's) is answered for what that covers.
+  const uint64_t block = std::max<uint32_t>(info_.min_block, 1);
+  const uint64_t asked = std::min(length, policy::kMaxRequestLength / block * block);
+  auto result = co_await upstream_.block_status(offset, asked, {.req_one = req_one});
   if (result.error) co_return result.error;  // the pool logged and counted it
   out.clear();
   if (const auto* descriptors = result.extents_for(wire::kBaseAllocation)) {
-    wire::clip_descriptors(*descriptors, length, req_one, out);
+    wire::clip_descriptors(*descriptors, asked, req_one, out);
   }
   co_return out.empty() ? EIO : 0;
 }

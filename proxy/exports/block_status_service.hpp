@@ -42,9 +42,9 @@ class BlockStatusService {
   bool caching() const { return config_.coherence.mode != policy::CoherenceMode::Off; }
 
   // Fast path: fills `out` from the cache without waiting. False on a miss.
-  bool try_answer(uint64_t offset, uint32_t length, bool req_one, std::vector<wire::Descriptor>& out);
+  bool try_answer(uint64_t offset, uint64_t length, bool req_one, std::vector<wire::Descriptor>& out);
   // Slow path after a miss: fetches and answers. Returns an errno (0 on success).
-  awaitable<int> answer_after_miss(uint64_t offset, uint32_t length, bool req_one, std::vector<wire::Descriptor>& out);
+  awaitable<int> answer_after_miss(uint64_t offset, uint64_t length, bool req_one, std::vector<wire::Descriptor>& out);
 
   using Ticket = cache::CoherentCache::Ticket;
   Ticket begin_mutation(uint64_t offset, uint64_t length);
@@ -78,14 +78,14 @@ class BlockStatusService {
   awaitable<void> run_fetch(std::shared_ptr<Fetch> fetch);
   void note_window(uint64_t start, uint64_t end, bool prefetch);
   void maybe_prefetch(uint64_t offset);
-  bool lookup(uint64_t offset, uint32_t length, bool req_one, std::vector<wire::Descriptor>& out);
-  bool answer_from(const Fetch& fetch, uint64_t offset, uint32_t length, bool req_one,
+  bool lookup(uint64_t offset, uint64_t length, bool req_one, std::vector<wire::Descriptor>& out);
+  bool answer_from(const Fetch& fetch, uint64_t offset, uint64_t length, bool req_one,
                    std::vector<wire::Descriptor>& out);
-  awaitable<int> forward_unchanged(uint64_t offset, uint32_t length, bool req_one, std::vector<wire::Descriptor>& out);
+  awaitable<int> forward_unchanged(uint64_t offset, uint64_t length, bool req_one, std::vector<wire::Descriptor>& out);
   unsigned prefetch_depth() const;
   size_t window_budget() const;
   policy::FetchWindow planned_window(uint64_t offset) const;
-  awaitable<int> ask_upstream_directly(uint64_t offset, uint32_t length, bool req_one,
+  awaitable<int> ask_upstream_directly(uint64_t offset, uint64_t length, bool req_one,
                                        std::vector<wire::Descriptor>& out);
 
   asio::io_context& io_;

@@ -71,12 +71,13 @@ awaitable<void> Session::serve_read(const RequestHeader& request) {
   }
   Reply reply;
   auto& head = reply.head();
+  const ReplyForm form = reply_form(request);
   auto& chunks = result.chunks;
   const bool holes = std::any_of(chunks.begin(), chunks.end(), [](const ReadChunk& c) { return c.hole; });
   if (!negotiated_.structured_replies || !holes) {
     // One piece of data (libnbd zero-fills holes in the buffer for a simple reply).
     if (negotiated_.structured_replies) {
-      encode_offset_data_header(head, request.cookie, true, request.offset, request.length);
+      encode_offset_data_header(head, request.cookie, true, request.offset, request.length, form);
     } else {
       encode_simple_reply(head, request.cookie, 0);
     }
@@ -89,10 +90,10 @@ awaitable<void> Session::serve_read(const RequestHeader& request) {
       const bool done = i + 1 == chunks.size();
       const size_t from = head.size();
       if (c.hole) {
-        encode_offset_hole(head, request.cookie, done, c.offset, c.length);
+        encode_offset_hole(head, request.cookie, done, c.offset, c.length, form);
         reply.add_head_piece(from);
       } else {
-        encode_offset_data_header(head, request.cookie, done, c.offset, c.length);
+        encode_offset_data_header(head, request.cookie, done, c.offset, c.length, form);
         reply.add_head_piece(from);
         reply.add_payload_piece(c.offset - request.offset, c.length);
       }
@@ -127,17 +128,18 @@ awaitable<bool> Session::serve_spliced_read(const RequestHeader& request) {
   }
   Reply reply;
   auto& head = reply.head();
+  const ReplyForm form = reply_form(request);
   size_t in_pipes = 0;  // data bytes so far: where the next chunk's data starts
   for (size_t i = 0; i < result.chunks.size(); ++i) {
     const auto& c = result.chunks[i];
     const bool done = i + 1 == result.chunks.size();
     const size_t from = head.size();
     if (c.hole) {
-      encode_offset_hole(head, request.cookie, done, c.offset, c.length);
+      encode_offset_hole(head, request.cookie, done, c.offset, c.length, form);
       reply.add_head_piece(from);
       continue;
     }
-    encode_offset_data_header(head, request.cookie, done, c.offset, c.length);
+    encode_offset_data_header(head, request.cookie, done, c.offset, c.length, form);
     reply.add_head_piece(from);
     for (const size_t end = in_pipes + c.length; in_pipes < end;) {  // the chunk's data, pipe by pipe
       const auto share = PipePool::share_at(in_pipes, end);
@@ -154,6 +156,7 @@ awaitable<bool> Session::serve_spliced_read(const RequestHeader& request) {
 // The cache bracket: a mutation forgets its range when it starts and records
 // what it left when it ends (see CoherentCache).
 awaitable<void> Session::serve_mutation(RequestHeader request, WritePayload payload) {
+  const RequestHeader asked = request;  // what the reply answers (an extended one echoes its offset)
   if (request.type == kCmdTrim && unaligned(request)) {
     // A TRIM may leave any of its range as it was: the whole blocks inside it are trimmed.
     const auto inside = policy::interior({request.offset, request.length}, align_, info_.size);
@@ -162,7 +165,7 @@ awaitable<void> Session::serve_mutation(RequestHeader request, WritePayload payl
       co_return;
     }
     request.offset = inside->offset;
-    request.length = static_cast<uint32_t>(inside->length);
+    request.length = inside->length;
   }
   const auto [op, kind] = request.type == kCmdWrite  ? std::pair{UpstreamOp::Write, policy::Mutation::Write}
                           : request.type == kCmdTrim ? std::pair{UpstreamOp::Trim, policy::Mutation::Trim}
@@ -182,7 +185,12 @@ awaitable<void> Session::serve_mutation(RequestHeader request, WritePayload payl
   // command to the pool, so they are taken before the command can reach upstream.
   auto ticket = block_status_->begin_mutation(request.offset, request.length);
   const auto aliased = ctx_.exports.begin_aliased_write(**export_);  // released as this returns
-  auto result = co_await upstream_->run(args, cancelled_);
+  CommandResult result;
+  if (args.length > kUpstreamCommandPiece) {  // TRIM or WRITE_ZEROES of an extended-headers client
+    result = co_await run_in_pieces(args);
+  } else {
+    result = co_await upstream_->run(args, cancelled_);
+  }
   if (result.needs_buffer) {
     // No connection splices now (nothing was sent): the data leaves the
     // pipes for a buffer, a copy, and goes like any other WRITE.
@@ -195,20 +203,25 @@ awaitable<void> Session::serve_mutation(RequestHeader request, WritePayload payl
     ++metrics_->writes_spliced;
   }
   block_status_->end_mutation(ticket, request.offset, request.length, kind, result.error == 0);
-  reply_result(request, result.error);
+  reply_result(asked, result.error);
 }
 
 awaitable<void> Session::serve_cache(const RequestHeader& request) {
   // Whole blocks for upstream: CACHE is advice, and more of it does no harm.
   const auto blocks = policy::widen({request.offset, request.length}, align_, info_.size);
-  auto result = co_await upstream_->run(
-      {.op = UpstreamOp::Cache, .buffer = {}, .offset = blocks.offset, .length = blocks.length, .flags = {}},
-      cancelled_);
+  const CommandArgs args{
+      .op = UpstreamOp::Cache, .buffer = {}, .offset = blocks.offset, .length = blocks.length, .flags = {}};
+  CommandResult result;
+  if (args.length > kUpstreamCommandPiece) {
+    result = co_await run_in_pieces(args);
+  } else {
+    result = co_await upstream_->run(args, cancelled_);
+  }
   reply_result(request, result.error);
 }
 
 bool Session::try_block_status_hit(const RequestHeader& request) {
-  if (!only_base_allocation_) return false;
+  if (!only_base_allocation(request)) return false;
   if (!block_status_->try_answer(request.offset, request.length, request.flags & kCmdFlagReqOne, descriptors_)) {
     return false;
   }
@@ -228,7 +241,7 @@ RequestHeader block_status_asked(const RequestHeader& request, uint32_t align, u
   RequestHeader asked = request;
   const auto blocks = policy::widen({request.offset, request.length}, align, export_size);
   asked.offset = blocks.offset;
-  asked.length = static_cast<uint32_t>(std::min<uint64_t>(blocks.length, policy::kMaxRequestLength / align * align));
+  asked.length = std::min<uint64_t>(blocks.length, policy::kMaxRequestLength / align * align);
   asked.flags &= ~kCmdFlagReqOne;
   return asked;
 }
@@ -237,7 +250,7 @@ RequestHeader block_status_asked(const RequestHeader& request, uint32_t align, u
 awaitable<void> Session::serve_block_status(const RequestHeader& request) {
   ++metrics_->block_status_misses;
   const RequestHeader asked = block_status_asked(request, align_, info_.size);
-  if (!only_base_allocation_ || !block_status_->caching()) {
+  if (!only_base_allocation(request) || !block_status_->caching()) {
     co_await serve_passthrough_block_status(request, asked);
     co_return;
   }
@@ -256,18 +269,27 @@ awaitable<void> Session::serve_block_status(const RequestHeader& request) {
 }
 
 // Contexts other than base:allocation are never cached: ask upstream and
-// translate its per-context answer to this client's context ids.
+// translate its per-context answer to this client's context ids (those its
+// filter names, if it sent one). A query longer than upstream takes in one
+// request (an extended-headers client's) is answered for what that covers.
 awaitable<void> Session::serve_passthrough_block_status(const RequestHeader& request, const RequestHeader& asked) {
   const bool req_one = request.flags & kCmdFlagReqOne;
+  const uint64_t block = std::max<uint32_t>(info_.min_block, 1);
+  const uint64_t asked_length = std::min(asked.length, policy::kMaxRequestLength / block * block);
   auto result =
-      co_await upstream_->block_status(asked.offset, asked.length, {.req_one = (asked.flags & kCmdFlagReqOne) != 0});
+      co_await upstream_->block_status(asked.offset, asked_length, {.req_one = (asked.flags & kCmdFlagReqOne) != 0});
   if (result.error) {
     reply_result(request, result.error);
     co_return;
   }
   Bytes out;
   std::vector<Descriptor> clipped;
-  for (size_t i = 0; i < negotiated_.contexts.size(); ++i) {
+  const ReplyForm form = reply_form(request);
+  const auto wanted = [&](size_t i) { return request.context_mask == 0 || ((request.context_mask >> i) & 1) != 0; };
+  size_t last = negotiated_.contexts.size();  // one past the last context answered: its chunk ends the reply
+  while (last > 0 && !wanted(last - 1)) --last;
+  for (size_t i = 0; i < last; ++i) {
+    if (!wanted(i)) continue;
     const uint32_t context = negotiated_.contexts[i];
     clipped.clear();
     if (info_.upstream_context(context)) {
@@ -281,15 +303,18 @@ awaitable<void> Session::serve_passthrough_block_status(const RequestHeader& req
       reply_error(request, kErrIo, "upstream sent no extents for a selected context");
       co_return;
     }
-    encode_block_status_chunk(out, request.cookie, i + 1 == negotiated_.contexts.size(), context + 1, clipped);
+    encode_block_status_chunk(out, request.cookie, i + 1 == last, context + 1, clipped, form);
   }
   writer_.send(head_only(std::move(out)));
 }
 
 void Session::reply_base_allocation(const RequestHeader& request, std::span<const Descriptor> descriptors) {
   Bytes out;
-  out.reserve(kStructuredHeaderSize + 4 + 8 * descriptors.size());
-  encode_block_status_chunk(out, request.cookie, true, static_cast<uint32_t>(info_.base_allocation) + 1, descriptors);
+  const ReplyForm form = reply_form(request);
+  out.reserve(form.extended ? kExtendedReplyHeaderSize + 8 + 16 * descriptors.size()
+                            : kStructuredHeaderSize + 4 + 8 * descriptors.size());
+  encode_block_status_chunk(out, request.cookie, true, static_cast<uint32_t>(info_.base_allocation) + 1, descriptors,
+                            form);
   writer_.send(head_only(std::move(out)));
 }
 
@@ -300,7 +325,7 @@ void Session::reply_result(const RequestHeader& request, int error) {
   }
   Bytes out;
   if (negotiated_.structured_replies) {
-    encode_done(out, request.cookie);
+    encode_done(out, request.cookie, reply_form(request));
   } else {
     encode_simple_reply(out, request.cookie, 0);
   }
@@ -314,7 +339,7 @@ void Session::reply_error(const RequestHeader& request, uint32_t nbd_error, std:
                 message);
   Bytes out;
   if (negotiated_.structured_replies) {
-    encode_error_chunk(out, request.cookie, true, nbd_error, message);
+    encode_error_chunk(out, request.cookie, true, nbd_error, message, reply_form(request));
   } else {
     encode_simple_reply(out, request.cookie, nbd_error);
   }

@@ -53,7 +53,7 @@ awaitable<void> Session::serve_unaligned_read(const RequestHeader& request) {
   }
   Reply reply;
   if (negotiated_.structured_replies) {
-    encode_offset_data_header(reply.head(), request.cookie, true, request.offset, request.length);
+    encode_offset_data_header(reply.head(), request.cookie, true, request.offset, request.length, reply_form(request));
   } else {
     encode_simple_reply(reply.head(), request.cookie, 0);
   }
@@ -124,7 +124,11 @@ awaitable<void> Session::serve_unaligned_write(const RequestHeader& request, Wri
                      .length = middle.length,
                      .flags = zeroes ? CommandFlags::from_wire(request.flags & (kCmdFlagFua | kCmdFlagNoHole)) : fua};
     if (!zeroes) args.buffer = data.subspan(middle.offset - request.offset, middle.length);
-    error = (co_await upstream_->run(args, cancelled_)).error;
+    if (args.length > kUpstreamCommandPiece) {  // WRITE_ZEROES of an extended-headers client
+      error = (co_await run_in_pieces(args)).error;
+    } else {
+      error = (co_await upstream_->run(args, cancelled_)).error;
+    }
   }
   // The blocks are left as a WRITE leaves them (state 0, safe for any range),
   // a WRITE_ZEROES' too: its edge blocks were written, not zeroed.

@@ -65,15 +65,15 @@ class ScriptedUpstream final : public BlockStatusUpstream {
 
 class BlockStatusServiceTest : public ::testing::Test {
  protected:
-  explicit BlockStatusServiceTest(bool prefetch = false) {
+  explicit BlockStatusServiceTest(bool prefetch = false, uint64_t size = 64 * kMiB, uint64_t max_window = 16 * kMiB) {
     UpstreamInfo upstream;
-    upstream.size = 64 * kMiB;
+    upstream.size = size;
     upstream.contexts = {"base:allocation"};
     upstream.base_allocation_index = 0;
     info = make_export_info(upstream, false);
     BlockStatusConfig config;
     config.prefetch.enabled = prefetch;
-    config.max_window = 16 * kMiB;
+    config.max_window = max_window;
     config.limits.allocation_granularity = uint64_t{64} * 1024;
     service = std::make_unique<BlockStatusService>(io, fake, info, config, metrics);
   }
@@ -84,7 +84,7 @@ class BlockStatusServiceTest : public ::testing::Test {
     int error = -1;
     std::vector<Descriptor> answer;
   };
-  std::shared_ptr<Pending> ask_after_miss(uint64_t offset, uint32_t length, bool req_one) {
+  std::shared_ptr<Pending> ask_after_miss(uint64_t offset, uint64_t length, bool req_one) {
     auto pending = std::make_shared<Pending>();
     asio::co_spawn(
         io,
@@ -100,7 +100,7 @@ class BlockStatusServiceTest : public ::testing::Test {
     io.restart();
     io.poll();
   }
-  std::optional<std::vector<Descriptor>> hit(uint64_t offset, uint32_t length, bool req_one) {
+  std::optional<std::vector<Descriptor>> hit(uint64_t offset, uint64_t length, bool req_one) {
     std::vector<Descriptor> out;
     if (!service->try_answer(offset, length, req_one, out)) return std::nullopt;
     return out;
@@ -128,6 +128,36 @@ TEST_F(BlockStatusServiceTest, AMissFetchesOneWindowWithoutReqOneAndLaterQueries
   EXPECT_EQ(hit(kMiB, 2 * kMiB, true), (std::vector<Descriptor>{{kMiB, kHoleZero}}));
   EXPECT_EQ(hit(0, 3 * kMiB, false), (std::vector<Descriptor>{{kMiB, 0}, {kMiB, kHoleZero}, {kMiB, 0}}));
   EXPECT_EQ(fake.calls.size(), 1u);
+}
+
+// An extended-headers client's queries are 64-bit; upstream's are not.
+class LongQueryTest : public BlockStatusServiceTest {
+ protected:
+  LongQueryTest() : BlockStatusServiceTest(false, kGiB * 64, policy::kMaxRequestLength) {}
+  static constexpr uint64_t kGiB = uint64_t{1} << 30;
+};
+
+TEST_F(LongQueryTest, AMissLongerThanUpstreamTakesIsAnsweredForOneWindow) {
+  auto first = ask_after_miss(0, 16 * kGiB, false);
+  ASSERT_EQ(fake.calls.size(), 1u);
+  const uint64_t window = fake.calls[0]->length;
+  EXPECT_LE(window, policy::kMaxRequestLength) << "one window, within upstream's 32 bits";
+  EXPECT_GT(window, 4 * kGiB - kMiB);
+  fake.answer(0, {{window, kHoleZero}});
+  settle();
+  ASSERT_TRUE(first->done);
+  EXPECT_EQ(first->answer, (std::vector<Descriptor>{{window, kHoleZero}})) << "less than asked";
+  auto second = ask_after_miss(window, 16 * kGiB, false);
+  settle();
+  ASSERT_EQ(fake.calls.size(), 2u);
+  EXPECT_EQ(fake.calls[1]->offset, window);
+  fake.answer(1, {{fake.calls[1]->length, kHoleZero}});
+  settle();
+  ASSERT_TRUE(second->done);
+  // Both windows, joined: one REQ_ONE descriptor longer than 4 GiB, within what was asked.
+  EXPECT_EQ(hit(0, 16 * kGiB, true), (std::vector<Descriptor>{{window + fake.calls[1]->length, kHoleZero}}));
+  EXPECT_EQ(hit(0, 5 * kGiB, true), (std::vector<Descriptor>{{5 * kGiB, kHoleZero}}));
+  EXPECT_EQ(fake.calls.size(), 2u);
 }
 
 TEST_F(BlockStatusServiceTest, ClientsMissingInOneWindowShareOneFetch) {
