@@ -11,13 +11,12 @@
 #include <algorithm>
 #include <cstdlib>
 #include <filesystem>
-#include <fstream>
-#include <optional>
 
 #include <boost/asio/signal_set.hpp>
 
 #include "proxy/exports/export_registry.hpp"
 #include "proxy/io/memory_reclaimer.hpp"
+#include "proxy/ops/logging.hpp"
 #include "proxy/ops/metrics_http.hpp"
 #include "proxy/ops/service_notify.hpp"
 #include "proxy/server/server.hpp"
@@ -41,12 +40,6 @@ size_t pipe_limit() {
   rlimit files{};
   if (getrlimit(RLIMIT_NOFILE, &files) != 0 || files.rlim_cur == RLIM_INFINITY) return 4096;
   return std::clamp<size_t>(files.rlim_cur / 8, 16, 4096);
-}
-
-std::string join(const std::vector<std::string>& items) {
-  std::string out;
-  for (const auto& s : items) out += (out.empty() ? "" : ", ") + s;
-  return out.empty() ? "(none)" : out;
 }
 
 // --exports not given: one export if the command line names one (--export-name,
@@ -342,12 +335,12 @@ Metrics App::totals() const {
 }
 
 std::string App::describe_upstream() const {
-  const std::string where = options_.upstream.uri.empty() ? join(options_.upstream.command) : options_.upstream.uri;
+  const std::string where = options_.upstream.uri.empty() ? log_list(options_.upstream.command) : options_.upstream.uri;
   const Export* single = exports_->single();
   if (!single) return where + " (every export it has, each opened on its first client)";
   const auto& pool = single->upstream();
   return fmt::format("{} ({} bytes, contexts: {}, {} connection{})", where, single->info().size,
-                     join(pool.info().contexts), pool.connections(), pool.connections() == 1 ? "" : "s");
+                     log_list(pool.info().contexts), pool.connections(), pool.connections() == 1 ? "" : "s");
 }
 
 void App::log_summary() {

@@ -3,7 +3,6 @@
 #include <wordexp.h>
 
 #include <algorithm>
-#include <cctype>
 #include <cerrno>
 #include <charconv>
 #include <cstring>
@@ -317,10 +316,12 @@ std::vector<OptionSpec> option_table() {
      std::to_string(d.block_status.limits.allocation_granularity),
      integer([](Options& o) -> auto& { return o.block_status.limits.allocation_granularity; }, 1, uint64_t{1} << 30)},
     // At least 64 KiB, the largest minimum block size the NBD spec allows, so a
-    // window always holds a whole block; at most what a 32-bit request carries.
-    {"fetch-window", "BYTES", "largest block-status window asked of upstream on a miss",
-     std::to_string(d.block_status.max_window),
-     integer([](Options& o) -> auto& { return o.block_status.max_window; }, uint64_t{64} * 1024, policy::kMaxRequestLength)},
+    // window always holds a whole block. No limit of its own by default: the
+    // longest request the upstream connection can send caps every window.
+    {"fetch-window", "BYTES",
+     "largest block-status window asked of upstream on a miss (default: the longest request upstream takes, "
+     "4294967295, or the whole export where extended headers were negotiated through libnbd >= 1.18)",
+     "", integer([](Options& o) -> auto& { return o.block_status.max_window; }, uint64_t{64} * 1024, UINT64_MAX)},
     // Each connection is a descriptor; Linux allows at most ~1M per process.
     {"max-connections", "N", "most client connections at once", std::to_string(d.listen.max_connections),
      integer([](Options& o) -> auto& { return o.listen.max_connections; }, 1, 1'000'000)},

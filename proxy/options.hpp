@@ -7,15 +7,11 @@
 #include <cstdint>
 #include <optional>
 #include <string>
-#include <vector>
 
-#include "policy/coherence.hpp"
-#include "proxy/exports/block_status_service.hpp"
-#include "proxy/server/server.hpp"
-#include "proxy/server/session.hpp"
-#include "proxy/server/tls/tls_server.hpp"
-#include "proxy/upstream/connect.hpp"
-#include "proxy/upstream/libnbd_connection.hpp"
+#include "cache/limits.hpp"
+#include "proxy/exports/config.hpp"
+#include "proxy/server/config.hpp"
+#include "proxy/upstream/config.hpp"
 
 namespace bscache::proxy {
 

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Installs what bscache needs to build, test and benchmark (Debian 12, as root).
 # Installs nothing when everything is already there.
+# libxml2-dev and python3-dev: scripts/libnbd-new.sh builds a newer libnbd
+# (with its URI support and python module) from Debian 13's source.
 set -euo pipefail
 
 packages=(
@@ -10,6 +12,7 @@ packages=(
   libgtest-dev libbenchmark-dev clang clang-format clang-tidy libclang-rt-14-dev
   curl jq bc gnuplot-nox procps iproute2
   dpkg-dev file help2man groff-base systemd
+  libxml2-dev python3-dev
 )
 
 missing=()

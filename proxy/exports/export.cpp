@@ -4,15 +4,9 @@
 
 #include <stdexcept>
 
-namespace bscache::proxy {
+#include "proxy/ops/logging.hpp"
 
-namespace {
-std::string join(const std::vector<std::string>& items) {
-  std::string out;
-  for (const auto& s : items) out += (out.empty() ? "" : ", ") + s;
-  return out.empty() ? "(none)" : out;
-}
-}  // namespace
+namespace bscache::proxy {
 
 Export::Export(asio::io_context& io, std::string name, std::vector<NbdHandlePtr> handles, const UpstreamTarget& target,
                const ExportSettings& settings, std::shared_ptr<Metrics> metrics, bool may_alias)
@@ -47,7 +41,8 @@ void Export::connection_changed(const std::optional<UpstreamInfo>& reconnected) 
       spdlog::warn(
           "upstream export \"{}\" changed across the reconnect (size {} -> {}, flags {:#x} -> {:#x}, contexts {} -> "
           "{}): new clients see the new export",
-          name_, info_.size, fresh.size, info_.tx_flags, fresh.tx_flags, join(info_.contexts), join(fresh.contexts));
+          name_, info_.size, fresh.size, info_.tx_flags, fresh.tx_flags, log_list(info_.contexts),
+          log_list(fresh.contexts));
       info_ = std::move(fresh);
     }
   }

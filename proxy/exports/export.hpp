@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "proxy/exports/block_status_service.hpp"
+#include "proxy/exports/config.hpp"
 #include "proxy/exports/write_gate.hpp"
 #include "proxy/io/asio.hpp"
 #include "proxy/negotiation/export_info.hpp"
@@ -25,13 +26,6 @@
 #include "proxy/upstream/pool.hpp"
 
 namespace bscache::proxy {
-
-// What every export is opened with (from the command line).
-struct ExportSettings {
-  UpstreamOptions upstream;
-  BlockStatusConfig block_status;
-  bool read_only = false;
-};
 
 // The export cannot be served with these settings (see Export's constructor).
 struct ExportRefused : std::runtime_error {

@@ -3,10 +3,10 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
-#include <stdexcept>
 
 #include <boost/asio/post.hpp>
-#include <boost/asio/redirect_error.hpp>
+
+#include "proxy/io/loop_signal.hpp"
 
 namespace bscache::proxy {
 
@@ -88,8 +88,8 @@ class ExportRegistry::AliasedWrite {
 
 // Clients naming an export that is being opened wait for that one opening.
 struct ExportRegistry::PendingOpen {
-  explicit PendingOpen(asio::io_context& io) : done(io, asio::steady_timer::time_point::max()) {}
-  asio::steady_timer done;  // cancelled once the opening is over
+  explicit PendingOpen(asio::io_context& io) : done(io) {}
+  LoopSignal done;  // notified once the opening is over
   bool finished = false;
   uint32_t error = 0;
   std::string message;
@@ -167,10 +167,7 @@ awaitable<ExportLookup> ExportRegistry::find(std::string name) {
     }
     // Someone else is opening it: wait for that, then look again.
     auto wait = pending->second;
-    while (!wait->finished) {
-      boost::system::error_code ignored;  // cancellation is the signal
-      co_await wait->done.async_wait(asio::redirect_error(use_awaitable, ignored));
-    }
+    while (!wait->finished) co_await wait->done.wait();
     if (wait->error) co_return ExportLookup{nullptr, wait->error, wait->message};
   }
 }
@@ -182,7 +179,7 @@ awaitable<ExportLookup> ExportRegistry::open(const std::string& name) {
     pending->finished = true;
     pending->error = error;
     pending->message = std::move(message);
-    pending->done.cancel();
+    pending->done.notify();
     opening_.erase(name);
   };
   if (!make_room()) {

@@ -33,26 +33,17 @@
 
 #include <boost/asio/thread_pool.hpp>
 
+#include "proxy/exports/config.hpp"
 #include "proxy/exports/export.hpp"
 #include "proxy/io/asio.hpp"
-#include "proxy/negotiation/handshake.hpp"
+#include "proxy/negotiation/upstream_info.hpp"
 
 namespace bscache::proxy {
-
-enum class ExportsMode { Single, Passthrough };
-
-struct ExportLimits {
-  ExportsMode mode = ExportsMode::Single;
-  // Exports open at once (passthrough). Default: 64.
-  size_t max_exports = 64;
-  // An export with no clients this long is closed (passthrough). Default: 60 s.
-  std::chrono::milliseconds idle_timeout{60'000};
-};
 
 // A name looked up: a hold on its export, or why not.
 struct ExportLookup {
   std::unique_ptr<Export::Hold> hold;  // null: refused
-  uint32_t error = 0;                      // an NBD_REP_ERR_* when refused
+  uint32_t error = 0;                  // an NBD_REP_ERR_* when refused
   std::string message;
 };
 

@@ -1,19 +1,14 @@
 #include "proxy/exports/write_gate.hpp"
 
-#include <boost/asio/redirect_error.hpp>
-
 namespace bscache::proxy {
 
 awaitable<WriteGate::Hold> WriteGate::enter(uint64_t offset, uint64_t length, bool exclusive) {
   const auto claim = order_.claim(offset, length, exclusive);
   Hold hold(*this, claim.id);  // withdrawn if this coroutine goes away while waiting
   if (!claim.granted) {
-    auto granted = std::make_shared<asio::steady_timer>(io_, asio::steady_timer::time_point::max());
+    auto granted = std::make_shared<LoopSignal>(io_);
     waiting_[claim.id] = granted;
-    while (waiting_.contains(claim.id)) {
-      boost::system::error_code ignored;  // cancellation is the signal
-      co_await granted->async_wait(asio::redirect_error(use_awaitable, ignored));
-    }
+    while (waiting_.contains(claim.id)) co_await granted->wait();
   }
   co_return hold;
 }
@@ -22,7 +17,7 @@ void WriteGate::release(policy::WriteOrder::Id id) {
   waiting_.erase(id);
   for (const auto granted : order_.release(id)) {
     if (auto it = waiting_.find(granted); it != waiting_.end()) {
-      it->second->cancel();
+      it->second->notify();
       waiting_.erase(it);
     }
   }

@@ -10,6 +10,7 @@
 
 #include "policy/write_order.hpp"
 #include "proxy/io/asio.hpp"
+#include "proxy/io/loop_signal.hpp"
 
 namespace bscache::proxy {
 
@@ -45,8 +46,8 @@ class WriteGate {
 
   asio::io_context& io_;
   policy::WriteOrder order_;
-  // Claims not granted yet: each waits on its timer, cancelled when granted.
-  std::map<policy::WriteOrder::Id, std::shared_ptr<asio::steady_timer>> waiting_;
+  // Claims not granted yet: each waits on its signal, notified when granted.
+  std::map<policy::WriteOrder::Id, std::shared_ptr<LoopSignal>> waiting_;
 };
 
 }  // namespace bscache::proxy

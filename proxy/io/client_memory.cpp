@@ -5,6 +5,8 @@
 #include <algorithm>
 #include <utility>
 
+#include "proxy/io/memory_bound.hpp"
+
 namespace bscache::proxy {
 
 size_t default_client_memory() {
@@ -41,12 +43,12 @@ void ClientMemory::went(Waiter& waiter) {
 // under half (until then only their own replies leaving can let them go on,
 // and their sessions see those themselves).
 void ClientMemory::wake() {
-  if (!room_waiters_.empty() && fits(room_waiters_.front().more_)) room_waiters_.front().timer_.cancel();
+  if (!room_waiters_.empty() && fits(room_waiters_.front().more_)) room_waiters_.front().signal_.notify();
   if (held_ > limit_ / 2) return;
   while (!pressure_waiters_.empty()) {
     Waiter& waiter = pressure_waiters_.front();
     pressure_waiters_.pop_front();
-    waiter.timer_.cancel();
+    waiter.signal_.notify();
   }
 }
 

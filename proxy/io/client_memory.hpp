@@ -40,6 +40,7 @@
 #include <boost/intrusive/list.hpp>
 
 #include "proxy/io/asio.hpp"
+#include "proxy/io/loop_signal.hpp"
 
 namespace bscache::proxy {
 
@@ -50,10 +51,6 @@ constexpr size_t heap_block(size_t n) {
   const size_t chunk = (n + 8 + 15) & ~size_t{15};
   return chunk < 32 ? 32 : chunk;
 }
-
-// A quarter of the machine's physical memory, at least 256 MiB: the default
-// of --max-client-memory.
-size_t default_client_memory();
 
 class ClientMemory {
  public:
@@ -83,14 +80,14 @@ class ClientMemory {
     Pressure,  // over half the limit and this client holds something: wait until it holds nothing
     Full,      // the limit cannot hold it: wait for memory to come back
   };
-  // A session waiting for memory: its timer is cancelled when it should look again.
+  // A session waiting for memory: its signal is notified when it should look again.
   class Waiter : public boost::intrusive::list_base_hook<boost::intrusive::link_mode<boost::intrusive::auto_unlink>> {
    public:
-    explicit Waiter(asio::steady_timer& timer) : timer_(timer) {}
+    explicit Waiter(LoopSignal& signal) : signal_(signal) {}
 
    private:
     friend class ClientMemory;
-    asio::steady_timer& timer_;
+    LoopSignal& signal_;
     size_t more_ = 0;
     bool for_room_ = false;
   };

@@ -1,19 +1,21 @@
-// PipePool: kernel pipes a READ's payload is spliced through, from the
-// upstream socket to the client's, without entering bscache's memory.
+// PipePool: kernel pipes that READ and WRITE data is spliced through, from
+// one socket to the other (upstream's to the client's for a READ, the
+// client's to upstream's for a WRITE), without entering bscache's memory.
 //
 // Why: moving bytes is what costs on these machines, and even with payload
-// buffers reused (BufferPool) every READ byte was copied twice by the
-// kernel, from the upstream socket into bscache and from bscache into the
-// client's socket. splice(2) moves the socket's pages into a pipe and from
-// the pipe into the other socket: no copy at all on the way through.
+// buffers reused (BufferPool) every byte would be copied twice by the
+// kernel, from one socket into bscache and from bscache into the other.
+// splice(2) moves the socket's pages into a pipe and from the pipe into the
+// other socket: no copy at all on the way through.
 //
-// A pipe holds one READ's payload until its reply is written to the client,
-// so it needs room for the whole payload: pipes come in power-of-two
-// capacities (64 KiB to kMaxBytes), set with F_SETPIPE_SZ. The kernel may
+// A payload is spread over pipes, kBytesPerPipe of it in each (acquire_for),
+// and stays there until it is sent on (the READ's reply to the client, the
+// WRITE to upstream), so a pipe needs room for its whole share: pipes come in
+// power-of-two capacities (64 KiB to kMaxBytes), set with F_SETPIPE_SZ. The kernel may
 // refuse a capacity (an unprivileged process is limited by
 // /proc/sys/fs/pipe-max-size, default 1 MiB, and pipe-user-pages-soft, in
 // all 64 MiB of pipes, shared by every process of the user: the packaged
-// service runs as a dynamic user); acquire() then says no and the READ takes
+// service runs as a dynamic user); acquire() then says no and the data takes
 // a buffer instead. For a second after a refusal the pool asks the kernel
 // for no pipe that would take its own past what it held when refused: each
 // attempt costs four system calls, and under load every request would make

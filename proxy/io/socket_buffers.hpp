@@ -11,8 +11,9 @@ namespace bscache::proxy {
 // a client, or a WRITE to upstream, waits behind a full socket until the
 // peer drains it, and moves in more, smaller pieces with a wake-up each. With
 // 2 MiB (the kernel caps it at net.core.wmem_max and doubles it for its
-// bookkeeping) one goes in at once. Measured in README "Data path". Memory is
-// taken only while the peer is slow to read what was sent.
+// bookkeeping) one goes in at once (measured: see
+// bench/results/RESULTS-data-path.md). Memory is taken only while the peer is
+// slow to read what was sent.
 inline constexpr int kSendBufferBytes = 2 << 20;
 
 // Unix sockets only: TCP grows its send buffer by itself (net.ipv4.tcp_wmem)

@@ -16,6 +16,7 @@ ExportInfo make_export_info(const UpstreamInfo& up, bool force_read_only) {
   info.preferred_block = up.preferred_block;
   info.max_block = std::min(up.max_block, kMaxPayload);
   info.advertise_block_size = up.advertises_block_size;
+  info.max_block_status_length = up.max_block_status_length;
   const bool read_only = force_read_only || up.read_only;
   uint16_t f = kTxHasFlags;
   if (read_only) f |= kTxReadOnly;
@@ -27,9 +28,11 @@ ExportInfo make_export_info(const UpstreamInfo& up, bool force_read_only) {
   if (up.can_df) f |= kTxSendDf;
   if (up.can_cache) f |= kTxSendCache;
   if (up.can_fast_zero && up.can_zero && !read_only) f |= kTxSendFastZero;
-  // All clients share one upstream connection and one cache: a FLUSH on any
-  // client connection reaches the only upstream connection that carried
-  // writes, and every client sees the same state. So multi-conn holds.
+  // All clients of an export share its upstream connections and one cache,
+  // and a FLUSH from any client reaches every upstream connection that
+  // carried writes since its last flush (UpstreamPool fans it out): every
+  // client sees the same state, and a flush makes every completed write
+  // durable. So multi-conn holds.
   f |= kTxCanMultiConn;
   info.tx_flags = f;
 

@@ -27,6 +27,9 @@ struct ExportInfo {
   // base:allocation synthesized locally when upstream lacks it.
   std::vector<int> upstream_index;
   int base_allocation = -1;  // index into contexts (always present)
+  // Longest block-status window upstream answers in one request (what the
+  // upstream connection can do: UpstreamInfo::max_block_status_length).
+  uint64_t max_block_status_length = 0xffffffffu;
 
   bool operator==(const ExportInfo&) const = default;
 

@@ -1,8 +1,9 @@
 // Handshake: the option-haggling phase as a pure state machine.
 //
-// The session does the I/O (read an option header and payload, write the
-// bytes this produces); everything the protocol decides lives here, so unit
-// tests can drive it option by option without a socket.
+// The handshake driver (proxy/server/handshake_driver.*) does the I/O: it
+// reads an option header and payload and writes the bytes this produces.
+// Everything the protocol decides lives here, so unit tests and the fuzzer
+// drive it option by option without a socket.
 #pragma once
 
 #include <cstdint>

@@ -16,10 +16,13 @@ struct UpstreamInfo {
   bool rotational = false;
   uint32_t min_block = 1, preferred_block = 4096, max_block = 32 * 1024 * 1024;
   bool advertises_block_size = false;  // upstream sent NBD_INFO_BLOCK_SIZE
+  // Longest BLOCK_STATUS this connection sends in one request: what a 32-bit
+  // length carries, unless extended headers were negotiated through a libnbd
+  // that has nbd_aio_block_status_64 (then no limit but the export's size).
+  uint64_t max_block_status_length = 0xffffffffu;
   std::string export_name;
   std::string description;
   std::vector<std::string> contexts;  // meta contexts negotiated upstream
-  int base_allocation_index = -1;     // index into contexts, -1 if absent
 };
 
 // One export in a LIST reply (upstream's, or ours).

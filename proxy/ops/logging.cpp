@@ -111,4 +111,10 @@ void setup_logging(const std::string& level, const std::string& format) {
   spdlog::set_level(spdlog::level::from_str(level));
 }
 
+std::string log_list(std::span<const std::string> items) {
+  std::string out;
+  for (const auto& s : items) out += (out.empty() ? "" : ", ") + s;
+  return out.empty() ? "(none)" : out;
+}
+
 }  // namespace bscache::proxy

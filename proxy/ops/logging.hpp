@@ -3,6 +3,7 @@
 // priority for the journal.
 #pragma once
 
+#include <span>
 #include <string>
 
 namespace bscache::proxy {
@@ -16,5 +17,8 @@ void setup_logging(const std::string& level, const std::string& format);
 // just the variable, matters: a child of a service inherits the variable even
 // when its stderr was redirected to a file.
 bool stderr_is_journal();
+
+// Names for a log line: "a, b, c", or "(none)".
+std::string log_list(std::span<const std::string> items);
 
 }  // namespace bscache::proxy

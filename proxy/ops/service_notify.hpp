@@ -3,8 +3,9 @@
 // STOPPING=1 on shutdown, and WATCHDOG=1 pings when the unit has WatchdogSec=.
 //
 // Why not libsystemd: the protocol is one datagram per message to the Unix
-// socket named in $NOTIFY_SOCKET; linking a library (and a package
-// dependency) for that buys nothing.
+// socket named in $NOTIFY_SOCKET, and libsystemd's sd_notify sends it on a
+// new blocking socket each time (five system calls), which the loop thread
+// must not wait on (README, "Why not libsystemd").
 //
 // Never blocks the loop: the socket is non-blocking, and a message that
 // cannot be sent at once is dropped (the first failure logged at warn, later

@@ -1,6 +1,6 @@
 // The handshake's I/O: greeting, client flags, then one option at a time
-// through the Handshake state machine (proxy/handshake.hpp), which decides
-// everything; this file only reads, writes and keeps time.
+// through the Handshake state machine (proxy/negotiation/handshake.hpp),
+// which decides everything; this file only reads, writes and keeps time.
 #pragma once
 
 #include <chrono>

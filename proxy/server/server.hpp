@@ -2,7 +2,6 @@
 // the one client of -s, and the set of live sessions.
 #pragma once
 
-#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -15,22 +14,10 @@
 #include <boost/asio/generic/stream_protocol.hpp>
 
 #include "proxy/io/asio.hpp"
+#include "proxy/server/config.hpp"
 #include "proxy/server/session.hpp"
 
 namespace bscache::proxy {
-
-struct ListenConfig {
-  std::string unix_path;           // empty: no Unix socket
-  std::optional<uint16_t> port;    // TCP port (0 picks a free one)
-  std::string bind = "127.0.0.1";  // TCP address; loopback unless told otherwise
-  unsigned socket_mode = 0600;     // permissions of the Unix socket
-  bool systemd = false;            // use sockets passed in LISTEN_FDS
-  // -s: serve one client, then report it gone (on_single_client_done): the
-  // first connection on a socket passed in LISTEN_FDS if there is one, else
-  // the connected socket on stdin. No other listener.
-  bool single = false;
-  unsigned max_connections = 1024;
-};
 
 // LISTEN_PID is this process and LISTEN_FDS is set: started by socket
 // activation (systemd, or libnbd's nbd_connect_systemd_socket_activation).

@@ -4,8 +4,6 @@
 
 #include <array>
 
-#include <boost/asio/redirect_error.hpp>
-
 #include "proxy/server/handshake_driver.hpp"
 
 namespace bscache::proxy {
@@ -25,9 +23,7 @@ Session::Session(ProxyContext& context, Socket socket, uint64_t id)
       writer_(stream_, id, context.memory,
               {.start_drain = [this] { asio::co_spawn(ctx_.io, drain_replies(), asio::detached); },
                .progress = [this] { writer_progress(); }}),
-      wakeup_(context.io) {
-  wakeup_.expires_at(asio::steady_timer::time_point::max());
-}
+      wakeup_(context.io) {}
 
 awaitable<void> Session::run() {
   auto self = shared_from_this();
@@ -48,11 +44,10 @@ awaitable<void> Session::run() {
       // user space, which TLS cannot.
       splice_reads_ = ctx_.pipes && !stream_.tls() && negotiated_.structured_replies;
       splice_writes_ = ctx_.pipes && !stream_.tls();
-      only_base_allocation_ =
-          negotiated_.contexts.size() == 1 && negotiated_.contexts[0] == static_cast<uint32_t>(info_.base_allocation);
-      for (size_t i = 0; i < negotiated_.contexts.size() && i < kMaxFilterableContexts; ++i) {
-        if (negotiated_.contexts[i] == static_cast<uint32_t>(info_.base_allocation)) base_allocation_bit_ = 1ull << i;
-      }
+      block_status_client_ = {.offered = &info_,
+                              .selected = negotiated_.contexts,
+                              .align = align_,
+                              .extended_headers = negotiated_.extended_headers};
       spdlog::debug("connection {}: transmission, structured replies {}, extended headers {}, {} meta contexts", id_,
                     negotiated_.structured_replies, negotiated_.extended_headers, negotiated_.contexts.size());
       co_await transmission();
@@ -239,9 +234,13 @@ void Session::dispatch(const RequestHeader& request, WritePayload payload, size_
     reply_error(request, error, "invalid request");
     return;
   }
-  if (request.type == kCmdBlockStatus && try_block_status_hit(request)) {
-    unhold(charged);
-    return;
+  if (request.type == kCmdBlockStatus) {
+    Bytes chunks;
+    if (block_status_->try_answer(block_status_client_, request, chunks)) {
+      unhold(charged);
+      writer_.send(head_only(std::move(chunks)));
+      return;
+    }
   }
   const size_t held = request_charge(request.type, request.length);
   hold(held - charged);
@@ -262,7 +261,7 @@ void Session::unhold(size_t bytes) {
 void Session::request_done(size_t held_bytes) {
   --in_flight_;
   unhold(held_bytes);
-  wakeup_.cancel();
+  wakeup_.notify();
   close_when_idle();
 }
 
@@ -273,13 +272,12 @@ awaitable<void> Session::drain_replies() {
 
 void Session::writer_progress() {
   if (writer_.broken()) cancelled_->store(true);  // nobody will read what upstream sends
-  wakeup_.cancel();
+  wakeup_.notify();
   close_when_idle();
 }
 
 awaitable<void> Session::wait_for_wakeup() {
-  boost::system::error_code ignored;
-  co_await wakeup_.async_wait(asio::redirect_error(use_awaitable, ignored));
+  return wakeup_.wait();
 }
 
 }  // namespace bscache::proxy

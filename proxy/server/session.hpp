@@ -2,13 +2,13 @@
 // answer cache hits inline, and spawn one coroutine per request that waits on
 // upstream; replies leave in completion order through the ReplyWriter.
 //
-// The connection loop is session.cpp; what each command does (the filter
-// logic: the cache bracket around mutations, block-status hit and miss) is
-// session_commands.cpp, one short function per command.
+// The connection loop is session.cpp; what each command does (the cache
+// bracket around mutations, READs through pipes or buffers) is
+// session_commands.cpp, one short function per command. A BLOCK_STATUS is
+// one call to the export's BlockStatusService, which answers it whole.
 #pragma once
 
 #include <atomic>
-#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <span>
@@ -21,35 +21,18 @@
 #include "proxy/io/asio.hpp"
 #include "proxy/io/buffer_pool.hpp"
 #include "proxy/io/client_memory.hpp"
+#include "proxy/io/loop_signal.hpp"
 #include "proxy/io/pipe_pool.hpp"
 #include "proxy/negotiation/export_info.hpp"
 #include "proxy/negotiation/handshake.hpp"
 #include "proxy/ops/metrics.hpp"
 #include "proxy/server/client_stream.hpp"
+#include "proxy/server/config.hpp"
 #include "proxy/server/reply_writer.hpp"
 #include "proxy/upstream/pool.hpp"
 #include "proxy/wire/codec.hpp"
 
 namespace bscache::proxy {
-
-struct SessionLimits {
-  // Requests one client may have in flight before we stop reading from it. Default: 64.
-  unsigned max_in_flight = 64;
-  // Time a client has to finish the handshake. Default: 30 s.
-  std::chrono::milliseconds handshake_timeout{30'000};
-  // Bytes one client may hold in bscache, counted as allocated (see
-  // ClientMemory): its requests in flight (ClientMemory::kRequestCharge each
-  // plus the buffer their payload takes) and the replies not yet written to
-  // it (each one's object, header and whole payload buffer, however little of
-  // a buffer a reply of holes sends). At the limit bscache stops reading that
-  // client's requests until it reads its replies, so a client holds at most
-  // this plus one request (2 KiB + 32 MiB). Default: 64 MiB.
-  size_t max_backlog_bytes = size_t{64} << 20;
-  // Bytes all clients together may hold, counted the same way (see
-  // ClientMemory for what happens at the limit). Default: a quarter of the
-  // machine's memory, at least 256 MiB.
-  size_t max_client_memory = default_client_memory();
-};
 
 // What every session shares.
 struct ProxyContext {
@@ -100,7 +83,6 @@ class Session : public std::enable_shared_from_this<Session> {
   awaitable<bool> read_write_payload(size_t length, WritePayload& payload);
   // Extended headers: the payload of a command other than WRITE (session_extended.cpp).
   awaitable<bool> read_command_payload(wire::RequestHeader& request);
-  uint64_t context_mask(const wire::BlockStatusPayload& payload) const;
   void dispatch(const wire::RequestHeader& request, WritePayload payload, size_t charged);
   void request_done(size_t held_bytes);
   void hold(size_t bytes);    // charged to this client's requests in flight and to the total
@@ -116,13 +98,6 @@ class Session : public std::enable_shared_from_this<Session> {
   awaitable<bool> serve_spliced_read(const wire::RequestHeader& request);
   awaitable<void> serve_mutation(wire::RequestHeader request, WritePayload payload);
   awaitable<void> serve_cache(const wire::RequestHeader& request);
-  awaitable<void> serve_block_status(const wire::RequestHeader& request);
-  awaitable<void> serve_passthrough_block_status(const wire::RequestHeader& request, const wire::RequestHeader& asked);
-  bool try_block_status_hit(const wire::RequestHeader& request);
-  // Whether the request is answered for base:allocation alone (which the cache holds).
-  bool only_base_allocation(const wire::RequestHeader& request) const {
-    return request.context_mask == 0 ? only_base_allocation_ : request.context_mask == base_allocation_bit_;
-  }
   // Runs a command longer than one upstream command carries as consecutive
   // pieces (session_extended.cpp).
   awaitable<CommandResult> run_in_pieces(CommandArgs args);
@@ -142,7 +117,7 @@ class Session : public std::enable_shared_from_this<Session> {
   // Replies: every error a client sees goes through reply_error, which counts it.
   void reply_result(const wire::RequestHeader& request, int error);
   void reply_error(const wire::RequestHeader& request, uint32_t nbd_error, std::string_view message);
-  void reply_base_allocation(const wire::RequestHeader& request, std::span<const wire::Descriptor> descriptors);
+  void reply_block_status(const wire::RequestHeader& request, BlockStatusReply reply);
 
   ProxyContext& ctx_;
   ClientStream stream_;
@@ -159,12 +134,12 @@ class Session : public std::enable_shared_from_this<Session> {
   ReplyWriter writer_;
   Negotiated negotiated_;
   wire::TransmissionLimits limits_;
-  bool only_base_allocation_ = false;
-  uint64_t base_allocation_bit_ = 0;  // base:allocation's bit in a context_mask; 0: not selected
-  wire::Bytes command_payload_;       // reused by read_command_payload
+  wire::Bytes command_payload_;  // reused by read_command_payload
   // Upstream's minimum block size when this client did not agree to it (its
   // requests may be unaligned: see session_unaligned.cpp), else 1.
   uint32_t align_ = 1;
+  // info_, negotiated_.contexts and align_, as the block-status service needs them.
+  BlockStatusClient block_status_client_;
   bool splice_reads_ = false;   // plain socket, structured replies, pipes on offer
   bool splice_writes_ = false;  // plain socket, pipes on offer
   bool stopping_ = false;
@@ -173,9 +148,8 @@ class Session : public std::enable_shared_from_this<Session> {
   size_t held_in_flight_ = 0;  // requests in flight, as charged (see request_charge)
   // Set when the client is gone: its commands not yet sent upstream are dropped.
   std::shared_ptr<std::atomic<bool>> cancelled_ = std::make_shared<std::atomic<bool>>(false);
-  asio::steady_timer wakeup_;                    // cancelled whenever a request finishes or replies drain
+  LoopSignal wakeup_;                            // notified whenever a request finishes or replies drain
   ClientMemory::Waiter memory_waiter_{wakeup_};  // ...or when the total bound lets this client go on
-  std::vector<wire::Descriptor> descriptors_;    // reused by cache hits
 };
 
 }  // namespace bscache::proxy

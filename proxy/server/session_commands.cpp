@@ -5,7 +5,7 @@
 #include <cstring>
 
 #include "policy/alignment.hpp"
-#include "policy/fetch_window.hpp"
+#include "proxy/server/read_reply.hpp"
 #include "proxy/server/session.hpp"
 #include "proxy/wire/errors.hpp"
 
@@ -40,7 +40,9 @@ awaitable<void> Session::serve(RequestHeader request, WritePayload payload, size
       case kCmdTrim: co_await serve_mutation(request, std::move(payload)); break;
       case kCmdFlush: reply_result(request, (co_await upstream_->flush(CommandFlags::from_wire(0))).error); break;
       case kCmdCache: co_await serve_cache(request); break;
-      case kCmdBlockStatus: co_await serve_block_status(request); break;
+      case kCmdBlockStatus:
+        reply_block_status(request, co_await block_status_->answer(block_status_client_, request));
+        break;
       default: reply_error(request, kErrInval, "unknown command");
     }
   } catch (const std::exception& e) {
@@ -70,34 +72,16 @@ awaitable<void> Session::serve_read(const RequestHeader& request) {
     co_return;
   }
   Reply reply;
-  auto& head = reply.head();
   const ReplyForm form = reply_form(request);
   auto& chunks = result.chunks;
   const bool holes = std::any_of(chunks.begin(), chunks.end(), [](const ReadChunk& c) { return c.hole; });
   if (!negotiated_.structured_replies || !holes) {
     // One piece of data (libnbd zero-fills holes in the buffer for a simple reply).
-    if (negotiated_.structured_replies) {
-      encode_offset_data_header(head, request.cookie, true, request.offset, request.length, form);
-    } else {
-      encode_simple_reply(head, request.cookie, 0);
-    }
-    reply.add_head_piece(0);
-    reply.add_payload_piece(0, request.length);
+    add_read_data(reply, request, negotiated_.structured_replies, form, 0);
   } else {
     std::sort(chunks.begin(), chunks.end(), [](const ReadChunk& a, const ReadChunk& b) { return a.offset < b.offset; });
-    for (size_t i = 0; i < chunks.size(); ++i) {
-      const auto& c = chunks[i];
-      const bool done = i + 1 == chunks.size();
-      const size_t from = head.size();
-      if (c.hole) {
-        encode_offset_hole(head, request.cookie, done, c.offset, c.length, form);
-        reply.add_head_piece(from);
-      } else {
-        encode_offset_data_header(head, request.cookie, done, c.offset, c.length, form);
-        reply.add_head_piece(from);
-        reply.add_payload_piece(c.offset - request.offset, c.length);
-      }
-    }
+    add_read_chunks(reply, request.cookie, chunks, form,
+                    [&](const ReadChunk& c) { reply.add_payload_piece(c.offset - request.offset, c.length); });
   }
   // A reply of holes only sends none of the buffer: give it back now.
   if (reply.has_payload_pieces()) reply.set_payload(std::move(buffer));
@@ -127,26 +111,14 @@ awaitable<bool> Session::serve_spliced_read(const RequestHeader& request) {
     co_return true;
   }
   Reply reply;
-  auto& head = reply.head();
-  const ReplyForm form = reply_form(request);
   size_t in_pipes = 0;  // data bytes so far: where the next chunk's data starts
-  for (size_t i = 0; i < result.chunks.size(); ++i) {
-    const auto& c = result.chunks[i];
-    const bool done = i + 1 == result.chunks.size();
-    const size_t from = head.size();
-    if (c.hole) {
-      encode_offset_hole(head, request.cookie, done, c.offset, c.length, form);
-      reply.add_head_piece(from);
-      continue;
-    }
-    encode_offset_data_header(head, request.cookie, done, c.offset, c.length, form);
-    reply.add_head_piece(from);
+  add_read_chunks(reply, request.cookie, result.chunks, reply_form(request), [&](const ReadChunk& c) {
     for (const size_t end = in_pipes + c.length; in_pipes < end;) {  // the chunk's data, pipe by pipe
       const auto share = PipePool::share_at(in_pipes, end);
       reply.add_pipe_piece(share.index, share.bytes);
       in_pipes += share.bytes;
     }
-  }
+  });
   reply.set_pipes(std::move(pipes));
   ++metrics_->reads_spliced;
   writer_.send(std::move(reply));
@@ -220,102 +192,14 @@ awaitable<void> Session::serve_cache(const RequestHeader& request) {
   reply_result(request, result.error);
 }
 
-bool Session::try_block_status_hit(const RequestHeader& request) {
-  if (!only_base_allocation(request)) return false;
-  if (!block_status_->try_answer(request.offset, request.length, request.flags & kCmdFlagReqOne, descriptors_)) {
-    return false;
-  }
-  ++metrics_->block_status_hits;
-  reply_base_allocation(request, descriptors_);
-  return true;
-}
-
-namespace {
-// The query upstream is asked: the client's, or for an unaligned query of a
-// client that did not agree to upstream's block size, the whole blocks
-// around it without REQ_ONE (whose one extent might end before the query
-// starts), at most 4 GiB - 1 long. The answer is then cut back to the
-// client's range (cut_descriptors).
-RequestHeader block_status_asked(const RequestHeader& request, uint32_t align, uint64_t export_size) {
-  if (policy::is_aligned({request.offset, request.length}, align, export_size)) return request;
-  RequestHeader asked = request;
-  const auto blocks = policy::widen({request.offset, request.length}, align, export_size);
-  asked.offset = blocks.offset;
-  asked.length = std::min<uint64_t>(blocks.length, policy::kMaxRequestLength / align * align);
-  asked.flags &= ~kCmdFlagReqOne;
-  return asked;
-}
-}  // namespace
-
-awaitable<void> Session::serve_block_status(const RequestHeader& request) {
-  ++metrics_->block_status_misses;
-  const RequestHeader asked = block_status_asked(request, align_, info_.size);
-  if (!only_base_allocation(request) || !block_status_->caching()) {
-    co_await serve_passthrough_block_status(request, asked);
-    co_return;
-  }
-  std::vector<Descriptor> descriptors;
-  int error =
-      co_await block_status_->answer_after_miss(asked.offset, asked.length, asked.flags & kCmdFlagReqOne, descriptors);
-  if (error) {
-    reply_result(request, error);
-  } else if (asked.offset != request.offset || asked.length != request.length) {
-    std::vector<Descriptor> cut;
-    cut_descriptors(descriptors, request.offset - asked.offset, request.length, request.flags & kCmdFlagReqOne, cut);
-    reply_base_allocation(request, cut);
+void Session::reply_block_status(const RequestHeader& request, BlockStatusReply reply) {
+  if (!reply.error) {
+    writer_.send(head_only(std::move(reply.chunks)));
+  } else if (!reply.message.empty()) {
+    reply_error(request, nbd_error_from_errno(reply.error), reply.message);
   } else {
-    reply_base_allocation(request, descriptors);
+    reply_result(request, reply.error);
   }
-}
-
-// Contexts other than base:allocation are never cached: ask upstream and
-// translate its per-context answer to this client's context ids (those its
-// filter names, if it sent one). A query longer than upstream takes in one
-// request (an extended-headers client's) is answered for what that covers.
-awaitable<void> Session::serve_passthrough_block_status(const RequestHeader& request, const RequestHeader& asked) {
-  const bool req_one = request.flags & kCmdFlagReqOne;
-  const uint64_t block = std::max<uint32_t>(info_.min_block, 1);
-  const uint64_t asked_length = std::min(asked.length, policy::kMaxRequestLength / block * block);
-  auto result =
-      co_await upstream_->block_status(asked.offset, asked_length, {.req_one = (asked.flags & kCmdFlagReqOne) != 0});
-  if (result.error) {
-    reply_result(request, result.error);
-    co_return;
-  }
-  Bytes out;
-  std::vector<Descriptor> clipped;
-  const ReplyForm form = reply_form(request);
-  const auto wanted = [&](size_t i) { return request.context_mask == 0 || ((request.context_mask >> i) & 1) != 0; };
-  size_t last = negotiated_.contexts.size();  // one past the last context answered: its chunk ends the reply
-  while (last > 0 && !wanted(last - 1)) --last;
-  for (size_t i = 0; i < last; ++i) {
-    if (!wanted(i)) continue;
-    const uint32_t context = negotiated_.contexts[i];
-    clipped.clear();
-    if (info_.upstream_context(context)) {
-      if (const auto* descriptors = result.extents_for(info_.contexts[context])) {
-        cut_descriptors(*descriptors, request.offset - asked.offset, request.length, req_one, clipped);
-      }
-    } else {
-      clipped.push_back({request.length, 0});  // base:allocation synthesized: all data
-    }
-    if (clipped.empty()) {
-      reply_error(request, kErrIo, "upstream sent no extents for a selected context");
-      co_return;
-    }
-    encode_block_status_chunk(out, request.cookie, i + 1 == last, context + 1, clipped, form);
-  }
-  writer_.send(head_only(std::move(out)));
-}
-
-void Session::reply_base_allocation(const RequestHeader& request, std::span<const Descriptor> descriptors) {
-  Bytes out;
-  const ReplyForm form = reply_form(request);
-  out.reserve(form.extended ? kExtendedReplyHeaderSize + 8 + 16 * descriptors.size()
-                            : kStructuredHeaderSize + 4 + 8 * descriptors.size());
-  encode_block_status_chunk(out, request.cookie, true, static_cast<uint32_t>(info_.base_allocation) + 1, descriptors,
-                            form);
-  writer_.send(head_only(std::move(out)));
 }
 
 void Session::reply_result(const RequestHeader& request, int error) {

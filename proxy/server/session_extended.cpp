@@ -1,7 +1,9 @@
 // What extended headers (NBD_OPT_EXTENDED_HEADERS) add to a session: payloads
-// on commands other than WRITE (BLOCK_STATUS's context filter), and commands
-// longer than upstream's 32-bit requests carry. Upstream is compact (libnbd
-// 1.14, nbdkit): the client's 64-bit commands are met here, not passed on.
+// on commands other than WRITE (BLOCK_STATUS's context filter, which the
+// block-status service applies), and TRIM, WRITE_ZEROES and CACHE longer than
+// upstream's 32-bit requests carry (libnbd 1.14, or an upstream without
+// extended headers), sent in pieces. The extended replies themselves are
+// framed where each reply is encoded (Session::reply_form, BlockStatusClient).
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
@@ -15,7 +17,7 @@ using namespace wire;
 // The payload is read whatever the command, so the stream stays in step (the
 // spec: consume it, then fail the command). A BLOCK_STATUS filter this client
 // was offered (NBD_FLAG_BLOCK_STATUS_PAYLOAD) and that names known contexts
-// becomes the request's context_mask and effect length, and its flag is
+// becomes the request's context_mask (see proxy::context_mask) and effect length, and its flag is
 // cleared; anything else keeps NBD_CMD_FLAG_PAYLOAD_LEN, which validation
 // then refuses (EINVAL). False: the client is gone, or sent a payload longer
 // than any it may (the spec's hard disconnect).
@@ -30,30 +32,13 @@ awaitable<bool> Session::read_command_payload(RequestHeader& request) {
   if (!complete) co_return false;
   if (request.type != kCmdBlockStatus || !(limits_.tx_flags & kTxBlockStatusPayload)) co_return true;
   const auto filter = decode_block_status_payload(command_payload_);
-  const uint64_t mask = filter ? context_mask(*filter) : 0;
-  if (mask == 0) co_return true;
+  // What the filter means for this client's contexts is the block-status service's to say.
+  const auto mask = filter ? context_mask(block_status_client_, filter->context_ids) : std::nullopt;
+  if (!mask) co_return true;
   request.length = filter->effect_length;
   request.flags &= static_cast<uint16_t>(~kCmdFlagPayloadLen);
-  // Every selected context: the same as no filter, and the cache's fast path applies.
-  const uint64_t all =
-      negotiated_.contexts.size() == 64 ? ~uint64_t{0} : (uint64_t{1} << negotiated_.contexts.size()) - 1;
-  request.context_mask = mask == all ? 0 : mask;
+  request.context_mask = *mask;
   co_return true;
-}
-
-// Bit i for the client's i-th selected context; 0 if an id is not one this
-// client selected, or is named twice (the spec: EINVAL).
-uint64_t Session::context_mask(const BlockStatusPayload& payload) const {
-  uint64_t mask = 0;
-  for (const uint32_t id : payload.context_ids) {
-    // A client's context id is the offered context's index + 1 (see Handshake).
-    const auto selected = std::find(negotiated_.contexts.begin(), negotiated_.contexts.end(), id - 1);
-    if (id == 0 || selected == negotiated_.contexts.end()) return 0;
-    const uint64_t bit = uint64_t{1} << (selected - negotiated_.contexts.begin());
-    if (mask & bit) return 0;
-    mask |= bit;
-  }
-  return mask;
 }
 
 // One piece at a time, in order, and one reply after the last: FUA (on every

@@ -5,13 +5,15 @@
 // to) refuses those. So they go upstream as whole blocks: READ reads the
 // blocks and answers the bytes asked for; WRITE and WRITE_ZEROES
 // read-modify-write the blocks at their edges; TRIM trims the whole blocks
-// inside it (and CACHE and BLOCK_STATUS widen: see session_commands.cpp).
+// inside it (and CACHE widens: see session_commands.cpp; BLOCK_STATUS too: see
+// BlockStatusService).
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
 #include <cstring>
 
 #include "policy/alignment.hpp"
+#include "proxy/server/read_reply.hpp"
 #include "proxy/server/session.hpp"
 
 namespace bscache::proxy {
@@ -52,13 +54,7 @@ awaitable<void> Session::serve_unaligned_read(const RequestHeader& request) {
     co_return;
   }
   Reply reply;
-  if (negotiated_.structured_replies) {
-    encode_offset_data_header(reply.head(), request.cookie, true, request.offset, request.length, reply_form(request));
-  } else {
-    encode_simple_reply(reply.head(), request.cookie, 0);
-  }
-  reply.add_head_piece(0);
-  reply.add_payload_piece(request.offset - blocks.offset, request.length);
+  add_read_data(reply, request, negotiated_.structured_replies, reply_form(request), request.offset - blocks.offset);
   reply.set_payload(std::move(buffer));
   writer_.send(std::move(reply));
 }
@@ -92,7 +88,7 @@ awaitable<void> Session::serve_unaligned_write(const RequestHeader& request, Wri
     }
     data = payload.buffer.span();
   }
-  const CommandFlags fua{.fua = (request.flags & kCmdFlagFua) != 0};
+  const CommandFlags fua = CommandFlags::from_wire(request.flags & kCmdFlagFua);
   auto ticket = block_status_->begin_mutation(plan.whole.offset, plan.whole.length);
   const auto aliased = ctx_.exports.begin_aliased_write(**export_);
 

@@ -1,8 +1,6 @@
 // What bscache asks of its upstream and what comes back: plain data, no
 // libnbd. libnbd stays inside proxy/upstream/connect.cpp (opening a
-// connection) and proxy/upstream/libnbd_connection.cpp, which translates these flags
-// to LIBNBD_CMD_FLAG_* (the NBD wire bits and libnbd's bits are different
-// vocabularies that only happen to share some numbers).
+// connection) and proxy/upstream/libnbd_connection.cpp.
 #pragma once
 
 #include <cstdint>
@@ -13,6 +11,7 @@
 #include <vector>
 
 #include "proxy/wire/codec.hpp"
+#include "proxy/wire/command_flags.hpp"
 
 namespace bscache::proxy {
 
@@ -21,23 +20,9 @@ enum class UpstreamOp : uint8_t { Read, Write, Flush, Trim, Zero, Cache, BlockSt
 // The NBD command number of an op, for per-op counters and logs.
 uint16_t wire_command(UpstreamOp op);
 
-struct CommandFlags {
-  bool fua = false;        // WRITE, TRIM, WRITE_ZEROES: durable before the reply
-  bool no_hole = false;    // WRITE_ZEROES: do not punch a hole
-  bool fast_zero = false;  // WRITE_ZEROES: fail rather than write zeroes slowly
-  bool df = false;         // READ: do not fragment the reply
-  bool req_one = false;    // BLOCK_STATUS: one descriptor is enough
+using wire::CommandFlags;
 
-  // From a client request's NBD flag bits (only the ones meaningful upstream).
-  static CommandFlags from_wire(uint16_t flags);
-};
-
-// A piece of a structured READ reply.
-struct ReadChunk {
-  uint64_t offset = 0;
-  uint32_t length = 0;
-  bool hole = false;
-};
+using wire::ReadChunk;
 
 struct CommandResult {
   int error = 0;  // errno from upstream or libnbd; 0 on success

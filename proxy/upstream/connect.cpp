@@ -7,9 +7,9 @@
 #include <poll.h>
 #include <sys/socket.h>
 
-#include <algorithm>
 #include <array>
 #include <cerrno>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <span>
@@ -267,18 +267,28 @@ UpstreamInfo read_upstream_info(nbd_handle* h) {
   }
   if (int64_t v = nbd_get_block_size(h, LIBNBD_SIZE_PREFERRED); v > 0) info.preferred_block = static_cast<uint32_t>(v);
   if (int64_t v = nbd_get_block_size(h, LIBNBD_SIZE_MAXIMUM); v > 0) info.max_block = static_cast<uint32_t>(v);
+#ifdef BSCACHE_HAVE_NBD_BLOCK_STATUS_64
+  // 64-bit lengths on the wire, and LibnbdConnection asks through
+  // nbd_aio_block_status_64, whose extents may be that long too. Without
+  // extended headers libnbd refuses any length over 32 bits (ERANGE).
+  if (nbd_get_extended_headers_negotiated(h) == 1) info.max_block_status_length = UINT64_MAX;
+#endif
   info.export_name = take_libnbd_string(nbd_get_canonical_export_name(h));
   info.description = take_libnbd_string(nbd_get_export_description(h));
-  // Ask libnbd which contexts were really selected, in a stable order.
+  info.contexts = selected_meta_contexts(h);
+  return info;
+}
+
+// Of the contexts asked for, those libnbd says upstream really selected.
+std::vector<std::string> selected_meta_contexts(nbd_handle* h) {
+  std::vector<std::string> selected;
   for (size_t i = 0;; ++i) {
     char* name = nbd_get_meta_context(h, i);
     if (!name) break;
     std::string context = take_libnbd_string(name);
-    if (nbd_can_meta_context(h, context.c_str()) == 1) info.contexts.push_back(context);
+    if (nbd_can_meta_context(h, context.c_str()) == 1) selected.push_back(std::move(context));
   }
-  auto it = std::find(info.contexts.begin(), info.contexts.end(), wire::kBaseAllocation);
-  info.base_allocation_index = it == info.contexts.end() ? -1 : static_cast<int>(it - info.contexts.begin());
-  return info;
+  return selected;
 }
 
 int duplicate_socket(nbd_handle* h) {

@@ -16,21 +16,6 @@
 
 namespace bscache::proxy {
 
-struct UpstreamOptions {
-  // Reconnect (with backoff from 100 ms to 5 s) when a connection dies. Default: on.
-  bool reconnect = true;
-  // A command unanswered this long drops its connection (then reconnect). Default: 0, off.
-  std::chrono::milliseconds timeout{0};
-  // Upstream connections when upstream advertises CAN_MULTI_CONN (else 1). Default: 4.
-  unsigned connections = 4;
-  // Wire (default): with more than one connection to a plain (not TLS)
-  // upstream, the second half carry READ, CACHE and WRITEs in pipes through
-  // bscache's own client (WireConnection), which splices their data.
-  // Libnbd: every connection through libnbd.
-  enum class DataPath : uint8_t { Libnbd, Wire };
-  DataPath data_path = DataPath::Wire;
-};
-
 // Set by the client side when nobody wants the command's answer any more
 // (the client disconnected): a command not yet sent upstream is then dropped
 // with ECANCELED instead of being sent.

@@ -9,27 +9,64 @@
 #include <algorithm>
 #include <array>
 #include <cerrno>
+#include <cstdint>
 #include <cstring>
 #include <stdexcept>
 #include <utility>
 
+#include "proxy/wire/protocol.hpp"
+
 namespace bscache::proxy {
 
 namespace {
-uint32_t libnbd_flags(const CommandFlags& f) {
-  uint32_t out = 0;
-  if (f.fua) out |= LIBNBD_CMD_FLAG_FUA;
-  if (f.no_hole) out |= LIBNBD_CMD_FLAG_NO_HOLE;
-  if (f.fast_zero) out |= LIBNBD_CMD_FLAG_FAST_ZERO;
-  if (f.df) out |= LIBNBD_CMD_FLAG_DF;
-  if (f.req_one) out |= LIBNBD_CMD_FLAG_REQ_ONE;
-  return out;
+// libnbd's command flags are the NBD wire bits: CommandFlags::to_wire is the mapping.
+static_assert(LIBNBD_CMD_FLAG_FUA == wire::kCmdFlagFua && LIBNBD_CMD_FLAG_NO_HOLE == wire::kCmdFlagNoHole &&
+              LIBNBD_CMD_FLAG_DF == wire::kCmdFlagDf && LIBNBD_CMD_FLAG_REQ_ONE == wire::kCmdFlagReqOne &&
+              LIBNBD_CMD_FLAG_FAST_ZERO == wire::kCmdFlagFastZero);
+
+#ifdef BSCACHE_HAVE_NBD_BLOCK_STATUS_64
+// Descriptors have 32-bit lengths: a longer extent is handed on in pieces of
+// 4 GiB - 64 KiB, a multiple of every minimum block size NBD allows (powers
+// of two up to 64 KiB), so no piece ends mid-block. The cache joins
+// neighbours with equal flags again.
+constexpr uint64_t kLongExtentPiece = 0xffff0000u;
+// At most this many descriptors per context and reply (the protocol's cap for
+// one chunk): a reply covering less than asked is allowed without REQ_ONE, and
+// a hole of exabytes must not become a billion pieces.
+constexpr size_t kMaxPieces = (size_t{1} << 20) - 1;
+
+// nbd_aio_block_status_64's callback (libnbd lock held): copies, as
+// LibnbdConnection::on_extent does, since libnbd reuses `entries`.
+int on_extent64(void* user_data, const char* context, uint64_t, nbd_extent* entries, size_t count, int* error) {
+  auto* command = static_cast<UpstreamCommand*>(user_data);
+  const auto& contexts = *command->result.contexts;
+  auto it = std::find(contexts.begin(), contexts.end(), context);
+  if (it == contexts.end()) return 0;
+  auto& out = command->result.extents[static_cast<size_t>(it - contexts.begin())];
+  const size_t most = command->args.flags.req_one ? 1 : kMaxPieces;
+  uint64_t covered = 0;  // nothing past the request's end is of use
+  for (size_t i = 0; i < count && out.size() < most && covered < command->args.length; ++i) {
+    if (entries[i].flags > UINT32_MAX) {
+      // No context bscache serves has such a status, and a 32-bit descriptor
+      // cannot carry it: fail the command rather than cut the status short.
+      *error = EOVERFLOW;
+      return -1;
+    }
+    for (uint64_t left = entries[i].length; left > 0 && out.size() < most && covered < command->args.length;) {
+      const uint64_t piece = std::min(left, kLongExtentPiece);
+      out.push_back({static_cast<uint32_t>(piece), static_cast<uint32_t>(entries[i].flags)});
+      left -= piece;
+      covered += piece;
+    }
+  }
+  return 0;
 }
+#endif
 
 int64_t start_command(nbd_handle* h, UpstreamCommand& c, nbd_chunk_callback chunk, nbd_extent_callback extent,
                       nbd_completion_callback done) {
   const auto& a = c.args;
-  const uint32_t flags = libnbd_flags(a.flags);
+  const uint32_t flags = a.flags.to_wire();
   switch (a.op) {
     case UpstreamOp::Read:
       return nbd_aio_pread_structured(h, a.buffer.data(), a.buffer.size(), a.offset, chunk, done, flags);
@@ -38,21 +75,29 @@ int64_t start_command(nbd_handle* h, UpstreamCommand& c, nbd_chunk_callback chun
     case UpstreamOp::Trim: return nbd_aio_trim(h, a.length, a.offset, done, flags);
     case UpstreamOp::Zero: return nbd_aio_zero(h, a.length, a.offset, done, flags);
     case UpstreamOp::Cache: return nbd_aio_cache(h, a.length, a.offset, done, flags);
-    case UpstreamOp::BlockStatus: return nbd_aio_block_status(h, a.length, a.offset, extent, done, flags);
+    case UpstreamOp::BlockStatus:
+#ifdef BSCACHE_HAVE_NBD_BLOCK_STATUS_64
+      // Whatever the length: one callback for every window, and with
+      // extended headers extents (and windows) longer than 4 GiB - 1.
+      return nbd_aio_block_status_64(h, a.length, a.offset,
+                                     {.callback = on_extent64, .user_data = extent.user_data, .free = nullptr}, done,
+                                     flags);
+#else
+      return nbd_aio_block_status(h, a.length, a.offset, extent, done, flags);
+#endif
   }
   return -1;
 }
 }  // namespace
 
 LibnbdConnection::LibnbdConnection(size_t index, NbdHandlePtr handle, const UpstreamTarget& target,
-                                       UpstreamOptions options, Finished finished, StateChanged state_changed)
+                                   UpstreamOptions options, Finished finished, StateChanged state_changed)
     : index_(index),
-      target_(target),
-      options_(options),
       finished_(std::move(finished)),
       state_changed_(std::move(state_changed)),
       first_handle_(std::move(handle)),
-      doorbell_(::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)) {
+      doorbell_(::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)),
+      reconnector_(index, target, options) {
   if (doorbell_ < 0) throw std::runtime_error(std::string("eventfd: ") + strerror(errno));
   thread_ = std::thread([this] { run(); });
 }
@@ -177,14 +222,7 @@ bool LibnbdConnection::take_inbox() {
 
 void LibnbdConnection::adopt(NbdHandlePtr handle) {
   handle_ = std::move(handle);
-  auto contexts = std::make_shared<std::vector<std::string>>();
-  for (size_t i = 0;; ++i) {
-    char* raw_name = nbd_get_meta_context(handle_.get(), i);
-    if (!raw_name) break;
-    std::string name = take_libnbd_string(raw_name);
-    if (nbd_can_meta_context(handle_.get(), name.c_str()) == 1) contexts->push_back(std::move(name));
-  }
-  contexts_ = std::move(contexts);
+  contexts_ = std::make_shared<const std::vector<std::string>>(selected_meta_contexts(handle_.get()));
   fd_ = nbd_aio_get_fd(handle_.get());
 }
 
@@ -241,8 +279,7 @@ int LibnbdConnection::on_complete(void* user_data, int* error) {
   return 1;  // retire the command automatically
 }
 
-int LibnbdConnection::on_extent(void* user_data, const char* context, uint64_t, uint32_t* entries, size_t count,
-                                  int*) {
+int LibnbdConnection::on_extent(void* user_data, const char* context, uint64_t, uint32_t* entries, size_t count, int*) {
   auto* command = static_cast<UpstreamCommand*>(user_data);
   const auto& contexts = *command->result.contexts;
   auto it = std::find(contexts.begin(), contexts.end(), context);
@@ -290,7 +327,7 @@ void LibnbdConnection::hand_back() {
 // the handle closed, libnbd no longer touches any of their buffers.
 void LibnbdConnection::fail_connection(int error, const char* why) {
   if (!handle_) return;
-  if (why) spdlog::warn("upstream connection {} lost: {}; {} commands in flight fail", index_, why, pending_.size());
+  if (why) reconnector_.log_lost(why, pending_.size());
   handle_.reset();  // libnbd closes its socket
   fd_ = -1;
   completed_.clear();  // their commands are in pending_ and fail below
@@ -304,7 +341,7 @@ void LibnbdConnection::fail_connection(int error, const char* why) {
   if (closing_) return;
   hand_back();  // the failures reach the loop before the news of the loss
   state_changed_(index_, std::nullopt);
-  if (options_.reconnect) reconnect_at_ = Clock::now() + backoff_;
+  if (reconnector_.reconnects()) reconnect_at_ = Clock::now() + reconnector_.backoff();
 }
 
 void LibnbdConnection::try_reconnect() {
@@ -314,30 +351,24 @@ void LibnbdConnection::try_reconnect() {
   // thread serves only this connection, and while it is down the pool sends
   // it nothing.
   try {
-    NbdHandlePtr handle = open_upstream(target_);
-    UpstreamInfo fresh = read_upstream_info(handle.get());
-    spdlog::info("upstream connection {} reconnected after {} failed attempts", index_, reconnect_failures_);
-    reconnect_failures_ = 0;
-    backoff_ = kFirstBackoff;
-    adopt(std::move(handle));
-    state_changed_(index_, std::move(fresh));
+    Reconnector::Opened opened = reconnector_.open();
+    reconnector_.succeeded();
+    adopt(std::move(opened.handle));
+    state_changed_(index_, std::move(opened.info));
   } catch (const std::exception& e) {
-    ++reconnect_failures_;
-    spdlog::warn("upstream connection {}: reconnect attempt {} failed: {}", index_, reconnect_failures_, e.what());
-    backoff_ = std::min(backoff_ * 2, std::chrono::milliseconds(5000));
-    reconnect_at_ = Clock::now() + backoff_;
+    reconnector_.failed(e.what());
+    reconnect_at_ = Clock::now() + reconnector_.backoff();
   }
 }
 
 // With --upstream-timeout: a command upstream has not answered in time means
 // the connection is stuck; drop it (failing everything in flight) and reconnect.
 void LibnbdConnection::check_timeout(Clock::time_point now) {
-  if (options_.timeout.count() <= 0 || now < next_timeout_check_) return;
-  const auto period = std::max<std::chrono::milliseconds>(options_.timeout / 4, std::chrono::milliseconds(10));
-  next_timeout_check_ = now + period;
+  if (!reconnector_.times_out() || now < next_timeout_check_) return;
+  next_timeout_check_ = now + reconnector_.timeout_check_period();
   for (const auto& [raw, command] : pending_) {
-    if (now - command->started > options_.timeout) {
-      fail_connection(ETIMEDOUT, "a command got no answer within --upstream-timeout");
+    if (reconnector_.overdue(command->started, now)) {
+      fail_connection(ETIMEDOUT, Reconnector::kOverdue);
       return;
     }
   }
@@ -346,7 +377,7 @@ void LibnbdConnection::check_timeout(Clock::time_point now) {
 // Until the next timer: a reconnect attempt, or the timeout check while commands are in flight.
 int LibnbdConnection::poll_timeout_ms(Clock::time_point now) const {
   std::optional<Clock::time_point> wake = reconnect_at_;
-  if (options_.timeout.count() > 0 && !pending_.empty() && (!wake || next_timeout_check_ < *wake)) {
+  if (reconnector_.times_out() && !pending_.empty() && (!wake || next_timeout_check_ < *wake)) {
     wake = next_timeout_check_;
   }
   if (!wake) return -1;

@@ -1,12 +1,14 @@
 // LibnbdConnection: one libnbd connection to the upstream server, pumped by
 // its own thread.
 //
-// Why a thread per connection: the bytes of READ and WRITE payloads are
-// copied by the kernel once on each side of the proxy. On one loop thread the
-// two copies serialise; with the upstream side on its own thread the receive
-// from upstream overlaps the send to the client. Everything that decides (the
-// cache, the taint tracker, the counters) stays on the proxy's loop thread:
-// this class only moves commands and bytes, and talks to the loop by message.
+// Why a thread per connection: the thread that calls libnbd does the work of
+// what the connection carries: the receives and sends of payloads (the
+// kernel's copies into and out of our buffers) and, over TLS, GnuTLS's
+// encryption. On a thread of its own that work overlaps the loop's (replies
+// to clients, other sessions, WireConnection's spliced data) instead of
+// taking turns with it. Everything that decides (the cache, the taint
+// tracker, the counters) stays on the proxy's loop thread: this class only
+// moves commands and bytes, and talks to the loop by message.
 //
 // Why a poll(2) loop of its own rather than an io_context: the thread waits
 // on exactly two descriptors, libnbd's socket and a doorbell (eventfd), so one
@@ -14,7 +16,7 @@
 // reactor here cost three system calls more per wake-up (epoll_wait, a poll
 // to re-check readiness that libnbd, not Asio, consumes, and the epoll_ctl of
 // every cross-thread post), about a third of the proxy's CPU on a byte-moving
-// workload (measured with strace and perf, see README "Data path").
+// workload (measured with strace and perf).
 //
 // Thread rules: submit() and disconnect() may be called from any thread.
 // Everything else in here, the libnbd handle included, is touched only on
@@ -24,10 +26,8 @@
 // wake-up in one batch (one message to the loop, not one per command).
 #pragma once
 
-#include <atomic>
 #include <chrono>
 #include <cstdint>
-#include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -35,9 +35,10 @@
 #include <unordered_map>
 #include <vector>
 
-#include "proxy/negotiation/upstream_info.hpp"
+#include "proxy/upstream/config.hpp"
 #include "proxy/upstream/connect.hpp"
 #include "proxy/upstream/connection.hpp"
+#include "proxy/upstream/reconnector.hpp"
 
 namespace bscache::proxy {
 
@@ -45,7 +46,7 @@ class LibnbdConnection final : public UpstreamConnection {
  public:
   // Adopts an open handle (see open_upstream) and starts the thread.
   LibnbdConnection(size_t index, NbdHandlePtr handle, const UpstreamTarget& target, UpstreamOptions options,
-                     Finished finished, StateChanged state_changed);
+                   Finished finished, StateChanged state_changed);
   // Closes the handle (failing what is in flight) and joins the thread.
   ~LibnbdConnection() override;
   LibnbdConnection(const LibnbdConnection&) = delete;
@@ -88,11 +89,7 @@ class LibnbdConnection final : public UpstreamConnection {
                        int* error);
   static int on_chunk(void* user_data, const void* subbuf, size_t count, uint64_t offset, unsigned status, int* error);
 
-  static constexpr std::chrono::milliseconds kFirstBackoff{100};
-
   const size_t index_;
-  const UpstreamTarget target_;
-  const UpstreamOptions options_;
   const Finished finished_;
   const StateChanged state_changed_;
   NbdHandlePtr first_handle_;  // adopted by the thread when it starts
@@ -108,10 +105,9 @@ class LibnbdConnection final : public UpstreamConnection {
   // What handle_ negotiated: names result.extents.
   std::shared_ptr<const std::vector<std::string>> contexts_;
   bool closing_ = false;
-  std::chrono::milliseconds backoff_ = kFirstBackoff;
+  Reconnector reconnector_;
   std::optional<Clock::time_point> reconnect_at_;
   Clock::time_point next_timeout_check_;
-  uint64_t reconnect_failures_ = 0;
   // In flight, keyed by address: libnbd's callbacks get the raw pointer.
   std::unordered_map<UpstreamCommand*, std::unique_ptr<UpstreamCommand>> pending_;
   // Completed inside a libnbd call; handed back once that call has returned.

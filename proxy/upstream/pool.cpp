@@ -8,8 +8,8 @@
 #include <stdexcept>
 
 #include <boost/asio/dispatch.hpp>
-#include <boost/asio/redirect_error.hpp>
 
+#include "proxy/io/loop_signal.hpp"
 #include "proxy/upstream/wire_connection.hpp"
 
 namespace bscache::proxy {
@@ -25,14 +25,6 @@ uint16_t wire_command(UpstreamOp op) {
     case UpstreamOp::BlockStatus: return wire::kCmdBlockStatus;
   }
   return wire::kCmdFlush;
-}
-
-CommandFlags CommandFlags::from_wire(uint16_t flags) {
-  return {.fua = (flags & wire::kCmdFlagFua) != 0,
-          .no_hole = (flags & wire::kCmdFlagNoHole) != 0,
-          .fast_zero = (flags & wire::kCmdFlagFastZero) != 0,
-          .df = (flags & wire::kCmdFlagDf) != 0,
-          .req_one = (flags & wire::kCmdFlagReqOne) != 0};
 }
 
 namespace {
@@ -85,23 +77,34 @@ UpstreamPool::UpstreamPool(asio::io_context& loop, std::vector<NbdHandlePtr> han
     : loop_(loop), metrics_(metrics) {
   if (handles.empty()) throw std::logic_error("UpstreamPool: no connection");
   info_ = read_upstream_info(handles.front().get());
-  // One message to the loop per batch a connection hands back.
   // Messages already posted when the pool goes (an idle export closed while
   // a connection's news was on its way) find it gone: commands are still
   // delivered, with ESHUTDOWN, and the news is dropped.
   std::weak_ptr<UpstreamPool*> alive = alive_;
-  auto finished = [this, alive](UpstreamBatch batch) {
-    asio::post(loop_, [alive, b = std::move(batch)]() mutable {
-      auto pool = alive.lock();
-      for (auto& command : b) {
-        if (pool) {
-          (*pool)->complete(std::move(command));
-        } else {
-          command->result = CommandResult::failed(ESHUTDOWN);
-          command->deliver();
-        }
+  auto complete_all = [alive](UpstreamBatch& batch) {
+    auto pool = alive.lock();
+    for (auto& command : batch) {
+      if (pool) {
+        (*pool)->complete(std::move(command));
+      } else {
+        command->result = CommandResult::failed(ESHUTDOWN);
+        command->deliver();
       }
-    });
+    }
+  };
+  // A libnbd connection hands back on its own thread: one message to the loop per batch.
+  auto finished_elsewhere = [this, complete_all](UpstreamBatch batch) {
+    asio::post(loop_, [complete_all, b = std::move(batch)]() mutable { complete_all(b); });
+  };
+  // A wire connection runs on the loop: its batches complete where they are.
+  // Not once the pool is going: its waiters then resume in a later step, not
+  // inside the pool's destructor.
+  auto finished_here = [alive, complete_all, finished_elsewhere](UpstreamBatch batch) {
+    if (alive.expired()) {
+      finished_elsewhere(std::move(batch));
+    } else {
+      complete_all(batch);
+    }
   };
   auto changed = [this, alive](size_t index, std::optional<UpstreamInfo> reconnected) {
     asio::post(loop_, [alive, index, r = std::move(reconnected)]() mutable {
@@ -115,10 +118,10 @@ UpstreamPool::UpstreamPool(asio::io_context& loop, std::vector<NbdHandlePtr> han
   for (size_t i = 0; i < handles.size(); ++i) {
     if (wire && i >= through_libnbd && WireConnection::usable(handles[i].get())) {
       connections_[i].connection =
-          std::make_unique<WireConnection>(loop_, i, std::move(handles[i]), target, options, finished, changed);
+          std::make_unique<WireConnection>(loop_, i, std::move(handles[i]), target, options, finished_here, changed);
     } else {
       connections_[i].connection =
-          std::make_unique<LibnbdConnection>(i, std::move(handles[i]), target, options, finished, changed);
+          std::make_unique<LibnbdConnection>(i, std::move(handles[i]), target, options, finished_elsewhere, changed);
     }
   }
   metrics_.upstream_connections = connections_.size();
@@ -204,12 +207,12 @@ awaitable<CommandResult> UpstreamPool::block_status(uint64_t offset, uint64_t le
 
 // Every connection that carried a write since its last flush is flushed; the
 // client's FLUSH succeeds only if all of them do. The flushes go out at once;
-// the timer is the "all answered" signal (cancelled by the last answer).
+// the last answer notifies `all_answered`.
 struct UpstreamPool::FlushFanOut {
-  explicit FlushFanOut(asio::io_context& loop) : all_answered(loop, asio::steady_timer::time_point::max()) {}
+  explicit FlushFanOut(asio::io_context& loop) : all_answered(loop) {}
   size_t remaining = 0;
   CommandResult result;
-  asio::steady_timer all_answered;
+  LoopSignal all_answered;
 };
 
 awaitable<CommandResult> UpstreamPool::flush(CommandFlags flags) {
@@ -234,16 +237,13 @@ awaitable<CommandResult> UpstreamPool::flush(CommandFlags flags) {
   for (size_t slot : targets) {
     auto on_answer = [fan](CommandResult r) {
       if (r.error && !fan->result.error) fan->result = std::move(r);
-      if (--fan->remaining == 0) fan->all_answered.cancel();
+      if (--fan->remaining == 0) fan->all_answered.notify();
     };
     auto command = std::make_unique<PendingWith<decltype(on_answer)>>(std::move(on_answer));
     command->args = args;
     send(slot, std::move(command));
   }
-  while (fan->remaining > 0) {
-    boost::system::error_code ignored;  // cancellation is the signal
-    co_await fan->all_answered.async_wait(asio::redirect_error(use_awaitable, ignored));
-  }
+  while (fan->remaining > 0) co_await fan->all_answered.wait();
   co_return std::move(fan->result);
 }
 

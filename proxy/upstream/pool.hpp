@@ -26,7 +26,6 @@
 // did) and fails if any of them fails.
 #pragma once
 
-#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -38,6 +37,7 @@
 #include "proxy/ops/metrics.hpp"
 #include "proxy/upstream/block_status_upstream.hpp"
 #include "proxy/upstream/command.hpp"
+#include "proxy/upstream/config.hpp"
 #include "proxy/upstream/libnbd_connection.hpp"
 
 namespace bscache::proxy {

@@ -18,63 +18,24 @@
 #include <string>
 #include <thread>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include <boost/asio/generic/stream_protocol.hpp>
 #include <boost/asio/write.hpp>
 
 #include "proxy/io/pipe_pool.hpp"
+#include "proxy/upstream/reconnector.hpp"
+#include "proxy/wire/codec.hpp"
+#include "proxy/wire/errors.hpp"
 #include "proxy/wire/protocol.hpp"
 #include "proxy/wire/reply_parser.hpp"
 
 namespace bscache::proxy {
 
 namespace {
-using RequestBytes = std::array<uint8_t, 28>;
-
-void put_be(uint8_t* p, uint64_t v, int bytes) {
-  for (int i = bytes - 1; i >= 0; --i, v >>= 8) p[i] = static_cast<uint8_t>(v);
-}
-
-RequestBytes encode_request(uint16_t flags, uint16_t type, uint64_t cookie, uint64_t offset, uint32_t length) {
-  RequestBytes r{};
-  put_be(r.data(), wire::kRequestMagic, 4);
-  put_be(r.data() + 4, flags, 2);
-  put_be(r.data() + 6, type, 2);
-  put_be(r.data() + 8, cookie, 8);
-  put_be(r.data() + 16, offset, 8);
-  put_be(r.data() + 24, length, 4);
-  return r;
-}
-
-uint16_t wire_flags(const CommandFlags& f) {
-  uint16_t out = 0;
-  if (f.fua) out |= wire::kCmdFlagFua;
-  if (f.no_hole) out |= wire::kCmdFlagNoHole;
-  if (f.df) out |= wire::kCmdFlagDf;
-  if (f.fast_zero) out |= wire::kCmdFlagFastZero;
-  if (f.req_one) out |= wire::kCmdFlagReqOne;
-  return out;
-}
-
-// NBD errors are Linux errno values; one upstream should not send is EINVAL (the spec's advice).
-int errno_from_nbd(uint32_t error) {
-  switch (error) {
-    case wire::kErrPerm: return EPERM;
-    case wire::kErrIo: return EIO;
-    case wire::kErrNoMem: return ENOMEM;
-    case wire::kErrInval: return EINVAL;
-    case wire::kErrNoSpc: return ENOSPC;
-    case wire::kErrOverflow: return EOVERFLOW;
-    case wire::kErrNotSup: return ENOTSUP;
-    case wire::kErrShutdown: return ESHUTDOWN;
-    default: return EINVAL;
-  }
-}
-
 // One gathered write carries at most this many buffers (Asio's limit per sendmsg).
 constexpr size_t kMaxGather = 64;
-constexpr std::chrono::milliseconds kFirstBackoff{100};
 }  // namespace
 
 struct WireConnection::State : std::enable_shared_from_this<State> {
@@ -84,7 +45,7 @@ struct WireConnection::State : std::enable_shared_from_this<State> {
   struct InFlight {
     std::unique_ptr<UpstreamCommand> command;
     uint64_t cookie = 0;
-    RequestBytes header{};
+    wire::RequestBytes header{};
     wire::ReplyTarget target;
     bool sent = false;  // part of a write handed to the socket
     // A READ into a pipe whose pipe filled up before its payload was in: the
@@ -96,8 +57,7 @@ struct WireConnection::State : std::enable_shared_from_this<State> {
   State(asio::io_context& l, size_t i, const UpstreamTarget& t, UpstreamOptions o, Finished f, StateChanged c)
       : loop(l),
         index(i),
-        target(t),
-        options(o),
+        reconnector(i, t, o),
         finished(std::move(f)),
         state_changed(std::move(c)),
         timeout_timer(l),
@@ -105,8 +65,7 @@ struct WireConnection::State : std::enable_shared_from_this<State> {
 
   asio::io_context& loop;
   const size_t index;
-  const UpstreamTarget target;
-  const UpstreamOptions options;
+  Reconnector reconnector;
   const Finished finished;
   const StateChanged state_changed;
 
@@ -125,7 +84,7 @@ struct WireConnection::State : std::enable_shared_from_this<State> {
   InFlight* splicing_out = nullptr;
   uint64_t spliced_out = 0;  // bytes of its payload sent
   bool disconnect_wanted = false, disconnect_sent = false;
-  const RequestBytes disconnect_request = encode_request(0, wire::kCmdDisc, 0, 0, 0);
+  const wire::RequestBytes disconnect_request = wire::encode_request({.type = wire::kCmdDisc});
   std::optional<wire::ReplyParser> parser;
   std::vector<uint64_t> done;  // cookies the parser finished
   UpstreamBatch batch;         // handed to `finished` once per read or write
@@ -136,8 +95,6 @@ struct WireConnection::State : std::enable_shared_from_this<State> {
   bool splicing = true;
   std::array<uint8_t, size_t{64} * 1024> discard{};  // the dropped rest of an overflowed READ
   asio::steady_timer reconnect_timer;
-  std::chrono::milliseconds backoff = kFirstBackoff;
-  uint64_t reconnect_failures = 0;
   std::thread connector;  // the reconnect attempt, if one ran; joined by the owner
 
   void adopt(NbdHandlePtr h);
@@ -190,18 +147,22 @@ void WireConnection::State::adopt(NbdHandlePtr h) {
 
 void WireConnection::State::submit(std::unique_ptr<UpstreamCommand> command) {
   if (!up || closing) {
-    // Submitted before the loop heard this connection was lost: nothing was sent.
+    // Submitted before the loop heard this connection was lost: nothing was
+    // sent. Handed back in a later step: never from inside submit().
     command->result.error = ESHUTDOWN;
     command->never_sent = true;
     batch.push_back(std::move(command));
-    hand_back();
+    asio::post(loop, [self = shared_from_this()] { self->hand_back(); });
     return;
   }
   auto f = std::make_unique<InFlight>();
   const auto& a = command->args;
   f->cookie = next_cookie++;
-  f->header =
-      encode_request(wire_flags(a.flags), wire_command(a.op), f->cookie, a.offset, static_cast<uint32_t>(a.length));
+  f->header = wire::encode_request({.flags = a.flags.to_wire(),
+                                    .type = wire_command(a.op),
+                                    .cookie = f->cookie,
+                                    .offset = a.offset,
+                                    .length = static_cast<uint32_t>(a.length)});
   f->target.type = wire_command(a.op);
   f->target.offset = a.offset;
   if (a.op == UpstreamOp::Read) {
@@ -255,23 +216,24 @@ void WireConnection::State::start_write() {
     gather.push_back(asio::buffer(disconnect_request));
     disconnect_sent = true;
   }
-  hand_back();  // the cancelled ones
-  if (gather.empty()) return;
-  writing = true;
-  arm_timeout();
-  asio::async_write(*socket, gather,
-                    [self = shared_from_this(), gen = generation](const boost::system::error_code& ec, size_t) {
-                      self->writing = false;
-                      if (ec && gen == self->generation) {
-                        self->lost(ESHUTDOWN, "writing to the server: " + ec.message());
-                        return;
-                      }
-                      if (self->splicing_out) {
-                        self->splice_out();
-                      } else {
-                        self->start_write();
-                      }
-                    });
+  if (!gather.empty()) {
+    writing = true;
+    arm_timeout();
+    asio::async_write(*socket, gather,
+                      [self = shared_from_this(), gen = generation](const boost::system::error_code& ec, size_t) {
+                        self->writing = false;
+                        if (ec && gen == self->generation) {
+                          self->lost(ESHUTDOWN, "writing to the server: " + ec.message());
+                          return;
+                        }
+                        if (self->splicing_out) {
+                          self->splice_out();
+                        } else {
+                          self->start_write();
+                        }
+                      });
+  }
+  hand_back();  // the cancelled ones, last: their waiters resume right here
 }
 
 // The payload of `splicing_out`, from its pipes into the socket (no copy),
@@ -315,8 +277,7 @@ void WireConnection::State::splice_out() {
 // room to spare, but counts pieces, not bytes: a stream of small segments (a
 // TCP upstream without receive offload) can fill it early. Then the rest of
 // that READ is dropped and the caller reads again into a buffer.
-WireConnection::State::Spliced WireConnection::State::splice_payload(size_t& moved,
-                                                                                     std::string& failure) {
+WireConnection::State::Spliced WireConnection::State::splice_payload(size_t& moved, std::string& failure) {
   moved = 0;
   auto it = pending.find(parser->cookie());
   InFlight* f = it == pending.end() ? nullptr : it->second.get();
@@ -392,7 +353,10 @@ awaitable<void> WireConnection::State::read_loop(std::shared_ptr<State> self, ui
       self->lost(EIO, "protocol error from the server: " + self->parser->failure());
       co_return;
     }
-    if (!self->done.empty()) self->complete_done();
+    if (!self->done.empty()) {
+      self->complete_done();
+      if (self->generation != generation) co_return;  // lost while the results were handed back
+    }
   }
 }
 
@@ -403,11 +367,10 @@ void WireConnection::State::complete_done() {
     std::unique_ptr<InFlight> f = std::move(it->second);
     pending.erase(it);
     CommandResult& r = f->command->result;
-    r.error = f->target.error ? errno_from_nbd(f->target.error) : 0;
+    r.error = errno_from_nbd(f->target.error);
     if (f->overflowed && !r.error) r.needs_buffer = true;
     if (!r.error && !r.needs_buffer && f->command->args.op == UpstreamOp::Read) {
-      r.chunks.reserve(f->target.pieces.size());
-      for (const auto& p : f->target.pieces) r.chunks.push_back({p.offset, p.length, p.hole});
+      r.chunks = std::move(f->target.pieces);
     }
     batch.push_back(std::move(f->command));
   }
@@ -441,19 +404,19 @@ void WireConnection::State::lost(int error, const std::string& why) {
   pending.clear();
   outbox.clear();
   done.clear();
-  if (!closing) spdlog::warn("upstream connection {} lost: {}; {} commands in flight fail", index, why, failed);
+  if (!closing) reconnector.log_lost(why, failed);
   hand_back();  // the failures reach the loop before the news of the loss
   if (closing) return;
   state_changed(index, std::nullopt);
-  if (options.reconnect) schedule_reconnect();
+  if (reconnector.reconnects()) schedule_reconnect();
 }
 
 // With --upstream-timeout: a command upstream has not answered in time means
 // the connection is stuck; drop it (failing everything in flight) and reconnect.
 void WireConnection::State::arm_timeout() {
-  if (options.timeout.count() <= 0 || timeout_armed) return;
+  if (!reconnector.times_out() || timeout_armed) return;
   timeout_armed = true;
-  timeout_timer.expires_after(std::max<std::chrono::milliseconds>(options.timeout / 4, std::chrono::milliseconds(10)));
+  timeout_timer.expires_after(reconnector.timeout_check_period());
   timeout_timer.async_wait([self = shared_from_this()](const boost::system::error_code& ec) {
     self->timeout_armed = false;
     if (!ec) self->check_timeout();
@@ -466,8 +429,8 @@ void WireConnection::State::check_timeout() {
   bool waiting = false;
   for (const auto& [cookie, f] : pending) {
     if (!f->sent) continue;
-    if (now - f->command->started > options.timeout) {
-      lost(ETIMEDOUT, "a command got no answer within --upstream-timeout");
+    if (reconnector.overdue(f->command->started, now)) {
+      lost(ETIMEDOUT, Reconnector::kOverdue);
       return;
     }
     waiting = true;
@@ -476,7 +439,7 @@ void WireConnection::State::check_timeout() {
 }
 
 void WireConnection::State::schedule_reconnect() {
-  reconnect_timer.expires_after(backoff);
+  reconnect_timer.expires_after(reconnector.backoff());
   reconnect_timer.async_wait([self = shared_from_this()](const boost::system::error_code& ec) {
     if (!ec && !self->closing) self->start_connector();
   });
@@ -487,14 +450,16 @@ void WireConnection::State::schedule_reconnect() {
 // already (that is what started this one), so joining it does not wait.
 void WireConnection::State::start_connector() {
   if (connector.joinable()) connector.join();
-  connector = std::thread([weak = weak_from_this(), target = target, &loop = loop] {
+  // The reconnector lives as long as this thread: the owner joins it first.
+  connector = std::thread([weak = weak_from_this(), &reconnector = std::as_const(reconnector), &loop = loop] {
     NbdHandlePtr h;
     std::optional<UpstreamInfo> info;
     std::string failure;
     try {
-      h = open_upstream(target);
-      info = read_upstream_info(h.get());
-      if (!usable(h.get())) throw std::runtime_error("the upstream connection is now encrypted");
+      auto opened = reconnector.open();
+      if (!usable(opened.handle.get())) throw std::runtime_error("the upstream connection is now encrypted");
+      h = std::move(opened.handle);
+      info = std::move(opened.info);
     } catch (const std::exception& e) {
       failure = e.what();
     }
@@ -504,8 +469,7 @@ void WireConnection::State::start_connector() {
   });
 }
 
-void WireConnection::State::reconnected(NbdHandlePtr h, std::optional<UpstreamInfo> info,
-                                                const std::string& failure) {
+void WireConnection::State::reconnected(NbdHandlePtr h, std::optional<UpstreamInfo> info, const std::string& failure) {
   if (closing) return;
   std::string why = failure;
   if (why.empty()) {
@@ -516,21 +480,16 @@ void WireConnection::State::reconnected(NbdHandlePtr h, std::optional<UpstreamIn
     }
   }
   if (!why.empty()) {
-    ++reconnect_failures;
-    spdlog::warn("upstream connection {}: reconnect attempt {} failed: {}", index, reconnect_failures, why);
-    backoff = std::min(backoff * 2, std::chrono::milliseconds(5000));
+    reconnector.failed(why);
     schedule_reconnect();
     return;
   }
-  spdlog::info("upstream connection {} reconnected after {} failed attempts", index, reconnect_failures);
-  reconnect_failures = 0;
-  backoff = kFirstBackoff;
+  reconnector.succeeded();
   state_changed(index, std::move(info));
 }
 
-WireConnection::WireConnection(asio::io_context& loop, size_t index, NbdHandlePtr handle,
-                                               const UpstreamTarget& target, UpstreamOptions options, Finished finished,
-                                               StateChanged state_changed)
+WireConnection::WireConnection(asio::io_context& loop, size_t index, NbdHandlePtr handle, const UpstreamTarget& target,
+                               UpstreamOptions options, Finished finished, StateChanged state_changed)
     : state_(std::make_shared<State>(loop, index, target, options, std::move(finished), std::move(state_changed))) {
   state_->adopt(std::move(handle));
 }

@@ -12,7 +12,7 @@
 // thread of its own, LibnbdConnection, costs a hand-off each way). A WRITE
 // in a buffer stays on libnbd threads: through this class it measured slower
 // (the loop then did both copies of every written byte between reading
-// clients; see README "Data path").
+// clients; see bench/results/RESULTS-data-path.md).
 //
 // libnbd still opens the connection (URI, handshake, options, meta contexts)
 // and is then left idle: bscache takes a duplicate of its socket
@@ -21,12 +21,14 @@
 // meta context.
 //
 // Everything here runs on the loop thread but the blocking reconnect, which
-// runs on a helper thread and posts its result back.
+// runs on a helper thread and posts its result back. Results are handed back
+// where they arrive: `finished` is called on the loop (never inside submit()).
 #pragma once
 
 #include <memory>
 
 #include "proxy/io/asio.hpp"
+#include "proxy/upstream/config.hpp"
 #include "proxy/upstream/connect.hpp"
 #include "proxy/upstream/connection.hpp"
 
@@ -36,7 +38,7 @@ class WireConnection final : public UpstreamConnection {
  public:
   // Adopts an open handle (see open_upstream) whose socket is plain.
   WireConnection(asio::io_context& loop, size_t index, NbdHandlePtr handle, const UpstreamTarget& target,
-                         UpstreamOptions options, Finished finished, StateChanged state_changed);
+                 UpstreamOptions options, Finished finished, StateChanged state_changed);
   // Fails what is in flight with ESHUTDOWN; waits for a reconnect attempt in progress.
   ~WireConnection() override;
   WireConnection(const WireConnection&) = delete;

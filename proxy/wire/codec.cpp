@@ -2,21 +2,28 @@
 
 #include <algorithm>
 
+#include "proxy/wire/byte_order.hpp"
+
 namespace bscache::wire {
 
+// Appends through a fixed array so the byte order lives in byte_order.hpp alone.
+template <size_t N, typename T, void (*Store)(uint8_t*, T)>
+void put(Bytes& out, T v) {
+  uint8_t bytes[N];
+  Store(bytes, v);
+  out.insert(out.end(), bytes, bytes + N);
+}
+
 void put_u16(Bytes& out, uint16_t v) {
-  out.push_back(static_cast<uint8_t>(v >> 8));
-  out.push_back(static_cast<uint8_t>(v));
+  put<2, uint16_t, store_be16>(out, v);
 }
 
 void put_u32(Bytes& out, uint32_t v) {
-  put_u16(out, static_cast<uint16_t>(v >> 16));
-  put_u16(out, static_cast<uint16_t>(v));
+  put<4, uint32_t, store_be32>(out, v);
 }
 
 void put_u64(Bytes& out, uint64_t v) {
-  put_u32(out, static_cast<uint32_t>(v >> 32));
-  put_u32(out, static_cast<uint32_t>(v));
+  put<8, uint64_t, store_be64>(out, v);
 }
 
 void put_bytes(Bytes& out, std::string_view s) {
@@ -25,25 +32,23 @@ void put_bytes(Bytes& out, std::string_view s) {
 
 std::optional<uint16_t> ByteReader::u16() {
   if (remaining() < 2) return std::nullopt;
-  uint16_t v = static_cast<uint16_t>((data_[pos_] << 8) | data_[pos_ + 1]);
+  const uint16_t v = load_be16(data_.data() + pos_);
   pos_ += 2;
   return v;
 }
 
 std::optional<uint32_t> ByteReader::u32() {
-  auto hi = u16();
-  if (!hi) return std::nullopt;
-  auto lo = u16();
-  if (!lo) return std::nullopt;
-  return (uint32_t{*hi} << 16) | *lo;
+  if (remaining() < 4) return std::nullopt;
+  const uint32_t v = load_be32(data_.data() + pos_);
+  pos_ += 4;
+  return v;
 }
 
 std::optional<uint64_t> ByteReader::u64() {
-  auto hi = u32();
-  if (!hi) return std::nullopt;
-  auto lo = u32();
-  if (!lo) return std::nullopt;
-  return (uint64_t{*hi} << 32) | *lo;
+  if (remaining() < 8) return std::nullopt;
+  const uint64_t v = load_be64(data_.data() + pos_);
+  pos_ += 8;
+  return v;
 }
 
 std::optional<std::string> ByteReader::string(size_t length) {
@@ -227,13 +232,20 @@ std::optional<RequestHeader> decode_extended_request_header(ByteSpan bytes) {
   return h;
 }
 
+RequestBytes encode_request(const RequestHeader& request) {
+  RequestBytes r;
+  store_be32(r.data(), kRequestMagic);
+  store_be16(r.data() + 4, request.flags);
+  store_be16(r.data() + 6, request.type);
+  store_be64(r.data() + 8, request.cookie);
+  store_be64(r.data() + 16, request.offset);
+  store_be32(r.data() + 24, static_cast<uint32_t>(request.length));
+  return r;
+}
+
 void encode_request_header(Bytes& out, const RequestHeader& request) {
-  put_u32(out, kRequestMagic);
-  put_u16(out, request.flags);
-  put_u16(out, request.type);
-  put_u64(out, request.cookie);
-  put_u64(out, request.offset);
-  put_u32(out, static_cast<uint32_t>(request.length));
+  const RequestBytes bytes = encode_request(request);
+  out.insert(out.end(), bytes.begin(), bytes.end());
 }
 
 std::optional<BlockStatusPayload> decode_block_status_payload(ByteSpan payload) {
@@ -317,6 +329,14 @@ void encode_offset_hole(Bytes& out, uint64_t cookie, bool done, uint64_t offset,
   encode_reply_header(out, form, done ? kReplyFlagDone : 0, kReplyTypeOffsetHole, cookie, 12);
   put_u64(out, offset);
   put_u32(out, length);
+}
+
+void encode_read_chunk(Bytes& out, uint64_t cookie, bool done, const ReadChunk& chunk, const ReplyForm& form) {
+  if (chunk.hole) {
+    encode_offset_hole(out, cookie, done, chunk.offset, chunk.length, form);
+  } else {
+    encode_offset_data_header(out, cookie, done, chunk.offset, chunk.length, form);
+  }
 }
 
 void encode_done(Bytes& out, uint64_t cookie, const ReplyForm& form) {

@@ -5,6 +5,7 @@
 // append to a byte vector so a whole reply can be sent with one write.
 #pragma once
 
+#include <array>
 #include <cstdint>
 #include <memory>
 #include <optional>
@@ -134,7 +135,12 @@ struct RequestHeader {
 std::optional<RequestHeader> decode_request_header(ByteSpan bytes);
 // 32 bytes (extended headers). nullopt on a wrong size or magic.
 std::optional<RequestHeader> decode_extended_request_header(ByteSpan bytes);
-// A compact header: `request.length` must fit in 32 bits.
+// The one request encoder, of a compact header (upstream's): `request.length`
+// must fit in 32 bits. A fixed array: a request in flight keeps its header in
+// it, without an allocation.
+using RequestBytes = std::array<uint8_t, kRequestHeaderSize>;
+RequestBytes encode_request(const RequestHeader& request);
+// Appends encode_request's bytes.
 void encode_request_header(Bytes& out, const RequestHeader& request);
 
 // The payload of BLOCK_STATUS with NBD_CMD_FLAG_PAYLOAD_LEN: the effect
@@ -187,6 +193,16 @@ void encode_offset_data_header(Bytes& out, uint64_t cookie, bool done, uint64_t 
                                const ReplyForm& form = {});
 void encode_offset_hole(Bytes& out, uint64_t cookie, bool done, uint64_t offset, uint32_t length,
                         const ReplyForm& form = {});
+// A piece of a READ's data as upstream sent it: bytes, or a hole, at a disk offset.
+struct ReadChunk {
+  uint64_t offset = 0;
+  uint32_t length = 0;
+  bool hole = false;
+  bool operator==(const ReadChunk&) const = default;
+};
+// The one READ reply chunk encoder: an OFFSET_HOLE chunk, or an OFFSET_DATA
+// chunk's header and offset (the caller sends its `length` bytes after it).
+void encode_read_chunk(Bytes& out, uint64_t cookie, bool done, const ReadChunk& chunk, const ReplyForm& form = {});
 void encode_done(Bytes& out, uint64_t cookie, const ReplyForm& form = {});
 
 // ---- Request validation ----------------------------------------------------

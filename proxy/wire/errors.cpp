@@ -28,4 +28,19 @@ uint32_t nbd_error_from_errno(int error) {
   }
 }
 
+int errno_from_nbd(uint32_t error) {
+  switch (error) {
+    case 0: return 0;
+    case wire::kErrPerm: return EPERM;
+    case wire::kErrIo: return EIO;
+    case wire::kErrNoMem: return ENOMEM;
+    case wire::kErrInval: return EINVAL;
+    case wire::kErrNoSpc: return ENOSPC;
+    case wire::kErrOverflow: return EOVERFLOW;
+    case wire::kErrNotSup: return ENOTSUP;
+    case wire::kErrShutdown: return ESHUTDOWN;
+    default: return EINVAL;
+  }
+}
+
 }  // namespace bscache::proxy

@@ -2,21 +2,12 @@
 
 #include <algorithm>
 
+#include "byte_order.hpp"
 #include "protocol.hpp"
 
 namespace bscache::wire {
 
 namespace {
-uint16_t be16(const uint8_t* p) {
-  return static_cast<uint16_t>((p[0] << 8) | p[1]);
-}
-uint32_t be32(const uint8_t* p) {
-  return (uint32_t{be16(p)} << 16) | be16(p + 2);
-}
-uint64_t be64(const uint8_t* p) {
-  return (uint64_t{be32(p)} << 32) | be32(p + 4);
-}
-
 bool is_error_type(uint16_t type) {
   return (type & 0x8000) != 0;
 }
@@ -29,7 +20,7 @@ size_t prefix_of(uint16_t type) {
 }
 
 // Whether the pieces of a READ describe every byte of it exactly once.
-bool covers_exactly(std::vector<ReplyTarget::Piece> pieces, uint64_t offset, uint64_t length) {
+bool covers_exactly(std::vector<ReadChunk> pieces, uint64_t offset, uint64_t length) {
   std::sort(pieces.begin(), pieces.end(), [](const auto& a, const auto& b) { return a.offset < b.offset; });
   uint64_t at = offset;
   for (const auto& p : pieces) {
@@ -73,7 +64,7 @@ bool ReplyParser::received(size_t n, std::vector<uint64_t>& done) {
       expect_header();
       return true;
     case Stage::ErrorChunk: {
-      const uint32_t error = be32(scratch_.data());
+      const uint32_t error = load_be32(scratch_.data());
       if (error == 0) return fail("an error chunk with error 0");
       if (target_->error == 0) target_->error = error;
       return chunk_finished(done);
@@ -83,19 +74,19 @@ bool ReplyParser::received(size_t n, std::vector<uint64_t>& done) {
 }
 
 bool ReplyParser::header_complete(std::vector<uint64_t>& done) {
-  const uint32_t magic = be32(header_);
+  const uint32_t magic = load_be32(header_);
   if (magic == kStructuredReplyMagic) {
     // The type is known now: read the length and the type's fixed prefix in one go.
     stage_ = Stage::ChunkRest;
-    want_ = std::span<uint8_t>(header_, kChunkHeader + prefix_of(be16(header_ + 6)));
+    want_ = std::span<uint8_t>(header_, kChunkHeader + prefix_of(load_be16(header_ + 6)));
     return true;  // filled_ stays: the first 16 bytes are in
   }
   if (magic != kSimpleReplyMagic) return fail("a reply with bad magic");
-  cookie_ = be64(header_ + 8);
+  cookie_ = load_be64(header_ + 8);
   target_ = lookup_(cookie_);
   if (!target_) return fail("a reply to a cookie not in flight");
   chunk_type_ = kReplyTypeNone;
-  if (const uint32_t error = be32(header_ + 4)) {
+  if (const uint32_t error = load_be32(header_ + 4)) {
     target_->error = error;  // no payload follows an error
   } else if (target_->type == kCmdRead && target_->length > 0) {
     target_->pieces.push_back({target_->offset, static_cast<uint32_t>(target_->length), false});
@@ -107,10 +98,10 @@ bool ReplyParser::header_complete(std::vector<uint64_t>& done) {
 }
 
 bool ReplyParser::chunk_rest_complete(std::vector<uint64_t>& done) {
-  chunk_flags_ = be16(header_ + 4);
-  chunk_type_ = be16(header_ + 6);
-  cookie_ = be64(header_ + 8);
-  chunk_length_ = be32(header_ + 16);
+  chunk_flags_ = load_be16(header_ + 4);
+  chunk_type_ = load_be16(header_ + 6);
+  cookie_ = load_be64(header_ + 8);
+  chunk_length_ = load_be32(header_ + 16);
   target_ = lookup_(cookie_);
   if (!target_) return fail("a reply chunk for a cookie not in flight");
   const bool read = target_->type == kCmdRead;
@@ -122,7 +113,7 @@ bool ReplyParser::chunk_rest_complete(std::vector<uint64_t>& done) {
       return chunk_finished(done);
     case kReplyTypeOffsetData: {
       if (!read || chunk_length_ <= 8) return fail("an OFFSET_DATA chunk for a non-READ or without data");
-      const uint64_t at = be64(header_ + kChunkHeader);
+      const uint64_t at = load_be64(header_ + kChunkHeader);
       const uint32_t length = chunk_length_ - 8;
       if (at < start || at > end || length > end - at) return fail("an OFFSET_DATA chunk outside its READ");
       target_->pieces.push_back({at, length, false});
@@ -130,8 +121,8 @@ bool ReplyParser::chunk_rest_complete(std::vector<uint64_t>& done) {
     }
     case kReplyTypeOffsetHole: {
       if (!read || chunk_length_ != 12) return fail("an OFFSET_HOLE chunk for a non-READ or of a wrong size");
-      const uint64_t at = be64(header_ + kChunkHeader);
-      const uint32_t length = be32(header_ + kChunkHeader + 8);
+      const uint64_t at = load_be64(header_ + kChunkHeader);
+      const uint32_t length = load_be32(header_ + kChunkHeader + 8);
       if (length == 0 || at < start || at > end || length > end - at) {
         return fail("an OFFSET_HOLE chunk outside its READ");
       }

@@ -26,6 +26,8 @@
 #include <string>
 #include <vector>
 
+#include "proxy/wire/codec.hpp"
+
 namespace bscache::wire {
 
 // What the parser needs about a command in flight, and what it fills in.
@@ -39,13 +41,8 @@ struct ReplyTarget {
   // there is no buffer to zero.
   bool sink = false;
   // Filled in while the reply arrives.
-  uint32_t error = 0;  // the first NBD error upstream reported, 0 if none
-  struct Piece {
-    uint64_t offset = 0;
-    uint32_t length = 0;
-    bool hole = false;
-  };
-  std::vector<Piece> pieces;  // READ, structured: the chunks, in order received
+  uint32_t error = 0;             // the first NBD error upstream reported, 0 if none
+  std::vector<ReadChunk> pieces;  // READ: the chunks, in order received (a simple reply's data is one)
 };
 
 class ReplyParser {

@@ -1,5 +1,7 @@
 // libFuzzer target: the handshake state machine and the request decoder and
-// validator, fed the bytes a hostile client could send.
+// validator, fed the bytes a hostile client could send; and the reply parser,
+// fed the same bytes as a hostile upstream's replies. What is decoded must
+// re-encode to the same bytes through the one request encoder and flag map.
 //
 // Input layout: 4 bytes of client flags, then options as (option u32,
 // length u32, payload) until the handshake ends, then requests: 24 bytes each,
@@ -9,12 +11,18 @@
 // The top two bits of the client flags (which the real driver refuses before
 // any option) choose --tls off/on/require; STARTTLS is taken as a TLS
 // handshake that succeeded, so the fuzzer explores both sides of it.
+#include <algorithm>
+#include <array>
 #include <cstddef>
 #include <cstdint>
+#include <map>
 #include <span>
+#include <vector>
 
 #include "proxy/negotiation/handshake.hpp"
 #include "proxy/wire/codec.hpp"
+#include "proxy/wire/command_flags.hpp"
+#include "proxy/wire/reply_parser.hpp"
 
 using namespace bscache;
 
@@ -27,6 +35,49 @@ proxy::ExportInfo make_info() {
   up.min_block = 512;
   up.advertises_block_size = true;
   return proxy::make_export_info(up, false);
+}
+
+// The bytes as upstream's replies to three commands in flight: a READ into a
+// buffer, a READ into a sink, a WRITE. The parser either fails or accounts
+// for every byte, and a READ it completes without error is covered exactly.
+void parse_replies(wire::ByteSpan input) {
+  constexpr uint64_t kOffset = 8192;
+  std::array<uint8_t, 4096> buffer{};
+  std::map<uint64_t, wire::ReplyTarget> in_flight;
+  in_flight[1] = {.type = wire::kCmdRead, .offset = kOffset, .length = buffer.size(), .buffer = buffer};
+  in_flight[2] = {.type = wire::kCmdRead, .offset = kOffset, .length = 65536, .sink = true};
+  in_flight[3] = {.type = wire::kCmdWrite, .offset = kOffset, .length = 4096};
+  wire::ReplyParser parser([&](uint64_t cookie) -> wire::ReplyTarget* {
+    auto it = in_flight.find(cookie);
+    return it == in_flight.end() ? nullptr : &it->second;
+  });
+  std::vector<uint64_t> done;
+  while (!input.empty() && !parser.failed()) {
+    size_t n = 0;
+    if (const uint64_t due = parser.sink_bytes(); due > 0) {
+      n = static_cast<size_t>(std::min<uint64_t>(due, input.size()));
+    } else {
+      const auto want = parser.next();
+      if (want.empty()) __builtin_trap();  // not failed, nothing due to a sink: it must want bytes
+      n = std::min(want.size(), input.size());
+      std::copy_n(input.begin(), n, want.begin());
+    }
+    input = input.subspan(n);
+    if (!parser.received(n, done)) break;
+    for (const uint64_t cookie : done) {
+      const wire::ReplyTarget& t = in_flight.at(cookie);
+      if (t.type == wire::kCmdRead && t.error == 0) {
+        uint64_t covered = 0;
+        for (const auto& piece : t.pieces) {
+          if (piece.offset < t.offset || piece.offset + piece.length > t.offset + t.length) __builtin_trap();
+          covered += piece.length;
+        }
+        if (covered != t.length) __builtin_trap();
+      }
+      in_flight.erase(cookie);
+    }
+    done.clear();
+  }
 }
 }  // namespace
 
@@ -45,6 +96,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   // What upstream sends back when bscache lists its exports itself.
   wire::decode_option_reply_header(input.first(std::min<size_t>(size, wire::kOptionReplyHeaderSize)));
   wire::decode_server_reply(input);
+  parse_replies(input);
 
   wire::ByteReader r(input);
   auto flags = r.u32();
@@ -92,6 +144,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     pos += body;
     auto header = extended ? wire::decode_extended_request_header(request) : wire::decode_request_header(request);
     if (!header) __builtin_trap();
+    const wire::RequestBytes again = wire::encode_request(*header);
+    if (!std::equal(again.begin(), again.end(), request.begin(), request.end())) __builtin_trap();
+    const uint16_t flags = wire::CommandFlags::from_wire(header->flags).to_wire();
+    if ((flags & ~header->flags) != 0 || wire::CommandFlags::from_wire(flags).to_wire() != flags) __builtin_trap();
     const uint32_t error = wire::validate_request(*header, limits);
     // A WRITE's data must be bounded by the maximum payload, whatever header carried it.
     if (error == 0 && header->type == wire::kCmdWrite && header->length > limits.max_payload) __builtin_trap();

@@ -17,15 +17,13 @@ usage: backpressure.py --sock S --uri U --pid P --stats F --size N --bound-mib M
 Exits non-zero with a FAIL line when an assertion fails; prints measurements.
 """
 import argparse
-import json
-import os
 import signal
 import socket
-import struct
 import sys
 import time
 
 import nbd
+import nbdwire
 
 p = argparse.ArgumentParser()
 p.add_argument("--sock", required=True)
@@ -46,7 +44,6 @@ p.add_argument("--after-bound-mib", type=float, default=0,
 args = p.parse_args()
 signal.alarm(50)  # the whole scenario is bounded, whatever happens
 
-IHAVEOPT, OPT_REPLY, REQ_MAGIC = 0x49484156454F5054, 0x3E889045565A9, 0x25609513
 MIB = 1 << 20
 
 
@@ -56,28 +53,15 @@ def fail(msg):
 
 
 def rss_kib(field="VmRSS"):
-    with open(f"/proc/{args.pid}/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    fail(f"no {field} for pid {args.pid}")
+    return nbdwire.rss_kib(args.pid, field)
 
 
 def stats():
     """bscache's stats file, freshly written on SIGUSR1."""
-    try:
-        os.unlink(args.stats)
-    except FileNotFoundError:
-        pass
-    os.kill(args.pid, signal.SIGUSR1)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            with open(args.stats) as f:
-                return json.load(f)
-        except (FileNotFoundError, json.JSONDecodeError):
-            time.sleep(0.02)
-    fail("bscache did not write its stats file on SIGUSR1")
+    got = nbdwire.fresh_stats(args.pid, args.stats)
+    if got is None:
+        fail("bscache did not write its stats file on SIGUSR1")
+    return got
 
 
 def upstream_reads():
@@ -87,39 +71,17 @@ def upstream_reads():
         return sum(1 for line in f if " Read id=" in line)
 
 
-def recv_exact(s, n):
-    data = b""
-    while len(data) < n:
-        chunk = s.recv(n - len(data))
-        if not chunk:
-            fail("bscache closed the connection during the handshake")
-        data += chunk
-    return data
-
-
 def hostile_connect():
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(10)
-    s.connect(args.sock)
-    assert recv_exact(s, 18)[:16] == b"NBDMAGICIHAVEOPT"
-    s.sendall(struct.pack(">I", 3))  # FIXED_NEWSTYLE | NO_ZEROES
-    if args.structured:
-        s.sendall(struct.pack(">QII", IHAVEOPT, 8, 0))  # STRUCTURED_REPLY
-        magic, _, rtype, length = struct.unpack(">QIII", recv_exact(s, 20))
-        recv_exact(s, length)
-        if rtype != 1:
-            fail(f"STRUCTURED_REPLY refused: {rtype:#x}")
-    s.sendall(struct.pack(">QII", IHAVEOPT, 7, 6) + struct.pack(">IH", 0, 0))  # GO, default export
-    while True:
-        magic, _, rtype, length = struct.unpack(">QIII", recv_exact(s, 20))
-        assert magic == OPT_REPLY
-        payload = recv_exact(s, length)
-        if rtype == 3 and struct.unpack(">H", payload[:2])[0] == 0:
-            size = struct.unpack(">Q", payload[2:10])[0]
-        if rtype == 1:
-            return s, size
-        if rtype & (1 << 31):
-            fail(f"GO refused: {rtype:#x}")
+    try:
+        c = nbdwire.connect_unix(args.sock)
+        if args.structured and c.ask(nbdwire.OPT_STRUCTURED_REPLY) != nbdwire.REP_ACK:
+            fail("STRUCTURED_REPLY refused")
+        rtype = c.ask(nbdwire.OPT_GO, nbdwire.GO_DEFAULT_EXPORT)
+    except EOFError:
+        fail("bscache closed the connection during the handshake")
+    if rtype != nbdwire.REP_ACK:
+        fail(f"GO refused: {rtype:#x}")
+    return c.s, c.size
 
 
 def served(h, label):
@@ -161,8 +123,8 @@ except OSError:
 
 # ---- the hostile client ----
 hostile, size = hostile_connect()
-requests = b"".join(struct.pack(">IHHQQI", REQ_MAGIC, 0, 0, i + 1, (i * args.size) % (size - args.size), args.size)
-                    for i in range(args.count))
+requests = b"".join(nbdwire.request_bytes(nbdwire.CMD_READ, (i * args.size) % (size - args.size), args.size, cookie=i + 1)
+                   for i in range(args.count))
 hostile.settimeout(2)
 sent = 0
 try:

@@ -14,9 +14,6 @@ invariants (hit_rate, upstream_calls_saved, hits + misses = validated
 block-status requests). At the end every README key must have been seen to
 move under an explicit expectation (cache.max_extents, fixed for a process, by
 differing as asserted between proxies started with different limits).
-
-A counter found not to do what README says is listed in KNOWN_BAD (key ->
-why): its mismatch is printed as "KNOWN BAD" and does not fail the test.
 """
 import errno
 import json
@@ -34,17 +31,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PY = sys.executable
 KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
 
-# key -> reason; see the module docstring.
-KNOWN_BAD = {}
-
 failures = []
 # client.memory_pauses never moves here (nothing comes near --max-client-memory): every step
 # asserts it stays, and test_memory_bound makes it move with 200 clients against the bound.
 covered = {"client.memory_pauses"}
-
-
-def known_bad(key, message):
-    print(f"KNOWN BAD (README disagrees, not fixed here): {key}: {message} [{KNOWN_BAD[key]}]")
 
 
 def failure(message):
@@ -322,10 +312,7 @@ class Proxy:
             if ok and after[key] != before[key]:
                 covered.add(key)
             if not ok:
-                if key in KNOWN_BAD:
-                    known_bad(key, f"{self.name}: {label}: {what}")
-                else:
-                    bad.append(what)
+                bad.append(what)
         if after["uptime_seconds"] <= before["uptime_seconds"]:
             bad.append("uptime_seconds did not increase")
         for b in bad:

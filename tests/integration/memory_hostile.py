@@ -16,15 +16,17 @@ Exits non-zero with a FAIL line when an assertion fails; prints measurements
 as one `result:` line (kind, peak growth, growth after the close, MiB).
 """
 import argparse
-import json
 import multiprocessing
-import os
 import signal
 import socket
-import struct
 import sys
 import threading
 import time
+
+import nbdwire
+from nbdwire import CMD_BLOCK_STATUS, CMD_FLUSH, CMD_READ, CMD_WRITE, request_bytes
+
+REQ_ONE = 1 << 3
 
 p = argparse.ArgumentParser()
 p.add_argument("--sock", required=True)
@@ -42,7 +44,6 @@ p.add_argument("--stats", help="stats file to read client.memory_* from (SIGUSR1
 args = p.parse_args()
 signal.alarm(int(args.seconds + args.after_seconds + 120))
 
-IHAVEOPT, REQ_MAGIC = 0x49484156454F5054, 0x25609513
 MIB = 1 << 20
 
 
@@ -52,71 +53,26 @@ def fail(msg):
 
 
 def rss_kib(field="VmRSS"):
-    with open(f"/proc/{args.pid}/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    fail(f"no {field} for pid {args.pid}")
+    return nbdwire.rss_kib(args.pid, field)
 
 
 def stats():
     if not args.stats:
         return None
-    try:
-        os.unlink(args.stats)
-    except FileNotFoundError:
-        pass
-    os.kill(args.pid, signal.SIGUSR1)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            with open(args.stats) as f:
-                return json.load(f)
-        except (FileNotFoundError, json.JSONDecodeError):
-            time.sleep(0.02)
-    fail("bscache did not write its stats file on SIGUSR1")
-
-
-def recv_exact(s, n):
-    data = b""
-    while len(data) < n:
-        chunk = s.recv(n - len(data))
-        if not chunk:
-            raise EOFError("bscache closed the connection during the handshake")
-        data += chunk
-    return data
+    got = nbdwire.fresh_stats(args.pid, args.stats)
+    if got is None:
+        fail("bscache did not write its stats file on SIGUSR1")
+    return got
 
 
 def connect():
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(30)
-    s.connect(args.sock)
-    assert recv_exact(s, 18)[:16] == b"NBDMAGICIHAVEOPT"
-    s.sendall(struct.pack(">I", 3))  # FIXED_NEWSTYLE | NO_ZEROES
-
-    def option(opt, payload=b""):
-        s.sendall(struct.pack(">QII", IHAVEOPT, opt, len(payload)) + payload)
-
-    def reply():
-        _, _, rtype, length = struct.unpack(">QIII", recv_exact(s, 20))
-        return rtype, recv_exact(s, length)
-
-    option(8)  # STRUCTURED_REPLY
-    assert reply()[0] == 1
-    ctx = b"base:allocation"
-    option(10, struct.pack(">II", 0, 1) + struct.pack(">I", len(ctx)) + ctx)  # SET_META_CONTEXT
-    while reply()[0] != 1:
-        pass
-    option(7, struct.pack(">IH", 0, 0))  # GO
-    size = None
-    while True:
-        rtype, payload = reply()
-        if rtype == 3 and struct.unpack(">H", payload[:2])[0] == 0:
-            size = struct.unpack(">Q", payload[2:10])[0]
-        if rtype == 1:
-            return s, size
-        if rtype & (1 << 31):
-            fail(f"GO refused: {rtype:#x}")
+    """A hostile connection: structured replies, base:allocation, GO; (socket, export size)."""
+    c = nbdwire.connect_unix(args.sock, timeout=30)
+    try:
+        c.go()
+    except AssertionError as e:
+        fail(str(e))
+    return c.s, c.size
 
 
 def requests(kind, size, n, start):
@@ -125,17 +81,17 @@ def requests(kind, size, n, start):
     for i in range(start, start + n):
         k = kind if kind != "mixed" else ("read1", "bs", "einval", "flush", "write")[i % 5]
         if k == "read1":
-            out.append(struct.pack(">IHHQQI", REQ_MAGIC, 0, 0, i, (i * 4096) % size, 1))
+            out.append(request_bytes(CMD_READ, (i * 4096) % size, 1, cookie=i))
         elif k == "read64k":
-            out.append(struct.pack(">IHHQQI", REQ_MAGIC, 0, 0, i, (i * 65536) % size, 65536))
+            out.append(request_bytes(CMD_READ, (i * 65536) % size, 65536, cookie=i))
         elif k == "bs":
-            out.append(struct.pack(">IHHQQI", REQ_MAGIC, 1 << 3, 7, i, (i * 4096) % (size // 2), 4096))
+            out.append(request_bytes(CMD_BLOCK_STATUS, (i * 4096) % (size // 2), 4096, REQ_ONE, cookie=i))
         elif k == "einval":
-            out.append(struct.pack(">IHHQQI", REQ_MAGIC, 0, 0, i, size + 4096, 512))
+            out.append(request_bytes(CMD_READ, size + 4096, 512, cookie=i))
         elif k == "flush":
-            out.append(struct.pack(">IHHQQI", REQ_MAGIC, 0, 3, i, 0, 0))
+            out.append(request_bytes(CMD_FLUSH, 0, 0, cookie=i))
         elif k == "write":
-            out.append(struct.pack(">IHHQQI", REQ_MAGIC, 0, 1, i, (i * 4096) % size, 4096) + b"\x5a" * 4096)
+            out.append(request_bytes(CMD_WRITE, (i * 4096) % size, 4096, cookie=i, payload=b"\x5a" * 4096))
         else:
             fail(f"unknown kind {k}")
     return b"".join(out)

@@ -4,17 +4,14 @@ Each check opens its own connection, misbehaves in one way, and asserts the
 protocol's answer; at the end a well-behaved libnbd client must still work.
 usage: rawclient.py SOCKET_PATH
 """
-import socket
 import struct
 import sys
 
 import nbd
+import nbdwire
+from nbdwire import ERR_INVALID, ERR_POLICY, ERR_TOO_BIG, ERR_UNSUP, IHAVEOPT
 
 PATH = sys.argv[1]
-IHAVEOPT = 0x49484156454F5054
-OPT_REPLY = 0x3E889045565A9
-REQ_MAGIC = 0x25609513
-ERR_UNSUP, ERR_POLICY, ERR_INVALID, ERR_TOO_BIG = (1 << 31) | 1, (1 << 31) | 2, (1 << 31) | 3, (1 << 31) | 9
 EINVAL, EPERM = 22, 1
 FUA, SEND_FUA = 1 << 0, 1 << 3
 checks = []
@@ -25,92 +22,26 @@ def check(fn):
     return fn
 
 
-class Conn:
-    def __init__(self):
-        self.s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.s.settimeout(10)
-        self.s.connect(PATH)
-        greeting = self.recv(18)
-        assert greeting[:16] == b"NBDMAGICIHAVEOPT", greeting
-        self.flags = struct.unpack(">H", greeting[16:])[0]
+def greeted():
+    """A connection past the greeting; the client flags are the check's to send."""
+    return nbdwire.connect_unix(PATH, client_flags=None)
 
-    def recv(self, n):
-        data = b""
-        while len(data) < n:
-            chunk = self.s.recv(n - len(data))
-            if not chunk:
-                raise EOFError(f"closed after {len(data)} of {n} bytes")
-            data += chunk
-        return data
 
-    def closed(self):
-        try:
-            return self.s.recv(1) == b""
-        except ConnectionResetError:
-            return True
-
-    def option(self, opt, payload=b""):
-        self.s.sendall(struct.pack(">QII", IHAVEOPT, opt, len(payload)) + payload)
-
-    def reply(self):
-        magic, opt, rtype, length = struct.unpack(">QIII", self.recv(20))
-        assert magic == OPT_REPLY, hex(magic)
-        return opt, rtype, self.recv(length)
-
-    def go(self, structured=True, contexts=(b"base:allocation",)):
-        if structured:
-            self.option(8)
-            assert self.reply()[1] == 1
-            q = b"".join(struct.pack(">I", len(c)) + c for c in contexts)
-            self.option(10, struct.pack(">I", 0) + struct.pack(">I", len(contexts)) + q)
-            while self.reply()[1] != 1:
-                pass
-        self.option(7, struct.pack(">IH", 0, 0))
-        while True:
-            _, rtype, payload = self.reply()
-            if rtype == 3 and struct.unpack(">H", payload[:2])[0] == 0:
-                self.size, self.txflags = struct.unpack(">QH", payload[2:12])
-            if rtype == 1:
-                return
-
-    def request(self, cmd, offset, length, flags=0, cookie=1, payload=b""):
-        self.s.sendall(struct.pack(">IHHQQI", REQ_MAGIC, flags, cmd, cookie, offset, length) + payload)
-
-    def reply_error(self):
-        """Reads one whole reply, simple or structured; returns its error (0: success)."""
-        magic = struct.unpack(">I", self.recv(4))[0]
-        if magic == 0x67446698:
-            error, _cookie = struct.unpack(">IQ", self.recv(12))
-            return error
-        assert magic == 0x668E33EF, hex(magic)
-        error = 0
-        while True:
-            flags, rtype, _cookie, length = struct.unpack(">HHQI", self.recv(16))
-            body = self.recv(length)
-            if rtype & 0x8000:
-                error = struct.unpack(">I", body[:4])[0]
-            if flags & 1:  # DONE
-                return error
-            magic = struct.unpack(">I", self.recv(4))[0]
-            assert magic == 0x668E33EF, hex(magic)
-
-    def structured_error(self):
-        magic, flags, rtype, cookie, length = struct.unpack(">IHHQI", self.recv(20))
-        body = self.recv(length)
-        assert magic == 0x668E33EF, hex(magic)
-        assert rtype & 0x8000, f"expected an error chunk, got type {rtype}"
-        return struct.unpack(">I", body[:4])[0]
+def structured_error(c):
+    magic, flags, rtype, cookie, length = struct.unpack(">IHHQI", c.recv(20))
+    body = c.recv(length)
+    assert magic == nbdwire.STRUCTURED_REPLY_MAGIC, hex(magic)
+    assert rtype & 0x8000, f"expected an error chunk, got type {rtype}"
+    return struct.unpack(">I", body[:4])[0]
 
 
 def start():
-    c = Conn()
-    c.s.sendall(struct.pack(">I", 3))  # FIXED_NEWSTYLE | NO_ZEROES
-    return c
+    return nbdwire.connect_unix(PATH)
 
 
 @check
 def unknown_client_flags_close():
-    c = Conn()
+    c = greeted()
     c.s.sendall(struct.pack(">I", 0x80))
     assert c.closed()
 
@@ -170,10 +101,10 @@ def requests_past_the_end_zero_length_unknown_flags_and_commands():
                                     (0, 2**64 - 512, 1024, 0), (0, 0, 512, 0x80), (0, 0, 512, 8),
                                     (42, 0, 512, 0), (7, c.size, 512, 0), (0, 0, 64 << 20, 0)]:
         c.request(cmd, off, length, flags)
-        assert c.structured_error() == EINVAL, (cmd, off, length, flags)
+        assert structured_error(c) == EINVAL, (cmd, off, length, flags)
     # A write larger than the maximum, with its payload: refused, connection intact.
     c.request(1, 0, 33 << 20, payload=b"\0" * (33 << 20))
-    assert c.structured_error() == EINVAL
+    assert structured_error(c) == EINVAL
     c.request(0, 0, 512)
     magic, flags, rtype, cookie, length = struct.unpack(">IHHQI", c.recv(20))
     assert rtype == 1 and length == 512 + 8, (rtype, length)

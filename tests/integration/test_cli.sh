@@ -76,7 +76,7 @@ expect_refused --cache-max-extents --cache-max-extents=-5
 expect_refused --cache-max-extents --cache-max-extents 0
 expect_refused --cache-max-extents --cache-max-extents 18446744073709551621
 expect_refused --fetch-window --fetch-window 4096
-expect_refused --fetch-window --fetch-window 4294967296
+expect_refused --fetch-window --fetch-window 18446744073709551616
 expect_refused --max-in-flight --max-in-flight 0
 expect_refused --max-in-flight --max-in-flight=-1
 expect_refused --max-connections --max-connections 0

@@ -7,6 +7,7 @@
 # the client with upstream's error, not as an empty list.
 source "$(dirname "$0")/lib.sh"
 py=/usr/bin/python3
+here=$(cd "$(dirname "$0")" && pwd)
 
 name_uri() { echo "nbd+unix:///$2?socket=$T/$1.sock"; }
 map() { qemu-img map --output=json -f raw "$(name_uri "$1" "$2")"; }
@@ -70,25 +71,16 @@ start_nbdkit nolist sh "$T/nolist.sh"
 start_bscache bl --upstream "$(uri nolist)"
 nbdinfo --list "$(uri nolist)" >/dev/null 2>&1 && fail "direct LIST succeeded: the test needs a failing one"
 nbdinfo --list "$(uri bl)" >"$T/bl.out" 2>&1 && fail "LIST through bscache succeeded: $(cat "$T/bl.out")"
-raw_list() {
-  $py - "$1" <<'PY'
-import socket, struct, sys
-s = socket.socket(socket.AF_UNIX)
-s.connect(sys.argv[1])
-def read(n):
-    b = b""
-    while len(b) < n:
-        c = s.recv(n - len(b))
-        assert c, "closed"
-        b += c
-    return b
-read(18)
-s.sendall(struct.pack(">I", 1))  # fixed newstyle
-s.sendall(struct.pack(">QII", 0x49484156454F5054, 3, 0))
+raw_list() {  # the reply to LIST with client flags FIXED_NEWSTYLE only, as sent
+  $py - "$here" "$1" <<'PY'
+import sys
+sys.path.insert(0, sys.argv[1])
+import nbdwire
+c = nbdwire.connect_unix(sys.argv[2], client_flags=1)  # fixed newstyle
+c.option(nbdwire.OPT_LIST)
 while True:
-    _, option, reply, length = struct.unpack(">QIII", read(20))
-    payload = read(length)
-    if reply != 2:
+    _, reply, payload = c.reply()
+    if reply != 2:  # NBD_REP_SERVER
         break
 print(hex(reply), payload.decode())
 PY

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Memory bounded by what is really held (issue #26). Clients that pipeline
+# Memory bounded by what is really held. Clients that pipeline
 # requests and never read a reply (memory_hostile.py), one kind at a time, a
 # fresh bscache each, `nbdkit file` on a 64 MiB file in /dev/shm:
 #   1-byte READs, REQ_ONE block-status hits, invalid requests (EINVAL), FLUSHes,

@@ -11,34 +11,19 @@
 #   client gets the right bytes every time.
 source "$(dirname "$0")/lib.sh"
 py=/usr/bin/python3
+here=$(cd "$(dirname "$0")" && pwd)
 
 start_nbdkit up memory 64M
 start_bscache bs --upstream "$(uri up)" --stats-file "$T/bs.json"
 
-$py - "$T/bs.sock" <<'PY' || fail "the dribbled WRITE"
-import os, socket, struct, sys
-sock = socket.socket(socket.AF_UNIX)
-sock.connect(sys.argv[1])
+$py - "$here" "$T/bs.sock" <<'PY' || fail "the dribbled WRITE"
+import os, struct, sys
+sys.path.insert(0, sys.argv[1])
+import nbdwire
 
-def recv(n):
-    out = b""
-    while len(out) < n:
-        got = sock.recv(n - len(out))
-        assert got, "bscache closed the connection"
-        out += got
-    return out
-
-# Fixed newstyle handshake, no zeroes, NBD_OPT_GO for the default export.
-magic, opt_magic, flags = struct.unpack(">QQH", recv(18))
-assert magic == 0x4e42444d41474943 and opt_magic == 0x49484156454f5054
-sock.sendall(struct.pack(">I", 3))
-sock.sendall(struct.pack(">QII", 0x49484156454f5054, 7, 6) + struct.pack(">IH", 0, 0))
-while True:
-    _, _, kind, length = struct.unpack(">QIII", recv(20))
-    recv(length)
-    if kind == 1:  # NBD_REP_ACK
-        break
-    assert kind == 3, f"option reply type {kind:#x}"  # NBD_REP_INFO
+# Fixed newstyle, no zeroes, NBD_OPT_GO for the default export, simple replies.
+c = nbdwire.connect_unix(sys.argv[2]).go(structured=False)
+sock, recv = c.s, c.recv
 
 def write(cookie, offset, data, piece):
     sock.sendall(struct.pack(">IHHQQI", 0x25609513, 0, 1, cookie, offset, len(data)))

@@ -5,20 +5,20 @@ and qemu cannot.
 usage: tls_probe.py SOCKET_PATH CA_CERT MODE   (MODE: require | on)
 Each check opens its own connection and asserts the protocol's answer.
 """
-import socket
 import ssl
 import struct
 import sys
 import warnings
 
+import nbdwire
+from nbdwire import CMD_BLOCK_STATUS, CMD_READ, ERR_INVALID, ERR_TLS_REQD
+from nbdwire import GO_DEFAULT_EXPORT as GO_PAYLOAD
+from nbdwire import OPT_EXPORT_NAME, OPT_GO, OPT_INFO, OPT_LIST, OPT_STARTTLS
+from nbdwire import OPT_SET_META_CONTEXT as OPT_SET_META
+from nbdwire import OPT_STRUCTURED_REPLY as OPT_STRUCTURED
+from nbdwire import REP_ACK as ACK
+
 PATH, CA, MODE = sys.argv[1], sys.argv[2], sys.argv[3]
-IHAVEOPT = 0x49484156454F5054
-OPT_REPLY = 0x3E889045565A9
-REQ_MAGIC = 0x25609513
-ACK, ERR_INVALID, ERR_TLS_REQD = 1, (1 << 31) | 3, (1 << 31) | 5
-OPT_EXPORT_NAME, OPT_LIST, OPT_STARTTLS, OPT_INFO, OPT_GO = 1, 3, 5, 6, 7
-OPT_STRUCTURED, OPT_SET_META = 8, 10
-CMD_READ, CMD_BLOCK_STATUS = 0, 7
 EINVAL = 22
 checks = []
 
@@ -28,28 +28,14 @@ def check(fn):
     return fn
 
 
-class Conn:
-    def __init__(self, timeout=10):
-        self.s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.s.settimeout(timeout)
-        self.s.connect(PATH)
-        assert self.recv(18)[:16] == b"NBDMAGICIHAVEOPT"
-        self.s.sendall(struct.pack(">I", 3))  # FIXED_NEWSTYLE | NO_ZEROES
+class Conn(nbdwire.Wire):
+    """A connection past the greeting and the client flags, that can start TLS."""
 
-    def recv(self, n):
-        data = b""
-        while len(data) < n:
-            chunk = self.s.recv(n - len(data))
-            if not chunk:
-                raise EOFError(f"closed after {len(data)} of {n} bytes")
-            data += chunk
-        return data
+    def __init__(self, timeout=10):
+        super().__init__(nbdwire.connect_unix(PATH, timeout).s)
 
     def closed(self):
-        try:
-            return self.s.recv(1) == b""
-        except (ConnectionResetError, ssl.SSLError):
-            return True
+        return super().closed(errors=(ConnectionResetError, ssl.SSLError))
 
     def rest(self):
         """Everything until the server closes (a TLS alert, say)."""
@@ -61,40 +47,16 @@ class Conn:
             pass
         return data
 
-    @staticmethod
-    def option_bytes(opt, payload=b""):
-        return struct.pack(">QII", IHAVEOPT, opt, len(payload)) + payload
-
-    def option(self, opt, payload=b""):
-        self.s.sendall(self.option_bytes(opt, payload))
-
-    def reply(self):
-        magic, opt, rtype, length = struct.unpack(">QIII", self.recv(20))
-        assert magic == OPT_REPLY, hex(magic)
-        return opt, rtype, self.recv(length)
-
-    def ask(self, opt, payload=b""):
-        """Sends one option and returns the type of its last reply."""
-        self.option(opt, payload)
-        while True:
-            _, rtype, _ = self.reply()
-            if rtype == ACK or rtype & (1 << 31):
-                return rtype
-
     def start_tls(self):
         assert self.ask(OPT_STARTTLS) == ACK
         ctx = ssl.create_default_context(cafile=CA)
         self.s = ctx.wrap_socket(self.s, server_hostname="localhost")
 
     def go(self):
-        assert self.ask(OPT_GO, struct.pack(">IH", 0, 0)) == ACK
-
-    def request(self, cmd, offset, length, cookie=1):
-        self.s.sendall(struct.pack(">IHHQQI", REQ_MAGIC, 0, cmd, cookie, offset, length))
+        assert self.ask(OPT_GO, GO_PAYLOAD) == ACK
 
 
-GO_PAYLOAD = struct.pack(">IH", 0, 0)
-META = struct.pack(">II", 0, 1) + struct.pack(">I", 15) + b"base:allocation"
+META = nbdwire.set_meta_context_payload([b"base:allocation"])
 
 
 @check
@@ -146,7 +108,7 @@ def plain_bytes_after_starttls_are_not_options():
     c = Conn()
     # STARTTLS and a plain GO in one write: the GO bytes must be taken as a
     # (broken) TLS ClientHello, never acted on.
-    c.s.sendall(Conn.option_bytes(OPT_STARTTLS) + Conn.option_bytes(OPT_GO, GO_PAYLOAD))
+    c.s.sendall(nbdwire.option_bytes(OPT_STARTTLS) + nbdwire.option_bytes(OPT_GO, GO_PAYLOAD))
     _, rtype, _ = c.reply()
     assert rtype == ACK
     rest = c.rest()  # raises socket.timeout if the server waits for more

@@ -1,13 +1,16 @@
 // BlockStatusService against a stand-in upstream that answers when the test
 // says so: misses become one window fetch however many clients wait, hits need
 // no upstream, prefetch runs ahead of a scan, and a write racing a fetch never
-// lets the fetch's old answer back into the cache.
+// lets the fetch's old answer back into the cache. Contexts other than
+// base:allocation are passed through, one upstream call per query, with the
+// client's context ids; base:allocation that upstream lacks is all data.
 #include <gtest/gtest.h>
 
 #include <boost/asio/redirect_error.hpp>
 
 #include <memory>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "proxy/exports/block_status_service.hpp"
@@ -46,9 +49,13 @@ class ScriptedUpstream final : public BlockStatusUpstream {
   }
 
   void answer(size_t i, std::vector<Descriptor> extents) {
+    answer_contexts(i, {"base:allocation"}, {std::move(extents)});
+  }
+  // Upstream's answer for each of `contexts` (the contexts its connection negotiated).
+  void answer_contexts(size_t i, std::vector<std::string> contexts, std::vector<std::vector<Descriptor>> extents) {
     CommandResult result;
-    result.extents = {std::move(extents)};
-    result.contexts = std::make_shared<const std::vector<std::string>>(1, "base:allocation");
+    result.extents = std::move(extents);
+    result.contexts = std::make_shared<const std::vector<std::string>>(std::move(contexts));
     calls.at(i)->result = std::move(result);
     calls.at(i)->answered.cancel();
   }
@@ -63,37 +70,117 @@ class ScriptedUpstream final : public BlockStatusUpstream {
   asio::io_context& io_;
 };
 
+// One block-status chunk of a reply, as the client reads it.
+struct Chunk {
+  bool done = false;
+  uint32_t context_id = 0;
+  std::vector<Descriptor> descriptors;
+  bool operator==(const Chunk&) const = default;
+};
+
+// Either form: BLOCK_STATUS chunks under structured headers, or
+// BLOCK_STATUS_EXT chunks under extended headers (which echo the request's
+// offset, `offset`).
+std::vector<Chunk> decode_chunks(wire::ByteSpan reply, uint64_t cookie, uint64_t offset = 0) {
+  std::vector<Chunk> chunks;
+  wire::ByteReader in(reply);
+  while (in.remaining() > 0) {
+    const uint32_t magic = in.u32().value_or(0);
+    const bool extended = magic == wire::kExtendedReplyMagic;
+    if (!extended) {
+      EXPECT_EQ(magic, wire::kStructuredReplyMagic);
+    }
+    const uint16_t flags = in.u16().value_or(0);
+    const uint16_t type = in.u16().value_or(0);
+    EXPECT_EQ(in.u64().value_or(0), cookie);
+    if (extended) {
+      EXPECT_EQ(in.u64().value_or(~offset), offset);
+    }
+    const uint64_t length = extended ? in.u64().value_or(0) : in.u32().value_or(0);
+    const uint32_t context_id = in.u32().value_or(0);
+    const uint32_t count = extended ? in.u32().value_or(0) : 0;
+    EXPECT_EQ(type, extended ? wire::kReplyTypeBlockStatusExt : wire::kReplyTypeBlockStatus);
+    if (context_id == 0 || length < (extended ? 8u : 4u)) {
+      ADD_FAILURE() << "truncated chunk";
+      break;
+    }
+    Chunk chunk{.done = (flags & wire::kReplyFlagDone) != 0, .context_id = context_id, .descriptors = {}};
+    const uint64_t n = extended ? (length - 8) / 16 : (length - 4) / 8;
+    if (extended) {
+      EXPECT_EQ(count, n);
+    }
+    for (uint64_t i = 0; i < n && in.remaining() > 0; ++i) {
+      const uint64_t extent = extended ? in.u64().value_or(0) : in.u32().value_or(0);
+      const uint64_t state = extended ? in.u64().value_or(0) : in.u32().value_or(0);
+      chunk.descriptors.push_back({extent, static_cast<uint32_t>(state)});
+    }
+    chunks.push_back(std::move(chunk));
+  }
+  return chunks;
+}
+
+wire::RequestHeader block_status_request(uint64_t offset, uint64_t length, bool req_one) {
+  static uint64_t cookie = 0;
+  return {.flags = req_one ? wire::kCmdFlagReqOne : uint16_t{0},
+          .type = wire::kCmdBlockStatus,
+          .cookie = ++cookie,
+          .offset = offset,
+          .length = length};
+}
+
 class BlockStatusServiceTest : public ::testing::Test {
  protected:
-  explicit BlockStatusServiceTest(bool prefetch = false, uint64_t size = 64 * kMiB, uint64_t max_window = 16 * kMiB) {
+  explicit BlockStatusServiceTest(bool prefetch = false,
+                                  std::vector<std::string> upstream_contexts = {"base:allocation"},
+                                  policy::CoherenceMode coherence = policy::CoherenceMode::Exclusive,
+                                  uint64_t size = 64 * kMiB, uint64_t max_window = 16 * kMiB) {
     UpstreamInfo upstream;
     upstream.size = size;
-    upstream.contexts = {"base:allocation"};
-    upstream.base_allocation_index = 0;
+    upstream.contexts = std::move(upstream_contexts);
     info = make_export_info(upstream, false);
     BlockStatusConfig config;
+    config.coherence.mode = coherence;
     config.prefetch.enabled = prefetch;
     config.max_window = max_window;
     config.limits.allocation_granularity = uint64_t{64} * 1024;
     service = std::make_unique<BlockStatusService>(io, fake, info, config, metrics);
+    select({"base:allocation"});
   }
+
+  // The contexts the client selects, by name, in this order.
+  void select(const std::vector<std::string>& names) {
+    selected.clear();
+    for (const auto& name : names) {
+      const auto ids = match_contexts(info, name, false);
+      ASSERT_EQ(ids.size(), 1u) << name;
+      selected.push_back(ids[0]);
+    }
+    client = {.offered = &info, .selected = selected, .align = 1};
+  }
+  uint32_t context_id(const std::string& name) { return match_contexts(info, name, false).at(0) + 1; }
 
   // A client's query after a miss, left running until the test answers upstream.
   struct Pending {
     bool done = false;
     int error = -1;
-    std::vector<Descriptor> answer;
+    std::string_view message;
+    std::vector<Chunk> chunks;
+    std::vector<Descriptor> answer;  // the base:allocation chunk's, when that is the one context
   };
   std::shared_ptr<Pending> ask_after_miss(uint64_t offset, uint64_t length, bool req_one) {
     auto pending = std::make_shared<Pending>();
     asio::co_spawn(
         io,
-        [this, pending, offset, length, req_one]() -> awaitable<void> {
-          pending->error = co_await service->answer_after_miss(offset, length, req_one, pending->answer);
+        [this, pending, request = block_status_request(offset, length, req_one)]() -> awaitable<void> {
+          auto reply = co_await service->answer(client, request);
+          pending->error = reply.error;
+          pending->message = reply.message;
+          pending->chunks = decode_chunks(reply.chunks, request.cookie, request.offset);
+          if (pending->chunks.size() == 1) pending->answer = pending->chunks[0].descriptors;
           pending->done = true;
         },
         asio::detached);
-    io.poll();
+    settle();
     return pending;
   }
   void settle() {
@@ -101,9 +188,15 @@ class BlockStatusServiceTest : public ::testing::Test {
     io.poll();
   }
   std::optional<std::vector<Descriptor>> hit(uint64_t offset, uint64_t length, bool req_one) {
-    std::vector<Descriptor> out;
-    if (!service->try_answer(offset, length, req_one, out)) return std::nullopt;
-    return out;
+    const auto request = block_status_request(offset, length, req_one);
+    wire::Bytes reply;
+    if (!service->try_answer(client, request, reply)) return std::nullopt;
+    const auto chunks = decode_chunks(reply, request.cookie, request.offset);
+    EXPECT_EQ(chunks.size(), 1u);
+    if (chunks.size() != 1) return std::nullopt;
+    EXPECT_TRUE(chunks[0].done);
+    EXPECT_EQ(chunks[0].context_id, static_cast<uint32_t>(info.base_allocation) + 1);
+    return chunks[0].descriptors;
   }
 
   asio::io_context io;
@@ -111,6 +204,8 @@ class BlockStatusServiceTest : public ::testing::Test {
   ExportInfo info;
   Metrics metrics;
   std::unique_ptr<BlockStatusService> service;
+  std::vector<uint32_t> selected;
+  BlockStatusClient client;
 };
 
 TEST_F(BlockStatusServiceTest, AMissFetchesOneWindowWithoutReqOneAndLaterQueriesHit) {
@@ -133,7 +228,11 @@ TEST_F(BlockStatusServiceTest, AMissFetchesOneWindowWithoutReqOneAndLaterQueries
 // An extended-headers client's queries are 64-bit; upstream's are not.
 class LongQueryTest : public BlockStatusServiceTest {
  protected:
-  LongQueryTest() : BlockStatusServiceTest(false, kGiB * 64, policy::kMaxRequestLength) {}
+  LongQueryTest()
+      : BlockStatusServiceTest(false, {"base:allocation"}, policy::CoherenceMode::Exclusive, kGiB * 64,
+                               policy::kMaxRequestLength) {
+    client.extended_headers = true;
+  }
   static constexpr uint64_t kGiB = uint64_t{1} << 30;
 };
 
@@ -247,6 +346,207 @@ TEST_F(PrefetchingServiceTest, AScanThroughAWindowFetchesTheNextOneAhead) {
   ASSERT_GE(fake.calls.size(), 2u);
   EXPECT_EQ(fake.calls[1]->offset, 16 * kMiB);
   EXPECT_EQ(metrics.prefetches_issued, fake.calls.size() - 1);
+}
+
+// An upstream with base:allocation and a dirty bitmap, and a client that selects both.
+class PassthroughTest : public BlockStatusServiceTest {
+ protected:
+  static constexpr uint32_t kDirty = 1;
+  PassthroughTest() : BlockStatusServiceTest(false, {"base:allocation", "qemu:dirty-bitmap:b"}) {
+    select({"qemu:dirty-bitmap:b", "base:allocation"});
+  }
+};
+
+TEST_F(PassthroughTest, EveryQueryAsksUpstreamOnceAndAnswersEachContextUnderTheClientsId) {
+  EXPECT_FALSE(hit(0, 8192, false)) << "a dirty bitmap is never cached";
+  auto query = ask_after_miss(0, 8192, false);
+  ASSERT_EQ(fake.calls.size(), 1u);
+  EXPECT_EQ(fake.calls[0]->offset, 0u);
+  EXPECT_EQ(fake.calls[0]->length, 8192u);
+  EXPECT_FALSE(fake.calls[0]->flags.req_one);
+  // Upstream's connection lists its contexts in its own order.
+  fake.answer_contexts(0, {"base:allocation", "qemu:dirty-bitmap:b"},
+                       {{{4096, 0}, {65536, kHoleZero}}, {{8192, kDirty}}});
+  settle();
+  ASSERT_TRUE(query->done);
+  EXPECT_EQ(query->error, 0);
+  EXPECT_EQ(query->chunks, (std::vector<Chunk>{{false, context_id("qemu:dirty-bitmap:b"), {{8192, kDirty}}},
+                                               {true, context_id("base:allocation"), {{4096, 0}, {4096, kHoleZero}}}}))
+      << "in the client's order, cut to its range, the last one done";
+  auto again = ask_after_miss(0, 8192, false);
+  EXPECT_EQ(fake.calls.size(), 2u) << "nothing was kept";
+}
+
+TEST_F(PassthroughTest, ReqOneAsksUpstreamWithReqOneAndSendsOneDescriptorPerContext) {
+  auto query = ask_after_miss(4096, 8192, true);
+  ASSERT_EQ(fake.calls.size(), 1u);
+  EXPECT_TRUE(fake.calls[0]->flags.req_one);
+  fake.answer_contexts(0, {"base:allocation", "qemu:dirty-bitmap:b"},
+                       {{{65536, kHoleZero}, {4096, 0}}, {{4096, kDirty}, {4096, 0}}});
+  settle();
+  ASSERT_TRUE(query->done);
+  EXPECT_EQ(query->chunks, (std::vector<Chunk>{{false, context_id("qemu:dirty-bitmap:b"), {{4096, kDirty}}},
+                                               {true, context_id("base:allocation"), {{8192, kHoleZero}}}}));
+}
+
+TEST_F(PassthroughTest, AContextUpstreamLeftOutFailsTheQueryWithEio) {
+  auto query = ask_after_miss(0, 4096, false);
+  fake.answer_contexts(0, {"base:allocation"}, {{{4096, 0}}});  // a reconnect lost the bitmap
+  settle();
+  ASSERT_TRUE(query->done);
+  EXPECT_EQ(query->error, EIO);
+  EXPECT_EQ(query->message, "upstream sent no extents for a selected context");
+}
+
+TEST_F(PassthroughTest, AnUpstreamErrorReachesTheClient) {
+  auto query = ask_after_miss(0, 4096, false);
+  fake.fail(0, EINVAL);
+  settle();
+  ASSERT_TRUE(query->done);
+  EXPECT_EQ(query->error, EINVAL);
+  EXPECT_EQ(fake.calls.size(), 1u) << "a passed-through query is asked once";
+}
+
+TEST_F(PassthroughTest, AnUnalignedQueryIsAskedAsWholeBlocksAndCutBack) {
+  client.align = 4096;
+  auto query = ask_after_miss(1024, 1024, true);
+  ASSERT_EQ(fake.calls.size(), 1u);
+  EXPECT_EQ(fake.calls[0]->offset, 0u);
+  EXPECT_EQ(fake.calls[0]->length, 4096u);
+  EXPECT_FALSE(fake.calls[0]->flags.req_one) << "one extent of the block might end before the query starts";
+  fake.answer_contexts(0, {"base:allocation", "qemu:dirty-bitmap:b"},
+                       {{{512, 0}, {3584, kHoleZero}}, {{4096, kDirty}}});
+  settle();
+  ASSERT_TRUE(query->done);
+  EXPECT_EQ(query->chunks, (std::vector<Chunk>{{false, context_id("qemu:dirty-bitmap:b"), {{1024, kDirty}}},
+                                               {true, context_id("base:allocation"), {{1024, kHoleZero}}}}));
+}
+
+// An extended-headers client's payload filter: only the contexts it names are
+// answered, in BLOCK_STATUS_EXT chunks; base:allocation alone comes from the cache.
+TEST_F(PassthroughTest, AFilterAnswersOnlyTheContextsItNames) {
+  client.extended_headers = true;
+  const uint32_t dirty = context_id("qemu:dirty-bitmap:b");
+  const uint32_t base = context_id("base:allocation");
+  EXPECT_EQ(context_mask(client, std::vector<uint32_t>{dirty}), uint64_t{1});
+  EXPECT_EQ(context_mask(client, std::vector<uint32_t>{base, dirty}), uint64_t{0}) << "all of them: no filter";
+  EXPECT_FALSE(context_mask(client, std::vector<uint32_t>{dirty, dirty})) << "named twice";
+  EXPECT_FALSE(context_mask(client, std::vector<uint32_t>{0}));
+  EXPECT_FALSE(context_mask(client, std::vector<uint32_t>{99}));
+
+  auto request = block_status_request(0, 8192, false);
+  request.context_mask = 1;  // the dirty bitmap alone
+  BlockStatusReply reply;
+  asio::co_spawn(
+      io, [&]() -> awaitable<void> { reply = co_await service->answer(client, request); }, asio::detached);
+  settle();
+  ASSERT_EQ(fake.calls.size(), 1u);
+  fake.answer_contexts(0, {"base:allocation", "qemu:dirty-bitmap:b"}, {{{8192, 0}}, {{8192, kDirty}}});
+  settle();
+  EXPECT_EQ(decode_chunks(reply.chunks, request.cookie, 0), (std::vector<Chunk>{{true, dirty, {{8192, kDirty}}}}))
+      << "the one chunk is the last";
+
+  request = block_status_request(0, 8192, false);
+  request.context_mask = 2;  // base:allocation alone: the cache's
+  reply = {};
+  asio::co_spawn(
+      io, [&]() -> awaitable<void> { reply = co_await service->answer(client, request); }, asio::detached);
+  settle();
+  ASSERT_EQ(fake.calls.size(), 2u);
+  EXPECT_EQ(fake.calls[1]->length, 16 * kMiB) << "a window fetch, not a pass-through";
+  fake.answer(1, {{16 * kMiB, kHoleZero}});
+  settle();
+  EXPECT_EQ(decode_chunks(reply.chunks, request.cookie, 0), (std::vector<Chunk>{{true, base, {{8192, kHoleZero}}}}));
+  wire::Bytes hit_reply;
+  request = block_status_request(4096, 4096, true);
+  request.context_mask = 2;
+  ASSERT_TRUE(service->try_answer(client, request, hit_reply));
+  EXPECT_EQ(decode_chunks(hit_reply, request.cookie, 4096), (std::vector<Chunk>{{true, base, {{4096, kHoleZero}}}}));
+}
+
+// An upstream without base:allocation: bscache offers it, and it is all data.
+class SynthesizedTest : public BlockStatusServiceTest {
+ protected:
+  SynthesizedTest() : BlockStatusServiceTest(false, {"qemu:allocation-depth"}) {}
+};
+
+TEST_F(SynthesizedTest, BaseAllocationAloneIsAllDataWithoutAskingUpstream) {
+  EXPECT_EQ(hit(0, 65536, false), (std::vector<Descriptor>{{65536, 0}}));
+  EXPECT_EQ(hit(4096, 512, true), (std::vector<Descriptor>{{512, 0}}));
+  EXPECT_TRUE(fake.calls.empty());
+  EXPECT_EQ(metrics.block_status_hits, 2u);
+}
+
+TEST_F(SynthesizedTest, BesideAContextUpstreamHasItIsAllDataInTheSameReply) {
+  select({"base:allocation", "qemu:allocation-depth"});
+  EXPECT_FALSE(hit(0, 8192, false));
+  auto query = ask_after_miss(0, 8192, false);
+  ASSERT_EQ(fake.calls.size(), 1u);
+  fake.answer_contexts(0, {"qemu:allocation-depth"}, {{{4096, 1}, {4096, 0}}});
+  settle();
+  ASSERT_TRUE(query->done);
+  EXPECT_EQ(query->chunks, (std::vector<Chunk>{{false, context_id("base:allocation"), {{8192, 0}}},
+                                               {true, context_id("qemu:allocation-depth"), {{4096, 1}, {4096, 0}}}}));
+}
+
+// --cache-coherence off: base:allocation is asked upstream for every query.
+class CoherenceOffTest : public BlockStatusServiceTest {
+ protected:
+  CoherenceOffTest() : BlockStatusServiceTest(false, {"base:allocation"}, policy::CoherenceMode::Off) {}
+};
+
+TEST_F(CoherenceOffTest, EveryQueryIsAskedAsItCameAndNothingIsKept) {
+  auto first = ask_after_miss(0, 4096, true);
+  ASSERT_EQ(fake.calls.size(), 1u);
+  EXPECT_EQ(fake.calls[0]->length, 4096u) << "no window";
+  EXPECT_TRUE(fake.calls[0]->flags.req_one);
+  fake.answer(0, {{65536, kHoleZero}});
+  settle();
+  ASSERT_TRUE(first->done);
+  EXPECT_EQ(first->answer, (std::vector<Descriptor>{{4096, kHoleZero}}));
+  EXPECT_FALSE(hit(0, 4096, true));
+}
+
+// The window of a miss is as long as one request the upstream connection can
+// send (with the default --fetch-window): 4 GiB - 1 (rounded down to the
+// allocation unit) with 32-bit requests, the whole export with extended headers.
+TEST(BlockStatusServiceWindow, FollowsTheLongestRequestUpstreamTakes) {
+  for (const bool extended : {false, true}) {
+    for (const bool client_extended : {false, true}) {  // the client's headers do not matter
+      SCOPED_TRACE(extended ? "extended headers" : "32-bit requests");
+      SCOPED_TRACE(client_extended ? "client with extended headers" : "compact client");
+      asio::io_context io;
+      ScriptedUpstream fake{io};
+      UpstreamInfo upstream;
+      upstream.size = uint64_t{16} << 30;
+      upstream.min_block = 512;
+      upstream.contexts = {"base:allocation"};
+      if (extended) upstream.max_block_status_length = UINT64_MAX;
+      const ExportInfo info = make_export_info(upstream, false);
+      BlockStatusConfig config;
+      config.prefetch.enabled = false;
+      Metrics metrics;
+      BlockStatusService service(io, fake, info, config, metrics);
+      const std::vector<uint32_t> selected{static_cast<uint32_t>(info.base_allocation)};
+      const BlockStatusClient client{
+          .offered = &info, .selected = selected, .align = 1, .extended_headers = client_extended};
+      const auto request = block_status_request(0, 4096, true);
+      BlockStatusReply reply;
+      reply.error = -1;
+      asio::co_spawn(
+          io, [&]() -> awaitable<void> { reply = co_await service.answer(client, request); }, asio::detached);
+      io.poll();
+      ASSERT_EQ(fake.calls.size(), 1u);
+      EXPECT_EQ(fake.calls[0]->length, extended ? upstream.size : uint64_t{0xffff0000u});
+      fake.answer(0, {{0xffff0000u, kHoleZero}});
+      io.restart();
+      io.poll();
+      EXPECT_EQ(reply.error, 0);
+      const auto chunks = decode_chunks(reply.chunks, request.cookie);
+      ASSERT_EQ(chunks.size(), 1u);
+      EXPECT_EQ(chunks[0].descriptors, (std::vector<Descriptor>{{4096, kHoleZero}}));
+    }
+  }
 }
 
 }  // namespace

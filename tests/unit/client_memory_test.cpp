@@ -6,6 +6,7 @@
 
 #include "proxy/io/buffer_pool.hpp"
 #include "proxy/io/client_memory.hpp"
+#include "proxy/io/loop_signal.hpp"
 
 namespace bscache::proxy {
 namespace {
@@ -16,8 +17,8 @@ using Verdict = ClientMemory::Verdict;
 class Admission : public ::testing::Test {
  protected:
   asio::io_context io;
-  asio::steady_timer timer{io};
-  ClientMemory::Waiter me{timer};
+  LoopSignal signal{io};
+  ClientMemory::Waiter me{signal};
   ClientMemory memory{64 * MiB};
 };
 
@@ -42,8 +43,8 @@ TEST_F(Admission, BeyondHalfOnlyAClientHoldingNothingGoesOn) {
 }
 
 TEST_F(Admission, FirstComeFirstServedForRoom) {
-  asio::steady_timer other_timer{io};
-  ClientMemory::Waiter other{other_timer};
+  LoopSignal other_signal{io};
+  ClientMemory::Waiter other{other_signal};
   memory.charge(63 * MiB);
   ASSERT_EQ(memory.admit(other, 0, 2 * MiB), Verdict::Full);
   memory.wait(other, Verdict::Full, 2 * MiB);
@@ -57,13 +58,20 @@ TEST_F(Admission, FirstComeFirstServedForRoom) {
 
 class Waiting : public ::testing::Test {
  protected:
-  // A timer like a session's wake-up timer, waited on; true once cancelled.
+  // A signal like a session's wake-up, waited on; true once notified.
   struct Sleeper {
-    explicit Sleeper(asio::io_context& io) : timer(io), waiter(timer) {
-      timer.expires_at(asio::steady_timer::time_point::max());
-      timer.async_wait([this](const boost::system::error_code&) { woken = true; });
+    explicit Sleeper(asio::io_context& io) : signal(io), waiter(signal) {
+      asio::co_spawn(
+          io,
+          [this]() -> awaitable<void> {
+            co_await signal.wait();
+            woken = true;
+          },
+          asio::detached);
+      io.poll();  // waiting from now on, as a session would be
+      io.restart();
     }
-    asio::steady_timer timer;
+    LoopSignal signal;
     ClientMemory::Waiter waiter;
     bool woken = false;
   };
@@ -114,7 +122,7 @@ TEST_F(Waiting, AWaiterThatGoesAwayLeavesTheList) {
     memory.wait(s.waiter, Verdict::Full, 4096);
     memory.wait(s.waiter, Verdict::Full, 4096);  // registering twice is once
     EXPECT_EQ(memory.paused(), 1u);
-    s.timer.cancel();
+    s.signal.notify();
     run();
   }
   EXPECT_EQ(memory.paused(), 0u) << "a session destroyed while waiting unlinks itself";

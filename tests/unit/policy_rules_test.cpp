@@ -26,6 +26,20 @@ TEST(FetchWindow, LargestAlignedWindowClippedAtTheEnd) {
   EXPECT_EQ(plan_fetch(512, 4 * GiB, 512, 300'000, 1000).length, 300'000u / 512 * 512) << "unit not a block multiple";
 }
 
+TEST(FetchWindow, TheConnectionsRequestLimitCapsTheWindow) {
+  constexpr uint64_t unlimited = UINT64_MAX;
+  // A connection with 64-bit requests (extended headers): one window spans the export.
+  EXPECT_EQ(plan_fetch(0, 64 * GiB, 512, unlimited, 1, unlimited), (FetchWindow{0, 64 * GiB}));
+  EXPECT_EQ(plan_fetch(1000, 64 * GiB, 512, unlimited, 1, unlimited), (FetchWindow{512, 64 * GiB - 512}));
+  // --fetch-window still caps it.
+  EXPECT_EQ(plan_fetch(0, 64 * GiB, 512, 8 * GiB, 1, unlimited), (FetchWindow{0, 8 * GiB}));
+  // Without them: the 32-bit limit, whatever --fetch-window says.
+  EXPECT_EQ(plan_fetch(0, 64 * GiB, 512, unlimited, 1, kMaxRequestLength),
+            (FetchWindow{0, uint64_t{0xffffffffu} / 512 * 512}));
+  EXPECT_EQ(plan_fetch(0, 64 * GiB, 512, unlimited), plan_fetch(0, 64 * GiB, 512, unlimited, 1, kMaxRequestLength))
+      << "the 32-bit limit is the default";
+}
+
 TEST(Prefetch, DepthFollowsLatency) {
   PrefetchConfig config;
   EXPECT_EQ(prefetch_depth(config, 0ms), 1u);

@@ -47,8 +47,8 @@ TEST_F(Ttl, AgeCountsFromWhenTheFetchWasSent) {
 }
 
 TEST_F(Ttl, AReplyOlderThanTheTtlAnswersItsWaitersButIsNotStored) {
-  // The issue-15 interleaving: upstream computes a hole, an outside writer
-  // fills the range, and the reply arrives 3 s after it was asked for.
+  // Upstream computes a hole, an outside writer fills the range, and the
+  // reply arrives 3 s after it was asked for.
   auto fetch = cache.begin_fetch();
   now += 3s;
   auto outcome = cache.complete_fetch(fetch, hole_reply(), 1 * MiB);

@@ -20,16 +20,9 @@
 
 #include "proxy/io/asio.hpp"
 #include "proxy/negotiation/handshake.hpp"
+#include "proxy/server/config.hpp"
 
 namespace bscache::proxy {
-
-struct TlsServerOptions {
-  TlsMode mode = TlsMode::Off;
-  std::string certificates_dir;  // X.509, nbdkit's file names
-  std::string psk_file;          // PSK; exclusive with certificates_dir
-  bool verify_peer = false;      // require a client certificate signed by ca-cert.pem
-  std::string priority = "NORMAL";
-};
 
 enum class TlsIo {
   Done,       // `bytes` were received or sent

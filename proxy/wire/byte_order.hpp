@@ -1,0 +1,34 @@
+// NBD's byte order (big-endian, "network order"): the one set of helpers that
+// every encoder and decoder of the protocol uses. Raw pointers, no bounds
+// checks: callers have checked the span (ByteReader, ReplyParser's fixed
+// headers, encode_request's array).
+#pragma once
+
+#include <cstdint>
+
+namespace bscache::wire {
+
+constexpr uint16_t load_be16(const uint8_t* p) {
+  return static_cast<uint16_t>((p[0] << 8) | p[1]);
+}
+constexpr uint32_t load_be32(const uint8_t* p) {
+  return (uint32_t{load_be16(p)} << 16) | load_be16(p + 2);
+}
+constexpr uint64_t load_be64(const uint8_t* p) {
+  return (uint64_t{load_be32(p)} << 32) | load_be32(p + 4);
+}
+
+constexpr void store_be16(uint8_t* p, uint16_t v) {
+  p[0] = static_cast<uint8_t>(v >> 8);
+  p[1] = static_cast<uint8_t>(v);
+}
+constexpr void store_be32(uint8_t* p, uint32_t v) {
+  store_be16(p, static_cast<uint16_t>(v >> 16));
+  store_be16(p + 2, static_cast<uint16_t>(v));
+}
+constexpr void store_be64(uint8_t* p, uint64_t v) {
+  store_be32(p, static_cast<uint32_t>(v >> 32));
+  store_be32(p + 4, static_cast<uint32_t>(v));
+}
+
+}  // namespace bscache::wire
