@@ -10,13 +10,12 @@ long_commands overwrites [512 MiB, 9.5 GiB); `filter` needs upstream to offer
 qemu:allocation-depth beside base:allocation (qemu-nbd -A); one_tib_hole an
 export of more than 1 TiB whose first TiB is a hole.
 """
-import socket
 import struct
 import sys
 
+import nbdwire
+
 PATH, SIZE = sys.argv[1], int(sys.argv[2])
-IHAVEOPT = 0x49484156454F5054
-OPT_REPLY = 0x3E889045565A9
 EXT_REQUEST, EXT_REPLY = 0x21E41C71, 0x6E8A278C
 ACK, INFO, META_CONTEXT = 1, 3, 4
 ERR_INVALID, ERR_EXT_HEADER_REQD = (1 << 31) | 3, (1 << 31) | 10
@@ -29,37 +28,12 @@ GIB = 1 << 30
 EINVAL = 22
 
 
-class Conn:
+class Conn(nbdwire.Wire):
+    """nbdwire's Wire past the greeting, with extended requests and replies."""
+
     def __init__(self):
-        self.s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.s.settimeout(60)
-        self.s.connect(PATH)
-        assert self.recv(18)[:16] == b"NBDMAGICIHAVEOPT"
-        self.s.sendall(struct.pack(">I", 3))  # FIXED_NEWSTYLE | NO_ZEROES
+        super().__init__(nbdwire.connect_unix(PATH, timeout=60).s)
         self.cookie = 0
-
-    def recv(self, n):
-        data = b""
-        while len(data) < n:
-            chunk = self.s.recv(n - len(data))
-            if not chunk:
-                raise EOFError(f"closed after {len(data)} of {n} bytes")
-            data += chunk
-        return data
-
-    def closed(self):
-        try:
-            return self.s.recv(1) == b""
-        except ConnectionResetError:
-            return True
-
-    def option(self, opt, payload=b""):
-        self.s.sendall(struct.pack(">QII", IHAVEOPT, opt, len(payload)) + payload)
-
-    def reply(self):
-        magic, opt, rtype, length = struct.unpack(">QIII", self.recv(20))
-        assert magic == OPT_REPLY, hex(magic)
-        return opt, rtype, self.recv(length)
 
     def set_meta_context(self, names):
         q = b"".join(struct.pack(">I", len(n)) + n.encode() for n in names)
@@ -74,14 +48,8 @@ class Conn:
                 return ids
 
     def go(self):
-        self.option(OPT_GO, struct.pack(">IHH", 0, 1, 3))  # "" asking for NBD_INFO_BLOCK_SIZE
-        while True:
-            _, rtype, payload = self.reply()
-            if rtype == INFO and struct.unpack(">H", payload[:2])[0] == 0:
-                self.size, self.txflags = struct.unpack(">QH", payload[2:12])
-            if rtype == ACK:
-                return
-            assert rtype == INFO, hex(rtype)
+        rtype = self.ask(OPT_GO, struct.pack(">IHH", 0, 1, 3))  # "" asking for NBD_INFO_BLOCK_SIZE
+        assert rtype == ACK, hex(rtype)
 
     def extended(self, contexts=("base:allocation",)):
         self.option(OPT_EXTENDED)
