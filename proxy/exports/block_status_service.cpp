@@ -59,7 +59,7 @@ wire::RequestHeader asked_upstream(const wire::RequestHeader& request, uint32_t 
 
 // Whether the request's answer has a chunk for the client's i-th selected context.
 bool wanted(const wire::RequestHeader& request, size_t i) {
-  return request.context_mask == 0 || ((request.context_mask >> i) & 1) != 0;
+  return request.context_mask == 0 || (i < 64 && ((request.context_mask >> i) & 1) != 0);
 }
 
 // Whether the request is answered for base:allocation alone: the client
