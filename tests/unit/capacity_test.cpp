@@ -65,6 +65,8 @@ TEST(FetchWindow, ALargeQueryWithoutReqOneIsFetchedAsItCame) {
       << "past the window: one upstream call of the client's shape";
   EXPECT_EQ(window_for_miss(1 * MiB, 16 * GiB, false, planned), planned)
       << "longer than one upstream request carries (an extended-headers client's): the cache's window";
+  EXPECT_EQ(window_for_miss(1 * MiB, 16 * GiB, false, planned, UINT64_MAX), (FetchWindow{1 * MiB, 16 * GiB}))
+      << "an upstream connection with extended headers carries it: the client's shape, whatever its headers";
 }
 
 TEST(Capacity, ParsesByteSizes) {
