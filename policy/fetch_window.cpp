@@ -19,8 +19,9 @@ FetchWindow plan_fetch(uint64_t offset, uint64_t export_size, uint32_t min_block
   return {start, end - start};
 }
 
-FetchWindow window_for_miss(uint64_t offset, uint32_t length, bool req_one, FetchWindow planned) {
-  if (req_one || offset + length <= planned.offset + planned.length) return planned;
+FetchWindow window_for_miss(uint64_t offset, uint64_t length, bool req_one, FetchWindow planned,
+                            uint64_t request_limit) {
+  if (req_one || length > request_limit || offset + length <= planned.offset + planned.length) return planned;
   return {offset, length};
 }
 

@@ -32,7 +32,11 @@ FetchWindow plan_fetch(uint64_t offset, uint64_t export_size, uint32_t min_block
 // reaches past its end, exactly the query's range. Such a client wants every
 // extent in its range: one upstream call of the client's own shape answers it
 // in one reply, as direct access would, where windows sized for the cache
-// would split it into several round trips.
-FetchWindow window_for_miss(uint64_t offset, uint32_t length, bool req_one, FetchWindow planned);
+// would split it into several round trips. A query longer than one request
+// upstream can carry (`request_limit`, as for plan_fetch: an extended-headers
+// client's, when upstream has none) gets `planned`: its reply covers less
+// than it asked, which the spec allows.
+FetchWindow window_for_miss(uint64_t offset, uint64_t length, bool req_one, FetchWindow planned,
+                            uint64_t request_limit = kMaxRequestLength);
 
 }  // namespace bscache::policy

@@ -3,6 +3,7 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <bit>
 #include <cerrno>
 
 #include "policy/alignment.hpp"
@@ -42,32 +43,76 @@ uint32_t wire_context_id(uint32_t context) {
 // The query upstream is asked: the client's, or for an unaligned query of a
 // client that did not agree to upstream's block size, the whole blocks
 // around it without REQ_ONE (whose one extent might end before the query
-// starts), at most 4 GiB - 1 long. The answer is then cut back to the
-// client's range (cut_descriptors).
-wire::RequestHeader asked_upstream(const wire::RequestHeader& request, uint32_t align, uint64_t export_size) {
+// starts), at most as long as one upstream request carries
+// (`request_limit`). The answer is then cut back to the client's range
+// (cut_descriptors).
+wire::RequestHeader asked_upstream(const wire::RequestHeader& request, uint32_t align, uint64_t export_size,
+                                   uint64_t request_limit) {
   if (policy::is_aligned({request.offset, request.length}, align, export_size)) return request;
   wire::RequestHeader asked = request;
   const auto blocks = policy::widen({request.offset, request.length}, align, export_size);
   asked.offset = blocks.offset;
-  asked.length = static_cast<uint32_t>(std::min<uint64_t>(blocks.length, policy::kMaxRequestLength / align * align));
+  asked.length = std::min<uint64_t>(blocks.length, request_limit / align * align);
   asked.flags &= ~wire::kCmdFlagReqOne;
   return asked;
 }
+
+// Whether the request's answer has a chunk for the client's i-th selected context.
+bool wanted(const wire::RequestHeader& request, size_t i) {
+  return request.context_mask == 0 || (i < 64 && ((request.context_mask >> i) & 1) != 0);
+}
+
+// Whether the request is answered for base:allocation alone: the client
+// selected only it, or its payload filter names only it.
+bool base_allocation_alone(const BlockStatusClient& client, const wire::RequestHeader& request) {
+  const auto base_allocation = static_cast<uint32_t>(client.offered->base_allocation);
+  if (request.context_mask == 0) return client.selected.size() == 1 && client.selected[0] == base_allocation;
+  if (!std::has_single_bit(request.context_mask)) return false;
+  const auto i = static_cast<size_t>(std::countr_zero(request.context_mask));
+  return i < client.selected.size() && client.selected[i] == base_allocation;
+}
+
+wire::ReplyForm reply_form(const BlockStatusClient& client, const wire::RequestHeader& request) {
+  return {.extended = client.extended_headers, .request_offset = request.offset};
+}
+
+// One chunk of `descriptors` for a context, sized before it is encoded.
+void add_chunk(wire::Bytes& chunks, const wire::ReplyForm& form, uint64_t cookie, bool done, uint32_t context,
+               std::span<const wire::Descriptor> descriptors) {
+  chunks.reserve(chunks.size() + (form.extended ? wire::kExtendedReplyHeaderSize + 8 + 16 * descriptors.size()
+                                                : wire::kStructuredHeaderSize + 4 + 8 * descriptors.size()));
+  wire::encode_block_status_chunk(chunks, cookie, done, wire_context_id(context), descriptors, form);
+}
 }  // namespace
 
+std::optional<uint64_t> context_mask(const BlockStatusClient& client, std::span<const uint32_t> context_ids) {
+  uint64_t mask = 0;
+  for (const uint32_t id : context_ids) {
+    // A client's context id is the offered context's index + 1 (wire_context_id).
+    const auto selected = std::find(client.selected.begin(), client.selected.end(), id - 1);
+    if (id == 0 || selected == client.selected.end()) return std::nullopt;
+    const auto index = static_cast<size_t>(selected - client.selected.begin());
+    if (index >= 64) return std::nullopt;
+    const uint64_t bit = uint64_t{1} << index;
+    if (mask & bit) return std::nullopt;
+    mask |= bit;
+  }
+  if (mask == 0) return std::nullopt;
+  const uint64_t all = client.selected.size() >= 64 ? ~uint64_t{0} : (uint64_t{1} << client.selected.size()) - 1;
+  return mask == all ? 0 : mask;
+}
+
 // base:allocation alone, which upstream can tell and the cache keeps.
-bool BlockStatusService::answers_from_cache(const BlockStatusClient& client) const {
-  const ExportInfo& offered = *client.offered;
-  return caching() && client.selected.size() == 1 &&
-         client.selected[0] == static_cast<uint32_t>(offered.base_allocation) &&
-         offered.upstream_context(client.selected[0]);
+bool BlockStatusService::answers_from_cache(const BlockStatusClient& client, const wire::RequestHeader& request) const {
+  return caching() && base_allocation_alone(client, request) &&
+         client.offered->upstream_context(static_cast<size_t>(client.offered->base_allocation));
 }
 
 bool BlockStatusService::try_answer(const BlockStatusClient& client, const wire::RequestHeader& request,
                                     wire::Bytes& chunks) {
   const ExportInfo& offered = *client.offered;
   const auto base_allocation = static_cast<uint32_t>(offered.base_allocation);
-  if (client.selected.size() != 1 || client.selected[0] != base_allocation) return false;
+  if (!base_allocation_alone(client, request)) return false;
   // Upstream cannot tell (it lacked base:allocation when this client came,
   // or lost it in a reconnect since): everything is data, always a safe answer.
   const bool upstream_tells =
@@ -80,15 +125,15 @@ bool BlockStatusService::try_answer(const BlockStatusClient& client, const wire:
     return false;
   }
   ++metrics_.block_status_hits;
-  chunks.reserve(wire::kStructuredHeaderSize + 4 + 8 * hit_.size());
-  wire::encode_block_status_chunk(chunks, request.cookie, true, wire_context_id(base_allocation), hit_);
+  add_chunk(chunks, reply_form(client, request), request.cookie, true, base_allocation, hit_);
   return true;
 }
 
 awaitable<BlockStatusReply> BlockStatusService::answer(BlockStatusClient client, wire::RequestHeader request) {
   ++metrics_.block_status_misses;
-  const wire::RequestHeader asked = asked_upstream(request, client.align, client.offered->size);
-  if (!answers_from_cache(client)) co_return co_await pass_through(client, request, asked);
+  const wire::RequestHeader asked =
+      asked_upstream(request, client.align, client.offered->size, info_.max_block_status_length);
+  if (!answers_from_cache(client, request)) co_return co_await pass_through(client, request, asked);
   BlockStatusReply reply;
   std::vector<wire::Descriptor> descriptors;
   reply.error = co_await answer_after_miss(asked.offset, asked.length, asked.flags & wire::kCmdFlagReqOne, descriptors);
@@ -100,28 +145,34 @@ awaitable<BlockStatusReply> BlockStatusService::answer(BlockStatusClient client,
                           request.flags & wire::kCmdFlagReqOne, cut);
   }
   const auto& answered = widened ? cut : descriptors;
-  reply.chunks.reserve(wire::kStructuredHeaderSize + 4 + 8 * answered.size());
-  wire::encode_block_status_chunk(reply.chunks, request.cookie, true, wire_context_id(client.selected[0]), answered);
+  add_chunk(reply.chunks, reply_form(client, request), request.cookie, true,
+            static_cast<uint32_t>(client.offered->base_allocation), answered);
   co_return reply;
 }
 
 // Contexts other than base:allocation are never cached: one upstream call
-// answers every context the client selected that upstream has, each
-// translated to the client's context id; base:allocation where upstream
-// lacks it is all data.
+// answers every context the client selected that upstream has (those its
+// filter names, if it sent one), each translated to the client's context id;
+// base:allocation where upstream lacks it is all data. A query longer than
+// one upstream request carries (an extended-headers client's) is answered
+// for what that covers, which the spec allows.
 awaitable<BlockStatusReply> BlockStatusService::pass_through(const BlockStatusClient& client,
                                                              const wire::RequestHeader& request,
                                                              const wire::RequestHeader& asked) {
   const ExportInfo& offered = *client.offered;
-  auto result = co_await upstream_.block_status(asked.offset, asked.length,
+  auto result = co_await upstream_.block_status(asked.offset, upstream_length(asked.length),
                                                 {.req_one = (asked.flags & wire::kCmdFlagReqOne) != 0});
   BlockStatusReply reply;
   if (result.error) {
     reply.error = result.error;  // the pool logged and counted it
     co_return reply;
   }
+  const wire::ReplyForm form = reply_form(client, request);
+  size_t last = client.selected.size();  // one past the last context answered: its chunk ends the reply
+  while (last > 0 && !wanted(request, last - 1)) --last;
   std::vector<wire::Descriptor> descriptors;
-  for (size_t i = 0; i < client.selected.size(); ++i) {
+  for (size_t i = 0; i < last; ++i) {
+    if (!wanted(request, i)) continue;
     const uint32_t context = client.selected[i];
     descriptors.clear();
     if (offered.upstream_context(context)) {
@@ -138,20 +189,20 @@ awaitable<BlockStatusReply> BlockStatusService::pass_through(const BlockStatusCl
       reply.message = "upstream sent no extents for a selected context";
       co_return reply;
     }
-    const bool done = i + 1 == client.selected.size();
-    wire::encode_block_status_chunk(reply.chunks, request.cookie, done, wire_context_id(context), descriptors);
+    add_chunk(reply.chunks, form, request.cookie, i + 1 == last, context, descriptors);
   }
   co_return reply;
 }
 
-awaitable<int> BlockStatusService::answer_after_miss(uint64_t offset, uint32_t length, bool req_one,
+awaitable<int> BlockStatusService::answer_after_miss(uint64_t offset, uint64_t length, bool req_one,
                                                      std::vector<wire::Descriptor>& out) {
   auto fetch = joinable_fetch(offset);
   if (!fetch) {
     if (policy::should_bypass(cache_.extents().max_extents())) {
       co_return co_await forward_unchanged(offset, length, req_one, out);
     }
-    fetch = start_fetch(policy::window_for_miss(offset, length, req_one, planned_window(offset)), false);
+    fetch = start_fetch(
+        policy::window_for_miss(offset, length, req_one, planned_window(offset), info_.max_block_status_length), false);
   }
   while (!fetch->finished) co_await fetch->done.wait();
   // The reply answers its waiters even if it was not stored (too old for the
@@ -167,7 +218,7 @@ awaitable<int> BlockStatusService::answer_after_miss(uint64_t offset, uint32_t l
   co_return co_await ask_upstream_directly(offset, length, req_one, out);
 }
 
-awaitable<int> BlockStatusService::forward_unchanged(uint64_t offset, uint32_t length, bool req_one,
+awaitable<int> BlockStatusService::forward_unchanged(uint64_t offset, uint64_t length, bool req_one,
                                                      std::vector<wire::Descriptor>& out) {
   if (!bypass_logged_) {
     bypass_logged_ = true;
@@ -196,32 +247,40 @@ policy::FetchWindow BlockStatusService::planned_window(uint64_t offset) const {
                             info_.max_block_status_length);
 }
 
-bool BlockStatusService::lookup(uint64_t offset, uint32_t length, bool req_one, std::vector<wire::Descriptor>& out) {
+bool BlockStatusService::lookup(uint64_t offset, uint64_t length, bool req_one, std::vector<wire::Descriptor>& out) {
   scratch_.clear();
   if (cache_.extents().lookup(offset, length, scratch_, req_one ? 1 : config_.max_descriptors) == 0) return false;
   out.clear();
-  for (const auto& e : scratch_) out.push_back({static_cast<uint32_t>(e.length), e.flags});
+  for (const auto& e : scratch_) out.push_back({e.length, e.flags});
   return true;
 }
 
-bool BlockStatusService::answer_from(const Fetch& fetch, uint64_t offset, uint32_t length, bool req_one,
+bool BlockStatusService::answer_from(const Fetch& fetch, uint64_t offset, uint64_t length, bool req_one,
                                      std::vector<wire::Descriptor>& out) {
   scratch_.clear();
   if (cache::lookup_run(fetch.usable, offset, length, scratch_, req_one ? 1 : kMaxReplyDescriptors) == 0) {
     return false;
   }
   out.clear();
-  for (const auto& e : scratch_) out.push_back({static_cast<uint32_t>(e.length), e.flags});
+  for (const auto& e : scratch_) out.push_back({e.length, e.flags});
   return true;
 }
 
-awaitable<int> BlockStatusService::ask_upstream_directly(uint64_t offset, uint32_t length, bool req_one,
+uint64_t BlockStatusService::upstream_length(uint64_t length) const {
+  const uint64_t block = std::max<uint32_t>(info_.min_block, 1);
+  return std::min(length, info_.max_block_status_length / block * block);
+}
+
+// A query longer than one upstream request carries (an extended-headers
+// client's, upstream without extended headers) is answered for what that covers.
+awaitable<int> BlockStatusService::ask_upstream_directly(uint64_t offset, uint64_t length, bool req_one,
                                                          std::vector<wire::Descriptor>& out) {
-  auto result = co_await upstream_.block_status(offset, length, {.req_one = req_one});
+  const uint64_t asked = upstream_length(length);
+  auto result = co_await upstream_.block_status(offset, asked, {.req_one = req_one});
   if (result.error) co_return result.error;  // the pool logged and counted it
   out.clear();
   if (const auto* descriptors = result.extents_for(wire::kBaseAllocation)) {
-    wire::clip_descriptors(*descriptors, length, req_one, out);
+    wire::clip_descriptors(*descriptors, asked, req_one, out);
   }
   co_return out.empty() ? EIO : 0;
 }

@@ -3,7 +3,10 @@
 // upstream on a miss (one fetch per window however many clients wait on it)
 // and prefetching ahead of sequential scans; other contexts are asked upstream
 // each time; base:allocation on an upstream that lacks it is all data. The
-// answer carries the client's context ids, cut to the client's range.
+// answer carries the client's context ids, cut to the client's range, in the
+// chunks the client negotiated: BLOCK_STATUS, or with extended headers
+// BLOCK_STATUS_EXT (64-bit extents) answering only the contexts its payload
+// filter names, if it sent one (RequestHeader::context_mask).
 //
 // Mutations that pass through call begin_mutation()/end_mutation() around the
 // upstream command so the cache never keeps a state the write may have changed.
@@ -12,6 +15,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string_view>
 #include <vector>
@@ -39,7 +43,18 @@ struct BlockStatusClient {
   // Upstream's minimum block size when the client did not agree to it (its
   // queries are asked upstream as whole blocks), else 1.
   uint32_t align = 1;
+  // NBD_OPT_EXTENDED_HEADERS: extended reply headers and BLOCK_STATUS_EXT
+  // chunks, whose extents may be longer than 4 GiB.
+  bool extended_headers = false;
 };
+
+// The RequestHeader::context_mask for a BLOCK_STATUS payload filter naming
+// `context_ids`: bit i for the client's i-th selected context, 0 when it
+// names all of them (the same as no filter, and the cache's fast path
+// applies). nullopt if an id is not one the client selected, or is named
+// twice (the spec: EINVAL). The client selected at most 64 contexts
+// (kMaxFilterableContexts: only then is it offered filtering).
+std::optional<uint64_t> context_mask(const BlockStatusClient& client, std::span<const uint32_t> context_ids);
 
 // A BLOCK_STATUS answered: the reply's chunks, or why it failed.
 struct BlockStatusReply {
@@ -88,8 +103,8 @@ class BlockStatusService {
     bool prefetched = false;  // fetched ahead and not yet used by a client
   };
 
-  bool answers_from_cache(const BlockStatusClient& client) const;
-  awaitable<int> answer_after_miss(uint64_t offset, uint32_t length, bool req_one, std::vector<wire::Descriptor>& out);
+  bool answers_from_cache(const BlockStatusClient& client, const wire::RequestHeader& request) const;
+  awaitable<int> answer_after_miss(uint64_t offset, uint64_t length, bool req_one, std::vector<wire::Descriptor>& out);
   awaitable<BlockStatusReply> pass_through(const BlockStatusClient& client, const wire::RequestHeader& request,
                                            const wire::RequestHeader& asked);
   std::shared_ptr<Fetch> fetch_covering(uint64_t offset) const;
@@ -98,14 +113,17 @@ class BlockStatusService {
   awaitable<void> run_fetch(std::shared_ptr<Fetch> fetch);
   void note_window(uint64_t start, uint64_t end, bool prefetch);
   void maybe_prefetch(uint64_t offset);
-  bool lookup(uint64_t offset, uint32_t length, bool req_one, std::vector<wire::Descriptor>& out);
-  bool answer_from(const Fetch& fetch, uint64_t offset, uint32_t length, bool req_one,
+  bool lookup(uint64_t offset, uint64_t length, bool req_one, std::vector<wire::Descriptor>& out);
+  bool answer_from(const Fetch& fetch, uint64_t offset, uint64_t length, bool req_one,
                    std::vector<wire::Descriptor>& out);
-  awaitable<int> forward_unchanged(uint64_t offset, uint32_t length, bool req_one, std::vector<wire::Descriptor>& out);
+  awaitable<int> forward_unchanged(uint64_t offset, uint64_t length, bool req_one, std::vector<wire::Descriptor>& out);
   unsigned prefetch_depth() const;
   size_t window_budget() const;
   policy::FetchWindow planned_window(uint64_t offset) const;
-  awaitable<int> ask_upstream_directly(uint64_t offset, uint32_t length, bool req_one,
+  // The longest part of a query of `length` bytes that one upstream request
+  // carries (ExportInfo::max_block_status_length), in whole blocks.
+  uint64_t upstream_length(uint64_t length) const;
+  awaitable<int> ask_upstream_directly(uint64_t offset, uint64_t length, bool req_one,
                                        std::vector<wire::Descriptor>& out);
 
   asio::io_context& io_;

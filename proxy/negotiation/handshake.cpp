@@ -9,14 +9,21 @@ using namespace wire;
 TransmissionLimits transmission_limits(const ExportInfo& info, const Negotiated& negotiated) {
   TransmissionLimits limits;
   limits.export_size = info.size;
-  limits.tx_flags = info.tx_flags;
+  limits.tx_flags = client_tx_flags(info, negotiated);
   // Without the client's agreement to upstream's minimum block size, any
   // alignment is valid (the spec's default minimum of 1).
   limits.min_block = negotiated.block_size_agreed ? info.min_block : 1;
   limits.max_payload = info.max_block;  // already capped to kMaxPayload
   limits.structured_replies = negotiated.structured_replies;
+  limits.extended_headers = negotiated.extended_headers;
   limits.has_meta_contexts = !negotiated.contexts.empty();
   return limits;
+}
+
+uint16_t client_tx_flags(const ExportInfo& info, const Negotiated& negotiated) {
+  const bool filterable = negotiated.extended_headers && !negotiated.contexts.empty() &&
+                          negotiated.contexts.size() <= kMaxFilterableContexts;
+  return static_cast<uint16_t>(info.tx_flags | (filterable ? kTxBlockStatusPayload : 0));
 }
 
 Handshake::Handshake(bool client_no_zeroes, TlsMode tls) : tls_(tls) {
@@ -42,7 +49,9 @@ bool Handshake::refused_before_tls(uint32_t option) const {
 OptionNeed Handshake::needs(uint32_t option, ByteSpan payload) const {
   if (fixed_ || refused_before_tls(option)) return {};
   switch (option) {
-    case kOptExportName: return {OptionNeed::Kind::Export, std::string(payload.begin(), payload.end())};
+    case kOptExportName:
+      if (negotiated_.extended_headers) return {};  // refused whatever is found (see handle)
+      return {OptionNeed::Kind::Export, std::string(payload.begin(), payload.end())};
     case kOptList: return payload.empty() ? OptionNeed{OptionNeed::Kind::List, {}} : OptionNeed{};
     case kOptInfo:
     case kOptGo:
@@ -88,11 +97,14 @@ OptionOutcome Handshake::handle(uint32_t option, ByteSpan payload, Bytes& reply,
   }
   switch (option) {
     case kOptExportName: {
+      // The spec forbids it after extended headers: EXPORT_NAME's reply could
+      // not say which header form transmission uses. No error reply exists.
+      if (negotiated_.extended_headers) return OptionOutcome::Close;
       const ExportInfo* info = chosen(option, context, reply);
       if (!info) return OptionOutcome::Close;
       const std::string name(payload.begin(), payload.end());
       if (!fixed_ && !negotiated_.contexts.empty() && name != negotiated_.contexts_export) negotiated_.contexts.clear();
-      encode_export_name_reply(reply, info->size, info->tx_flags, negotiated_.no_zeroes);
+      encode_export_name_reply(reply, info->size, client_tx_flags(*info, negotiated_), negotiated_.no_zeroes);
       return OptionOutcome::Transmission;
     }
     case kOptAbort: encode_option_reply(reply, option, kRepAck); return OptionOutcome::Close;
@@ -107,14 +119,7 @@ OptionOutcome Handshake::handle(uint32_t option, ByteSpan payload, Bytes& reply,
       const ExportInfo* info = chosen(option, context, reply);
       return info ? handle_info_or_go(option, payload, reply, *info) : OptionOutcome::Continue;
     }
-    case kOptStructuredReply:
-      if (!payload.empty()) {
-        encode_option_reply(reply, option, kRepErrInvalid, "STRUCTURED_REPLY takes no payload");
-      } else {
-        negotiated_.structured_replies = true;
-        encode_option_reply(reply, option, kRepAck);
-      }
-      return OptionOutcome::Continue;
+    case kOptStructuredReply: return handle_structured_reply(payload, reply);
     case kOptListMetaContext:
     case kOptSetMetaContext: {
       if (option == kOptSetMetaContext && !negotiated_.structured_replies) {
@@ -128,9 +133,7 @@ OptionOutcome Handshake::handle(uint32_t option, ByteSpan payload, Bytes& reply,
       const ExportInfo* info = chosen(option, context, reply);
       return info ? handle_meta_context(option, payload, reply, *info) : OptionOutcome::Continue;
     }
-    case kOptExtendedHeaders:
-      encode_option_reply(reply, option, kRepErrUnsup, "extended headers are not supported");
-      return OptionOutcome::Continue;
+    case kOptExtendedHeaders: return handle_extended_headers(payload, reply);
     default: encode_option_reply(reply, option, kRepErrUnsup, "unknown option"); return OptionOutcome::Continue;
   }
 }
@@ -169,6 +172,36 @@ OptionOutcome Handshake::handle_start_tls(ByteSpan payload, Bytes& reply) {
   return OptionOutcome::Continue;
 }
 
+OptionOutcome Handshake::handle_structured_reply(ByteSpan payload, Bytes& reply) {
+  if (!payload.empty()) {
+    encode_option_reply(reply, kOptStructuredReply, kRepErrInvalid, "STRUCTURED_REPLY takes no payload");
+  } else if (negotiated_.extended_headers) {
+    // The spec: extended headers take precedence, and already imply chunks.
+    encode_option_reply(reply, kOptStructuredReply, kRepErrExtHeaderReqd, "extended headers are already negotiated");
+  } else {
+    negotiated_.structured_replies = true;
+    encode_option_reply(reply, kOptStructuredReply, kRepAck);
+  }
+  return OptionOutcome::Continue;
+}
+
+// Offered to every client, whatever upstream speaks: the session answers
+// with extended replies itself and splits commands longer than upstream
+// takes. Meta contexts chosen before stay chosen (they need chunks, which
+// extended headers keep).
+OptionOutcome Handshake::handle_extended_headers(ByteSpan payload, Bytes& reply) {
+  if (!payload.empty()) {
+    encode_option_reply(reply, kOptExtendedHeaders, kRepErrInvalid, "EXTENDED_HEADERS takes no payload");
+  } else if (negotiated_.extended_headers) {
+    encode_option_reply(reply, kOptExtendedHeaders, kRepErrInvalid, "extended headers are already negotiated");
+  } else {
+    negotiated_.extended_headers = true;
+    negotiated_.structured_replies = true;
+    encode_option_reply(reply, kOptExtendedHeaders, kRepAck);
+  }
+  return OptionOutcome::Continue;
+}
+
 OptionOutcome Handshake::handle_info_or_go(uint32_t option, ByteSpan payload, Bytes& reply, const ExportInfo& info) {
   const auto request = decode_info_request(payload);  // checked by handle()
   const bool asked_block_size =
@@ -178,7 +211,9 @@ OptionOutcome Handshake::handle_info_or_go(uint32_t option, ByteSpan payload, By
   // other infos; GO is served at minimum 1, bscache aligning its requests.
   const bool unagreed = info.min_block > 1 && !asked_block_size;
   // NBD_INFO_EXPORT is sent whether asked for or not.
-  encode_info_export(reply, option, info.size, info.tx_flags);
+  // Payload filtering is offered only over the contexts this export's GO keeps.
+  const bool contexts_kept = fixed_ || request->export_name == negotiated_.contexts_export;
+  encode_info_export(reply, option, info.size, contexts_kept ? client_tx_flags(info, negotiated_) : info.tx_flags);
   for (uint16_t type : request->requests) {
     switch (type) {
       case kInfoName: encode_info_name(reply, option, info.name); break;

@@ -19,7 +19,13 @@ namespace bscache::proxy {
 inline constexpr uint32_t kMaxOptionLength = 64 * 1024;
 
 struct Negotiated {
+  // Replies are chunks (structured or extended): set by STRUCTURED_REPLY, and
+  // by EXTENDED_HEADERS, which implies them.
   bool structured_replies = false;
+  // NBD_OPT_EXTENDED_HEADERS: 32-byte requests with 64-bit lengths, 32-byte
+  // replies. Per client, whatever upstream speaks: the session splits what
+  // upstream cannot take in one command.
+  bool extended_headers = false;
   bool no_zeroes = false;
   // The client asked for NBD_INFO_BLOCK_SIZE in the GO that chose the export,
   // and so agreed to upstream's minimum block size. A client that did not may
@@ -54,6 +60,15 @@ struct OptionContext {
 // as advertised and what this client negotiated. Derived here only, so the
 // session and the fuzz target cannot drift apart.
 wire::TransmissionLimits transmission_limits(const ExportInfo& info, const Negotiated& negotiated);
+
+// Most contexts a client may select and still filter block status by them
+// (the session keeps its filter as a 64-bit mask).
+inline constexpr size_t kMaxFilterableContexts = 64;
+
+// The transmission flags this client is offered: the export's, plus
+// NBD_FLAG_BLOCK_STATUS_PAYLOAD for a client with extended headers and
+// selected contexts to filter (the spec allows it only then).
+uint16_t client_tx_flags(const ExportInfo& info, const Negotiated& negotiated);
 
 // --tls: whether STARTTLS is offered, and whether anything else is served
 // before it.
@@ -98,6 +113,8 @@ class Handshake {
 
  private:
   OptionOutcome handle_start_tls(wire::ByteSpan payload, wire::Bytes& reply);
+  OptionOutcome handle_structured_reply(wire::ByteSpan payload, wire::Bytes& reply);
+  OptionOutcome handle_extended_headers(wire::ByteSpan payload, wire::Bytes& reply);
   OptionOutcome handle_list(wire::ByteSpan payload, wire::Bytes& reply, const OptionContext& context);
   OptionOutcome handle_info_or_go(uint32_t option, wire::ByteSpan payload, wire::Bytes& reply, const ExportInfo& info);
   OptionOutcome handle_meta_context(uint32_t option, wire::ByteSpan payload, wire::Bytes& reply,

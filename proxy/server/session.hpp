@@ -57,7 +57,13 @@ struct WritePayload {
 
 // What a request in flight is charged (see ClientMemory): its bookkeeping,
 // and for a READ or WRITE of `length` bytes the buffer (or pipe pages) its data takes.
-size_t request_charge(uint16_t type, uint32_t length);
+size_t request_charge(uint16_t type, uint64_t length);
+
+// Longest piece of a TRIM, WRITE_ZEROES or CACHE sent upstream in one
+// command: upstream's requests carry 32-bit lengths, an extended-headers
+// client's 64-bit ones. A power of two, so every piece stays aligned to any
+// minimum block size.
+inline constexpr uint64_t kUpstreamCommandPiece = uint64_t{1} << 31;
 
 class Session : public std::enable_shared_from_this<Session> {
  public:
@@ -75,6 +81,8 @@ class Session : public std::enable_shared_from_this<Session> {
   bool must_wait() const;
   bool room_for(size_t more, bool new_request);
   awaitable<bool> read_write_payload(size_t length, WritePayload& payload);
+  // Extended headers: the payload of a command other than WRITE (session_extended.cpp).
+  awaitable<bool> read_command_payload(wire::RequestHeader& request);
   void dispatch(const wire::RequestHeader& request, WritePayload payload, size_t charged);
   void request_done(size_t held_bytes);
   void hold(size_t bytes);    // charged to this client's requests in flight and to the total
@@ -90,6 +98,13 @@ class Session : public std::enable_shared_from_this<Session> {
   awaitable<bool> serve_spliced_read(const wire::RequestHeader& request);
   awaitable<void> serve_mutation(wire::RequestHeader request, WritePayload payload);
   awaitable<void> serve_cache(const wire::RequestHeader& request);
+  // Runs a command longer than one upstream command carries as consecutive
+  // pieces (session_extended.cpp).
+  awaitable<CommandResult> run_in_pieces(CommandArgs args);
+  // How this client's replies to `request` are framed.
+  wire::ReplyForm reply_form(const wire::RequestHeader& request) const {
+    return {.extended = negotiated_.extended_headers, .request_offset = request.offset};
+  }
 
   // Requests of a client that did not agree to upstream's minimum block size,
   // made whole blocks for upstream (session_unaligned.cpp).
@@ -119,6 +134,7 @@ class Session : public std::enable_shared_from_this<Session> {
   ReplyWriter writer_;
   Negotiated negotiated_;
   wire::TransmissionLimits limits_;
+  wire::Bytes command_payload_;  // reused by read_command_payload
   // Upstream's minimum block size when this client did not agree to it (its
   // requests may be unaligned: see session_unaligned.cpp), else 1.
   uint32_t align_ = 1;

@@ -72,14 +72,15 @@ awaitable<void> Session::serve_read(const RequestHeader& request) {
     co_return;
   }
   Reply reply;
+  const ReplyForm form = reply_form(request);
   auto& chunks = result.chunks;
   const bool holes = std::any_of(chunks.begin(), chunks.end(), [](const ReadChunk& c) { return c.hole; });
   if (!negotiated_.structured_replies || !holes) {
     // One piece of data (libnbd zero-fills holes in the buffer for a simple reply).
-    add_read_data(reply, request, negotiated_.structured_replies, 0);
+    add_read_data(reply, request, negotiated_.structured_replies, form, 0);
   } else {
     std::sort(chunks.begin(), chunks.end(), [](const ReadChunk& a, const ReadChunk& b) { return a.offset < b.offset; });
-    add_read_chunks(reply, request.cookie, chunks,
+    add_read_chunks(reply, request.cookie, chunks, form,
                     [&](const ReadChunk& c) { reply.add_payload_piece(c.offset - request.offset, c.length); });
   }
   // A reply of holes only sends none of the buffer: give it back now.
@@ -111,7 +112,7 @@ awaitable<bool> Session::serve_spliced_read(const RequestHeader& request) {
   }
   Reply reply;
   size_t in_pipes = 0;  // data bytes so far: where the next chunk's data starts
-  add_read_chunks(reply, request.cookie, result.chunks, [&](const ReadChunk& c) {
+  add_read_chunks(reply, request.cookie, result.chunks, reply_form(request), [&](const ReadChunk& c) {
     for (const size_t end = in_pipes + c.length; in_pipes < end;) {  // the chunk's data, pipe by pipe
       const auto share = PipePool::share_at(in_pipes, end);
       reply.add_pipe_piece(share.index, share.bytes);
@@ -127,6 +128,7 @@ awaitable<bool> Session::serve_spliced_read(const RequestHeader& request) {
 // The cache bracket: a mutation forgets its range when it starts and records
 // what it left when it ends (see CoherentCache).
 awaitable<void> Session::serve_mutation(RequestHeader request, WritePayload payload) {
+  const RequestHeader asked = request;  // what the reply answers (an extended one echoes its offset)
   if (request.type == kCmdTrim && unaligned(request)) {
     // A TRIM may leave any of its range as it was: the whole blocks inside it are trimmed.
     const auto inside = policy::interior({request.offset, request.length}, align_, info_.size);
@@ -135,7 +137,7 @@ awaitable<void> Session::serve_mutation(RequestHeader request, WritePayload payl
       co_return;
     }
     request.offset = inside->offset;
-    request.length = static_cast<uint32_t>(inside->length);
+    request.length = inside->length;
   }
   const auto [op, kind] = request.type == kCmdWrite  ? std::pair{UpstreamOp::Write, policy::Mutation::Write}
                           : request.type == kCmdTrim ? std::pair{UpstreamOp::Trim, policy::Mutation::Trim}
@@ -155,7 +157,12 @@ awaitable<void> Session::serve_mutation(RequestHeader request, WritePayload payl
   // command to the pool, so they are taken before the command can reach upstream.
   auto ticket = block_status_->begin_mutation(request.offset, request.length);
   const auto aliased = ctx_.exports.begin_aliased_write(**export_);  // released as this returns
-  auto result = co_await upstream_->run(args, cancelled_);
+  CommandResult result;
+  if (args.length > kUpstreamCommandPiece) {  // TRIM or WRITE_ZEROES of an extended-headers client
+    result = co_await run_in_pieces(args);
+  } else {
+    result = co_await upstream_->run(args, cancelled_);
+  }
   if (result.needs_buffer) {
     // No connection splices now (nothing was sent): the data leaves the
     // pipes for a buffer, a copy, and goes like any other WRITE.
@@ -168,15 +175,20 @@ awaitable<void> Session::serve_mutation(RequestHeader request, WritePayload payl
     ++metrics_->writes_spliced;
   }
   block_status_->end_mutation(ticket, request.offset, request.length, kind, result.error == 0);
-  reply_result(request, result.error);
+  reply_result(asked, result.error);
 }
 
 awaitable<void> Session::serve_cache(const RequestHeader& request) {
   // Whole blocks for upstream: CACHE is advice, and more of it does no harm.
   const auto blocks = policy::widen({request.offset, request.length}, align_, info_.size);
-  auto result = co_await upstream_->run(
-      {.op = UpstreamOp::Cache, .buffer = {}, .offset = blocks.offset, .length = blocks.length, .flags = {}},
-      cancelled_);
+  const CommandArgs args{
+      .op = UpstreamOp::Cache, .buffer = {}, .offset = blocks.offset, .length = blocks.length, .flags = {}};
+  CommandResult result;
+  if (args.length > kUpstreamCommandPiece) {
+    result = co_await run_in_pieces(args);
+  } else {
+    result = co_await upstream_->run(args, cancelled_);
+  }
   reply_result(request, result.error);
 }
 
@@ -197,7 +209,7 @@ void Session::reply_result(const RequestHeader& request, int error) {
   }
   Bytes out;
   if (negotiated_.structured_replies) {
-    encode_done(out, request.cookie);
+    encode_done(out, request.cookie, reply_form(request));
   } else {
     encode_simple_reply(out, request.cookie, 0);
   }
@@ -211,7 +223,7 @@ void Session::reply_error(const RequestHeader& request, uint32_t nbd_error, std:
                 message);
   Bytes out;
   if (negotiated_.structured_replies) {
-    encode_error_chunk(out, request.cookie, true, nbd_error, message);
+    encode_error_chunk(out, request.cookie, true, nbd_error, message, reply_form(request));
   } else {
     encode_simple_reply(out, request.cookie, nbd_error);
   }

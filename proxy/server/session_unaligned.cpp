@@ -54,7 +54,7 @@ awaitable<void> Session::serve_unaligned_read(const RequestHeader& request) {
     co_return;
   }
   Reply reply;
-  add_read_data(reply, request, negotiated_.structured_replies, request.offset - blocks.offset);
+  add_read_data(reply, request, negotiated_.structured_replies, reply_form(request), request.offset - blocks.offset);
   reply.set_payload(std::move(buffer));
   writer_.send(std::move(reply));
 }
@@ -120,7 +120,11 @@ awaitable<void> Session::serve_unaligned_write(const RequestHeader& request, Wri
                      .length = middle.length,
                      .flags = zeroes ? CommandFlags::from_wire(request.flags & (kCmdFlagFua | kCmdFlagNoHole)) : fua};
     if (!zeroes) args.buffer = data.subspan(middle.offset - request.offset, middle.length);
-    error = (co_await upstream_->run(args, cancelled_)).error;
+    if (args.length > kUpstreamCommandPiece) {  // WRITE_ZEROES of an extended-headers client
+      error = (co_await run_in_pieces(args)).error;
+    } else {
+      error = (co_await upstream_->run(args, cancelled_)).error;
+    }
   }
   // The blocks are left as a WRITE leaves them (state 0, safe for any range),
   // a WRITE_ZEROES' too: its edge blocks were written, not zeroed.

@@ -25,39 +25,31 @@ static_assert(LIBNBD_CMD_FLAG_FUA == wire::kCmdFlagFua && LIBNBD_CMD_FLAG_NO_HOL
               LIBNBD_CMD_FLAG_FAST_ZERO == wire::kCmdFlagFastZero);
 
 #ifdef BSCACHE_HAVE_NBD_BLOCK_STATUS_64
-// Descriptors have 32-bit lengths: a longer extent is handed on in pieces of
-// 4 GiB - 64 KiB, a multiple of every minimum block size NBD allows (powers
-// of two up to 64 KiB), so no piece ends mid-block. The cache joins
-// neighbours with equal flags again.
-constexpr uint64_t kLongExtentPiece = 0xffff0000u;
 // At most this many descriptors per context and reply (the protocol's cap for
-// one chunk): a reply covering less than asked is allowed without REQ_ONE, and
-// a hole of exabytes must not become a billion pieces.
-constexpr size_t kMaxPieces = (size_t{1} << 20) - 1;
+// one chunk): a reply covering less than asked is allowed without REQ_ONE.
+constexpr size_t kMaxDescriptors = (size_t{1} << 20) - 1;
 
 // nbd_aio_block_status_64's callback (libnbd lock held): copies, as
-// LibnbdConnection::on_extent does, since libnbd reuses `entries`.
+// LibnbdConnection::on_extent does, since libnbd reuses `entries`. Extents
+// keep their 64-bit lengths (wire::Descriptor's): a compact client's answer is
+// clipped to its 32-bit request where it is cut (clip_descriptors).
 int on_extent64(void* user_data, const char* context, uint64_t, nbd_extent* entries, size_t count, int* error) {
   auto* command = static_cast<UpstreamCommand*>(user_data);
   const auto& contexts = *command->result.contexts;
   auto it = std::find(contexts.begin(), contexts.end(), context);
   if (it == contexts.end()) return 0;
   auto& out = command->result.extents[static_cast<size_t>(it - contexts.begin())];
-  const size_t most = command->args.flags.req_one ? 1 : kMaxPieces;
+  const size_t most = command->args.flags.req_one ? 1 : kMaxDescriptors;
   uint64_t covered = 0;  // nothing past the request's end is of use
   for (size_t i = 0; i < count && out.size() < most && covered < command->args.length; ++i) {
     if (entries[i].flags > UINT32_MAX) {
-      // No context bscache serves has such a status, and a 32-bit descriptor
-      // cannot carry it: fail the command rather than cut the status short.
+      // No context bscache serves has such a status, and a descriptor's
+      // status is 32 bits: fail the command rather than cut the status short.
       *error = EOVERFLOW;
       return -1;
     }
-    for (uint64_t left = entries[i].length; left > 0 && out.size() < most && covered < command->args.length;) {
-      const uint64_t piece = std::min(left, kLongExtentPiece);
-      out.push_back({static_cast<uint32_t>(piece), static_cast<uint32_t>(entries[i].flags)});
-      left -= piece;
-      covered += piece;
-    }
+    out.push_back({entries[i].length, static_cast<uint32_t>(entries[i].flags)});
+    covered += entries[i].length;
   }
   return 0;
 }

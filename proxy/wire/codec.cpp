@@ -219,6 +219,19 @@ std::optional<RequestHeader> decode_request_header(ByteSpan bytes) {
   return h;
 }
 
+std::optional<RequestHeader> decode_extended_request_header(ByteSpan bytes) {
+  if (bytes.size() != kExtendedRequestHeaderSize) return std::nullopt;
+  ByteReader r(bytes);
+  if (r.u32() != kExtendedRequestMagic) return std::nullopt;
+  RequestHeader h;
+  h.flags = *r.u16();
+  h.type = *r.u16();
+  h.cookie = *r.u64();
+  h.offset = *r.u64();
+  h.length = *r.u64();
+  return h;
+}
+
 RequestBytes encode_request(const RequestHeader& request) {
   RequestBytes r;
   store_be32(r.data(), kRequestMagic);
@@ -226,13 +239,23 @@ RequestBytes encode_request(const RequestHeader& request) {
   store_be16(r.data() + 6, request.type);
   store_be64(r.data() + 8, request.cookie);
   store_be64(r.data() + 16, request.offset);
-  store_be32(r.data() + 24, request.length);
+  store_be32(r.data() + 24, static_cast<uint32_t>(request.length));
   return r;
 }
 
 void encode_request_header(Bytes& out, const RequestHeader& request) {
   const RequestBytes bytes = encode_request(request);
   out.insert(out.end(), bytes.begin(), bytes.end());
+}
+
+std::optional<BlockStatusPayload> decode_block_status_payload(ByteSpan payload) {
+  if (payload.size() < 12 || (payload.size() - 8) % 4 != 0) return std::nullopt;
+  ByteReader r(payload);
+  BlockStatusPayload decoded;
+  decoded.effect_length = *r.u64();
+  decoded.context_ids.reserve((payload.size() - 8) / 4);
+  while (r.remaining() > 0) decoded.context_ids.push_back(*r.u32());
+  return decoded;
 }
 
 void encode_simple_reply(Bytes& out, uint64_t cookie, uint32_t error) {
@@ -249,47 +272,75 @@ void encode_structured_header(Bytes& out, uint16_t flags, uint16_t type, uint64_
   put_u32(out, length);
 }
 
+void encode_reply_header(Bytes& out, const ReplyForm& form, uint16_t flags, uint16_t type, uint64_t cookie,
+                         uint64_t length) {
+  if (!form.extended) {
+    encode_structured_header(out, flags, type, cookie, static_cast<uint32_t>(length));
+    return;
+  }
+  put_u32(out, kExtendedReplyMagic);
+  put_u16(out, flags);
+  put_u16(out, type);
+  put_u64(out, cookie);
+  put_u64(out, form.request_offset);
+  put_u64(out, length);
+}
+
+// The compact form's 32-bit lengths hold because a compact client's request
+// length is 32-bit and its descriptors are clipped to it (clip_descriptors).
 void encode_block_status_chunk(Bytes& out, uint64_t cookie, bool done, uint32_t context_id,
-                               std::span<const Descriptor> descriptors) {
-  encode_structured_header(out, done ? kReplyFlagDone : 0, kReplyTypeBlockStatus, cookie,
-                           static_cast<uint32_t>(4 + 8 * descriptors.size()));
+                               std::span<const Descriptor> descriptors, const ReplyForm& form) {
+  const uint16_t flags = done ? kReplyFlagDone : 0;
+  if (!form.extended) {
+    encode_reply_header(out, form, flags, kReplyTypeBlockStatus, cookie, 4 + 8 * descriptors.size());
+    put_u32(out, context_id);
+    for (const auto& d : descriptors) {
+      put_u32(out, static_cast<uint32_t>(d.length));
+      put_u32(out, d.flags);
+    }
+    return;
+  }
+  encode_reply_header(out, form, flags, kReplyTypeBlockStatusExt, cookie, 8 + 16 * descriptors.size());
   put_u32(out, context_id);
+  put_u32(out, static_cast<uint32_t>(descriptors.size()));
   for (const auto& d : descriptors) {
-    put_u32(out, d.length);
-    put_u32(out, d.flags);
+    put_u64(out, d.length);
+    put_u64(out, d.flags);
   }
 }
 
-void encode_error_chunk(Bytes& out, uint64_t cookie, bool done, uint32_t error, std::string_view message) {
+void encode_error_chunk(Bytes& out, uint64_t cookie, bool done, uint32_t error, std::string_view message,
+                        const ReplyForm& form) {
   message = message.substr(0, 4096);
-  encode_structured_header(out, done ? kReplyFlagDone : 0, kReplyTypeError, cookie,
-                           static_cast<uint32_t>(6 + message.size()));
+  encode_reply_header(out, form, done ? kReplyFlagDone : 0, kReplyTypeError, cookie, 6 + message.size());
   put_u32(out, error);
   put_u16(out, static_cast<uint16_t>(message.size()));
   put_bytes(out, message);
 }
 
-void encode_offset_data_header(Bytes& out, uint64_t cookie, bool done, uint64_t offset, uint32_t data_length) {
-  encode_structured_header(out, done ? kReplyFlagDone : 0, kReplyTypeOffsetData, cookie, 8 + data_length);
+void encode_offset_data_header(Bytes& out, uint64_t cookie, bool done, uint64_t offset, uint32_t data_length,
+                               const ReplyForm& form) {
+  encode_reply_header(out, form, done ? kReplyFlagDone : 0, kReplyTypeOffsetData, cookie, uint64_t{8} + data_length);
   put_u64(out, offset);
 }
 
-void encode_offset_hole(Bytes& out, uint64_t cookie, bool done, uint64_t offset, uint32_t length) {
-  encode_structured_header(out, done ? kReplyFlagDone : 0, kReplyTypeOffsetHole, cookie, 12);
+void encode_offset_hole(Bytes& out, uint64_t cookie, bool done, uint64_t offset, uint32_t length,
+                        const ReplyForm& form) {
+  encode_reply_header(out, form, done ? kReplyFlagDone : 0, kReplyTypeOffsetHole, cookie, 12);
   put_u64(out, offset);
   put_u32(out, length);
 }
 
-void encode_read_chunk(Bytes& out, uint64_t cookie, bool done, const ReadChunk& chunk) {
+void encode_read_chunk(Bytes& out, uint64_t cookie, bool done, const ReadChunk& chunk, const ReplyForm& form) {
   if (chunk.hole) {
-    encode_offset_hole(out, cookie, done, chunk.offset, chunk.length);
+    encode_offset_hole(out, cookie, done, chunk.offset, chunk.length, form);
   } else {
-    encode_offset_data_header(out, cookie, done, chunk.offset, chunk.length);
+    encode_offset_data_header(out, cookie, done, chunk.offset, chunk.length, form);
   }
 }
 
-void encode_done(Bytes& out, uint64_t cookie) {
-  encode_structured_header(out, kReplyFlagDone, kReplyTypeNone, cookie, 0);
+void encode_done(Bytes& out, uint64_t cookie, const ReplyForm& form) {
+  encode_reply_header(out, form, kReplyFlagDone, kReplyTypeNone, cookie, 0);
 }
 
 // ---- Request validation ----------------------------------------------------
@@ -305,12 +356,12 @@ namespace {
 uint16_t allowed_flags(uint16_t type, const TransmissionLimits& l) {
   const uint16_t fua = (l.tx_flags & kTxSendFua) ? kCmdFlagFua : 0;
   switch (type) {
+    case kCmdWrite: return static_cast<uint16_t>(fua | (l.extended_headers ? kCmdFlagPayloadLen : 0));
     case kCmdRead:
       return static_cast<uint16_t>(fua | ((l.structured_replies && (l.tx_flags & kTxSendDf)) ? kCmdFlagDf : 0));
     case kCmdWriteZeroes:
       return static_cast<uint16_t>(fua | kCmdFlagNoHole | ((l.tx_flags & kTxSendFastZero) ? kCmdFlagFastZero : 0));
     case kCmdBlockStatus: return static_cast<uint16_t>(fua | kCmdFlagReqOne);
-    case kCmdWrite:
     case kCmdTrim:
     case kCmdFlush:
     case kCmdCache: return fua;
@@ -369,19 +420,21 @@ const char* command_name(uint16_t type) {
   }
 }
 
-void clip_descriptors(std::span<const Descriptor> descriptors, uint32_t length, bool req_one,
+void clip_descriptors(std::span<const Descriptor> descriptors, uint64_t length, bool req_one,
                       std::vector<Descriptor>& out) {
-  uint32_t covered = 0;
+  uint64_t covered = 0;
+  size_t added = 0;
   for (const auto& d : descriptors) {
-    const uint32_t piece = std::min(d.length, length - covered);
-    if (piece == 0) break;
+    const uint64_t piece = std::min(d.length, length - covered);
+    if (piece == 0 || added == kMaxDescriptorsPerChunk) break;
     out.push_back({piece, d.flags});
+    ++added;
     covered += piece;
     if (req_one) break;
   }
 }
 
-void cut_descriptors(std::span<const Descriptor> descriptors, uint64_t skip, uint32_t length, bool req_one,
+void cut_descriptors(std::span<const Descriptor> descriptors, uint64_t skip, uint64_t length, bool req_one,
                      std::vector<Descriptor>& out) {
   std::vector<Descriptor> rest;
   for (const auto& d : descriptors) {
@@ -389,7 +442,7 @@ void cut_descriptors(std::span<const Descriptor> descriptors, uint64_t skip, uin
       skip -= d.length;
       continue;
     }
-    rest.push_back({static_cast<uint32_t>(d.length - skip), d.flags});
+    rest.push_back({d.length - skip, d.flags});
     skip = 0;
   }
   clip_descriptors(rest, length, req_one, out);

@@ -123,39 +123,76 @@ struct RequestHeader {
   uint16_t type = 0;
   uint64_t cookie = 0;
   uint64_t offset = 0;
-  uint32_t length = 0;
+  // The effect length (or a WRITE's payload length). 32 bits on the wire in
+  // a compact header, 64 with extended headers.
+  uint64_t length = 0;
+  // Not a header field: BLOCK_STATUS with a payload (NBD_CMD_FLAG_PAYLOAD_LEN)
+  // names the contexts it wants answers for; the session turns them into this
+  // mask, bit i for the client's i-th selected context. 0: every context.
+  uint64_t context_mask = 0;
 };
 // 28 bytes. nullopt on a wrong size or magic.
 std::optional<RequestHeader> decode_request_header(ByteSpan bytes);
-// The one request encoder. A fixed array: a request in flight keeps its
-// header in it, without an allocation.
+// 32 bytes (extended headers). nullopt on a wrong size or magic.
+std::optional<RequestHeader> decode_extended_request_header(ByteSpan bytes);
+// The one request encoder, of a compact header (upstream's): `request.length`
+// must fit in 32 bits. A fixed array: a request in flight keeps its header in
+// it, without an allocation.
 using RequestBytes = std::array<uint8_t, kRequestHeaderSize>;
 RequestBytes encode_request(const RequestHeader& request);
 // Appends encode_request's bytes.
 void encode_request_header(Bytes& out, const RequestHeader& request);
 
+// The payload of BLOCK_STATUS with NBD_CMD_FLAG_PAYLOAD_LEN: the effect
+// length, then the ids of the contexts to answer for (at least one).
+struct BlockStatusPayload {
+  uint64_t effect_length = 0;
+  std::vector<uint32_t> context_ids;
+};
+// nullopt unless 8 + 4n bytes with n >= 1.
+std::optional<BlockStatusPayload> decode_block_status_payload(ByteSpan payload);
+
 void encode_simple_reply(Bytes& out, uint64_t cookie, uint32_t error);
 void encode_structured_header(Bytes& out, uint16_t flags, uint16_t type, uint64_t cookie, uint32_t length);
 
+// Which header a reply chunk takes: the structured one (20 bytes), or, once
+// the client negotiated extended headers, the extended one (32 bytes, 64-bit
+// length, and the offset of the request it answers). Every chunk encoder
+// below takes one; the default is the structured header.
+struct ReplyForm {
+  bool extended = false;
+  uint64_t request_offset = 0;  // extended: the request's offset, echoed in every chunk
+};
+void encode_reply_header(Bytes& out, const ReplyForm& form, uint16_t flags, uint16_t type, uint64_t cookie,
+                         uint64_t length);
+
 struct Descriptor {
-  uint32_t length = 0;
+  // 64 bits: an extended-headers client may be answered with extents longer
+  // than 4 GiB. A compact client's are clipped to its 32-bit request length.
+  uint64_t length = 0;
   uint32_t flags = 0;
   bool operator==(const Descriptor&) const = default;
 };
 // Upstream's descriptors as a reply to a request of `length` bytes may carry
-// them: none past the request's end, and only the first with REQ_ONE.
-void clip_descriptors(std::span<const Descriptor> descriptors, uint32_t length, bool req_one,
+// them: none past the request's end, only the first with REQ_ONE, and at
+// most kMaxDescriptorsPerChunk.
+void clip_descriptors(std::span<const Descriptor> descriptors, uint64_t length, bool req_one,
                       std::vector<Descriptor>& out);
 // The same for a reply to a longer request that began `skip` bytes earlier
 // (a query widened to whole blocks): the first `skip` bytes are dropped.
-void cut_descriptors(std::span<const Descriptor> descriptors, uint64_t skip, uint32_t length, bool req_one,
+void cut_descriptors(std::span<const Descriptor> descriptors, uint64_t skip, uint64_t length, bool req_one,
                      std::vector<Descriptor>& out);
+// BLOCK_STATUS (32-bit lengths) or, in the extended form, BLOCK_STATUS_EXT
+// (a descriptor count, then 64-bit lengths and status).
 void encode_block_status_chunk(Bytes& out, uint64_t cookie, bool done, uint32_t context_id,
-                               std::span<const Descriptor> descriptors);
-void encode_error_chunk(Bytes& out, uint64_t cookie, bool done, uint32_t error, std::string_view message);
+                               std::span<const Descriptor> descriptors, const ReplyForm& form = {});
+void encode_error_chunk(Bytes& out, uint64_t cookie, bool done, uint32_t error, std::string_view message,
+                        const ReplyForm& form = {});
 // Header and offset of an OFFSET_DATA chunk; the caller appends data_length bytes.
-void encode_offset_data_header(Bytes& out, uint64_t cookie, bool done, uint64_t offset, uint32_t data_length);
-void encode_offset_hole(Bytes& out, uint64_t cookie, bool done, uint64_t offset, uint32_t length);
+void encode_offset_data_header(Bytes& out, uint64_t cookie, bool done, uint64_t offset, uint32_t data_length,
+                               const ReplyForm& form = {});
+void encode_offset_hole(Bytes& out, uint64_t cookie, bool done, uint64_t offset, uint32_t length,
+                        const ReplyForm& form = {});
 // A piece of a READ's data as upstream sent it: bytes, or a hole, at a disk offset.
 struct ReadChunk {
   uint64_t offset = 0;
@@ -165,8 +202,8 @@ struct ReadChunk {
 };
 // The one READ reply chunk encoder: an OFFSET_HOLE chunk, or an OFFSET_DATA
 // chunk's header and offset (the caller sends its `length` bytes after it).
-void encode_read_chunk(Bytes& out, uint64_t cookie, bool done, const ReadChunk& chunk);
-void encode_done(Bytes& out, uint64_t cookie);
+void encode_read_chunk(Bytes& out, uint64_t cookie, bool done, const ReadChunk& chunk, const ReplyForm& form = {});
+void encode_done(Bytes& out, uint64_t cookie, const ReplyForm& form = {});
 
 // ---- Request validation ----------------------------------------------------
 
@@ -178,12 +215,17 @@ struct TransmissionLimits {
   uint32_t max_payload = 1 << 25;  // largest READ/WRITE length
   bool structured_replies = false;
   bool has_meta_contexts = false;  // SET_META_CONTEXT selected at least one
+  bool extended_headers = false;   // WRITE then may carry NBD_CMD_FLAG_PAYLOAD_LEN
 };
 
 // Returns 0 if the request may go upstream, else the NBD error to reply with
 // (EINVAL for malformed requests, ENOSPC for a WRITE or WRITE_ZEROES past the
 // end, EPERM for writes to a read-only export, EOVERFLOW for a DF read larger
-// than one chunk could hold).
+// than one chunk could hold). With extended headers a WRITE may carry
+// NBD_CMD_FLAG_PAYLOAD_LEN (the spec says it must, but qemu's client, 8.2 to
+// 10 at least, omits it and qemu-nbd accepts that: so does bscache); any
+// other command carrying it is refused (the session consumes and decodes
+// BLOCK_STATUS's payload and clears the flag before validating).
 uint32_t validate_request(const RequestHeader& request, const TransmissionLimits& limits);
 
 const char* command_name(uint16_t type);

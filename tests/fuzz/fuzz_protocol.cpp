@@ -1,12 +1,14 @@
 // libFuzzer target: the handshake state machine and the request decoder and
 // validator, fed the bytes a hostile client could send; and the reply parser,
 // fed the same bytes as a hostile upstream's replies. What is decoded must
-// re-encode to the same bytes through the one request encoder and flag map.
+// re-encode to the same bytes through the one request encoder (compact
+// requests: extended ones bscache only reads) and flag map.
 //
 // Input layout: 4 bytes of client flags, then options as (option u32,
-// length u32, payload) until the handshake ends, then 24-byte requests (the
-// fuzzer does not have to guess the magic numbers: they are filled in, the
-// parsers are also fed the raw bytes to check they reject bad magic safely).
+// length u32, payload) until the handshake ends, then requests: 24 bytes each,
+// or 28 once extended headers were negotiated (the fuzzer does not have to
+// guess the magic numbers: they are filled in, the parsers are also fed the
+// raw bytes to check they reject bad magic safely).
 // The top two bits of the client flags (which the real driver refuses before
 // any option) choose --tls off/on/require; STARTTLS is taken as a TLS
 // handshake that succeeded, so the fuzzer explores both sides of it.
@@ -86,6 +88,10 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   // The raw bytes must never crash any decoder.
   wire::decode_option_header(input.first(std::min<size_t>(size, wire::kOptionHeaderSize)));
   wire::decode_request_header(input.first(std::min<size_t>(size, wire::kRequestHeaderSize)));
+  wire::decode_extended_request_header(input.first(std::min<size_t>(size, wire::kExtendedRequestHeaderSize)));
+  if (auto filter = wire::decode_block_status_payload(input)) {
+    if (8 + 4 * filter->context_ids.size() != size || filter->context_ids.empty()) __builtin_trap();
+  }
   wire::decode_info_request(input);
   wire::decode_meta_context_request(input);
   // What upstream sends back when bscache lists its exports itself.
@@ -129,18 +135,30 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     if (outcome == proxy::OptionOutcome::Transmission) break;
   }
   const wire::TransmissionLimits limits = proxy::transmission_limits(info, handshake.negotiated());
-  while (size - pos >= 24) {
+  const bool extended = handshake.negotiated().extended_headers;
+  if (extended && !handshake.negotiated().structured_replies) __builtin_trap();  // extended replies are chunks
+  const size_t body = extended ? wire::kExtendedRequestHeaderSize - 4 : wire::kRequestHeaderSize - 4;
+  while (size - pos >= body) {
     wire::Bytes request;
-    wire::put_u32(request, wire::kRequestMagic);
-    request.insert(request.end(), data + pos, data + pos + 24);
-    pos += 24;
-    auto header = wire::decode_request_header(request);
+    wire::put_u32(request, extended ? wire::kExtendedRequestMagic : wire::kRequestMagic);
+    request.insert(request.end(), data + pos, data + pos + body);
+    pos += body;
+    auto header = extended ? wire::decode_extended_request_header(request) : wire::decode_request_header(request);
     if (!header) __builtin_trap();
-    const wire::RequestBytes again = wire::encode_request(*header);
-    if (!std::equal(again.begin(), again.end(), request.begin(), request.end())) __builtin_trap();
+    // The one request encoder writes compact headers (what bscache sends
+    // upstream): a compact request re-encodes to its bytes; an extended one,
+    // never sent by bscache, is checked by its decoder alone.
+    if (!extended) {
+      const wire::RequestBytes again = wire::encode_request(*header);
+      if (!std::equal(again.begin(), again.end(), request.begin(), request.end())) __builtin_trap();
+    }
     const uint16_t flags = wire::CommandFlags::from_wire(header->flags).to_wire();
     if ((flags & ~header->flags) != 0 || wire::CommandFlags::from_wire(flags).to_wire() != flags) __builtin_trap();
     const uint32_t error = wire::validate_request(*header, limits);
+    // A WRITE's data must be bounded by the maximum payload, whatever header carried it.
+    if (error == 0 && header->type == wire::kCmdWrite && header->length > limits.max_payload) __builtin_trap();
+    // The payload flag is valid on WRITE alone (BLOCK_STATUS's is cleared by the session before validation).
+    if (error == 0 && (header->flags & wire::kCmdFlagPayloadLen) && header->type != wire::kCmdWrite) __builtin_trap();
     // What validation lets through must really be inside the export.
     if (error == 0 && header->type != wire::kCmdFlush &&
         (header->offset > info.size || header->length > info.size - header->offset)) {

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # qemu 10 as a client (from bookworm-backports, fetched by scripts/qemu10.sh
-# into a private prefix): it asks for extended headers first (bscache refuses
-# them and it falls back), then map, write -z, convert and compare through
-# bscache must agree with the upstream itself.
+# into a private prefix): it negotiates extended headers with bscache (see
+# test_extended_headers for what they carry), then map, write -z, convert and
+# compare through bscache must agree with the upstream itself.
 source "$(dirname "$0")/lib.sh"
 root=$(cd "$(dirname "$0")/../.." && pwd)
 bin=${QEMU10_PREFIX:-$root/.cache/qemu10}/bin

@@ -78,36 +78,48 @@ struct Chunk {
   bool operator==(const Chunk&) const = default;
 };
 
-std::vector<Chunk> decode_chunks(wire::ByteSpan reply, uint64_t cookie) {
+// Either form: BLOCK_STATUS chunks under structured headers, or
+// BLOCK_STATUS_EXT chunks under extended headers (which echo the request's
+// offset, `offset`).
+std::vector<Chunk> decode_chunks(wire::ByteSpan reply, uint64_t cookie, uint64_t offset = 0) {
   std::vector<Chunk> chunks;
   wire::ByteReader in(reply);
   while (in.remaining() > 0) {
-    const auto magic = in.u32();
-    const auto flags = in.u16();
-    const auto type = in.u16();
-    const auto chunk_cookie = in.u64();
-    const auto length = in.u32();
-    const auto context_id = in.u32();
-    EXPECT_EQ(magic.value_or(0), wire::kStructuredReplyMagic);
-    EXPECT_EQ(type.value_or(0), wire::kReplyTypeBlockStatus);
-    EXPECT_EQ(chunk_cookie.value_or(0), cookie);
-    if (!flags || !length || !context_id || *length < 4) {
+    const uint32_t magic = in.u32().value_or(0);
+    const bool extended = magic == wire::kExtendedReplyMagic;
+    if (!extended) {
+      EXPECT_EQ(magic, wire::kStructuredReplyMagic);
+    }
+    const uint16_t flags = in.u16().value_or(0);
+    const uint16_t type = in.u16().value_or(0);
+    EXPECT_EQ(in.u64().value_or(0), cookie);
+    if (extended) {
+      EXPECT_EQ(in.u64().value_or(~offset), offset);
+    }
+    const uint64_t length = extended ? in.u64().value_or(0) : in.u32().value_or(0);
+    const uint32_t context_id = in.u32().value_or(0);
+    const uint32_t count = extended ? in.u32().value_or(0) : 0;
+    EXPECT_EQ(type, extended ? wire::kReplyTypeBlockStatusExt : wire::kReplyTypeBlockStatus);
+    if (context_id == 0 || length < (extended ? 8u : 4u)) {
       ADD_FAILURE() << "truncated chunk";
       break;
     }
-    Chunk chunk{.done = (*flags & wire::kReplyFlagDone) != 0, .context_id = *context_id, .descriptors = {}};
-    for (uint32_t i = 0; i < (*length - 4) / 8; ++i) {
-      const auto extent = in.u32();
-      const auto state = in.u32();
-      if (!extent || !state) break;
-      chunk.descriptors.push_back({*extent, *state});
+    Chunk chunk{.done = (flags & wire::kReplyFlagDone) != 0, .context_id = context_id, .descriptors = {}};
+    const uint64_t n = extended ? (length - 8) / 16 : (length - 4) / 8;
+    if (extended) {
+      EXPECT_EQ(count, n);
+    }
+    for (uint64_t i = 0; i < n && in.remaining() > 0; ++i) {
+      const uint64_t extent = extended ? in.u64().value_or(0) : in.u32().value_or(0);
+      const uint64_t state = extended ? in.u64().value_or(0) : in.u32().value_or(0);
+      chunk.descriptors.push_back({extent, static_cast<uint32_t>(state)});
     }
     chunks.push_back(std::move(chunk));
   }
   return chunks;
 }
 
-wire::RequestHeader block_status_request(uint64_t offset, uint32_t length, bool req_one) {
+wire::RequestHeader block_status_request(uint64_t offset, uint64_t length, bool req_one) {
   static uint64_t cookie = 0;
   return {.flags = req_one ? wire::kCmdFlagReqOne : uint16_t{0},
           .type = wire::kCmdBlockStatus,
@@ -120,15 +132,16 @@ class BlockStatusServiceTest : public ::testing::Test {
  protected:
   explicit BlockStatusServiceTest(bool prefetch = false,
                                   std::vector<std::string> upstream_contexts = {"base:allocation"},
-                                  policy::CoherenceMode coherence = policy::CoherenceMode::Exclusive) {
+                                  policy::CoherenceMode coherence = policy::CoherenceMode::Exclusive,
+                                  uint64_t size = 64 * kMiB, uint64_t max_window = 16 * kMiB) {
     UpstreamInfo upstream;
-    upstream.size = 64 * kMiB;
+    upstream.size = size;
     upstream.contexts = std::move(upstream_contexts);
     info = make_export_info(upstream, false);
     BlockStatusConfig config;
     config.coherence.mode = coherence;
     config.prefetch.enabled = prefetch;
-    config.max_window = 16 * kMiB;
+    config.max_window = max_window;
     config.limits.allocation_granularity = uint64_t{64} * 1024;
     service = std::make_unique<BlockStatusService>(io, fake, info, config, metrics);
     select({"base:allocation"});
@@ -154,7 +167,7 @@ class BlockStatusServiceTest : public ::testing::Test {
     std::vector<Chunk> chunks;
     std::vector<Descriptor> answer;  // the base:allocation chunk's, when that is the one context
   };
-  std::shared_ptr<Pending> ask_after_miss(uint64_t offset, uint32_t length, bool req_one) {
+  std::shared_ptr<Pending> ask_after_miss(uint64_t offset, uint64_t length, bool req_one) {
     auto pending = std::make_shared<Pending>();
     asio::co_spawn(
         io,
@@ -162,7 +175,7 @@ class BlockStatusServiceTest : public ::testing::Test {
           auto reply = co_await service->answer(client, request);
           pending->error = reply.error;
           pending->message = reply.message;
-          pending->chunks = decode_chunks(reply.chunks, request.cookie);
+          pending->chunks = decode_chunks(reply.chunks, request.cookie, request.offset);
           if (pending->chunks.size() == 1) pending->answer = pending->chunks[0].descriptors;
           pending->done = true;
         },
@@ -174,11 +187,11 @@ class BlockStatusServiceTest : public ::testing::Test {
     io.restart();
     io.poll();
   }
-  std::optional<std::vector<Descriptor>> hit(uint64_t offset, uint32_t length, bool req_one) {
+  std::optional<std::vector<Descriptor>> hit(uint64_t offset, uint64_t length, bool req_one) {
     const auto request = block_status_request(offset, length, req_one);
     wire::Bytes reply;
     if (!service->try_answer(client, request, reply)) return std::nullopt;
-    const auto chunks = decode_chunks(reply, request.cookie);
+    const auto chunks = decode_chunks(reply, request.cookie, request.offset);
     EXPECT_EQ(chunks.size(), 1u);
     if (chunks.size() != 1) return std::nullopt;
     EXPECT_TRUE(chunks[0].done);
@@ -210,6 +223,40 @@ TEST_F(BlockStatusServiceTest, AMissFetchesOneWindowWithoutReqOneAndLaterQueries
   EXPECT_EQ(hit(kMiB, 2 * kMiB, true), (std::vector<Descriptor>{{kMiB, kHoleZero}}));
   EXPECT_EQ(hit(0, 3 * kMiB, false), (std::vector<Descriptor>{{kMiB, 0}, {kMiB, kHoleZero}, {kMiB, 0}}));
   EXPECT_EQ(fake.calls.size(), 1u);
+}
+
+// An extended-headers client's queries are 64-bit; upstream's are not.
+class LongQueryTest : public BlockStatusServiceTest {
+ protected:
+  LongQueryTest()
+      : BlockStatusServiceTest(false, {"base:allocation"}, policy::CoherenceMode::Exclusive, kGiB * 64,
+                               policy::kMaxRequestLength) {
+    client.extended_headers = true;
+  }
+  static constexpr uint64_t kGiB = uint64_t{1} << 30;
+};
+
+TEST_F(LongQueryTest, AMissLongerThanUpstreamTakesIsAnsweredForOneWindow) {
+  auto first = ask_after_miss(0, 16 * kGiB, false);
+  ASSERT_EQ(fake.calls.size(), 1u);
+  const uint64_t window = fake.calls[0]->length;
+  EXPECT_LE(window, policy::kMaxRequestLength) << "one window, within upstream's 32 bits";
+  EXPECT_GT(window, 4 * kGiB - kMiB);
+  fake.answer(0, {{window, kHoleZero}});
+  settle();
+  ASSERT_TRUE(first->done);
+  EXPECT_EQ(first->answer, (std::vector<Descriptor>{{window, kHoleZero}})) << "less than asked";
+  auto second = ask_after_miss(window, 16 * kGiB, false);
+  settle();
+  ASSERT_EQ(fake.calls.size(), 2u);
+  EXPECT_EQ(fake.calls[1]->offset, window);
+  fake.answer(1, {{fake.calls[1]->length, kHoleZero}});
+  settle();
+  ASSERT_TRUE(second->done);
+  // Both windows, joined: one REQ_ONE descriptor longer than 4 GiB, within what was asked.
+  EXPECT_EQ(hit(0, 16 * kGiB, true), (std::vector<Descriptor>{{window + fake.calls[1]->length, kHoleZero}}));
+  EXPECT_EQ(hit(0, 5 * kGiB, true), (std::vector<Descriptor>{{5 * kGiB, kHoleZero}}));
+  EXPECT_EQ(fake.calls.size(), 2u);
 }
 
 TEST_F(BlockStatusServiceTest, ClientsMissingInOneWindowShareOneFetch) {
@@ -375,6 +422,48 @@ TEST_F(PassthroughTest, AnUnalignedQueryIsAskedAsWholeBlocksAndCutBack) {
                                                {true, context_id("base:allocation"), {{1024, kHoleZero}}}}));
 }
 
+// An extended-headers client's payload filter: only the contexts it names are
+// answered, in BLOCK_STATUS_EXT chunks; base:allocation alone comes from the cache.
+TEST_F(PassthroughTest, AFilterAnswersOnlyTheContextsItNames) {
+  client.extended_headers = true;
+  const uint32_t dirty = context_id("qemu:dirty-bitmap:b");
+  const uint32_t base = context_id("base:allocation");
+  EXPECT_EQ(context_mask(client, std::vector<uint32_t>{dirty}), uint64_t{1});
+  EXPECT_EQ(context_mask(client, std::vector<uint32_t>{base, dirty}), uint64_t{0}) << "all of them: no filter";
+  EXPECT_FALSE(context_mask(client, std::vector<uint32_t>{dirty, dirty})) << "named twice";
+  EXPECT_FALSE(context_mask(client, std::vector<uint32_t>{0}));
+  EXPECT_FALSE(context_mask(client, std::vector<uint32_t>{99}));
+
+  auto request = block_status_request(0, 8192, false);
+  request.context_mask = 1;  // the dirty bitmap alone
+  BlockStatusReply reply;
+  asio::co_spawn(
+      io, [&]() -> awaitable<void> { reply = co_await service->answer(client, request); }, asio::detached);
+  settle();
+  ASSERT_EQ(fake.calls.size(), 1u);
+  fake.answer_contexts(0, {"base:allocation", "qemu:dirty-bitmap:b"}, {{{8192, 0}}, {{8192, kDirty}}});
+  settle();
+  EXPECT_EQ(decode_chunks(reply.chunks, request.cookie, 0), (std::vector<Chunk>{{true, dirty, {{8192, kDirty}}}}))
+      << "the one chunk is the last";
+
+  request = block_status_request(0, 8192, false);
+  request.context_mask = 2;  // base:allocation alone: the cache's
+  reply = {};
+  asio::co_spawn(
+      io, [&]() -> awaitable<void> { reply = co_await service->answer(client, request); }, asio::detached);
+  settle();
+  ASSERT_EQ(fake.calls.size(), 2u);
+  EXPECT_EQ(fake.calls[1]->length, 16 * kMiB) << "a window fetch, not a pass-through";
+  fake.answer(1, {{16 * kMiB, kHoleZero}});
+  settle();
+  EXPECT_EQ(decode_chunks(reply.chunks, request.cookie, 0), (std::vector<Chunk>{{true, base, {{8192, kHoleZero}}}}));
+  wire::Bytes hit_reply;
+  request = block_status_request(4096, 4096, true);
+  request.context_mask = 2;
+  ASSERT_TRUE(service->try_answer(client, request, hit_reply));
+  EXPECT_EQ(decode_chunks(hit_reply, request.cookie, 4096), (std::vector<Chunk>{{true, base, {{4096, kHoleZero}}}}));
+}
+
 // An upstream without base:allocation: bscache offers it, and it is all data.
 class SynthesizedTest : public BlockStatusServiceTest {
  protected:
@@ -423,36 +512,40 @@ TEST_F(CoherenceOffTest, EveryQueryIsAskedAsItCameAndNothingIsKept) {
 // allocation unit) with 32-bit requests, the whole export with extended headers.
 TEST(BlockStatusServiceWindow, FollowsTheLongestRequestUpstreamTakes) {
   for (const bool extended : {false, true}) {
-    SCOPED_TRACE(extended ? "extended headers" : "32-bit requests");
-    asio::io_context io;
-    ScriptedUpstream fake{io};
-    UpstreamInfo upstream;
-    upstream.size = uint64_t{16} << 30;
-    upstream.min_block = 512;
-    upstream.contexts = {"base:allocation"};
-    if (extended) upstream.max_block_status_length = UINT64_MAX;
-    const ExportInfo info = make_export_info(upstream, false);
-    BlockStatusConfig config;
-    config.prefetch.enabled = false;
-    Metrics metrics;
-    BlockStatusService service(io, fake, info, config, metrics);
-    const std::vector<uint32_t> selected{static_cast<uint32_t>(info.base_allocation)};
-    const BlockStatusClient client{.offered = &info, .selected = selected, .align = 1};
-    const auto request = block_status_request(0, 4096, true);
-    BlockStatusReply reply;
-    reply.error = -1;
-    asio::co_spawn(
-        io, [&]() -> awaitable<void> { reply = co_await service.answer(client, request); }, asio::detached);
-    io.poll();
-    ASSERT_EQ(fake.calls.size(), 1u);
-    EXPECT_EQ(fake.calls[0]->length, extended ? upstream.size : uint64_t{0xffff0000u});
-    fake.answer(0, {{0xffff0000u, kHoleZero}});
-    io.restart();
-    io.poll();
-    EXPECT_EQ(reply.error, 0);
-    const auto chunks = decode_chunks(reply.chunks, request.cookie);
-    ASSERT_EQ(chunks.size(), 1u);
-    EXPECT_EQ(chunks[0].descriptors, (std::vector<Descriptor>{{4096, kHoleZero}}));
+    for (const bool client_extended : {false, true}) {  // the client's headers do not matter
+      SCOPED_TRACE(extended ? "extended headers" : "32-bit requests");
+      SCOPED_TRACE(client_extended ? "client with extended headers" : "compact client");
+      asio::io_context io;
+      ScriptedUpstream fake{io};
+      UpstreamInfo upstream;
+      upstream.size = uint64_t{16} << 30;
+      upstream.min_block = 512;
+      upstream.contexts = {"base:allocation"};
+      if (extended) upstream.max_block_status_length = UINT64_MAX;
+      const ExportInfo info = make_export_info(upstream, false);
+      BlockStatusConfig config;
+      config.prefetch.enabled = false;
+      Metrics metrics;
+      BlockStatusService service(io, fake, info, config, metrics);
+      const std::vector<uint32_t> selected{static_cast<uint32_t>(info.base_allocation)};
+      const BlockStatusClient client{
+          .offered = &info, .selected = selected, .align = 1, .extended_headers = client_extended};
+      const auto request = block_status_request(0, 4096, true);
+      BlockStatusReply reply;
+      reply.error = -1;
+      asio::co_spawn(
+          io, [&]() -> awaitable<void> { reply = co_await service.answer(client, request); }, asio::detached);
+      io.poll();
+      ASSERT_EQ(fake.calls.size(), 1u);
+      EXPECT_EQ(fake.calls[0]->length, extended ? upstream.size : uint64_t{0xffff0000u});
+      fake.answer(0, {{0xffff0000u, kHoleZero}});
+      io.restart();
+      io.poll();
+      EXPECT_EQ(reply.error, 0);
+      const auto chunks = decode_chunks(reply.chunks, request.cookie);
+      ASSERT_EQ(chunks.size(), 1u);
+      EXPECT_EQ(chunks[0].descriptors, (std::vector<Descriptor>{{4096, kHoleZero}}));
+    }
   }
 }
 

@@ -63,6 +63,10 @@ TEST(FetchWindow, ALargeQueryWithoutReqOneIsFetchedAsItCame) {
   EXPECT_EQ(window_for_miss(1 * MiB, 256 * KiB, false, planned), planned) << "inside the window";
   EXPECT_EQ(window_for_miss(1 * MiB + 4096, 1 * GiB, false, planned), (FetchWindow{1 * MiB + 4096, 1 * GiB}))
       << "past the window: one upstream call of the client's shape";
+  EXPECT_EQ(window_for_miss(1 * MiB, 16 * GiB, false, planned), planned)
+      << "longer than one upstream request carries (an extended-headers client's): the cache's window";
+  EXPECT_EQ(window_for_miss(1 * MiB, 16 * GiB, false, planned, UINT64_MAX), (FetchWindow{1 * MiB, 16 * GiB}))
+      << "an upstream connection with extended headers carries it: the client's shape, whatever its headers";
 }
 
 TEST(Capacity, ParsesByteSizes) {

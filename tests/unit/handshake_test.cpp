@@ -78,15 +78,119 @@ TEST_F(HandshakeTest, UnknownOptionIsUnsupportedAndNegotiationContinues) {
   EXPECT_EQ(r[0].type, kRepErrUnsup);
 }
 
-TEST_F(HandshakeTest, StartTlsIsRefusedByPolicyAndExtendedHeadersUnsupported) {
+TEST_F(HandshakeTest, StartTlsIsRefusedByPolicy) {
   Handshake h(info, true);
   Bytes out;
   EXPECT_EQ(h.handle(kOptStartTls, {}, out), OptionOutcome::Continue);
+  auto r = replies(out);
+  ASSERT_EQ(r.size(), 1u);
+  EXPECT_EQ(r[0].type, kRepErrPolicy);
+}
+
+// ---- Extended headers ------------------------------------------------------
+
+TEST_F(HandshakeTest, ExtendedHeadersAreAcknowledgedAndImplyStructuredReplies) {
+  Handshake h(info, true);
+  Bytes out;
   EXPECT_EQ(h.handle(kOptExtendedHeaders, {}, out), OptionOutcome::Continue);
   auto r = replies(out);
-  ASSERT_EQ(r.size(), 2u);
-  EXPECT_EQ(r[0].type, kRepErrPolicy);
-  EXPECT_EQ(r[1].type, kRepErrUnsup);
+  ASSERT_EQ(r.size(), 1u);
+  EXPECT_EQ(r[0].option, uint32_t{kOptExtendedHeaders});
+  EXPECT_EQ(r[0].type, kRepAck);
+  EXPECT_TRUE(h.negotiated().extended_headers);
+  EXPECT_TRUE(h.negotiated().structured_replies);
+  // SET_META_CONTEXT needs no STRUCTURED_REPLY after them.
+  out.clear();
+  h.handle(kOptSetMetaContext, meta_request({"base:allocation"}), out);
+  EXPECT_EQ(replies(out).back().type, kRepAck);
+  EXPECT_EQ(h.negotiated().contexts, (std::vector<uint32_t>{0}));
+}
+
+TEST_F(HandshakeTest, ExtendedHeadersWithAPayloadOrTwiceAreInvalid) {
+  Handshake h(info, true);
+  Bytes out;
+  const Bytes junk{1, 2, 3, 4};
+  h.handle(kOptExtendedHeaders, junk, out);
+  EXPECT_FALSE(h.negotiated().extended_headers);
+  h.handle(kOptExtendedHeaders, {}, out);
+  h.handle(kOptExtendedHeaders, {}, out);
+  auto r = replies(out);
+  ASSERT_EQ(r.size(), 3u);
+  EXPECT_EQ(r[0].type, kRepErrInvalid);
+  EXPECT_EQ(r[1].type, kRepAck);
+  EXPECT_EQ(r[2].type, kRepErrInvalid);
+  EXPECT_TRUE(h.negotiated().extended_headers);
+}
+
+TEST_F(HandshakeTest, StructuredReplyAfterExtendedHeadersIsExtHeaderReqd) {
+  Handshake h(info, true);
+  Bytes out;
+  h.handle(kOptStructuredReply, {}, out);  // before: allowed, and extended headers still may follow
+  h.handle(kOptExtendedHeaders, {}, out);
+  h.handle(kOptStructuredReply, {}, out);
+  auto r = replies(out);
+  ASSERT_EQ(r.size(), 3u);
+  EXPECT_EQ(r[0].type, kRepAck);
+  EXPECT_EQ(r[1].type, kRepAck);
+  EXPECT_EQ(r[2].type, kRepErrExtHeaderReqd);
+  EXPECT_TRUE(h.negotiated().extended_headers);
+}
+
+TEST_F(HandshakeTest, ExportNameAfterExtendedHeadersCloses) {
+  Handshake h(info, true);
+  Bytes out;
+  h.handle(kOptExtendedHeaders, {}, out);
+  out.clear();
+  EXPECT_EQ(h.handle(kOptExportName, {}, out), OptionOutcome::Close);
+  EXPECT_TRUE(out.empty()) << "EXPORT_NAME has no error reply";
+}
+
+TEST_F(HandshakeTest, TlsForgetsExtendedHeaders) {
+  Handshake h(info, true, TlsMode::On);
+  Bytes out;
+  h.handle(kOptExtendedHeaders, {}, out);
+  EXPECT_EQ(h.handle(kOptStartTls, {}, out), OptionOutcome::StartTls);
+  h.tls_started();
+  EXPECT_FALSE(h.negotiated().extended_headers);
+  EXPECT_FALSE(h.negotiated().structured_replies);
+}
+
+TEST_F(HandshakeTest, RequireRefusesExtendedHeadersBeforeTls) {
+  Handshake h(info, true, TlsMode::Require);
+  Bytes out;
+  h.handle(kOptExtendedHeaders, {}, out);
+  EXPECT_EQ(replies(out)[0].type, kRepErrTlsReqd);
+  EXPECT_FALSE(h.negotiated().extended_headers);
+}
+
+// NBD_FLAG_BLOCK_STATUS_PAYLOAD: only with extended headers and selected contexts.
+TEST_F(HandshakeTest, BlockStatusPayloadIsOfferedOnlyWithExtendedHeadersAndContexts) {
+  const auto go_flags = [](Handshake& h) {
+    Bytes out;
+    EXPECT_EQ(h.handle(kOptGo, go_request(), out), OptionOutcome::Transmission);
+    const auto r = replies(out);
+    ByteReader exp(r[0].payload);
+    exp.u16();
+    exp.u64();
+    return *exp.u16();
+  };
+  Bytes out;
+  Handshake structured(info, true);
+  structured.handle(kOptStructuredReply, {}, out);
+  structured.handle(kOptSetMetaContext, meta_request({"base:allocation"}), out);
+  EXPECT_FALSE(go_flags(structured) & kTxBlockStatusPayload);
+
+  Handshake no_contexts(info, true);
+  no_contexts.handle(kOptExtendedHeaders, {}, out);
+  EXPECT_FALSE(go_flags(no_contexts) & kTxBlockStatusPayload);
+
+  Handshake extended(info, true);
+  extended.handle(kOptExtendedHeaders, {}, out);
+  extended.handle(kOptSetMetaContext, meta_request({"base:allocation", "qemu:allocation-depth"}), out);
+  EXPECT_TRUE(go_flags(extended) & kTxBlockStatusPayload);
+  const TransmissionLimits limits = transmission_limits(info, extended.negotiated());
+  EXPECT_TRUE(limits.extended_headers);
+  EXPECT_TRUE(limits.tx_flags & kTxBlockStatusPayload);
 }
 
 TEST_F(HandshakeTest, SetMetaContextNeedsStructuredRepliesFirst) {

@@ -166,6 +166,78 @@ TEST(WireCodec, Replies) {
   EXPECT_EQ(out, hex({0x66, 0x8e, 0x33, 0xef, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9, 0, 0, 0, 0}));
 }
 
+// ---- Extended headers ------------------------------------------------------
+
+TEST(WireCodec, ExtendedRequestHeaderCarriesA64BitLength) {
+  Bytes in =
+      hex({0x21, 0xe4, 0x1c, 0x71, 0, 8, 0, 7, 0, 0, 0, 0, 0, 0, 0, 0x2a,  // magic, REQ_ONE, BLOCK_STATUS, cookie
+           0,    0,    0,    1,    0, 0, 0, 0,                             // offset 4 GiB
+           0,    0,    1,    0,    0, 0, 0, 0});                           // length 1 TiB
+  auto h = decode_extended_request_header(in);
+  ASSERT_TRUE(h);
+  EXPECT_EQ(h->flags, kCmdFlagReqOne);
+  EXPECT_EQ(h->type, kCmdBlockStatus);
+  EXPECT_EQ(h->cookie, 42u);
+  EXPECT_EQ(h->offset, uint64_t{1} << 32);
+  EXPECT_EQ(h->length, uint64_t{1} << 40);
+  EXPECT_FALSE(decode_request_header(ByteSpan(in).first(kRequestHeaderSize))) << "not a compact header";
+  EXPECT_FALSE(decode_extended_request_header(ByteSpan(in).first(31)));
+  in[0] = 0x25;
+  EXPECT_FALSE(decode_extended_request_header(in));
+}
+
+TEST(WireCodec, ExtendedRepliesEchoTheOffsetWith64BitLengths) {
+  const ReplyForm form{.extended = true, .request_offset = 0x1122334455667788};
+  Bytes out;
+  encode_done(out, 9, form);
+  EXPECT_EQ(out, hex({0x6e, 0x8a, 0x27, 0x8c, 0,    1,    0,    0,    0, 0, 0, 0, 0, 0, 0, 9,
+                      0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, 0, 0, 0, 0, 0, 0, 0, 0}));
+  out.clear();
+  encode_error_chunk(out, 9, true, 5, "io", form);
+  ASSERT_EQ(out.size(), kExtendedReplyHeaderSize + 8);
+  EXPECT_EQ(Bytes(out.begin() + 4, out.begin() + 8), hex({0, 1, 0x80, 1}));
+  EXPECT_EQ(Bytes(out.begin() + 24, out.end()), hex({0, 0, 0, 0, 0, 0, 0, 8, 0, 0, 0, 5, 0, 2, 'i', 'o'}));
+  out.clear();
+  encode_offset_data_header(out, 9, false, 0x1122334455667788 + 512, 4096, form);
+  ASSERT_EQ(out.size(), kExtendedReplyHeaderSize + 8);
+  EXPECT_EQ(Bytes(out.begin() + 4, out.begin() + 8), hex({0, 0, 0, 1}));
+  EXPECT_EQ(Bytes(out.begin() + 24, out.begin() + 32), hex({0, 0, 0, 0, 0, 0, 0x10, 8}));
+  out.clear();
+  encode_offset_hole(out, 9, true, 0x1122334455667788, 512, form);
+  EXPECT_EQ(out.size(), kExtendedReplyHeaderSize + 12);
+}
+
+TEST(WireCodec, BlockStatusExtCarriesACountAnd64BitDescriptors) {
+  const ReplyForm form{.extended = true, .request_offset = 0};
+  const std::vector<Descriptor> one_tib_hole = {{uint64_t{1} << 40, kStateHole | kStateZero}};
+  Bytes out;
+  encode_block_status_chunk(out, 7, true, 1, one_tib_hole, form);
+  EXPECT_EQ(out, hex({0x6e, 0x8a, 0x27, 0x8c, 0, 1, 0, 6,  0, 0, 0, 0, 0, 0, 0, 7,  // DONE, BLOCK_STATUS_EXT, cookie
+                      0,    0,    0,    0,    0, 0, 0, 0,                           // offset
+                      0,    0,    0,    0,    0, 0, 0, 24,                          // 8 + 16 payload bytes
+                      0,    0,    0,    1,    0, 0, 0, 1,                           // context 1, one descriptor
+                      0,    0,    1,    0,    0, 0, 0, 0,                           // 1 TiB
+                      0,    0,    0,    0,    0, 0, 0, 3}));                        // hole, zero
+}
+
+TEST(WireCodec, BlockStatusPayloadIsAnEffectLengthAndContextIds) {
+  const Bytes two = hex({0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0, 3});
+  auto decoded = decode_block_status_payload(two);
+  ASSERT_TRUE(decoded);
+  EXPECT_EQ(decoded->effect_length, uint64_t{1} << 34);
+  EXPECT_EQ(decoded->context_ids, (std::vector<uint32_t>{1, 3}));
+  EXPECT_FALSE(decode_block_status_payload(ByteSpan(two).first(8))) << "no context";
+  EXPECT_FALSE(decode_block_status_payload(ByteSpan(two).first(14))) << "a partial id";
+  EXPECT_FALSE(decode_block_status_payload({}));
+}
+
+TEST(WireCodec, ClipKeepsAtMostTheSpecsDescriptorsPerChunk) {
+  const std::vector<Descriptor> many(kMaxDescriptorsPerChunk + 5, Descriptor{512, 0});
+  std::vector<Descriptor> out;
+  clip_descriptors(many, uint64_t{1} << 40, false, out);
+  EXPECT_EQ(out.size(), kMaxDescriptorsPerChunk);
+}
+
 TEST(WireCodec, ByteReaderNeverReadsPastTheEnd) {
   Bytes in = hex({1, 2, 3});
   ByteReader r(in);
@@ -190,6 +262,27 @@ class Validate : public ::testing::Test {
     return validate_request({flags, type, 1, offset, length}, limits);
   }
 };
+
+TEST_F(Validate, ExtendedHeadersTake64BitLengthsAndWritesMaySayPayloadLen) {
+  limits.export_size = uint64_t{1} << 44;
+  limits.extended_headers = true;
+  const uint64_t sixteen_gib = uint64_t{16} << 30;
+  EXPECT_EQ(validate_request({0, kCmdBlockStatus, 1, 0, sixteen_gib}, limits), 0u);
+  EXPECT_EQ(validate_request({kCmdFlagReqOne, kCmdBlockStatus, 1, 0, uint64_t{1} << 40}, limits), 0u);
+  EXPECT_EQ(validate_request({0, kCmdTrim, 1, 0, sixteen_gib}, limits), 0u);
+  EXPECT_EQ(validate_request({kCmdFlagFua, kCmdWriteZeroes, 1, 4096, sixteen_gib}, limits), 0u);
+  EXPECT_EQ(validate_request({0, kCmdCache, 1, 0, sixteen_gib}, limits), 0u);
+  EXPECT_EQ(validate_request({0, kCmdRead, 1, 0, sixteen_gib}, limits), kErrInval) << "READ stays bounded";
+  EXPECT_EQ(validate_request({kCmdFlagPayloadLen, kCmdWrite, 1, 0, 4096}, limits), 0u);
+  EXPECT_EQ(validate_request({0, kCmdWrite, 1, 0, 4096}, limits), 0u) << "qemu's client omits the flag";
+  EXPECT_EQ(validate_request({kCmdFlagPayloadLen, kCmdWrite, 1, 0, sixteen_gib}, limits), kErrInval);
+  EXPECT_EQ(validate_request({kCmdFlagPayloadLen, kCmdTrim, 1, 0, 4096}, limits), kErrInval);
+  EXPECT_EQ(validate_request({kCmdFlagPayloadLen, kCmdBlockStatus, 1, 0, 12}, limits), kErrInval)
+      << "a filter the session could not take";
+  EXPECT_EQ(validate_request({0, kCmdTrim, 1, (uint64_t{1} << 44) - 512, 1024}, limits), kErrInval) << "past the end";
+  limits.extended_headers = false;
+  EXPECT_EQ(check(kCmdWrite, 0, 4096, kCmdFlagPayloadLen), kErrInval) << "compact: no such flag";
+}
 
 TEST_F(Validate, EveryCommandWithGoodArguments) {
   EXPECT_EQ(check(kCmdRead, 0, 4096), 0u);
