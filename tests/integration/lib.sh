@@ -80,3 +80,15 @@ stats_count() {
   local file=$1 op=$2
   awk -v op="$op:" '$1 == op { print $2; found=1 } END { if (!found) print 0 }' "$file"
 }
+
+# qemu10_bin: the bin/ of qemu 10 fetched by scripts/qemu10.sh (or
+# $QEMU10_PREFIX); skips the test when it is absent, fails if it is not qemu 10.
+qemu10_bin() {
+  local root bin version
+  root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+  bin=${QEMU10_PREFIX:-$root/.cache/qemu10}/bin
+  [[ -x $bin/qemu-img ]] || skip "qemu 10 not fetched (scripts/qemu10.sh; it needs the Debian mirror)" >&2
+  version=$("$bin/qemu-img" --version | head -1)
+  [[ $version == *"version 10."* ]] || fail "$bin/qemu-img is not qemu 10: $version"
+  echo "$bin"
+}

@@ -8,11 +8,7 @@
 # here sends (BLOCK_STATUS_EXT read byte by byte, payload filtering, TRIM and
 # WRITE_ZEROES of 9 GiB, a 1 TiB REQ_ONE hit) is checked by extended_headers.py.
 source "$(dirname "$0")/lib.sh"
-root=$(cd "$(dirname "$0")/../.." && pwd)
-bin=${QEMU10_PREFIX:-$root/.cache/qemu10}/bin
-[[ -x $bin/qemu-img ]] || skip "qemu 10 not fetched (scripts/qemu10.sh; it needs the Debian mirror)"
-version=$("$bin/qemu-img" --version | head -1)
-[[ $version == *"version 10."* ]] || fail "$bin/qemu-img is not qemu 10: $version"
+bin=$(qemu10_bin) || exit $?
 probe=$(dirname "$0")/extended_headers.py
 gib=$((1 << 30))
 size=$((17 * gib))

@@ -4,11 +4,8 @@
 # test_extended_headers for what they carry), then map, write -z, convert and
 # compare through bscache must agree with the upstream itself.
 source "$(dirname "$0")/lib.sh"
-root=$(cd "$(dirname "$0")/../.." && pwd)
-bin=${QEMU10_PREFIX:-$root/.cache/qemu10}/bin
-[[ -x $bin/qemu-img ]] || skip "qemu 10 not fetched (scripts/qemu10.sh; it needs the Debian mirror)"
+bin=$(qemu10_bin) || exit $?
 version=$("$bin/qemu-img" --version | head -1)
-[[ $version == *"version 10."* ]] || fail "$bin/qemu-img is not qemu 10: $version"
 
 start_nbdkit up memory 64M
 start_bscache bs --upstream "$(uri up)"
