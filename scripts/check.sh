@@ -22,6 +22,12 @@ scripts/check-layering.sh
 
 database=$build_dir/compile_commands.json
 [[ -f $database ]] || { echo "check: $database missing: build first (scripts/build.sh)" >&2; exit 1; }
+# A unity build's compile commands name its generated unity files, not the sources.
+if grep -q '^BSCACHE_UNITY:BOOL=ON$' "$build_dir/CMakeCache.txt" 2>/dev/null; then
+  echo "check: $build_dir is a unity build (BSCACHE_UNITY, as scripts/test.sh makes it): clang-tidy needs" \
+    "one without (scripts/build.sh -DBSCACHE_UNITY=OFF, or another BUILD_DIR)" >&2
+  exit 1
+fi
 sources=()
 while IFS= read -r file; do
   relative=${file#"$root"/}

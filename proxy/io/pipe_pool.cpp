@@ -15,7 +15,7 @@
 namespace bscache::proxy {
 
 namespace {
-unsigned class_for(size_t bytes) {
+unsigned pipe_class_for(size_t bytes) {
   const size_t rounded = std::bit_ceil(std::max(bytes, PipePool::kSmallestClass));
   return static_cast<unsigned>(std::countr_zero(rounded) - std::countr_zero(PipePool::kSmallestClass));
 }
@@ -104,7 +104,7 @@ PipePool::PipePool(size_t max_idle, size_t max_open, std::chrono::milliseconds r
 
 std::optional<PooledPipe> PipePool::acquire(size_t bytes) {
   if (bytes == 0 || bytes > kMaxBytes) return std::nullopt;
-  const unsigned size_class = class_for(bytes);
+  const unsigned size_class = pipe_class_for(bytes);
   PooledPipe pipe;
   pipe.shelves_ = shelves_;
   pipe.size_class_ = size_class;

@@ -15,12 +15,14 @@
 
 #include "proxy/exports/block_status_service.hpp"
 
+#include "test_units.hpp"
+
 namespace bscache::proxy {
 namespace {
+using namespace bscache::test;
 
 using wire::Descriptor;
 constexpr uint64_t kMiB = uint64_t{1} << 20;
-constexpr uint32_t kHoleZero = 3;
 
 // A test double of our own interface: every call waits until answer() or fail().
 class ScriptedUpstream final : public BlockStatusUpstream {

@@ -7,11 +7,13 @@
 
 #include <random>
 
+#include "test_units.hpp"
+
 namespace bscache::cache {
 namespace {
+using namespace bscache::test;
 
 using namespace std::chrono_literals;
-constexpr uint64_t KiB = 1024, MiB = 1024 * KiB;
 
 std::vector<Extent> run(ExtentCache& c, uint64_t offset, uint64_t limit = ~uint64_t{0} >> 1, size_t max = 1000) {
   std::vector<Extent> out;

@@ -5,10 +5,11 @@
 #include "policy/capacity.hpp"
 #include "policy/fetch_window.hpp"
 
+#include "test_units.hpp"
+
 namespace bscache::policy {
 namespace {
-
-constexpr uint64_t KiB = 1024, MiB = 1024 * KiB, GiB = 1024 * MiB;
+using namespace bscache::test;
 
 TEST(Capacity, AWindowSharesTheCacheWithTheOneBeingReadAndThoseAhead) {
   EXPECT_EQ(window_extent_budget(16, 0), 8u);

@@ -8,10 +8,12 @@
 #include "proxy/io/client_memory.hpp"
 #include "proxy/io/loop_signal.hpp"
 
+#include "test_units.hpp"
+
 namespace bscache::proxy {
 namespace {
+using namespace bscache::test;
 
-constexpr size_t MiB = size_t{1} << 20;
 using Verdict = ClientMemory::Verdict;
 
 class Admission : public ::testing::Test {

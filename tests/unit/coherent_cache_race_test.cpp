@@ -5,11 +5,11 @@
 
 #include <gtest/gtest.h>
 
+#include "test_units.hpp"
+
 namespace bscache::cache {
 namespace {
-
-constexpr uint64_t KiB = 1024;
-constexpr uint32_t kHoleZero = 3, kZero = 2, kData = 0;
+using namespace bscache::test;
 
 class Race : public ::testing::Test {
  protected:

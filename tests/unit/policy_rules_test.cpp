@@ -5,11 +5,13 @@
 #include "policy/fetch_window.hpp"
 #include "policy/prefetch.hpp"
 
+#include "test_units.hpp"
+
 namespace bscache::policy {
 namespace {
+using namespace bscache::test;
 
 using namespace std::chrono_literals;
-constexpr uint64_t GiB = uint64_t{1} << 30;
 
 TEST(FetchWindow, LargestAlignedWindowClippedAtTheEnd) {
   EXPECT_EQ(plan_fetch(0, 64 * GiB, 512), (FetchWindow{0, uint64_t{0xffffffffu} / 512 * 512}));

@@ -7,12 +7,13 @@
 #include "cache/coherent_cache.hpp"
 #include "cache/extent_cache.hpp"
 
+#include "test_units.hpp"
+
 namespace bscache::cache {
 namespace {
+using namespace bscache::test;
 
 using namespace std::chrono_literals;
-constexpr uint64_t KiB = 1024, MiB = 1024 * KiB;
-constexpr uint32_t kHoleZero = 3, kZero = 2, kData = 0;
 
 class Ttl : public ::testing::Test {
  protected:
