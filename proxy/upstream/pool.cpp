@@ -162,6 +162,7 @@ UpstreamPool::~UpstreamPool() {
   alive_.reset();        // what the threads posted and the loop has not run yet finds the pool gone
   connections_.clear();  // joins every connection's thread
   metrics_.upstream_connections = 0;
+  metrics_.upstream_extended_headers = 0;
 }
 
 size_t UpstreamPool::connections_up() const {
