@@ -53,7 +53,8 @@ nbdsh_at() {
 
 # Which libnbd this bscache runs with decides how long its windows may be.
 bscache_libnbd=$(ldd "$BSCACHE" | awk '$1 ~ /^libnbd\.so/ { print $3 }')
-if [[ $bscache_libnbd == "$prefix"/* ]]; then wide=1; else wide=0; fi
+# Real paths: .cache/libnbd-new may be a symbolic link to another tree's build, and ldd names the target.
+if [[ $(realpath "$bscache_libnbd") == "$(realpath "$prefix")"/* ]]; then wide=1; else wide=0; fi
 echo "bscache runs with $bscache_libnbd"
 
 # fetched_windows LOG: the lengths of the block-status windows bscache fetched
