@@ -8,8 +8,9 @@
 
 namespace bscache::proxy {
 
-Export::Export(asio::io_context& io, std::string name, std::vector<NbdHandlePtr> handles, const UpstreamTarget& target,
-               const ExportSettings& settings, std::shared_ptr<Metrics> metrics, bool may_alias)
+Export::Export(asio::io_context& io, std::string name, std::vector<OpenedUpstream> handles,
+               const UpstreamTarget& target, const ExportSettings& settings, std::shared_ptr<Metrics> metrics,
+               bool may_alias)
     : name_(std::move(name)),
       may_alias_(may_alias),
       read_only_(settings.read_only),
@@ -17,7 +18,7 @@ Export::Export(asio::io_context& io, std::string name, std::vector<NbdHandlePtr>
       write_gate_(io) {
   if (handles.empty()) throw std::logic_error("Export: no upstream connection");
   // Checked before any connection thread starts.
-  info_ = make_export_info(read_upstream_info(handles.front().get()), read_only_);
+  info_ = make_export_info(handles.front().info, read_only_);
   if (settings.block_status.max_window < info_.min_block) {
     // A window must hold at least one whole block of the upstream's.
     throw ExportRefused("--fetch-window " + std::to_string(settings.block_status.max_window) +

@@ -39,7 +39,7 @@ class Export {
   // settings (a --fetch-window below its minimum block size).
   // `may_alias`: upstream does not list this name, so it may be another name
   // for a disk also served under a name upstream lists.
-  Export(asio::io_context& io, std::string name, std::vector<NbdHandlePtr> handles, const UpstreamTarget& target,
+  Export(asio::io_context& io, std::string name, std::vector<OpenedUpstream> handles, const UpstreamTarget& target,
          const ExportSettings& settings, std::shared_ptr<Metrics> metrics, bool may_alias = false);
   Export(const Export&) = delete;
   Export& operator=(const Export&) = delete;

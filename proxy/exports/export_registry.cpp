@@ -48,7 +48,7 @@ awaitable<Result> off_loop(boost::asio::thread_pool& pool, Job job) {
 
 // What the opener thread brings back for one name.
 struct ExportRegistry::Opened {
-  std::vector<NbdHandlePtr> handles;
+  std::vector<OpenedUpstream> handles;
   std::string canonical;  // the name upstream reports for it
   std::string error;      // set: refused, with upstream's message
   std::optional<UpstreamListing> listing;
@@ -124,7 +124,7 @@ std::shared_ptr<Metrics> ExportRegistry::metrics_for(const std::string& key) {
 void ExportRegistry::start() {
   if (limits_.mode == ExportsMode::Single) {
     auto handles = UpstreamPool::connect(target_, settings_.upstream);
-    const std::string name = read_upstream_info(handles.front().get()).export_name;
+    const std::string name = handles.front().info.export_name;
     single_ = std::make_shared<Export>(io_, name, std::move(handles), target_, settings_, metrics_for(name));
     single_->on_state_change([this] {
       if (on_state_) on_state_();
@@ -200,7 +200,7 @@ awaitable<ExportLookup> ExportRegistry::open(const std::string& name) {
       out.listing = refresh ? list_upstream_exports(target_) : cached;
       out.listing_known = true;
       out.handles = UpstreamPool::connect(target_for(name), settings_.upstream);
-      out.canonical = read_upstream_info(out.handles.front().get()).export_name;
+      out.canonical = out.handles.front().info.export_name;
     } catch (const std::exception& e) {
       out.error = e.what();
       out.handles.clear();

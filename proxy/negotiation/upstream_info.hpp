@@ -20,6 +20,9 @@ struct UpstreamInfo {
   // length carries, unless extended headers were negotiated through a libnbd
   // that has nbd_aio_block_status_64 (then no limit but the export's size).
   uint64_t max_block_status_length = 0xffffffffu;
+  // This connection's requests and replies use extended headers (32-byte,
+  // 64-bit lengths): negotiated by libnbd (>= 1.18) or by bscache itself.
+  bool extended_headers = false;
   std::string export_name;
   std::string description;
   std::vector<std::string> contexts;  // meta contexts negotiated upstream

@@ -45,6 +45,7 @@ void add_export_counters(Metrics& total, const Metrics& part) {
   total.ranges_updated += part.ranges_updated;
   total.upstream_reconnects += part.upstream_reconnects;
   total.upstream_connections += part.upstream_connections;
+  total.upstream_extended_headers += part.upstream_extended_headers;
   total.reads_spliced += part.reads_spliced;
   total.writes_spliced += part.writes_spliced;
   total.cache_bypassed += part.cache_bypassed;
@@ -81,6 +82,7 @@ void export_sections(nlohmann::json& doc, const Metrics& m, const CacheGauges& c
                      {"errors", by_op(m.upstream_errors)},
                      {"reconnects", m.upstream_reconnects},
                      {"connections", m.upstream_connections},
+                     {"extended_headers", m.upstream_extended_headers},
                      {"reads_spliced", m.reads_spliced},
                      {"writes_spliced", m.writes_spliced},
                      {"block_status_latency_seconds",
@@ -245,6 +247,9 @@ std::string render_prometheus(const Metrics& m, const CacheGauges& cache, const 
          [](const Source& s) { return s.m->upstream_reconnects; });
   x.each("bscache_upstream_connections", "gauge", "Upstream connections up now.",
          [](const Source& s) { return s.m->upstream_connections; });
+  x.each("bscache_upstream_extended_headers", "gauge",
+         "Upstream connections up now whose requests and replies use extended headers (64-bit lengths).",
+         [](const Source& s) { return s.m->upstream_extended_headers; });
   x.each("bscache_upstream_reads_spliced_total", "counter",
          "READs whose data was spliced from upstream to the client through a pipe, never copied.",
          [](const Source& s) { return s.m->reads_spliced; });

@@ -45,10 +45,11 @@ struct Metrics {
   uint64_t ranges_invalidated = 0;
   uint64_t ranges_updated = 0;
   uint64_t upstream_reconnects = 0;
-  uint64_t upstream_connections = 0;  // upstream connections up now
-  uint64_t reads_spliced = 0;         // READs whose data went through pipes (PipePool), not bscache's memory
-  uint64_t writes_spliced = 0;        // the same for WRITEs
-  uint64_t cache_bypassed = 0;        // block-status misses forwarded unchanged: the cache could not keep a window
+  uint64_t upstream_connections = 0;       // upstream connections up now
+  uint64_t upstream_extended_headers = 0;  // of those, the ones whose requests and replies use extended headers
+  uint64_t reads_spliced = 0;              // READs whose data went through pipes (PipePool), not bscache's memory
+  uint64_t writes_spliced = 0;             // the same for WRITEs
+  uint64_t cache_bypassed = 0;             // block-status misses forwarded unchanged: the cache could not keep a window
   // What all clients hold in bscache and its bound (see ClientMemory); set by
   // the app when rendering, not counted per export.
   uint64_t client_memory_bytes = 0;

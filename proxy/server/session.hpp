@@ -59,8 +59,8 @@ struct WritePayload {
 // and for a READ or WRITE of `length` bytes the buffer (or pipe pages) its data takes.
 size_t request_charge(uint16_t type, uint64_t length);
 
-// Longest piece of a TRIM, WRITE_ZEROES or CACHE sent upstream in one
-// command: upstream's requests carry 32-bit lengths, an extended-headers
+// Longest piece of a TRIM, WRITE_ZEROES or CACHE longer than upstream takes
+// in one command: compact requests carry 32-bit lengths, an extended-headers
 // client's 64-bit ones. A power of two, so every piece stays aligned to any
 // minimum block size.
 inline constexpr uint64_t kUpstreamCommandPiece = uint64_t{1} << 31;
@@ -98,8 +98,9 @@ class Session : public std::enable_shared_from_this<Session> {
   awaitable<bool> serve_spliced_read(const wire::RequestHeader& request);
   awaitable<void> serve_mutation(wire::RequestHeader request, WritePayload payload);
   awaitable<void> serve_cache(const wire::RequestHeader& request);
-  // Runs a command longer than one upstream command carries as consecutive
-  // pieces (session_extended.cpp).
+  // A TRIM, WRITE_ZEROES or CACHE of any length: whole where an upstream
+  // connection takes it, else as consecutive pieces (session_extended.cpp).
+  awaitable<CommandResult> run_whole_or_in_pieces(CommandArgs args);
   awaitable<CommandResult> run_in_pieces(CommandArgs args);
   // How this client's replies to `request` are framed.
   wire::ReplyForm reply_form(const wire::RequestHeader& request) const {

@@ -158,10 +158,10 @@ awaitable<void> Session::serve_mutation(RequestHeader request, WritePayload payl
   auto ticket = block_status_->begin_mutation(request.offset, request.length);
   const auto aliased = ctx_.exports.begin_aliased_write(**export_);  // released as this returns
   CommandResult result;
-  if (args.length > kUpstreamCommandPiece) {  // TRIM or WRITE_ZEROES of an extended-headers client
-    result = co_await run_in_pieces(args);
-  } else {
+  if (op == UpstreamOp::Write) {
     result = co_await upstream_->run(args, cancelled_);
+  } else {
+    result = co_await run_whole_or_in_pieces(args);
   }
   if (result.needs_buffer) {
     // No connection splices now (nothing was sent): the data leaves the
@@ -183,12 +183,7 @@ awaitable<void> Session::serve_cache(const RequestHeader& request) {
   const auto blocks = policy::widen({request.offset, request.length}, align_, info_.size);
   const CommandArgs args{
       .op = UpstreamOp::Cache, .buffer = {}, .offset = blocks.offset, .length = blocks.length, .flags = {}};
-  CommandResult result;
-  if (args.length > kUpstreamCommandPiece) {
-    result = co_await run_in_pieces(args);
-  } else {
-    result = co_await upstream_->run(args, cancelled_);
-  }
+  const CommandResult result = co_await run_whole_or_in_pieces(args);
   reply_result(request, result.error);
 }
 

@@ -1,12 +1,14 @@
 // What extended headers (NBD_OPT_EXTENDED_HEADERS) add to a session: payloads
 // on commands other than WRITE (BLOCK_STATUS's context filter, which the
 // block-status service applies), and TRIM, WRITE_ZEROES and CACHE longer than
-// upstream's 32-bit requests carry (libnbd 1.14, or an upstream without
-// extended headers), sent in pieces. The extended replies themselves are
+// a compact request carries: whole to an upstream connection that negotiated
+// extended headers, in pieces where none is up. The extended replies themselves are
 // framed where each reply is encoded (Session::reply_form, BlockStatusClient).
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <cerrno>
+#include <cstring>
 
 #include "proxy/server/session.hpp"
 
@@ -39,6 +41,25 @@ awaitable<bool> Session::read_command_payload(RequestHeader& request) {
   request.flags &= static_cast<uint16_t>(~kCmdFlagPayloadLen);
   request.context_mask = *mask;
   co_return true;
+}
+
+// Whole where it fits one upstream request: the pool sends a command longer
+// than 4 GiB - 1 only on a connection that negotiated extended headers, and
+// says `needs_pieces` (nothing sent) when none is up. The spec lets a server
+// refuse an effect length beyond its maximum payload with EOVERFLOW or EINVAL
+// ("too many server resources"): such a refusal of a long command is not
+// the client's answer, the pieces are (nothing of a refused command happened,
+// and a half-done one leaves its range as unknown as any failure: the pieces
+// then do all of it, in order).
+awaitable<CommandResult> Session::run_whole_or_in_pieces(CommandArgs args) {
+  CommandResult whole = co_await upstream_->run(args, cancelled_);
+  if (whole.needs_pieces) co_return co_await run_in_pieces(args);
+  const bool refused_as_too_long =
+      args.length > kMaxCompactLength && (whole.error == EOVERFLOW || whole.error == EINVAL);
+  if (!refused_as_too_long) co_return whole;
+  spdlog::debug("connection {}: upstream refused {} of {} bytes in one command ({}); sending it in pieces", id_,
+                command_name(wire_command(args.op)), args.length, strerror(whole.error));
+  co_return co_await run_in_pieces(args);
 }
 
 // One piece at a time, in order, and one reply after the last: FUA (on every

@@ -120,11 +120,7 @@ awaitable<void> Session::serve_unaligned_write(const RequestHeader& request, Wri
                      .length = middle.length,
                      .flags = zeroes ? CommandFlags::from_wire(request.flags & (kCmdFlagFua | kCmdFlagNoHole)) : fua};
     if (!zeroes) args.buffer = data.subspan(middle.offset - request.offset, middle.length);
-    if (args.length > kUpstreamCommandPiece) {  // WRITE_ZEROES of an extended-headers client
-      error = (co_await run_in_pieces(args)).error;
-    } else {
-      error = (co_await upstream_->run(args, cancelled_)).error;
-    }
+    error = zeroes ? (co_await run_whole_or_in_pieces(args)).error : (co_await upstream_->run(args, cancelled_)).error;
   }
   // The blocks are left as a WRITE leaves them (state 0, safe for any range),
   // a WRITE_ZEROES' too: its edge blocks were written, not zeroed.

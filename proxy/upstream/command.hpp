@@ -34,6 +34,10 @@ struct CommandResult {
   // READ or WRITE through pipes: no connection that splices was up (or a
   // READ's pipe overflowed); the caller should use a buffer instead.
   bool needs_buffer = false;
+  // TRIM, WRITE_ZEROES or CACHE longer than a compact request carries (4 GiB
+  // - 1): no connection up negotiated extended headers, and nothing was
+  // sent; the caller sends it in pieces instead.
+  bool needs_pieces = false;
 
   static CommandResult failed(int error) {
     CommandResult r;

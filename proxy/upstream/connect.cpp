@@ -4,19 +4,17 @@
 #include <libnbd.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
-#include <poll.h>
 #include <sys/socket.h>
 
-#include <array>
 #include <cerrno>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <span>
 #include <stdexcept>
 #include <string>
 
 #include "proxy/io/socket_buffers.hpp"
+#include "proxy/upstream/option_exchange.hpp"
 #include "proxy/wire/codec.hpp"
 #include "proxy/wire/protocol.hpp"
 
@@ -126,50 +124,9 @@ int export_collector(void* user_data, const char* name, const char* description)
   return 0;
 }
 
-// Blocking exchange on libnbd's non-blocking socket, bounded in time: the
-// opener thread must not hang on an upstream that stops answering.
-constexpr int kListTimeoutMs = 30'000;
 // Larger replies are not a LIST answer (a name and a description are 4 KiB at most each).
 constexpr uint32_t kMaxListReply = 64 * 1024;
 constexpr size_t kMaxListedExports = 100'000;
-
-void wait_for(int fd, short events) {
-  pollfd p{.fd = fd, .events = events, .revents = 0};
-  int r = 0;
-  do {
-    r = ::poll(&p, 1, kListTimeoutMs);
-  } while (r == -1 && errno == EINTR);
-  if (r == 0) throw std::runtime_error("listing upstream's exports: no answer in 30 s");
-  if (r == -1) throw std::runtime_error(std::string("listing upstream's exports: poll: ") + strerror(errno));
-}
-
-void send_all(int fd, wire::ByteSpan bytes) {
-  while (!bytes.empty()) {
-    const ssize_t n = ::send(fd, bytes.data(), bytes.size(), MSG_NOSIGNAL);
-    if (n > 0) {
-      bytes = bytes.subspan(static_cast<size_t>(n));
-    } else if (n == -1 && (errno == EAGAIN || errno == EINTR)) {
-      wait_for(fd, POLLOUT);
-    } else {
-      throw std::runtime_error(std::string("listing upstream's exports: send: ") + strerror(errno));
-    }
-  }
-}
-
-void recv_exact(int fd, std::span<uint8_t> into) {
-  while (!into.empty()) {
-    const ssize_t n = ::recv(fd, into.data(), into.size(), 0);
-    if (n > 0) {
-      into = into.subspan(static_cast<size_t>(n));
-    } else if (n == 0) {
-      throw std::runtime_error("listing upstream's exports: upstream closed the connection");
-    } else if (errno == EAGAIN || errno == EINTR) {
-      wait_for(fd, POLLIN);
-    } else {
-      throw std::runtime_error(std::string("listing upstream's exports: recv: ") + strerror(errno));
-    }
-  }
-}
 
 // NBD_OPT_LIST asked by bscache itself on the socket of a handle in option
 // mode, rather than with nbd_opt_list: libnbd 1.14 turns every error reply to
@@ -177,27 +134,20 @@ void recv_exact(int fd, std::span<uint8_t> into) {
 // get the answer upstream gave. The handle stays usable: the exchange is
 // whole when this returns.
 UpstreamListing list_on_socket(int fd) {
-  wire::Bytes request;
-  wire::encode_option_request(request, wire::kOptList);
-  send_all(fd, request);
+  OptionExchange exchange(fd, "listing upstream's exports");
+  exchange.send(wire::kOptList);
   UpstreamListing listing;
   for (;;) {
-    std::array<uint8_t, wire::kOptionReplyHeaderSize> header_bytes{};
-    recv_exact(fd, header_bytes);
-    const auto header = wire::decode_option_reply_header(header_bytes);
-    if (!header || header->option != wire::kOptList || header->length > kMaxListReply) {
-      throw std::runtime_error("listing upstream's exports: malformed reply");
-    }
-    wire::Bytes payload(header->length);
-    recv_exact(fd, payload);
-    if (header->type == wire::kRepAck) return listing;
-    if (header->type & wire::kRepErrBit) {
+    const auto reply = exchange.receive(wire::kOptList, kMaxListReply);
+    const uint32_t type = reply.header.type;
+    if (type == wire::kRepAck) return listing;
+    if (type & wire::kRepErrBit) {
       listing.exports.clear();
-      listing.error = header->type;
-      listing.message.assign(payload.begin(), payload.end());
+      listing.error = type;
+      listing.message.assign(reply.payload.begin(), reply.payload.end());
       return listing;
     }
-    const auto server = header->type == wire::kRepServer ? wire::decode_server_reply(payload) : std::nullopt;
+    const auto server = type == wire::kRepServer ? wire::decode_server_reply(reply.payload) : std::nullopt;
     if (!server || listing.exports.size() >= kMaxListedExports) {
       throw std::runtime_error("listing upstream's exports: malformed reply");
     }
@@ -234,17 +184,72 @@ std::string named_export(const UpstreamTarget& target) {
   return name;
 }
 
-NbdHandlePtr open_upstream(const UpstreamTarget& target) {
-  NbdHandlePtr handle = connect_for_options(target);
-  nbd_handle* h = handle.get();
-
+namespace {
+// What upstream offers a handle in option mode (none without structured replies).
+std::vector<std::string> offered_meta_contexts(nbd_handle* h) {
   std::vector<std::string> offered;
   if (nbd_get_structured_replies_negotiated(h) == 1 && !list_meta_contexts(h, offered)) offered.clear();
+  return offered;
+}
+
+// libnbd's GO, selecting every context offered.
+void go_with_libnbd(nbd_handle* h, const std::vector<std::string>& offered) {
   for (const auto& name : offered) nbd_add_meta_context(h, name.c_str());
   if (nbd_opt_go(h) == -1) throw libnbd_failure("upstream refused the export");
   // WRITEs go out whole; the duplicate WireConnection takes shares the setting.
   enlarge_send_buffer(nbd_aio_get_fd(h));
+}
+
+// Whether this libnbd asks for extended headers itself when it connects
+// (>= 1.18, on by default): then bscache never asks a second time.
+#ifdef LIBNBD_HAVE_NBD_GET_EXTENDED_HEADERS_NEGOTIATED
+constexpr bool kLibnbdNegotiatesExtendedHeaders = true;
+#else
+constexpr bool kLibnbdNegotiatesExtendedHeaders = false;
+#endif
+}  // namespace
+
+NbdHandlePtr open_upstream(const UpstreamTarget& target) {
+  NbdHandlePtr handle = connect_for_options(target);
+  go_with_libnbd(handle.get(), offered_meta_contexts(handle.get()));
   return handle;
+}
+
+OpenedUpstream open_libnbd_upstream(const UpstreamTarget& target) {
+  NbdHandlePtr handle = open_upstream(target);
+  UpstreamInfo info = read_upstream_info(handle.get());
+  return {std::move(handle), std::move(info), false};
+}
+
+// libnbd has connected (and negotiated structured replies) in option mode.
+// Where it cannot negotiate extended headers itself, bscache asks for them on
+// the socket (the spec lets a client ask after structured replies) and, if
+// upstream agrees, sends the GO itself too: libnbd 1.14 could not enter
+// transmission after them. Its handle then stays in option mode, idle, and
+// only bscache's client speaks on the socket. The GO names the export
+// libnbd's GO would (the URI's or --export-name), so this connection reaches
+// the export the libnbd connections of the pool reach. Refused (nbdkit 1.32:
+// NBD_REP_ERR_UNSUP), nothing changed, and libnbd goes on as open_upstream.
+OpenedUpstream open_wire_upstream(const UpstreamTarget& target) {
+  NbdHandlePtr handle = connect_for_options(target);
+  nbd_handle* h = handle.get();
+  // Listed first, with libnbd, either way: the contexts upstream offers are
+  // part of what this connection reports of the export (across reconnects too).
+  const std::vector<std::string> offered = offered_meta_contexts(h);
+  if (!kLibnbdNegotiatesExtendedHeaders && nbd_get_tls_negotiated(h) != 1) {
+    OptionExchange exchange(nbd_aio_get_fd(h), "negotiating extended headers upstream");
+    if (negotiate_extended_headers(exchange)) {
+      const std::string name = take_libnbd_string(nbd_get_export_name(h));
+      UpstreamInfo info = go_on_socket(exchange, name);
+      info.contexts = offered;  // what libnbd's connections select: every context offered
+      info.extended_headers = true;
+      enlarge_send_buffer(nbd_aio_get_fd(h));
+      return {std::move(handle), std::move(info), true};
+    }
+  }
+  go_with_libnbd(h, offered);
+  UpstreamInfo info = read_upstream_info(h);
+  return {std::move(handle), std::move(info), false};
 }
 
 UpstreamInfo read_upstream_info(nbd_handle* h) {
@@ -272,6 +277,9 @@ UpstreamInfo read_upstream_info(nbd_handle* h) {
   // nbd_aio_block_status_64, whose extents may be that long too. Without
   // extended headers libnbd refuses any length over 32 bits (ERANGE).
   if (nbd_get_extended_headers_negotiated(h) == 1) info.max_block_status_length = UINT64_MAX;
+#endif
+#ifdef LIBNBD_HAVE_NBD_GET_EXTENDED_HEADERS_NEGOTIATED
+  info.extended_headers = nbd_get_extended_headers_negotiated(h) == 1;
 #endif
   info.export_name = take_libnbd_string(nbd_get_canonical_export_name(h));
   info.description = take_libnbd_string(nbd_get_export_description(h));

@@ -18,8 +18,26 @@ struct NbdClose {
 };
 using NbdHandlePtr = std::unique_ptr<nbd_handle, NbdClose>;
 
-// Throws std::runtime_error with libnbd's message on failure.
+// An open connection to upstream, in transmission, and what it negotiated.
+struct OpenedUpstream {
+  NbdHandlePtr handle;
+  UpstreamInfo info;  // info.extended_headers: how requests and replies are framed on its socket
+  // bscache negotiated past option mode itself (NBD_OPT_EXTENDED_HEADERS and
+  // NBD_OPT_GO on libnbd's socket): libnbd's handle is still in option mode
+  // and knows nothing of the export, so only WireConnection can drive it.
+  bool negotiated_by_bscache = false;
+};
+
+// Connects through libnbd: its handle, in transmission. Throws
+// std::runtime_error with libnbd's message on failure.
 NbdHandlePtr open_upstream(const UpstreamTarget& target);
+// open_upstream and what the handle negotiated.
+OpenedUpstream open_libnbd_upstream(const UpstreamTarget& target);
+// A connection for bscache's own client (WireConnection): with extended
+// headers where upstream serves them, whether libnbd can negotiate them (>=
+// 1.18) or not (then bscache does; see connect.cpp). TLS connections go
+// through libnbd alone, as open_libnbd_upstream. Throws like open_upstream.
+OpenedUpstream open_wire_upstream(const UpstreamTarget& target);
 // Upstream's export list (NBD_OPT_LIST on a connection of its own), or the
 // error upstream replied with. Throws std::runtime_error if it cannot connect
 // or the exchange breaks off.

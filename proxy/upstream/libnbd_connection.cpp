@@ -343,7 +343,7 @@ void LibnbdConnection::try_reconnect() {
   // thread serves only this connection, and while it is down the pool sends
   // it nothing.
   try {
-    Reconnector::Opened opened = reconnector_.open();
+    OpenedUpstream opened = reconnector_.open(Reconnector::For::Libnbd);
     reconnector_.succeeded();
     adopt(std::move(opened.handle));
     state_changed_(index_, std::move(opened.info));

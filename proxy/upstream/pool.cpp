@@ -41,6 +41,18 @@ uint64_t load_of(const CommandArgs& args) {
 const char* op_name(UpstreamOp op) {
   return wire::command_name(wire_command(op));
 }
+
+// A command whose effect length only an extended request header carries.
+bool needs_extended_headers(const CommandArgs& args) {
+  const bool effect_length = args.op == UpstreamOp::Trim || args.op == UpstreamOp::Zero || args.op == UpstreamOp::Cache;
+  return effect_length && args.length > wire::kMaxCompactLength;
+}
+
+// Which of `wanted` connections are libnbd's with --data-path wire: the first
+// half (at least one); the rest are the wire client's.
+size_t libnbd_half(size_t wanted) {
+  return (wanted + 1) / 2;
+}
 }  // namespace
 
 // A command whose completion resumes an awaiting coroutine (or any handler).
@@ -54,29 +66,37 @@ struct UpstreamPool::PendingWith final : UpstreamCommand {
   }
 };
 
-std::vector<NbdHandlePtr> UpstreamPool::connect(const UpstreamTarget& target, const UpstreamOptions& options) {
-  std::vector<NbdHandlePtr> handles;
-  handles.push_back(open_upstream(target));
+std::vector<OpenedUpstream> UpstreamPool::connect(const UpstreamTarget& target, const UpstreamOptions& options) {
+  std::vector<OpenedUpstream> opened;
+  opened.push_back(open_libnbd_upstream(target));
+  const UpstreamInfo first = opened.front().info;  // a copy: `opened` grows
   // More than one connection only where upstream promises they see one state.
-  const bool multi_conn = read_upstream_info(handles.front().get()).can_multi_conn;
-  const unsigned wanted = multi_conn ? std::max(1u, options.connections) : 1u;
-  while (handles.size() < wanted) {
+  const size_t wanted = first.can_multi_conn ? std::max(1u, options.connections) : 1u;
+  const bool wire = options.data_path == UpstreamOptions::DataPath::Wire && wanted > 1;
+  while (opened.size() < wanted) {
     try {
-      handles.push_back(open_upstream(target));
+      const bool for_wire = wire && opened.size() >= libnbd_half(wanted);
+      OpenedUpstream next = for_wire ? open_wire_upstream(target) : open_libnbd_upstream(target);
+      // Reached by the same name as the first: the same export, unless upstream says otherwise.
+      if (next.info.export_name != first.export_name || next.info.size != first.size) {
+        throw std::runtime_error("upstream answered with another export (\"" + next.info.export_name + "\", " +
+                                 std::to_string(next.info.size) + " bytes)");
+      }
+      opened.push_back(std::move(next));
     } catch (const std::exception& e) {
-      spdlog::warn("upstream connection {} of {}: {}; going on with {}", handles.size() + 1, wanted, e.what(),
-                   handles.size());
+      spdlog::warn("upstream connection {} of {}: {}; going on with {}", opened.size() + 1, wanted, e.what(),
+                   opened.size());
       break;
     }
   }
-  return handles;
+  return opened;
 }
 
-UpstreamPool::UpstreamPool(asio::io_context& loop, std::vector<NbdHandlePtr> handles, const UpstreamTarget& target,
+UpstreamPool::UpstreamPool(asio::io_context& loop, std::vector<OpenedUpstream> opened, const UpstreamTarget& target,
                            UpstreamOptions options, Metrics& metrics)
     : loop_(loop), metrics_(metrics) {
-  if (handles.empty()) throw std::logic_error("UpstreamPool: no connection");
-  info_ = read_upstream_info(handles.front().get());
+  if (opened.empty()) throw std::logic_error("UpstreamPool: no connection");
+  info_ = opened.front().info;
   // Messages already posted when the pool goes (an idle export closed while
   // a connection's news was on its way) find it gone: commands are still
   // delivered, with ESHUTDOWN, and the news is dropped.
@@ -111,26 +131,38 @@ UpstreamPool::UpstreamPool(asio::io_context& loop, std::vector<NbdHandlePtr> han
       if (auto pool = alive.lock()) (*pool)->connection_changed(index, std::move(r));
     });
   };
-  connections_.resize(handles.size());
-  // --data-path wire: the second half read through bscache's own client.
-  const bool wire = options.data_path == UpstreamOptions::DataPath::Wire && handles.size() > 1;
-  const size_t through_libnbd = (handles.size() + 1) / 2;
-  for (size_t i = 0; i < handles.size(); ++i) {
-    if (wire && i >= through_libnbd && WireConnection::usable(handles[i].get())) {
-      connections_[i].connection =
-          std::make_unique<WireConnection>(loop_, i, std::move(handles[i]), target, options, finished_here, changed);
+  connections_.resize(opened.size());
+  // --data-path wire: the second half read through bscache's own client. A
+  // connection bscache negotiated itself can only be that (connect() opens
+  // those for the second half of the connections it meant to open, and a
+  // shorter pool only has a shorter first half).
+  const bool wire = options.data_path == UpstreamOptions::DataPath::Wire && opened.size() > 1;
+  const size_t through_libnbd = libnbd_half(opened.size());
+  for (size_t i = 0; i < opened.size(); ++i) {
+    Slot& slot = connections_[i];
+    slot.extended_headers = opened[i].info.extended_headers;
+    if (opened[i].negotiated_by_bscache || (wire && i >= through_libnbd && WireConnection::usable(opened[i]))) {
+      slot.connection =
+          std::make_unique<WireConnection>(loop_, i, std::move(opened[i]), target, options, finished_here, changed);
     } else {
-      connections_[i].connection =
-          std::make_unique<LibnbdConnection>(i, std::move(handles[i]), target, options, finished_elsewhere, changed);
+      slot.connection = std::make_unique<LibnbdConnection>(i, std::move(opened[i].handle), target, options,
+                                                           finished_elsewhere, changed);
     }
   }
   metrics_.upstream_connections = connections_.size();
+  count_extended_headers();
+}
+
+void UpstreamPool::count_extended_headers() {
+  metrics_.upstream_extended_headers = static_cast<uint64_t>(std::count_if(
+      connections_.begin(), connections_.end(), [](const Slot& s) { return s.up && s.extended_headers; }));
 }
 
 UpstreamPool::~UpstreamPool() {
   alive_.reset();        // what the threads posted and the loop has not run yet finds the pool gone
   connections_.clear();  // joins every connection's thread
   metrics_.upstream_connections = 0;
+  metrics_.upstream_extended_headers = 0;
 }
 
 size_t UpstreamPool::connections_up() const {
@@ -160,6 +192,7 @@ std::optional<size_t> UpstreamPool::pick(const CommandArgs& args, std::optional<
     }
     return best;
   };
+  if (needs_extended_headers(args)) return least_loaded([](const Slot& s) { return s.extended_headers; });
   if (!args.pipes.empty()) return least_loaded([](const Slot& s) { return s.connection->splices(); });
   const bool libnbd_only = op != UpstreamOp::Read && op != UpstreamOp::Cache;
   auto of_kind = [](UpstreamConnection::Kind kind) {
@@ -188,11 +221,7 @@ awaitable<CommandResult> UpstreamPool::run(CommandArgs args, CancelFlag cancelle
         if (auto slot = args.op == UpstreamOp::Flush ? flush_target() : pick(args)) {
           send(*slot, std::move(command));
         } else {
-          if (!args.pipes.empty()) {
-            command->result.needs_buffer = true;  // no connection splices now: nothing sent
-          } else {
-            command->result.error = ESHUTDOWN;  // every connection is down; reconnecting
-          }
+          unsendable(command->result, args);
           ++in_flight_;
           command->connection = connections_.size();  // none
           asio::post(loop_, [this, c = std::move(command)]() mutable { complete(std::move(c)); });
@@ -278,7 +307,8 @@ void UpstreamPool::complete(std::unique_ptr<UpstreamCommand> command) {
   }
   if (command->never_sent && resend(command)) return;
   const bool sent = !command->never_sent && command->connection < connections_.size();
-  if (command->result.needs_buffer && !sent) {  // nothing went upstream: nothing to count
+  if ((command->result.needs_buffer || command->result.needs_pieces) &&
+      !sent) {  // nothing went upstream: nothing to count
     command->deliver();
     return;
   }
@@ -308,9 +338,9 @@ bool UpstreamPool::resend(std::unique_ptr<UpstreamCommand>& command) {
   const bool cancelled = command->cancelled && command->cancelled->load(std::memory_order_relaxed);
   if (command->args.op == UpstreamOp::Flush || cancelled) return false;
   const auto slot = pick(command->args, command->connection);
-  if (!slot && !command->args.pipes.empty()) {
+  if (!slot && (!command->args.pipes.empty() || needs_extended_headers(command->args))) {
     command->result = CommandResult{};
-    command->result.needs_buffer = true;  // the caller reads into a buffer instead
+    unsendable(command->result, command->args);  // the caller uses a buffer, or pieces, instead
     return false;
   }
   if (!slot) return false;
@@ -318,6 +348,16 @@ bool UpstreamPool::resend(std::unique_ptr<UpstreamCommand>& command) {
   command->result = CommandResult{};
   send(*slot, std::move(command));
   return true;
+}
+
+void UpstreamPool::unsendable(CommandResult& result, const CommandArgs& args) {
+  if (!args.pipes.empty()) {
+    result.needs_buffer = true;  // no connection splices now: nothing sent
+  } else if (needs_extended_headers(args)) {
+    result.needs_pieces = true;  // no connection up takes it whole
+  } else {
+    result.error = ESHUTDOWN;  // every connection is down; reconnecting
+  }
 }
 
 void UpstreamPool::connection_changed(size_t index, std::optional<UpstreamInfo> reconnected) {
@@ -328,8 +368,10 @@ void UpstreamPool::connection_changed(size_t index, std::optional<UpstreamInfo> 
     s.wrote_since_flush = false;
   } else {
     ++metrics_.upstream_reconnects;
+    s.extended_headers = reconnected->extended_headers;
   }
   metrics_.upstream_connections = connections_up();
+  count_extended_headers();
   if (on_state_) on_state_(std::move(reconnected));
 }
 

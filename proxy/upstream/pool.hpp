@@ -48,9 +48,11 @@ class UpstreamPool final : public BlockStatusUpstream {
   // upstream advertises multi-conn, else one. Blocking: at start-up, or off
   // the loop. Throws std::runtime_error with libnbd's message if the first
   // connection fails; further connections that fail are logged and left out.
-  static std::vector<NbdHandlePtr> connect(const UpstreamTarget& target, const UpstreamOptions& options);
+  // The first is always a libnbd connection (its info is the export's); those
+  // meant for the wire client are opened for it (open_wire_upstream).
+  static std::vector<OpenedUpstream> connect(const UpstreamTarget& target, const UpstreamOptions& options);
   // Adopts connections from connect() (at least one) and starts their threads.
-  UpstreamPool(asio::io_context& loop, std::vector<NbdHandlePtr> handles, const UpstreamTarget& target,
+  UpstreamPool(asio::io_context& loop, std::vector<OpenedUpstream> opened, const UpstreamTarget& target,
                UpstreamOptions options, Metrics& metrics);
   ~UpstreamPool() override;
   UpstreamPool(const UpstreamPool&) = delete;
@@ -84,18 +86,24 @@ class UpstreamPool final : public BlockStatusUpstream {
     bool up = true;
     bool wrote_since_flush = false;  // carried a WRITE/TRIM/ZERO since its last FLUSH was sent
     unsigned writes_in_flight = 0;
-    uint64_t load = 0;  // bytes (and a page per command) in flight
+    uint64_t load = 0;              // bytes (and a page per command) in flight
+    bool extended_headers = false;  // as last (re)connected: carries effect lengths past 4 GiB - 1
   };
   template <typename Handler>
   struct PendingWith;
   struct FlushFanOut;
 
   // The least loaded connection that is up and suits the command, other than
-  // `avoid`: a READ or WRITE through pipes only on a connection that splices; other READs
+  // `avoid`: a TRIM, WRITE_ZEROES or CACHE longer than a compact request
+  // carries only on a connection with extended headers, of either kind; a
+  // READ or WRITE through pipes only on a connection that splices; other READs
   // and CACHE on the wire connections while any is up, else anywhere;
   // everything else on the libnbd connections (see WireConnection).
   std::optional<size_t> pick(const CommandArgs& args, std::optional<size_t> avoid = std::nullopt) const;
   std::optional<size_t> flush_target() const;
+  // A command pick() finds no connection for: what the caller is told (nothing was sent).
+  static void unsendable(CommandResult& result, const CommandArgs& args);
+  void count_extended_headers();
   void send(size_t slot, std::unique_ptr<UpstreamCommand> command);
   void complete(std::unique_ptr<UpstreamCommand> command);
   bool resend(std::unique_ptr<UpstreamCommand>& command);

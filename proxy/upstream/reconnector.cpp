@@ -13,10 +13,8 @@ void Reconnector::log_lost(std::string_view why, size_t failed_commands) const {
   spdlog::warn("upstream connection {} lost: {}; {} commands in flight fail", index_, why, failed_commands);
 }
 
-Reconnector::Opened Reconnector::open() const {
-  NbdHandlePtr handle = open_upstream(target_);
-  UpstreamInfo info = read_upstream_info(handle.get());
-  return {std::move(handle), std::move(info)};
+OpenedUpstream Reconnector::open(For engine) const {
+  return engine == For::Wire ? open_wire_upstream(target_) : open_libnbd_upstream(target_);
 }
 
 void Reconnector::failed(std::string_view why) {

@@ -33,13 +33,12 @@ class Reconnector {
   std::chrono::milliseconds backoff() const { return backoff_; }
 
   // ---- An attempt
-  struct Opened {
-    NbdHandlePtr handle;
-    UpstreamInfo info;
-  };
-  // Connects and negotiates like at start-up. Blocking (DNS, TCP, the
+  // Connects and negotiates like at start-up, for a LibnbdConnection
+  // (open_libnbd_upstream) or a WireConnection (open_wire_upstream: extended
+  // headers again where upstream serves them). Blocking (DNS, TCP, the
   // handshake), so callable from any thread; throws with the reason.
-  Opened open() const;
+  enum class For : uint8_t { Libnbd, Wire };
+  OpenedUpstream open(For engine) const;
   // On the connection's own thread: the attempt failed (logged; the backoff
   // doubles) or succeeded (logged; the backoff starts over).
   void failed(std::string_view why);

@@ -69,7 +69,8 @@ struct WireConnection::State : std::enable_shared_from_this<State> {
   const Finished finished;
   const StateChanged state_changed;
 
-  NbdHandlePtr handle;  // idle once adopted: it only holds the session libnbd negotiated
+  NbdHandlePtr handle;    // idle once adopted: it only holds the session libnbd negotiated
+  bool extended = false;  // requests and replies with extended headers (this connection negotiated them)
   std::optional<Socket> socket;
   uint64_t generation = 0;  // bumped when a connection ends: handlers of the old one see it
   bool up = false;
@@ -84,7 +85,7 @@ struct WireConnection::State : std::enable_shared_from_this<State> {
   InFlight* splicing_out = nullptr;
   uint64_t spliced_out = 0;  // bytes of its payload sent
   bool disconnect_wanted = false, disconnect_sent = false;
-  const wire::RequestBytes disconnect_request = wire::encode_request({.type = wire::kCmdDisc});
+  wire::RequestBytes disconnect_request;  // in the connection's header form
   std::optional<wire::ReplyParser> parser;
   std::vector<uint64_t> done;  // cookies the parser finished
   UpstreamBatch batch;         // handed to `finished` once per read or write
@@ -97,7 +98,7 @@ struct WireConnection::State : std::enable_shared_from_this<State> {
   asio::steady_timer reconnect_timer;
   std::thread connector;  // the reconnect attempt, if one ran; joined by the owner
 
-  void adopt(NbdHandlePtr h);
+  void adopt(OpenedUpstream opened);
   void submit(std::unique_ptr<UpstreamCommand> command);
   void post_write();
   void start_write();
@@ -109,14 +110,14 @@ struct WireConnection::State : std::enable_shared_from_this<State> {
   void check_timeout();
   void schedule_reconnect();
   void start_connector();
-  void reconnected(NbdHandlePtr h, std::optional<UpstreamInfo> info, const std::string& failure);
+  void reconnected(std::optional<OpenedUpstream> opened, const std::string& failure);
   enum class Spliced : uint8_t { Moved, Wait, Overflow, Failed };
   Spliced splice_payload(size_t& moved, std::string& failure);
   static awaitable<void> read_loop(std::shared_ptr<State> self, uint64_t generation);
 };
 
-void WireConnection::State::adopt(NbdHandlePtr h) {
-  const int fd = duplicate_socket(h.get());  // usable(h) was checked by whoever opened it
+void WireConnection::State::adopt(OpenedUpstream opened) {
+  const int fd = duplicate_socket(opened.handle.get());  // usable() was checked by whoever opened it
   sockaddr_storage address{};
   socklen_t length = sizeof address;
   if (::getsockname(fd, reinterpret_cast<sockaddr*>(&address), &length) == -1) {
@@ -135,13 +136,19 @@ void WireConnection::State::adopt(NbdHandlePtr h) {
   }
   // splice() and the overflow's read_some must never block the loop.
   socket->non_blocking(true, ec);
-  handle = std::move(h);
-  parser.emplace([this](uint64_t cookie) -> wire::ReplyTarget* {
-    auto it = pending.find(cookie);
-    return it == pending.end() || !it->second->sent ? nullptr : &it->second->target;
-  });
+  handle = std::move(opened.handle);
+  extended = opened.info.extended_headers;
+  disconnect_request = wire::encode_request({.type = wire::kCmdDisc}, extended);
+  parser.emplace(
+      [this](uint64_t cookie) -> wire::ReplyTarget* {
+        auto it = pending.find(cookie);
+        return it == pending.end() || !it->second->sent ? nullptr : &it->second->target;
+      },
+      extended);
   disconnect_sent = false;
   up = true;
+  spdlog::info("upstream connection {}: bscache's own client, {} headers{}", index, extended ? "extended" : "compact",
+               opened.negotiated_by_bscache ? " (negotiated by bscache)" : "");
   asio::co_spawn(loop, read_loop(shared_from_this(), generation), asio::detached);
 }
 
@@ -158,11 +165,18 @@ void WireConnection::State::submit(std::unique_ptr<UpstreamCommand> command) {
   auto f = std::make_unique<InFlight>();
   const auto& a = command->args;
   f->cookie = next_cookie++;
-  f->header = wire::encode_request({.flags = a.flags.to_wire(),
-                                    .type = wire_command(a.op),
-                                    .cookie = f->cookie,
-                                    .offset = a.offset,
-                                    .length = static_cast<uint32_t>(a.length)});
+  // With extended headers a WRITE's length is its payload's, which the spec
+  // has it say with NBD_CMD_FLAG_PAYLOAD_LEN; every other length is an
+  // effect length, 64 bits there (the pool sends longer than 4 GiB - 1 only
+  // to such a connection).
+  const bool payload = extended && a.op == UpstreamOp::Write;
+  f->header = wire::encode_request(
+      {.flags = static_cast<uint16_t>(a.flags.to_wire() | (payload ? wire::kCmdFlagPayloadLen : 0)),
+       .type = wire_command(a.op),
+       .cookie = f->cookie,
+       .offset = a.offset,
+       .length = a.length},
+      extended);
   f->target.type = wire_command(a.op);
   f->target.offset = a.offset;
   if (a.op == UpstreamOp::Read) {
@@ -202,7 +216,7 @@ void WireConnection::State::start_write() {
     }
     f->sent = true;
     c.started = now;
-    gather.push_back(asio::buffer(f->header));
+    gather.push_back(asio::buffer(f->header.data(), f->header.size()));
     if (c.args.op == UpstreamOp::Write && !c.args.pipes.empty()) {
       splicing_out = f;  // its payload follows the header, by splice
       spliced_out = 0;
@@ -213,7 +227,7 @@ void WireConnection::State::start_write() {
     }
   }
   if (!splicing_out && outbox.empty() && disconnect_wanted && !disconnect_sent && gather.size() < kMaxGather) {
-    gather.push_back(asio::buffer(disconnect_request));
+    gather.push_back(asio::buffer(disconnect_request.data(), disconnect_request.size()));
     disconnect_sent = true;
   }
   if (!gather.empty()) {
@@ -452,29 +466,30 @@ void WireConnection::State::start_connector() {
   if (connector.joinable()) connector.join();
   // The reconnector lives as long as this thread: the owner joins it first.
   connector = std::thread([weak = weak_from_this(), &reconnector = std::as_const(reconnector), &loop = loop] {
-    NbdHandlePtr h;
-    std::optional<UpstreamInfo> info;
+    std::optional<OpenedUpstream> opened;
     std::string failure;
     try {
-      auto opened = reconnector.open();
-      if (!usable(opened.handle.get())) throw std::runtime_error("the upstream connection is now encrypted");
-      h = std::move(opened.handle);
-      info = std::move(opened.info);
+      // The path the first connection took: extended headers again where upstream serves them.
+      opened = reconnector.open(Reconnector::For::Wire);
+      if (!usable(*opened)) throw std::runtime_error("the upstream connection is now encrypted");
     } catch (const std::exception& e) {
+      opened.reset();
       failure = e.what();
     }
-    asio::post(loop, [weak, h = std::move(h), info = std::move(info), failure = std::move(failure)]() mutable {
-      if (auto self = weak.lock()) self->reconnected(std::move(h), std::move(info), failure);
+    asio::post(loop, [weak, opened = std::move(opened), failure = std::move(failure)]() mutable {
+      if (auto self = weak.lock()) self->reconnected(std::move(opened), failure);
     });
   });
 }
 
-void WireConnection::State::reconnected(NbdHandlePtr h, std::optional<UpstreamInfo> info, const std::string& failure) {
+void WireConnection::State::reconnected(std::optional<OpenedUpstream> opened, const std::string& failure) {
   if (closing) return;
   std::string why = failure;
+  std::optional<UpstreamInfo> info;
   if (why.empty()) {
     try {
-      adopt(std::move(h));
+      info = opened->info;
+      adopt(std::move(*opened));
     } catch (const std::exception& e) {
       why = e.what();
     }
@@ -488,10 +503,11 @@ void WireConnection::State::reconnected(NbdHandlePtr h, std::optional<UpstreamIn
   state_changed(index, std::move(info));
 }
 
-WireConnection::WireConnection(asio::io_context& loop, size_t index, NbdHandlePtr handle, const UpstreamTarget& target,
-                               UpstreamOptions options, Finished finished, StateChanged state_changed)
+WireConnection::WireConnection(asio::io_context& loop, size_t index, OpenedUpstream opened,
+                               const UpstreamTarget& target, UpstreamOptions options, Finished finished,
+                               StateChanged state_changed)
     : state_(std::make_shared<State>(loop, index, target, options, std::move(finished), std::move(state_changed))) {
-  state_->adopt(std::move(handle));
+  state_->adopt(std::move(opened));
 }
 
 WireConnection::~WireConnection() {
@@ -524,13 +540,9 @@ void WireConnection::disconnect() {
   s.post_write();  // NBD_CMD_DISC after what is queued; upstream answers what is in flight, then closes
 }
 
-bool WireConnection::usable(nbd_handle* handle) {
-  if (nbd_get_tls_negotiated(handle) == 1) return false;
-#ifdef LIBNBD_HAVE_NBD_GET_EXTENDED_HEADERS_NEGOTIATED
-  // A libnbd newer than Debian 12's may negotiate 64-bit headers, which this client does not speak.
-  if (nbd_get_extended_headers_negotiated(handle) == 1) return false;
-#endif
-  return true;
+bool WireConnection::usable(const OpenedUpstream& opened) {
+  // bscache negotiates only on plain sockets; libnbd may have negotiated TLS.
+  return opened.negotiated_by_bscache || nbd_get_tls_negotiated(opened.handle.get()) != 1;
 }
 
 }  // namespace bscache::proxy

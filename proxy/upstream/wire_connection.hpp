@@ -14,11 +14,14 @@
 // (the loop then did both copies of every written byte between reading
 // clients; see bench/results/RESULTS-data-path.md).
 //
-// libnbd still opens the connection (URI, handshake, options, meta contexts)
-// and is then left idle: bscache takes a duplicate of its socket
-// (duplicate_socket). Not used over TLS (libnbd holds the session), nor
-// for BLOCK_STATUS: libnbd does not say which context id upstream gave which
-// meta context.
+// libnbd still opens the connection (URI, handshake, options) and is then
+// left idle: bscache takes a duplicate of its socket (duplicate_socket).
+// Requests and replies are compact, or extended (32-byte headers, 64-bit
+// lengths) where the connection negotiated extended headers: through libnbd
+// >= 1.18, or by bscache itself on libnbd's option-mode socket where libnbd
+// cannot (open_wire_upstream). Not used over TLS (libnbd holds the session),
+// nor for BLOCK_STATUS: libnbd does not say which context id upstream gave
+// which meta context.
 //
 // Everything here runs on the loop thread but the blocking reconnect, which
 // runs on a helper thread and posts its result back. Results are handed back
@@ -36,8 +39,8 @@ namespace bscache::proxy {
 
 class WireConnection final : public UpstreamConnection {
  public:
-  // Adopts an open handle (see open_upstream) whose socket is plain.
-  WireConnection(asio::io_context& loop, size_t index, NbdHandlePtr handle, const UpstreamTarget& target,
+  // Adopts an open connection (see open_wire_upstream) that usable() accepts.
+  WireConnection(asio::io_context& loop, size_t index, OpenedUpstream opened, const UpstreamTarget& target,
                  UpstreamOptions options, Finished finished, StateChanged state_changed);
   // Fails what is in flight with ESHUTDOWN; waits for a reconnect attempt in progress.
   ~WireConnection() override;
@@ -51,8 +54,8 @@ class WireConnection final : public UpstreamConnection {
   // Until a READ overflowed its pipe (see splice_payload in the .cpp).
   bool splices() const override;
 
-  // Whether a handle can be driven by this class (no TLS, no extended headers).
-  static bool usable(nbd_handle* handle);
+  // Whether a connection can be driven by this class: not over TLS.
+  static bool usable(const OpenedUpstream& opened);
 
  private:
   struct State;  // shared with the I/O handlers, which may outlive this object briefly

@@ -138,6 +138,38 @@ std::optional<OptionReplyHeader> decode_option_reply_header(ByteSpan bytes) {
   return h;
 }
 
+void encode_info_request(Bytes& out, std::string_view export_name, std::span<const uint16_t> infos) {
+  put_u32(out, static_cast<uint32_t>(export_name.size()));
+  put_bytes(out, export_name);
+  put_u16(out, static_cast<uint16_t>(infos.size()));
+  for (const uint16_t info : infos) put_u16(out, info);
+}
+
+std::optional<InfoReply> decode_info_reply(ByteSpan payload) {
+  ByteReader r(payload);
+  const auto type = r.u16();
+  if (!type) return std::nullopt;
+  InfoReply info;
+  info.type = *type;
+  switch (*type) {
+    case kInfoExport:
+      if (r.remaining() != 10) return std::nullopt;
+      info.size = *r.u64();
+      info.tx_flags = *r.u16();
+      break;
+    case kInfoBlockSize:
+      if (r.remaining() != 12) return std::nullopt;
+      info.minimum = *r.u32();
+      info.preferred = *r.u32();
+      info.maximum = *r.u32();
+      break;
+    case kInfoName:
+    case kInfoDescription: info.text = *r.string(r.remaining()); break;
+    default: break;
+  }
+  return info;
+}
+
 std::optional<ServerReply> decode_server_reply(ByteSpan payload) {
   ByteReader r(payload);
   auto name_length = r.u32();
@@ -232,19 +264,26 @@ std::optional<RequestHeader> decode_extended_request_header(ByteSpan bytes) {
   return h;
 }
 
-RequestBytes encode_request(const RequestHeader& request) {
+RequestBytes encode_request(const RequestHeader& request, bool extended) {
   RequestBytes r;
-  store_be32(r.data(), kRequestMagic);
-  store_be16(r.data() + 4, request.flags);
-  store_be16(r.data() + 6, request.type);
-  store_be64(r.data() + 8, request.cookie);
-  store_be64(r.data() + 16, request.offset);
-  store_be32(r.data() + 24, static_cast<uint32_t>(request.length));
+  uint8_t* b = r.bytes_.data();
+  store_be32(b, extended ? kExtendedRequestMagic : kRequestMagic);
+  store_be16(b + 4, request.flags);
+  store_be16(b + 6, request.type);
+  store_be64(b + 8, request.cookie);
+  store_be64(b + 16, request.offset);
+  if (extended) {
+    store_be64(b + 24, request.length);
+    r.size_ = kExtendedRequestHeaderSize;
+  } else {
+    store_be32(b + 24, static_cast<uint32_t>(request.length));
+    r.size_ = kRequestHeaderSize;
+  }
   return r;
 }
 
-void encode_request_header(Bytes& out, const RequestHeader& request) {
-  const RequestBytes bytes = encode_request(request);
+void encode_request_header(Bytes& out, const RequestHeader& request, bool extended) {
+  const RequestBytes bytes = encode_request(request, extended);
   out.insert(out.end(), bytes.begin(), bytes.end());
 }
 

@@ -109,6 +109,23 @@ struct OptionReplyHeader {
 inline constexpr size_t kOptionReplyHeaderSize = 20;
 // 20 bytes: magic, option, reply type, length. nullopt on a wrong size or magic.
 std::optional<OptionReplyHeader> decode_option_reply_header(ByteSpan bytes);
+// Payload of NBD_OPT_GO / NBD_OPT_INFO as a client sends it: the export name
+// and the NBD_INFO types it asks for.
+void encode_info_request(Bytes& out, std::string_view export_name, std::span<const uint16_t> infos);
+// Payload of an NBD_REP_INFO reply, as a client reads it. Fields of other
+// info types stay at their defaults; an info type this codec does not know
+// is returned with its type alone (the spec: a client ignores it).
+struct InfoReply {
+  uint16_t type = 0;
+  uint64_t size = 0;       // NBD_INFO_EXPORT
+  uint16_t tx_flags = 0;   // NBD_INFO_EXPORT
+  uint32_t minimum = 0;    // NBD_INFO_BLOCK_SIZE
+  uint32_t preferred = 0;  // NBD_INFO_BLOCK_SIZE
+  uint32_t maximum = 0;    // NBD_INFO_BLOCK_SIZE
+  std::string text;        // NBD_INFO_NAME, NBD_INFO_DESCRIPTION
+};
+// nullopt if a known type has the wrong size.
+std::optional<InfoReply> decode_info_reply(ByteSpan payload);
 // Payload of NBD_REP_SERVER: the name, and the description after it.
 struct ServerReply {
   std::string name;
@@ -135,13 +152,28 @@ struct RequestHeader {
 std::optional<RequestHeader> decode_request_header(ByteSpan bytes);
 // 32 bytes (extended headers). nullopt on a wrong size or magic.
 std::optional<RequestHeader> decode_extended_request_header(ByteSpan bytes);
-// The one request encoder, of a compact header (upstream's): `request.length`
-// must fit in 32 bits. A fixed array: a request in flight keeps its header in
-// it, without an allocation.
-using RequestBytes = std::array<uint8_t, kRequestHeaderSize>;
-RequestBytes encode_request(const RequestHeader& request);
+// A request header as bscache sends it upstream: compact (28 bytes) or
+// extended (32). Fixed storage: a request in flight keeps its header in it,
+// without an allocation.
+class RequestBytes {
+ public:
+  const uint8_t* data() const { return bytes_.data(); }
+  size_t size() const { return size_; }
+  const uint8_t* begin() const { return bytes_.data(); }
+  const uint8_t* end() const { return bytes_.data() + size_; }
+
+ private:
+  friend RequestBytes encode_request(const RequestHeader& request, bool extended);
+  std::array<uint8_t, kExtendedRequestHeaderSize> bytes_{};
+  size_t size_ = 0;
+};
+// The one request encoder. Compact (the default): `request.length` must fit in
+// 32 bits. Extended (the connection negotiated NBD_OPT_EXTENDED_HEADERS): a
+// 64-bit length; a WRITE must then carry NBD_CMD_FLAG_PAYLOAD_LEN, which is
+// the caller's to set, as every flag is.
+RequestBytes encode_request(const RequestHeader& request, bool extended = false);
 // Appends encode_request's bytes.
-void encode_request_header(Bytes& out, const RequestHeader& request);
+void encode_request_header(Bytes& out, const RequestHeader& request, bool extended = false);
 
 // The payload of BLOCK_STATUS with NBD_CMD_FLAG_PAYLOAD_LEN: the effect
 // length, then the ids of the contexts to answer for (at least one).

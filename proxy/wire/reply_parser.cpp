@@ -1,6 +1,7 @@
 #include "reply_parser.hpp"
 
 #include <algorithm>
+#include <cstdint>
 
 #include "byte_order.hpp"
 #include "protocol.hpp"
@@ -12,7 +13,7 @@ bool is_error_type(uint16_t type) {
   return (type & 0x8000) != 0;
 }
 
-// Bytes after the 20-byte chunk header read with it, before any payload.
+// Bytes after the chunk header read with it, before any payload.
 size_t prefix_of(uint16_t type) {
   if (type == kReplyTypeOffsetData) return 8;   // offset
   if (type == kReplyTypeOffsetHole) return 12;  // offset, length
@@ -75,12 +76,15 @@ bool ReplyParser::received(size_t n, std::vector<uint64_t>& done) {
 
 bool ReplyParser::header_complete(std::vector<uint64_t>& done) {
   const uint32_t magic = load_be32(header_);
-  if (magic == kStructuredReplyMagic) {
-    // The type is known now: read the length and the type's fixed prefix in one go.
+  if (magic == (extended_ ? kExtendedReplyMagic : kStructuredReplyMagic)) {
+    // The type is known now: read the length (an extended header's offset
+    // too) and the type's fixed prefix in one go.
     stage_ = Stage::ChunkRest;
-    want_ = std::span<uint8_t>(header_, kChunkHeader + prefix_of(load_be16(header_ + 6)));
+    want_ = std::span<uint8_t>(header_, chunk_header_size() + prefix_of(load_be16(header_ + 6)));
     return true;  // filled_ stays: the first 16 bytes are in
   }
+  if (extended_) return fail("a reply without the extended header on a connection that negotiated it");
+  if (magic == kExtendedReplyMagic) return fail("an extended reply on a connection that did not negotiate it");
   if (magic != kSimpleReplyMagic) return fail("a reply with bad magic");
   cookie_ = load_be64(header_ + 8);
   target_ = lookup_(cookie_);
@@ -101,7 +105,11 @@ bool ReplyParser::chunk_rest_complete(std::vector<uint64_t>& done) {
   chunk_flags_ = load_be16(header_ + 4);
   chunk_type_ = load_be16(header_ + 6);
   cookie_ = load_be64(header_ + 8);
-  chunk_length_ = load_be32(header_ + 16);
+  // An extended header's offset (bytes 16 to 23) echoes the request's; it
+  // says nothing the cookie does not, and is not checked (libnbd does not
+  // fail a reply over it either).
+  chunk_length_ = extended_ ? load_be64(header_ + 24) : load_be32(header_ + 16);
+  const uint8_t* prefix = header_ + chunk_header_size();
   target_ = lookup_(cookie_);
   if (!target_) return fail("a reply chunk for a cookie not in flight");
   const bool read = target_->type == kCmdRead;
@@ -113,16 +121,19 @@ bool ReplyParser::chunk_rest_complete(std::vector<uint64_t>& done) {
       return chunk_finished(done);
     case kReplyTypeOffsetData: {
       if (!read || chunk_length_ <= 8) return fail("an OFFSET_DATA chunk for a non-READ or without data");
-      const uint64_t at = load_be64(header_ + kChunkHeader);
-      const uint32_t length = chunk_length_ - 8;
-      if (at < start || at > end || length > end - at) return fail("an OFFSET_DATA chunk outside its READ");
-      target_->pieces.push_back({at, length, false});
-      return expect_payload(at, length);
+      const uint64_t at = load_be64(prefix);
+      const uint64_t length = chunk_length_ - 8;
+      // A READ is at most the maximum payload, so a piece of it fits 32 bits.
+      if (at < start || at > end || length > end - at || length > UINT32_MAX) {
+        return fail("an OFFSET_DATA chunk outside its READ");
+      }
+      target_->pieces.push_back({at, static_cast<uint32_t>(length), false});
+      return expect_payload(at, static_cast<uint32_t>(length));
     }
     case kReplyTypeOffsetHole: {
       if (!read || chunk_length_ != 12) return fail("an OFFSET_HOLE chunk for a non-READ or of a wrong size");
-      const uint64_t at = load_be64(header_ + kChunkHeader);
-      const uint32_t length = load_be32(header_ + kChunkHeader + 8);
+      const uint64_t at = load_be64(prefix);
+      const uint32_t length = load_be32(prefix + 8);
       if (length == 0 || at < start || at > end || length > end - at) {
         return fail("an OFFSET_HOLE chunk outside its READ");
       }

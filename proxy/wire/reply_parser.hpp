@@ -12,7 +12,10 @@
 // the socket into): the parser then only says how many bytes are due there.
 //
 // Handles simple replies and the structured chunks a data command can get:
-// NONE, OFFSET_DATA, OFFSET_HOLE, ERROR, ERROR_OFFSET and unknown error types.
+// NONE, OFFSET_DATA, OFFSET_HOLE, ERROR, ERROR_OFFSET and unknown error types;
+// on a connection that negotiated extended headers, the same chunks behind
+// the 32-byte extended reply header instead (and no simple reply: the spec
+// allows none there). Each form is refused on a connection of the other.
 // Anything else (a BLOCK_STATUS chunk, an unknown cookie, a chunk outside its
 // READ, a READ whose chunks do not cover it exactly) is a protocol error: the
 // connection is unusable after it. A READ buffer is handed back as success
@@ -49,7 +52,8 @@ class ReplyParser {
  public:
   // The command a cookie names, or null if none is in flight.
   using Lookup = std::function<ReplyTarget*(uint64_t cookie)>;
-  explicit ReplyParser(Lookup lookup) : lookup_(std::move(lookup)) {}
+  // `extended`: the connection negotiated NBD_OPT_EXTENDED_HEADERS.
+  explicit ReplyParser(Lookup lookup, bool extended = false) : lookup_(std::move(lookup)), extended_(extended) {}
 
   // Where the next bytes from upstream go; empty only if failed() or sink_bytes() > 0.
   std::span<uint8_t> next();
@@ -78,24 +82,31 @@ class ReplyParser {
   bool fail(std::string why);
   void expect_header();
 
+  // Every reply starts with 16 bytes laid out alike in all three forms
+  // (magic, then a simple reply's error and cookie, or a chunk's flags, type
+  // and cookie); the rest of a chunk header follows.
   static constexpr size_t kSimpleHeader = 16;
   static constexpr size_t kChunkHeader = 20;
+  static constexpr size_t kExtendedHeader = 32;
   // Longest chunk payload read into scratch_ (errors, hole descriptions).
   static constexpr uint32_t kMaxScratch = 64 * 1024;
 
+  size_t chunk_header_size() const { return extended_ ? kExtendedHeader : kChunkHeader; }
+
   Lookup lookup_;
+  const bool extended_;
   Stage stage_ = Stage::Header;
-  uint8_t header_[kChunkHeader + 12] = {};  // chunk header plus an OFFSET_DATA/HOLE prefix
-  std::vector<uint8_t> scratch_;            // an error chunk's payload
-  std::span<uint8_t> want_;                 // the current piece's destination
-  size_t filled_ = 0;                       // bytes of want_ (or of the sink's share) received
-  uint64_t want_sink_ = 0;                  // Stage::Sink: the payload's length
+  uint8_t header_[kExtendedHeader + 12] = {};  // chunk header plus an OFFSET_DATA/HOLE prefix
+  std::vector<uint8_t> scratch_;               // an error chunk's payload
+  std::span<uint8_t> want_;                    // the current piece's destination
+  size_t filled_ = 0;                          // bytes of want_ (or of the sink's share) received
+  uint64_t want_sink_ = 0;                     // Stage::Sink: the payload's length
   // The reply being read.
   uint64_t cookie_ = 0;
   ReplyTarget* target_ = nullptr;
   uint16_t chunk_flags_ = 0;
   uint16_t chunk_type_ = 0;
-  uint32_t chunk_length_ = 0;
+  uint64_t chunk_length_ = 0;  // 64 bits in an extended header
   std::string failure_;
 };
 

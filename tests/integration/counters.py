@@ -34,7 +34,9 @@ KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
 failures = []
 # client.memory_pauses never moves here (nothing comes near --max-client-memory): every step
 # asserts it stays, and test_memory_bound makes it move with 200 clients against the bound.
-covered = {"client.memory_pauses"}
+# upstream.extended_headers stays 0 (nbdkit 1.32 serves no extended headers): every step asserts
+# it stays, "at start" says so, and test_extended_headers makes it move in front of qemu-nbd 10.
+covered = {"client.memory_pauses", "upstream.extended_headers"}
 
 
 def failure(message):
@@ -94,6 +96,7 @@ def prom_name(key):
         "block_status.hit_rate": "bscache_block_status_hit_ratio",
         "block_status.upstream_calls_saved": "bscache_upstream_calls_saved_total",
         "upstream.connections": "bscache_upstream_connections",
+        "upstream.extended_headers": "bscache_upstream_extended_headers",
         "upstream.reconnects": "bscache_upstream_reconnects_total",
         "upstream.reads_spliced": "bscache_upstream_reads_spliced_total",
         "upstream.writes_spliced": "bscache_upstream_writes_spliced_total",
@@ -420,7 +423,7 @@ def grew(after, before):
 # A: nbdkit memory behind the error filter (errors only while $T/fail exists), 4 upstream
 #    connections (the error filter keeps memory's multi-conn), --prefetch off.
 a = Proxy("a")
-a.step("at start", values={"upstream.connections": 4, "client.connections_current": 0})
+a.step("at start", values={"upstream.connections": 4, "upstream.extended_headers": 0, "client.connections_current": 0})
 h = a.step("a client connects", lambda: client(a.uri),
            delta={"client.connections_total": 1}, values={"client.connections_current": 1})
 

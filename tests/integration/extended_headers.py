@@ -3,12 +3,14 @@ machine sends (Debian 12's libnbd 1.14 cannot; qemu 10 neither filters block
 status nor sends TRIM longer than 2 GiB).
 
 usage: extended_headers.py SOCKET_PATH EXPORT_SIZE CHECK...
-Checks: negotiation, block_status_ext, long_commands, filter, one_tib_hole.
+Checks: negotiation, block_status_ext, long_commands, filter, one_tib_hole,
+five_gib_zero_and_trim.
 The export must be EXPORT_SIZE bytes, at least 16 GiB + 1 MiB, with 1 MiB of
 0xab at 16 GiB; block_status_ext wants nothing else written below it yet;
 long_commands overwrites [512 MiB, 9.5 GiB); `filter` needs upstream to offer
 qemu:allocation-depth beside base:allocation (qemu-nbd -A); one_tib_hole an
-export of more than 1 TiB whose first TiB is a hole.
+export of more than 1 TiB whose first TiB is a hole; five_gib_zero_and_trim
+overwrites [1 GiB, 6 GiB) (the caller counts what reached upstream).
 """
 import struct
 import sys
@@ -227,6 +229,19 @@ def check_one_tib_hole():
     one = c.block_status(0, tib, REQ_ONE)[base]
     assert one == [(tib, 3)], one
     print("ok: a REQ_ONE hit over a cached 1 TiB hole answers 1 TiB")
+
+
+def check_five_gib_zero_and_trim():
+    c = Conn().extended()
+    for at in (GIB, 4 * GIB, 6 * GIB - 4096):
+        assert c.simple_command(WRITE, at, 4096, PAYLOAD_LEN, b"\x5a" * 4096) == 0
+    # One WRITE_ZEROES of 5 GiB (FUA), answered once; then one TRIM of 5 GiB.
+    assert c.simple_command(WRITE_ZEROES, GIB, 5 * GIB, FUA) == 0
+    for at in (GIB, 4 * GIB, 6 * GIB - 4096):
+        assert c.read(at, 4096) == b"\0" * 4096, f"zeroes did not reach {at}"
+    assert c.simple_command(TRIM, GIB, 5 * GIB) == 0
+    assert c.read(16 * GIB, 4096) == b"\xab" * 4096, "the stream stayed in step"
+    print("ok: one 5 GiB WRITE_ZEROES and one 5 GiB TRIM")
 
 
 for name in sys.argv[3:]:

@@ -53,7 +53,8 @@ nbdsh_at() {
 
 # Which libnbd this bscache runs with decides how long its windows may be.
 bscache_libnbd=$(ldd "$BSCACHE" | awk '$1 ~ /^libnbd\.so/ { print $3 }')
-if [[ $bscache_libnbd == "$prefix"/* ]]; then wide=1; else wide=0; fi
+# Real paths: .cache/libnbd-new may be a symbolic link to another tree's build, and ldd names the target.
+if [[ $(realpath "$bscache_libnbd") == "$(realpath "$prefix")"/* ]]; then wide=1; else wide=0; fi
 echo "bscache runs with $bscache_libnbd"
 
 # fetched_windows LOG: the lengths of the block-status windows bscache fetched
@@ -140,6 +141,9 @@ if "$nbdinfo" --can extended-headers "$(uri up_nbdkit)"; then fail "nbdkit $(nbd
 upstream_extended=0
 start_bscache nbdkit --upstream "$(uri up_nbdkit)" --log-level debug
 check_upstream nbdkit
+(($(grep -c "bscache's own client, compact headers" "$T/nbdkit.log") >= 2)) ||
+  fail "nbdkit: bscache's wire connections did not stay compact"
+pass "nbdkit: bscache's wire connections speak compact headers"
 
 # ---- qemu-nbd 10: extended headers and payload filtering upstream -------------
 [[ -x $qemu10/qemu-nbd ]] || skip "the nbdkit half passed; qemu 10 is not fetched (scripts/qemu10.sh)"
@@ -156,8 +160,24 @@ nbdsh_at "$(uri up_qemu)" 'assert_long_extent(h)' || fail "qemu-nbd 10: one bloc
 nbdsh_at "$(uri up_qemu)" 'assert_filtered(h)' || fail "qemu-nbd 10: block_status_filter"
 pass "qemu-nbd 10 directly: extended headers, block_status_64 over 16 GiB in one call, block_status_filter"
 upstream_extended=1
-start_bscache qemu --upstream "$(uri up_qemu)" --log-level debug
+start_bscache qemu --upstream "$(uri up_qemu)" --log-level debug --stats-file "$T/qemu.json"
 check_upstream qemu
+# bscache's wire connections speak extended headers to qemu-nbd 10: negotiated
+# by libnbd where bscache runs with libnbd >= 1.18 (before #22 such a
+# connection was not used at all), by bscache itself otherwise; and READs
+# are spliced over them.
+extended=$(grep -c "bscache's own client, extended headers" "$T/qemu.log" || true)
+by_bscache=$(grep -c "bscache's own client, extended headers (negotiated by bscache)" "$T/qemu.log" || true)
+((extended >= 2)) || fail "qemu: $extended wire connections with extended headers, not at least 2"
+if ((wide)); then
+  ((by_bscache == 0)) || fail "qemu: bscache negotiated extended headers itself although its libnbd does"
+else
+  ((by_bscache == extended)) || fail "qemu: libnbd 1.14 cannot negotiate extended headers, yet bscache did not"
+fi
+kill -USR1 "$(cat "$T/qemu.pid")"
+wait_for_file "$T/qemu.json"
+(($(jq '.upstream.reads_spliced' "$T/qemu.json") > 0)) || fail "qemu: no READ spliced over extended headers"
+pass "qemu: the wire connections speak extended headers (negotiated by $( ((wide)) && echo libnbd || echo bscache)) and splice READs"
 # And zero/trim of more than 4 GiB in one command, directly (the data is gone by now).
 nbdsh_at "$(uri up_qemu)" 'mutate(h, "zero", 0, 6 * GiB, whole=True)' 'mutate(h, "trim", 6 * GiB, 5 * GiB, whole=True)' \
   'assert h.pread(1 << 20, 0) == bytes(1 << 20)' || fail "qemu-nbd 10: zero and trim of more than 4 GiB in one command"

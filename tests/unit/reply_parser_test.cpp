@@ -13,11 +13,16 @@ namespace bscache::wire {
 namespace {
 
 struct Harness {
+  // `extended`: the connection negotiated extended headers.
+  explicit Harness(bool extended = false)
+      : parser(
+            [this](uint64_t cookie) -> ReplyTarget* {
+              auto it = in_flight.find(cookie);
+              return it == in_flight.end() ? nullptr : &it->second;
+            },
+            extended) {}
   std::map<uint64_t, ReplyTarget> in_flight;
-  ReplyParser parser{[this](uint64_t cookie) -> ReplyTarget* {
-    auto it = in_flight.find(cookie);
-    return it == in_flight.end() ? nullptr : &it->second;
-  }};
+  ReplyParser parser;
   std::vector<uint64_t> done;
   Bytes sunk;  // what the parser said goes to a sink, in order
   std::mt19937 rng{7};
@@ -287,6 +292,86 @@ TEST(ReplyParser, ManyRepliesRandomlySplit) {
     EXPECT_EQ(h.in_flight[c].error, 0u) << c;
     EXPECT_TRUE(std::equal(buffers[c].begin(), buffers[c].end(), expected[c].begin())) << c;
   }
+}
+
+// Extended headers: every reply is a 32-byte chunk header, 64-bit length and
+// the request's offset; READ data, holes, errors and NONE land as in the
+// structured form, buffers and sinks alike.
+TEST(ReplyParser, ExtendedRepliesLandLikeStructuredOnes) {
+  Harness h(true);
+  std::vector<uint8_t> buffer(size_t{3} * 65536, 0xee);
+  const uint64_t at = uint64_t{9} << 30;  // past 4 GiB
+  h.in_flight[1] = read_of(at, buffer);
+  h.in_flight[2] = sink_read_of(at, 8192);
+  h.in_flight[3] = command(kCmdTrim);
+  h.in_flight[4] = command(kCmdWriteZeroes);
+  h.in_flight[5] = command(kCmdWrite);
+  const ReplyForm form{.extended = true, .request_offset = at};
+  const Bytes last = pattern(65536, 1), first = pattern(65536, 2), sunk = pattern(8192, 3);
+  Bytes stream;
+  encode_offset_data_header(stream, 1, false, at + 2 * 65536, 65536, form);
+  append(stream, last);
+  encode_offset_data_header(stream, 2, true, at, 8192, form);
+  append(stream, sunk);
+  encode_offset_hole(stream, 1, false, at + 65536, 65536, form);
+  encode_done(stream, 3, {.extended = true, .request_offset = 0});
+  encode_offset_data_header(stream, 1, true, at, 65536, form);
+  append(stream, first);
+  encode_error_chunk(stream, 4, true, kErrNoSpc, "full", {.extended = true, .request_offset = 0});
+  encode_error_chunk(stream, 5, false, kErrIo, "first", form);
+  encode_done(stream, 5, form);
+  ASSERT_TRUE(h.feed(stream)) << h.parser.failure();
+  EXPECT_EQ(h.done, (std::vector<uint64_t>{2, 3, 1, 4, 5}));
+  EXPECT_EQ(h.in_flight[1].error, 0u);
+  EXPECT_TRUE(std::equal(first.begin(), first.end(), buffer.begin()));
+  EXPECT_TRUE(std::all_of(buffer.begin() + 65536, buffer.begin() + std::ptrdiff_t{2} * 65536, [](uint8_t b) {
+    return b == 0;
+  })) << "a hole reads as zeros";
+  EXPECT_TRUE(std::equal(last.begin(), last.end(), buffer.begin() + std::ptrdiff_t{2} * 65536));
+  EXPECT_EQ(h.sunk, sunk);
+  EXPECT_EQ(h.in_flight[2].error, 0u);
+  EXPECT_EQ(h.in_flight[3].error, 0u);
+  EXPECT_EQ(h.in_flight[4].error, kErrNoSpc);
+  EXPECT_EQ(h.in_flight[5].error, kErrIo);
+  EXPECT_FALSE(h.parser.mid_reply());
+}
+
+TEST(ReplyParser, EachHeaderFormOnlyWhereNegotiated) {
+  std::vector<uint8_t> buffer(4096);
+  auto fails = [&](const Bytes& stream, bool extended) {
+    Harness h(extended);
+    h.in_flight[1] = read_of(4096, buffer);
+    h.in_flight[2] = command(kCmdTrim);
+    const bool ok = h.feed(stream);
+    if (!ok) {
+      EXPECT_TRUE(h.parser.next().empty()) << "a failed parser asks for nothing more";
+    }
+    return !ok && !h.parser.failure().empty();
+  };
+  const ReplyForm extended{.extended = true, .request_offset = 4096};
+  Bytes s;
+  encode_simple_reply(s, 2, 0);
+  EXPECT_TRUE(fails(s, true)) << "a simple reply after extended headers";
+  s.clear();
+  encode_done(s, 2);
+  EXPECT_TRUE(fails(s, true)) << "a structured chunk after extended headers";
+  s.clear();
+  encode_done(s, 2, extended);
+  EXPECT_TRUE(fails(s, false)) << "an extended chunk without extended headers";
+  EXPECT_FALSE(fails(s, true));
+  s.clear();
+  // A 64-bit length no READ of bscache's can hold.
+  encode_reply_header(s, extended, kReplyFlagDone, kReplyTypeOffsetData, 1, (uint64_t{1} << 33) + 8);
+  put_u64(s, 4096);
+  EXPECT_TRUE(fails(s, true)) << "an OFFSET_DATA chunk longer than 32 bits";
+  s.clear();
+  encode_reply_header(s, extended, kReplyFlagDone, kReplyTypeError, 2, uint64_t{1} << 32 | 6);
+  put_u32(s, kErrIo);
+  put_u16(s, 0);
+  EXPECT_TRUE(fails(s, true)) << "an error chunk whose 64-bit length is cut to 32 bits would look fine";
+  s.clear();
+  encode_block_status_chunk(s, 2, true, 1, std::vector<Descriptor>{{uint64_t{8} << 30, 0}}, extended);
+  EXPECT_TRUE(fails(s, true)) << "BLOCK_STATUS_EXT on a data connection";
 }
 
 }  // namespace

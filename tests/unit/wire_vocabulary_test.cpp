@@ -41,6 +41,68 @@ TEST(WireVocabulary, OneRequestEncoderForBothForms) {
   EXPECT_EQ(back->flags, kCmdFlagFua);
 }
 
+TEST(WireVocabulary, ExtendedRequestsCarry64BitLengths) {
+  const RequestHeader r{kCmdFlagFua, kCmdWriteZeroes, 7, uint64_t{5} << 30, uint64_t{5} << 30 | 4096};
+  const RequestBytes extended = encode_request(r, true);
+  ASSERT_EQ(extended.size(), kExtendedRequestHeaderSize);
+  EXPECT_FALSE(decode_request_header(ByteSpan(extended.data(), kRequestHeaderSize)));
+  const auto back = decode_extended_request_header(extended);
+  ASSERT_TRUE(back);
+  EXPECT_EQ(back->type, kCmdWriteZeroes);
+  EXPECT_EQ(back->flags, kCmdFlagFua);
+  EXPECT_EQ(back->cookie, 7u);
+  EXPECT_EQ(back->offset, uint64_t{5} << 30);
+  EXPECT_EQ(back->length, uint64_t{5} << 30 | 4096);
+  Bytes appended;
+  encode_request_header(appended, r, true);
+  EXPECT_EQ(appended, Bytes(extended.begin(), extended.end()));
+  EXPECT_EQ(encode_request(r).size(), kRequestHeaderSize);
+}
+
+// What bscache asks in its own NBD_OPT_GO, and the infos a server answers
+// (encoded by bscache's own server side), read back.
+TEST(WireVocabulary, InfoRequestsAndRepliesRoundTrip) {
+  Bytes request;
+  const std::vector<uint16_t> infos{kInfoBlockSize, kInfoName};
+  encode_info_request(request, "disk0", infos);
+  const auto decoded = decode_info_request(request);
+  ASSERT_TRUE(decoded);
+  EXPECT_EQ(decoded->export_name, "disk0");
+  EXPECT_EQ(decoded->requests, infos);
+
+  auto payload_of = [](const Bytes& reply) {
+    const auto header = decode_option_reply_header(ByteSpan(reply.data(), kOptionReplyHeaderSize));
+    EXPECT_TRUE(header && header->type == kRepInfo && header->option == kOptGo);
+    return decode_info_reply(ByteSpan(reply).subspan(kOptionReplyHeaderSize));
+  };
+  Bytes reply;
+  encode_info_export(reply, kOptGo, uint64_t{17} << 30, kTxHasFlags | kTxSendTrim);
+  auto info = payload_of(reply);
+  ASSERT_TRUE(info);
+  EXPECT_EQ(info->type, kInfoExport);
+  EXPECT_EQ(info->size, uint64_t{17} << 30);
+  EXPECT_EQ(info->tx_flags, kTxHasFlags | kTxSendTrim);
+  reply.clear();
+  encode_info_block_size(reply, kOptGo, 512, 4096, 32 << 20);
+  info = payload_of(reply);
+  ASSERT_TRUE(info);
+  EXPECT_EQ(info->type, kInfoBlockSize);
+  EXPECT_EQ(info->minimum, 512u);
+  EXPECT_EQ(info->preferred, 4096u);
+  EXPECT_EQ(info->maximum, 32u << 20);
+  reply.clear();
+  encode_info_name(reply, kOptGo, "canonical");
+  info = payload_of(reply);
+  ASSERT_TRUE(info);
+  EXPECT_EQ(info->text, "canonical");
+  // A known type of the wrong size is malformed; an unknown one is passed over.
+  const uint8_t short_export[] = {0, 0, 1, 2, 3};
+  EXPECT_FALSE(decode_info_reply(short_export));
+  const uint8_t unknown[] = {0, 99, 1, 2, 3};
+  ASSERT_TRUE(decode_info_reply(unknown));
+  EXPECT_EQ(decode_info_reply(unknown)->type, 99);
+}
+
 TEST(WireVocabulary, ReadChunksEncodeAsHoleOrDataHeader) {
   Bytes hole, data, expected;
   encode_read_chunk(hole, 9, false, {.offset = 512, .length = 1024, .hole = true});
