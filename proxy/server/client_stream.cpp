@@ -2,8 +2,8 @@
 
 #include <fcntl.h>
 #include <poll.h>
-#include <unistd.h>
 #include <spdlog/spdlog.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <array>
@@ -39,6 +39,15 @@ size_t ClientStream::take_ahead(std::span<uint8_t> into) {
   std::copy_n(ahead_.begin() + static_cast<ptrdiff_t>(ahead_begin_), n, into.begin());
   ahead_begin_ += n;
   return n;
+}
+
+void ClientStream::read_now() {
+  if (ahead_.empty() || buffered() > 0) return;
+  boost::system::error_code ec;
+  const size_t n = socket_.read_some(asio::buffer(ahead_), ec);
+  // An error (the socket closed meanwhile) is for the next read_exact to find.
+  ahead_begin_ = 0;
+  ahead_end_ = ec ? 0 : n;
 }
 
 awaitable<bool> ClientStream::wait(bool for_write) {

@@ -58,6 +58,12 @@ class ClientStream {
   void before_wait(std::function<void()> hook) { before_wait_ = std::move(hook); }
   // Bytes read from the socket and not handed out yet.
   size_t buffered() const { return ahead_end_ - ahead_begin_; }
+  // When nothing is buffered: reads what the socket holds now, without
+  // waiting (one system call, none if nothing is read ahead). For a client
+  // that keeps requests in flight, more may have come while the last ones
+  // were answered; reading them before the session waits saves the write
+  // of the replies so far and the wait itself.
+  void read_now();
 
   awaitable<bool> read_exact(std::span<uint8_t> buffer);
   awaitable<bool> discard(uint64_t length);

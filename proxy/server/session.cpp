@@ -145,6 +145,9 @@ awaitable<void> Session::transmission() {
       requests_this_turn_ = 0;
       co_await asio::post(ctx_.io, use_awaitable);
     }
+    // A client with several requests in this turn is pipelining: see whether
+    // more came before its replies go out and the session waits.
+    if (stream_.buffered() == 0 && requests_this_turn_ > 1) stream_.read_now();
     if (!co_await stream_.read_exact(header)) {
       orderly = false;
       break;

@@ -43,7 +43,7 @@ def main():
             error = wire.reply_error()
             assert error == 0, f"block status failed: {error}"
     trace.send_signal(signal.SIGINT)
-    summary = trace.communicate(timeout=30)[0]
+    summary = trace.communicate(timeout=30)[1]
     calls = {}
     for line in summary.splitlines():
         # % time, seconds, usecs/call, calls, [errors], syscall
