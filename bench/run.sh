@@ -63,7 +63,7 @@ want() { [[ -z $only || $only == *",$1,"* ]]; }
 section_workloads() {  # the workload names a section writes
   case $1 in
     seq) echo "seq-map convert convert-instant two-scanners" ;;
-    hit-latency) echo "hit-latency-qd1 hit-latency-qd16" ;;
+    hit-latency) echo "hit-latency-qd1 hit-latency-qd16 hit-cost-qd1 hit-cost-qd16 hit-clients-1 hit-clients-4 hit-clients-16" ;;
     data-path) echo "data-read data-read-convert data-write" ;;
     capacity-pressure) echo "capacity-pressure dense-map-cold" ;;
     tls) echo "tls-data-read tls-seq-map tls-hit-latency-qd1 tls-hit-latency-qd16" ;;
@@ -258,18 +258,71 @@ rm -rf "$shm"
 fi
 
 # ---- hit-latency: REQ_ONE on cached ranges, queue depth 1 and 16 ----
+# Also what answering costs the server: CPU of all its threads and system calls (perf's raw_syscalls tracepoint, where perf
+# can count it) per request, bscache against nbdkit answering the same
+# queries from its own extent list ("direct"); and hits per second for 1, 4
+# and 16 clients at queue depth 1 each.
+server_pid() { if [[ $1 == direct ]]; then cat "$T/seqfast.pid"; else cat "$T/front.pid"; fi; }
+# CPU of the whole process, threads that ended included (nbdkit's connection
+# threads do), in microseconds; /proc counts it in clock ticks.
+cpu_us() { awk -v hz="$(getconf CLK_TCK)" '{ printf "%.0f\n", ($14 + $15) * 1e6 / hz }' /proc/"$1"/stat; }
+can_count_syscalls() { perf stat -x, -e raw_syscalls:sys_enter -- true >/dev/null 2>&1; }
+# hit_cost CONTENDER DEPTH CLIENTS: one measured pass (after a warming one);
+# prints "requests_per_second microseconds cpu_us_per_request syscalls_per_request".
+hit_cost() {
+  local c=$1 depth=$2 clients=$3 pid cpu0 cpu1 perf_pid="" total=0 lat=0 rate lat_i k
+  front_up "$c" seqfast
+  pid=$(server_pid "$c")
+  "$tools/hit_latency" "$target" "$seq_size" "$latency_seconds" "$depth" >/dev/null  # warm the cache
+  if can_count_syscalls; then
+    perf stat -x, -o "$T/syscalls.csv" -e raw_syscalls:sys_enter -p "$pid" & perf_pid=$!
+    sleep 0.3  # perf attaches
+  fi
+  cpu0=$(cpu_us "$pid")
+  local client_pids=()
+  for ((k = 0; k < clients; k++)); do
+    "$tools/hit_latency" "$target" "$seq_size" "$latency_seconds" "$depth" >"$T/hits.$k" & client_pids+=($!)
+  done
+  wait "${client_pids[@]}"
+  cpu1=$(cpu_us "$pid")
+  local syscalls=nan
+  if [[ -n $perf_pid ]]; then
+    kill -INT "$perf_pid"; wait "$perf_pid" || true
+    syscalls=$(awk -F, '$3 ~ /raw_syscalls/ { print $1 }' "$T/syscalls.csv")
+  fi
+  for ((k = 0; k < clients; k++)); do
+    read -r rate lat_i <"$T/hits.$k"
+    total=$(awk -v a="$total" -v b="$rate" 'BEGIN { print a + b }')
+    lat=$lat_i
+  done
+  front_down
+  # hit_latency prints rates; the count is rate x its duration.
+  awk -v r="$total" -v l="$lat" -v s="$latency_seconds" -v c0="$cpu0" -v c1="$cpu1" -v n="$syscalls" 'BEGIN {
+    q = r * s; printf "%.0f %s %.3f %s\n", r, l, (c1 - c0) / q, (n == "nan" ? "nan" : sprintf("%.3f", n / q)) }'
+}
+if want hit-latency && [[ ! -S $T/seqfast.sock ]]; then  # run without the seq section
+  "$make_extents" "$seq_size" "$seq_extents" 42 >"$T/seq.ext"
+  start_nbdkit seqfast --filter=extentlist null size=$seq_size extentlist="$T/seq.ext"
+fi
 want hit-latency && for depth in 1 16; do
   for c in direct cacheextents bscache; do
-    rates=() lats=()
+    rates=() lats=() cpus=() calls=()
     for ((i = 0; i < runs; i++)); do
-      front_up $c seqfast
-      "$tools/hit_latency" "$target" "$seq_size" "$latency_seconds" $depth >/dev/null  # warm the cache
-      read -r rate lat < <("$tools/hit_latency" "$target" "$seq_size" "$latency_seconds" $depth)
-      front_down
-      rates+=("$rate") lats+=("$lat")
+      read -r rate lat cpu sc < <(hit_cost $c $depth 1)
+      rates+=("$rate") lats+=("$lat") cpus+=("$cpu") calls+=("$sc")
     done
     record "hit-latency-qd$depth" $c requests_per_second "" "${rates[@]}"
     record "hit-latency-qd$depth" $c microseconds "" "${lats[@]}"
+    [[ $c == cacheextents ]] && continue  # its CPU is nbdkit's twice over, nothing to compare
+    record "hit-cost-qd$depth" $c cpu_microseconds_per_request "server's threads" "${cpus[@]}"
+    [[ ${calls[0]} != nan ]] && record "hit-cost-qd$depth" $c syscalls_per_request "" "${calls[@]}"
+  done
+done
+want hit-latency && for clients in 1 4 16; do
+  for c in direct bscache; do
+    rates=()
+    for ((i = 0; i < runs; i++)); do read -r rate _ < <(hit_cost $c 1 "$clients"); rates+=("$rate"); done
+    record "hit-clients-$clients" $c requests_per_second "queue depth 1 each" "${rates[@]}"
   done
 done
 

@@ -10,7 +10,7 @@ packages=(
   libboost-dev libboost-program-options-dev libspdlog-dev libfmt-dev nlohmann-json3-dev
   libnbd-dev libnbd-bin libgnutls28-dev gnutls-bin python3-libnbd nbdkit nbdkit-plugin-python qemu-utils
   libgtest-dev libbenchmark-dev clang clang-format clang-tidy libclang-rt-14-dev
-  curl jq bc gnuplot-nox procps iproute2
+  curl jq bc gnuplot-nox procps iproute2 strace linux-perf
   dpkg-dev file help2man groff-base systemd
   libxml2-dev python3-dev
 )

@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <spdlog/spdlog.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <array>
@@ -29,7 +30,28 @@ ClientStream::ClientStream(Socket socket) : socket_(std::move(socket)) {
 
 ClientStream::~ClientStream() = default;
 
+void ClientStream::read_ahead() {
+  if (!tls_) ahead_.resize(kReadAhead);
+}
+
+size_t ClientStream::take_ahead(std::span<uint8_t> into) {
+  const size_t n = std::min(into.size(), buffered());
+  std::copy_n(ahead_.begin() + static_cast<ptrdiff_t>(ahead_begin_), n, into.begin());
+  ahead_begin_ += n;
+  return n;
+}
+
+void ClientStream::read_now() {
+  if (ahead_.empty() || buffered() > 0) return;
+  boost::system::error_code ec;
+  const size_t n = socket_.read_some(asio::buffer(ahead_), ec);
+  // An error (the socket closed meanwhile) is for the next read_exact to find.
+  ahead_begin_ = 0;
+  ahead_end_ = ec ? 0 : n;
+}
+
 awaitable<bool> ClientStream::wait(bool for_write) {
+  waiting();
   boost::system::error_code ec;
   co_await socket_.async_wait(for_write ? Socket::wait_write : Socket::wait_read,
                               asio::redirect_error(use_awaitable, ec));
@@ -38,8 +60,23 @@ awaitable<bool> ClientStream::wait(bool for_write) {
 
 awaitable<bool> ClientStream::read_exact(std::span<uint8_t> buffer) {
   if (!tls_) {
+    size_t got = take_ahead(buffer);
     boost::system::error_code ec;
-    co_await asio::async_read(socket_, asio::buffer(buffer.data(), buffer.size()),
+    // Asio reads at once where the socket may hold bytes and waits on the
+    // reactor only after a read came back short: one system call per read
+    // when the client keeps sending.
+    while (got < buffer.size() && buffer.size() - got < ahead_.size()) {
+      waiting();
+      const size_t n = co_await socket_.async_read_some(asio::buffer(ahead_), asio::redirect_error(use_awaitable, ec));
+      if (ec) co_return false;
+      ahead_begin_ = 0;
+      ahead_end_ = n;
+      got += take_ahead(buffer.subspan(got));
+    }
+    if (got == buffer.size()) co_return true;
+    // What is left is larger than a read ahead: straight into its place.
+    waiting();
+    co_await asio::async_read(socket_, asio::buffer(buffer.subspan(got).data(), buffer.size() - got),
                               asio::redirect_error(use_awaitable, ec));
     co_return !ec;
   }
@@ -78,6 +115,16 @@ size_t ClientStream::write_now(Buffers buffers, boost::system::error_code& ec) {
 
 awaitable<std::optional<size_t>> ClientStream::splice_in(std::span<const int> pipes, size_t length) {
   size_t moved = 0;
+  // Bytes read ahead are written into the pipes first (a copy of at most kReadAhead).
+  while (moved < length && buffered() > 0) {
+    const auto share = PipePool::share_at(moved, length);
+    const ssize_t n = ::write(pipes[share.index], ahead_.data() + ahead_begin_, std::min(share.bytes, buffered()));
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0 && errno == EAGAIN) co_return moved;  // a pipe filled up early, as below
+    if (n <= 0) co_return std::nullopt;
+    moved += static_cast<size_t>(n);
+    ahead_begin_ += static_cast<size_t>(n);
+  }
   while (moved < length) {
     const auto share = PipePool::share_at(moved, length);
     const int pipe = pipes[share.index];

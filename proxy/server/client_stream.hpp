@@ -5,9 +5,18 @@
 // same calls encrypt and decrypt. Reads return false at an expected end (EOF,
 // a closed socket, a failed TLS record), never throw. Writes follow Asio's
 // write_some rules: bytes written, or an error (would_block when nothing fits).
+//
+// In transmission (read_ahead()), a plain stream reads what the socket holds,
+// up to kReadAhead bytes, in one call and hands requests out of that: a
+// client with 16 requests queued costs one read, not 16. The session, which
+// holds back the replies it answers inline meanwhile, is told before the
+// stream waits for the client (before_wait), so they leave together in one
+// write. Not during the handshake: bytes a client sends after STARTTLS's
+// reply belong to the TLS session, which reads the socket itself.
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <span>
@@ -33,8 +42,28 @@ class ClientStream {
   ClientStream(const ClientStream&) = delete;
   ClientStream& operator=(const ClientStream&) = delete;
 
+  // Most bytes one read takes ahead of what was asked for. Small: what a
+  // WRITE's payload brings into it is copied (the rest is spliced), and a
+  // page holds 146 requests (128 with extended headers).
+  static constexpr size_t kReadAhead = 4096;
+
   Socket& socket() { return socket_; }
   bool tls() const { return tls_ != nullptr; }
+
+  // From now on a plain stream reads ahead (see above). Called once the
+  // handshake is over; with TLS, GnuTLS already reads whole records.
+  void read_ahead();
+  // Called whenever a read or splice is about to wait on the socket (it may
+  // still find bytes there without waiting).
+  void before_wait(std::function<void()> hook) { before_wait_ = std::move(hook); }
+  // Bytes read from the socket and not handed out yet.
+  size_t buffered() const { return ahead_end_ - ahead_begin_; }
+  // When nothing is buffered: reads what the socket holds now, without
+  // waiting (one system call, none if nothing is read ahead). For a client
+  // that keeps requests in flight, more may have come while the last ones
+  // were answered; reading them before the session waits saves the write
+  // of the replies so far and the wait itself.
+  void read_now();
 
   awaitable<bool> read_exact(std::span<uint8_t> buffer);
   awaitable<bool> discard(uint64_t length);
@@ -67,11 +96,20 @@ class ClientStream {
  private:
   awaitable<bool> wait(bool for_write);
   size_t tls_write_now(Buffers buffers, boost::system::error_code& ec);
+  // Copies bytes read ahead into `into`; returns how many.
+  size_t take_ahead(std::span<uint8_t> into);
+  void waiting() {
+    if (before_wait_) before_wait_();
+  }
 
   Socket socket_;
   std::unique_ptr<TlsSession> tls_;
   bool tls_wants_read_ = false;     // direction of the last TLS write that could not finish
   std::vector<uint8_t> coalesced_;  // small pieces gathered into one TLS record
+  std::vector<uint8_t> ahead_;      // read ahead: kReadAhead bytes once read_ahead() was called
+  size_t ahead_begin_ = 0;          // ahead_[ahead_begin_, ahead_end_) is not handed out yet
+  size_t ahead_end_ = 0;
+  std::function<void()> before_wait_;
 };
 
 }  // namespace bscache::proxy

@@ -9,8 +9,8 @@
 namespace bscache::proxy {
 
 namespace {
-// Replies gathered into one writev; Asio passes at most 64 buffers per call anyway.
-constexpr size_t kMaxRepliesPerWrite = 32;
+// Buffers gathered into one writev: Asio passes at most 64 per call.
+constexpr size_t kMaxBuffersPerWrite = 64;
 // A queue longer than this has grown its deque's map: it is replaced once empty.
 constexpr size_t kLongQueue = 1024;
 }  // namespace
@@ -113,9 +113,19 @@ void ReplyWriter::send(Reply reply) {
   memory_.charge(held);
   queue_.push_back({std::move(reply), 0});
   if (queue_.size() > kLongQueue) long_queue_ = true;
-  if (writing_) return;  // drain() gets to it
-  // The common case, a reply to an idle socket: write what fits now. The
-  // socket is non-blocking, so a full buffer just leaves the rest queued.
+  if (writing_ || corked_) return;  // drain() or uncork() gets to it
+  write_or_drain();
+}
+
+void ReplyWriter::uncork() {
+  corked_ = false;
+  if (writing_ || broken_ || queue_.empty()) return;
+  write_or_drain();
+}
+
+// The common case, replies to an idle socket: write what fits now. The
+// socket is non-blocking, so a full buffer just leaves the rest queued.
+void ReplyWriter::write_or_drain() {
   if (write_ready() || broken_) return;
   writing_ = true;
   hooks_.start_drain();
@@ -145,9 +155,8 @@ bool ReplyWriter::write_ready() {
       written = stream_.splice_now(pipe.fd, pipe.left, ec);
     } else {
       buffers_.clear();
-      size_t gathered = 0;
       for (const auto& q : queue_) {
-        if (gathered++ == kMaxRepliesPerWrite || !q.reply.gather(q.sent, buffers_)) break;
+        if (buffers_.size() >= kMaxBuffersPerWrite || !q.reply.gather(q.sent, buffers_)) break;
       }
       written = stream_.write_now(buffers_, ec);
     }

@@ -5,9 +5,12 @@
 // the payload is never copied to put a header in front of it. Or, for a READ
 // spliced through pipes (see PipePool), header pieces and pipe pieces: the
 // headers leave by writev, the pipes' bytes by splice, in order. Small replies
-// to an idle socket are written at once, without a trip through the reactor;
-// anything that does not fit in the socket buffer waits in the queue, whose
-// unsent bytes are the session's reply backlog (see SessionLimits).
+// to an idle socket are written at once, without a trip through the reactor,
+// unless the writer is corked: the session answers the requests it read in
+// one go (cache hits, refusals) corked, and uncorks before it waits, so their
+// replies leave in one write. Anything that does not fit in the socket buffer
+// waits in the queue, whose unsent bytes are the session's reply backlog (see
+// SessionLimits).
 #pragma once
 
 #include <cstdint>
@@ -98,6 +101,9 @@ class ReplyWriter {
 
   void send(Reply reply);
   awaitable<void> drain();
+  // While corked, send() only queues. uncork() writes what is queued.
+  void cork() { corked_ = true; }
+  void uncork();
 
   // Memory held by replies queued and not yet fully written: each one's
   // Reply::memory and its place in the queue. Also charged to `memory`.
@@ -110,6 +116,7 @@ class ReplyWriter {
 
  private:
   void break_connection(const boost::system::error_code& ec);
+  void write_or_drain();
   // Writes queued replies until the socket is full (false) or all are out
   // (true); a failure breaks the connection (false).
   bool write_ready();
@@ -128,6 +135,7 @@ class ReplyWriter {
   std::deque<Queued> queue_;
   size_t backlog_bytes_ = 0;
   bool writing_ = false;
+  bool corked_ = false;
   bool broken_ = false;
   bool long_queue_ = false;                  // the queue grew long since it was last replaced
   std::vector<asio::const_buffer> buffers_;  // reused by every write

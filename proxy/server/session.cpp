@@ -4,6 +4,8 @@
 
 #include <array>
 
+#include <boost/asio/post.hpp>
+
 #include "proxy/server/handshake_driver.hpp"
 
 namespace bscache::proxy {
@@ -14,6 +16,10 @@ namespace {
 // A WRITE longer than we accept is read and thrown away up to this size so
 // the connection survives; beyond it the client is not speaking NBD sanely.
 constexpr uint64_t kMaxDiscard = uint64_t{256} * 1024 * 1024;
+// Requests handled in a row from what one read brought before the session
+// lets other clients' work run (their replies, their requests): a client
+// pipelining hits must not hold the loop for a whole read-ahead.
+constexpr unsigned kRequestsPerTurn = 32;
 }  // namespace
 
 Session::Session(ProxyContext& context, Socket socket, uint64_t id)
@@ -50,6 +56,13 @@ awaitable<void> Session::run() {
                               .extended_headers = negotiated_.extended_headers};
       spdlog::debug("connection {}: transmission, structured replies {}, extended headers {}, {} meta contexts", id_,
                     negotiated_.structured_replies, negotiated_.extended_headers, negotiated_.contexts.size());
+      // Replies held back while requests already read are answered (see
+      // transmission) leave before the session waits for more.
+      stream_.read_ahead();
+      stream_.before_wait([this] {
+        requests_this_turn_ = 0;
+        writer_.uncork();
+      });
       co_await transmission();
     }
   } catch (const boost::system::system_error& e) {
@@ -127,6 +140,14 @@ awaitable<void> Session::transmission() {
       co_await wait_for_wakeup();
     }
     if (writer_.broken()) break;
+    if (requests_this_turn_ >= kRequestsPerTurn && stream_.buffered() > 0) {
+      writer_.uncork();
+      requests_this_turn_ = 0;
+      co_await asio::post(ctx_.io, use_awaitable);
+    }
+    // A client with several requests in this turn is pipelining: see whether
+    // more came before its replies go out and the session waits.
+    if (stream_.buffered() == 0 && requests_this_turn_ > 1) stream_.read_now();
     if (!co_await stream_.read_exact(header)) {
       orderly = false;
       break;
@@ -185,8 +206,12 @@ awaitable<void> Session::transmission() {
         }
       }
     }
+    // Replies answered inline wait for the others of this read (see before_wait).
+    writer_.cork();
+    ++requests_this_turn_;
     dispatch(*request, std::move(payload), charged);
   }
+  writer_.uncork();
   if (!orderly || writer_.broken()) cancelled_->store(true);
   // Let requests in flight finish and their replies go out.
   while (in_flight_ > 0 || !writer_.idle()) {
@@ -277,6 +302,7 @@ void Session::writer_progress() {
 }
 
 awaitable<void> Session::wait_for_wakeup() {
+  writer_.uncork();
   return wakeup_.wait();
 }
 

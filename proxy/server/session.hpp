@@ -146,7 +146,8 @@ class Session : public std::enable_shared_from_this<Session> {
   bool stopping_ = false;
   bool paused_by_total_ = false;  // stopped by --max-client-memory (counted once per stop)
   unsigned in_flight_ = 0;
-  size_t held_in_flight_ = 0;  // requests in flight, as charged (see request_charge)
+  unsigned requests_this_turn_ = 0;  // handled since the session last waited or yielded
+  size_t held_in_flight_ = 0;        // requests in flight, as charged (see request_charge)
   // Set when the client is gone: its commands not yet sent upstream are dropped.
   std::shared_ptr<std::atomic<bool>> cancelled_ = std::make_shared<std::atomic<bool>>(false);
   LoopSignal wakeup_;                            // notified whenever a request finishes or replies drain
