@@ -117,10 +117,11 @@ void ReplyWriter::send(Reply reply) {
   write_or_drain();
 }
 
-void ReplyWriter::uncork() {
+bool ReplyWriter::uncork() {
   corked_ = false;
-  if (writing_ || broken_ || queue_.empty()) return;
+  if (writing_ || broken_ || queue_.empty()) return false;
   write_or_drain();
+  return true;
 }
 
 // The common case, replies to an idle socket: write what fits now. The

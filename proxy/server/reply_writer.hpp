@@ -101,9 +101,10 @@ class ReplyWriter {
 
   void send(Reply reply);
   awaitable<void> drain();
-  // While corked, send() only queues. uncork() writes what is queued.
+  // While corked, send() only queues. uncork() writes what is queued;
+  // true if there was something to write (so the backlog may have shrunk).
   void cork() { corked_ = true; }
-  void uncork();
+  bool uncork();
 
   // Memory held by replies queued and not yet fully written: each one's
   // Reply::memory and its place in the queue. Also charged to `memory`.

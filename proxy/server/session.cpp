@@ -137,6 +137,9 @@ awaitable<void> Session::transmission() {
   bool orderly = true;
   while (!writer_.broken()) {
     while (!writer_.broken() && !room_for(ClientMemory::kRequestCharge, true)) {
+      // Replies held back are counted as this client's: once they are out
+      // there may be room, and nothing else would wake the session for that.
+      if (writer_.uncork()) continue;
       co_await wait_for_wakeup();
     }
     if (writer_.broken()) break;
@@ -183,6 +186,7 @@ awaitable<void> Session::transmission() {
         (request->type == kCmdWrite && has_payload && request->length <= limits_.max_payload)) {
       const size_t charge = request_charge(request->type, request->length);
       while (!writer_.broken() && !room_for(charge, false)) {
+        if (writer_.uncork()) continue;  // as above
         co_await wait_for_wakeup();
       }
       if (writer_.broken()) break;
