@@ -27,10 +27,10 @@ make_image() {
   qemu-io -f qcow2 "${cmds[@]}" -c 'write -z 62M 128k' "$1" >/dev/null
 }
 
-# start_qemu_nbd NAME QEMU_BIN_DIR IMAGE: writable, 8 clients, both contexts.
+# start_qemu_nbd NAME QEMU_BIN_DIR IMAGE: writable, 16 clients (each bscache takes 4), both contexts.
 start_qemu_nbd() {
   rm -f "$T/$1.sock" "$T/$1.pid"
-  "$2/qemu-nbd" -t -e 8 -f qcow2 -A -B bm0 -k "$T/$1.sock" --pid-file="$T/$1.pid" "$3" >"$T/$1.log" 2>&1 &
+  "$2/qemu-nbd" -t -e 16 -f qcow2 -A -B bm0 -k "$T/$1.sock" --pid-file="$T/$1.pid" "$3" >"$T/$1.log" 2>&1 &
   PIDS+=($!)
   wait_for_file "$T/$1.pid"
 }
@@ -71,11 +71,15 @@ for bin in "${qemus[@]}"; do
   [[ $(nbdinfo --list "$(uri "up$tag")" | grep -c 'qemu:') == 2 ]] || fail "qemu-nbd $version: expected both contexts"
 
   # Maps, cold and warm, with small windows (8 of them) and with the default.
-  start_bscache "bs$tag" --upstream "$(uri "up$tag")" --fetch-window $((8 << 20))
+  # (An export idle for --export-idle-timeout is closed, its cache with it:
+  # an hour, so "warm" stays warm on a slow machine.)
+  start_bscache "bs$tag" --upstream "$(uri "up$tag")" --fetch-window $((8 << 20)) --export-idle-timeout 1h
   same_maps "qemu-nbd $version, cold" "$bin" "bs$tag" "up$tag"
   same_maps "qemu-nbd $version, warm" "$bin" "bs$tag" "up$tag"
+  stop_server "bs$tag"
   start_bscache "big$tag" --upstream "$(uri "up$tag")"
   same_maps "qemu-nbd $version, one window" "$bin" "big$tag" "up$tag"
+  stop_server "big$tag"
   pass "qemu-nbd $version: every map of the bitmap, the depth and base:allocation equals direct, cold and warm"
 
   # qemu's REQ_ONE walk of the bitmap: at most one upstream call per window.
@@ -89,13 +93,18 @@ for bin in "${qemus[@]}"; do
   ((queries >= 80 && calls <= 8)) || fail "qemu-nbd $version: $queries REQ_ONE queries cost $calls upstream calls (8 windows)"
   pass "qemu-nbd $version: a REQ_ONE walk of $queries queries over 8 windows cost $calls upstream calls"
 
-  # Writes, a zero and a trim through bscache (after the maps above cached
-  # everything): the next maps show them, as upstream does.
+  # Writes, a zero and a trim through bscache once the maps cached every
+  # context: the next maps show them, as upstream does.
+  start_bscache "wr$tag" --upstream "$(uri "up$tag")" --fetch-window $((8 << 20)) --export-idle-timeout 1h \
+    --stats-file "$T/wr$tag.json"
+  same_maps "qemu-nbd $version, before writes" "$bin" "wr$tag" "up$tag"
   qemu-io -f raw -c 'write -P 9 30M 4k' -c 'write -z 40M 64k' -c 'discard 50M 64k' -c 'write -P 9 63M 512' \
-    "$(uri "bs$tag")" >/dev/null || fail "qemu-nbd $version: writes through bscache"
-  [[ $(nbdinfo --map="$bitmap" "$(uri "bs$tag")" | awk '$1 == 31457280 { print $3 }') == 1 ]] \
+    "$(uri "wr$tag")" >/dev/null || fail "qemu-nbd $version: writes through bscache"
+  [[ $(nbdinfo --map="$bitmap" "$(uri "wr$tag")" | awk '$1 == 31457280 { print $3 }') == 1 ]] \
     || fail "qemu-nbd $version: the range written through bscache is not dirty through bscache"
-  same_maps "qemu-nbd $version, after writes" "$bin" "bs$tag" "up$tag"
+  same_maps "qemu-nbd $version, after writes" "$bin" "wr$tag" "up$tag"
+  stop_server "wr$tag"
+  grep -q 'export "" closed' "$T/wr$tag.log" && fail "qemu-nbd $version: the export closed: the maps were not warm"
   pass "qemu-nbd $version: writes, zeroes and trims through bscache show in every context's next map"
 
   # Every counter per context, in the stats file and in Prometheus.
@@ -108,6 +117,7 @@ for bin in "${qemus[@]}"; do
   grep -q "^bscache_block_status_context_hits_total{export=\"\",context=\"$depth\"} " "$T/prom$tag.prom" \
     || fail "qemu-nbd $version: no per-export context series"
   pass "qemu-nbd $version: per-context counters in /metrics"
+  stop_server "prom$tag"
 done
 
 # The races, against qemu-nbd 7.2 through the relay (a clean, unallocated
@@ -115,21 +125,23 @@ done
 make_image "$T/race.qcow2"
 start_qemu_nbd racy /usr/bin "$T/race.qcow2"
 start_relay heldwrite racy --delay-write 1.5
-start_bscache bsw --upstream "$(uri heldwrite)"
+start_bscache bsw --upstream "$(uri heldwrite)" --export-idle-timeout 1h
 $py "$here/race_contexts.py" slow-write "$(uri bsw)" "$(uri racy)" $((33 << 20)) 65536 1.5 "$bitmap" "$depth" \
   || fail "a write held upstream while bscache fetched left a stale state"
 pass "no stale bitmap or depth after a write held upstream while a fetch ran"
+stop_server bsw
 start_relay heldreply racy --hold-block-status 1.5
-start_bscache bsf --upstream "$(uri heldreply)"
+start_bscache bsf --upstream "$(uri heldreply)" --export-idle-timeout 1h
 $py "$here/race_contexts.py" slow-fetch "$(uri bsf)" "$(uri racy)" $((35 << 20)) 65536 0.3 "$bitmap" "$depth" \
   || fail "a reply computed before a write and delivered after it was cached"
 pass "no stale bitmap or depth from a reply computed before a write and delivered after it"
+stop_server bsf
 
 # The randomized differential test over each context (small windows, a tiny
 # cache), and over base:allocation beside them, one bscache for all.
 make_image "$T/diff.qcow2"
 start_qemu_nbd diffup /usr/bin "$T/diff.qcow2"
-start_bscache bsd --upstream "$(uri diffup)" --fetch-window $((1 << 20)) --cache-max-extents 64
+start_bscache bsd --upstream "$(uri diffup)" --fetch-window $((1 << 20)) --cache-max-extents 64 --export-idle-timeout 1h
 for ctx in "$bitmap" "$depth" base:allocation; do
   "$TEST_TOOLS/differential" "$(uri bsd)" "$(uri diffup)" "${SEED:-5}" "${OPS:-300}" "$ctx" \
     || fail "differential test over $ctx"
