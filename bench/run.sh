@@ -7,7 +7,7 @@
 # usage: bench/run.sh [--quick] [--out DIR] [--only SECTIONS]
 #   --quick      3 runs per contender and smaller images (6.5 minutes on 2026-12-02)
 #   --only S     run only these sections (comma-separated: seq, big-sparse,
-#                write-mix, tmpfs, hit-latency, data-path, memory,
+#                write-mix, incremental-backup, tmpfs, hit-latency, data-path, memory,
 #                capacity-pressure, multi-export, tls, micro) and replace just their rows in an
 #                existing raw.tsv
 #   BENCH_TINY=1 one run on tiny images: only checks the harness works
@@ -236,6 +236,50 @@ want write-mix && for c in direct cacheextents bscache; do
   record write-mix $c seconds "" "${secs[@]}"
   record write-mix $c hit_rate "1 - upstream calls / queries" "${rates[@]}"
 done
+
+# ---- incremental-backup: qemu-img map over a dirty bitmap (qemu-nbd -B), 5 ms per request ----
+# A backup tool's view of what changed: qemu's REQ_ONE walk of
+# qemu:dirty-bitmap:bm0 on a 4 GiB qcow2 with ~2,500 dirty extents (in
+# --quick mode too: the row is about that shape). qemu-nbd has no delay
+# filter: tests/integration/delay_relay.py sits in front of it and hands
+# every request on 5 ms after it came.
+client_backup_map() {
+  qemu-img map --output=json --image-opts "driver=nbd,server.type=unix,server.path=${1#*socket=},x-dirty-bitmap=qemu:dirty-bitmap:bm0" >"$2"
+}
+if want incremental-backup; then
+backup_size=$((4 * G)) backup_extents=2500 backup_delay=0.005
+[[ $mode == tiny ]] && backup_size=$((64 * M)) backup_extents=40 backup_delay=0.001
+backup=$T/backup.qcow2
+qemu-img create -q -f qcow2 "$backup.base" $backup_size
+qemu-img create -q -f qcow2 -b "$backup.base" -F qcow2 "$backup"
+qemu-img bitmap --add "$backup" bm0
+backup_writes=()
+for ((i = 0; i < backup_extents; i++)); do
+  backup_writes+=(-c "write -P 7 $((i * (backup_size / backup_extents / 65536 * 65536) + 65536)) 64k")
+done
+qemu-io -f qcow2 "${backup_writes[@]}" "$backup" >/dev/null
+rm -f "$T/backupfast.sock" "$T/backupfast.pid" "$T/backupslow.sock" "$T/backupslow.pid"
+qemu-nbd -t -r -e 8 -f qcow2 -B bm0 -k "$T/backupfast.sock" --pid-file="$T/backupfast.pid" "$backup" \
+  >"$T/backupfast.log" 2>&1 &
+PIDS+=($!)
+wait_for_file "$T/backupfast.pid"
+/usr/bin/python3 "$repo/tests/integration/delay_relay.py" "$T/backupslow.sock" "$T/backupfast.sock" \
+  --delay $backup_delay --pidfile "$T/backupslow.pid" >"$T/backupslow.log" 2>&1 &
+PIDS+=($!)
+wait_for_file "$T/backupslow.pid"
+client_backup_map "$(uri backupfast)" "$T/backup.ref"
+for c in direct bscache bscache-off; do measure incremental-backup $c backupslow $runs client_backup_map "$T/backup.ref"; done
+measure incremental-backup floor backupfast $runs client_backup_map "$T/backup.ref"
+# The hit rate and upstream calls of one more cold bscache run.
+front_up bscache backupslow
+client_backup_map "$target" "$T/out.backup"
+front_down
+record incremental-backup bscache hit_rate "hits / block-status queries" "$(jq '.block_status.hit_rate' "$T/front.json")"
+record incremental-backup bscache upstream_calls "block-status calls upstream for the whole walk" \
+  "$(jq '.upstream.requests.block_status' "$T/front.json")"
+record incremental-backup bscache client_queries "REQ_ONE queries qemu-img sent" \
+  "$(jq '.client.requests.block_status' "$T/front.json")"
+fi
 
 # ---- tmpfs: qemu-nbd on a sparse file in /dev/shm, no delay ----
 if want tmpfs; then

@@ -13,9 +13,10 @@ uint64_t saturating_add(uint64_t a, uint64_t b) {
 }
 }  // namespace
 
-ExtentCache::ExtentCache(CacheLimits limits, Clock clock)
+ExtentCache::ExtentCache(CacheLimits limits, Clock clock, const void* group)
     : limits_(std::move(limits)),
       budget_(limits_.budget ? limits_.budget : std::make_shared<CacheBudget>(limits_.max_extents)),
+      group_(group ? group : this),
       clock_(std::move(clock)) {
   budget_->members_.push_back(this);
 }
@@ -25,9 +26,13 @@ ExtentCache::~ExtentCache() {
 }
 
 size_t ExtentCache::planning_share() const {
-  size_t holders = 1;
-  for (const ExtentCache* c : budget_->members_) holders += c != this && c->charge() > 0 ? 1 : 0;
-  return std::max<size_t>(budget_->max_extents() / holders, 1);
+  std::vector<const void*> others;  // groups other than ours holding anything
+  for (const ExtentCache* c : budget_->members_) {
+    if (c->group_ != group_ && c->charge() > 0 && std::find(others.begin(), others.end(), c->group_) == others.end()) {
+      others.push_back(c->group_);
+    }
+  }
+  return std::max<size_t>(budget_->max_extents() / (1 + others.size()), 1);
 }
 
 size_t CacheBudget::used() const {

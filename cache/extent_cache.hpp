@@ -51,7 +51,10 @@ using Clock = std::function<TimePoint()>;
 
 class ExtentCache {
  public:
-  explicit ExtentCache(CacheLimits limits = {}, Clock clock = &std::chrono::steady_clock::now);
+  // `group`: caches of one owner (the meta contexts of one export) count as
+  // one holder in planning_share(); null: this cache alone.
+  explicit ExtentCache(CacheLimits limits = {}, Clock clock = &std::chrono::steady_clock::now,
+                       const void* group = nullptr);
   ~ExtentCache();
   ExtentCache(const ExtentCache&) = delete;
   ExtentCache& operator=(const ExtentCache&) = delete;
@@ -81,8 +84,10 @@ class ExtentCache {
   // The limit: this cache's own, or the one it shares.
   size_t max_extents() const { return budget_->max_extents(); }
   // The part of the limit to size windows for: all of it while no other
-  // cache sharing the budget holds anything, else an equal share, so that
-  // exports scanning at once do not evict each other's windows before use.
+  // group of caches sharing the budget holds anything, else an equal share,
+  // so that exports scanning at once do not evict each other's windows
+  // before use. (An export's meta contexts are one group: its windows are
+  // sized for all of them together.)
   size_t planning_share() const;
   // What this cache counts against the limit: the larger of its intervals and segments.
   size_t charge() const { return std::max(map_.iterative_size(), segments_.size()); }
@@ -125,6 +130,7 @@ class ExtentCache {
 
   CacheLimits limits_;
   std::shared_ptr<CacheBudget> budget_;  // limits_.budget, or one of our own
+  const void* group_;                    // see the constructor
   Clock clock_;
   Map map_;
   Segments segments_;

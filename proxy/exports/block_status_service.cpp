@@ -3,7 +3,6 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
-#include <bit>
 #include <cerrno>
 
 #include "policy/alignment.hpp"
@@ -27,6 +26,7 @@ BlockStatusService::BlockStatusService(asio::io_context& io, BlockStatusUpstream
                                        const BlockStatusConfig& config, Metrics& metrics)
     : io_(io), upstream_(upstream), info_(info), config_(config), metrics_(metrics), cache_(limits_for(config)) {
   scratch_.reserve(config_.max_descriptors);
+  entry_for(std::string(wire::kBaseAllocation));  // cache_'s context 0
   if (caching()) {
     spdlog::info("cache holds at most {} extents (about {} MiB), shared by every export",
                  cache_.extents().max_extents(),
@@ -62,16 +62,6 @@ bool wanted(const wire::RequestHeader& request, size_t i) {
   return request.context_mask == 0 || (i < 64 && ((request.context_mask >> i) & 1) != 0);
 }
 
-// Whether the request is answered for base:allocation alone: the client
-// selected only it, or its payload filter names only it.
-bool base_allocation_alone(const BlockStatusClient& client, const wire::RequestHeader& request) {
-  const auto base_allocation = static_cast<uint32_t>(client.offered->base_allocation);
-  if (request.context_mask == 0) return client.selected.size() == 1 && client.selected[0] == base_allocation;
-  if (!std::has_single_bit(request.context_mask)) return false;
-  const auto i = static_cast<size_t>(std::countr_zero(request.context_mask));
-  return i < client.selected.size() && client.selected[i] == base_allocation;
-}
-
 wire::ReplyForm reply_form(const BlockStatusClient& client, const wire::RequestHeader& request) {
   return {.extended = client.extended_headers, .request_offset = request.offset};
 }
@@ -102,64 +92,128 @@ std::optional<uint64_t> context_mask(const BlockStatusClient& client, std::span<
   return mask == all ? 0 : mask;
 }
 
-// base:allocation alone, which upstream can tell and the cache keeps.
-bool BlockStatusService::answers_from_cache(const BlockStatusClient& client, const wire::RequestHeader& request) const {
-  return caching() && base_allocation_alone(client, request) &&
-         client.offered->upstream_context(static_cast<size_t>(client.offered->base_allocation));
+size_t BlockStatusService::entry_for(const std::string& name) {
+  for (size_t i = 0; i < contexts_.size(); ++i) {
+    if (contexts_[i].name == name) return i;
+  }
+  ContextEntry entry;
+  entry.name = name;
+  entry.kind = policy::context_kind(name);
+  entry.counters = &metrics_.contexts[name];
+  if (entry.kind == policy::ContextKind::BaseAllocation) {
+    entry.slot = 0;
+  } else if (policy::cacheable(entry.kind)) {
+    entry.slot = cache_.add_context(config_.limits.allocation_granularity, policy::remembers_mutations(entry.kind));
+    if (entry.kind == policy::ContextKind::DirtyBitmap) {
+      cache_.set_granularity(*entry.slot, std::max(config_.limits.allocation_granularity, entry.bitmap.bound()));
+    }
+  }
+  contexts_.push_back(std::move(entry));
+  return contexts_.size() - 1;
+}
+
+bool BlockStatusService::resolve(const BlockStatusClient& client, const wire::RequestHeader& request,
+                                 std::vector<Source>& out) {
+  const ExportInfo& offered = *client.offered;
+  out.clear();
+  bool cached = true;
+  for (size_t i = 0; i < client.selected.size(); ++i) {
+    if (!wanted(request, i)) continue;
+    const uint32_t context = client.selected[i];
+    Source source{.context = context, .entry = entry_for(offered.contexts[context]), .synthesized = false};
+    // Upstream cannot tell base:allocation (it lacked it when this client
+    // came, or lost it in a reconnect since): everything is data, always a
+    // safe answer.
+    source.synthesized =
+        !offered.upstream_context(context) || (context == static_cast<uint32_t>(offered.base_allocation) &&
+                                               !info_.upstream_context(static_cast<size_t>(info_.base_allocation)));
+    if (!source.synthesized && (!caching() || !contexts_[source.entry].slot)) cached = false;
+    out.push_back(source);
+  }
+  return cached;
 }
 
 bool BlockStatusService::try_answer(const BlockStatusClient& client, const wire::RequestHeader& request,
                                     wire::Bytes& chunks) {
-  const ExportInfo& offered = *client.offered;
-  const auto base_allocation = static_cast<uint32_t>(offered.base_allocation);
-  if (!base_allocation_alone(client, request)) return false;
-  // Upstream cannot tell (it lacked base:allocation when this client came,
-  // or lost it in a reconnect since): everything is data, always a safe answer.
-  const bool upstream_tells =
-      offered.upstream_context(base_allocation) && info_.upstream_context(static_cast<size_t>(info_.base_allocation));
-  if (!upstream_tells) {
-    hit_.assign(1, wire::Descriptor{request.length, 0});
-  } else if (caching() && lookup(request.offset, request.length, request.flags & wire::kCmdFlagReqOne, hit_)) {
-    maybe_prefetch(request.offset);
-  } else {
-    return false;
+  if (!resolve(client, request, sources_)) return false;
+  const size_t before = chunks.size();
+  const wire::ReplyForm form = reply_form(client, request);
+  bool from_cache = false;
+  for (size_t k = 0; k < sources_.size(); ++k) {
+    const Source& source = sources_[k];
+    if (source.synthesized) {
+      hit_.assign(1, wire::Descriptor{request.length, 0});
+    } else if (lookup(source.entry, request.offset, request.length, request.flags & wire::kCmdFlagReqOne, hit_)) {
+      from_cache = true;
+    } else {
+      chunks.resize(before);  // one context is not cached here: the whole query is a miss
+      return false;
+    }
+    add_chunk(chunks, form, request.cookie, k + 1 == sources_.size(), source.context, hit_);
   }
+  if (from_cache) maybe_prefetch(request.offset);
   ++metrics_.block_status_hits;
-  add_chunk(chunks, reply_form(client, request), request.cookie, true, base_allocation, hit_);
+  for (const Source& source : sources_) ++contexts_[source.entry].counters->hits;
   return true;
 }
 
 awaitable<BlockStatusReply> BlockStatusService::answer(BlockStatusClient client, wire::RequestHeader request) {
   ++metrics_.block_status_misses;
+  std::vector<Source> sources;
+  const bool cached = resolve(client, request, sources);
+  for (const Source& source : sources) ++contexts_[source.entry].counters->misses;
   const wire::RequestHeader asked =
       asked_upstream(request, client.align, client.offered->size, info_.max_block_status_length);
-  if (!answers_from_cache(client, request)) co_return co_await pass_through(client, request, asked);
-  BlockStatusReply reply;
-  std::vector<wire::Descriptor> descriptors;
-  reply.error = co_await answer_after_miss(asked.offset, asked.length, asked.flags & wire::kCmdFlagReqOne, descriptors);
-  if (reply.error) co_return reply;
-  std::vector<wire::Descriptor> cut;
-  const bool widened = asked.offset != request.offset || asked.length != request.length;
-  if (widened) {
-    wire::cut_descriptors(descriptors, request.offset - asked.offset, request.length,
-                          request.flags & wire::kCmdFlagReqOne, cut);
+  if (!cached) co_return co_await pass_through(client, request, asked, sources);
+  const bool req_one = request.flags & wire::kCmdFlagReqOne;
+  std::vector<size_t> entries;  // the contexts the cache answers, each once
+  for (const Source& source : sources) {
+    if (!source.synthesized && std::find(entries.begin(), entries.end(), source.entry) == entries.end()) {
+      entries.push_back(source.entry);
+    }
   }
-  const auto& answered = widened ? cut : descriptors;
-  add_chunk(reply.chunks, reply_form(client, request), request.cookie, true,
-            static_cast<uint32_t>(client.offered->base_allocation), answered);
+  BlockStatusReply reply;
+  Answers answers(entries.size());
+  if (!entries.empty()) {
+    reply.error =
+        co_await answer_after_miss(asked.offset, asked.length, asked.flags & wire::kCmdFlagReqOne, entries, answers);
+    if (reply.error) co_return reply;
+  }
+  const bool widened = asked.offset != request.offset || asked.length != request.length;
+  const wire::ReplyForm form = reply_form(client, request);
+  std::vector<wire::Descriptor> cut;
+  for (size_t k = 0; k < sources.size(); ++k) {
+    const Source& source = sources[k];
+    cut.clear();
+    if (source.synthesized) {
+      cut.push_back({request.length, 0});
+    } else {
+      const auto& answered =
+          answers[static_cast<size_t>(std::find(entries.begin(), entries.end(), source.entry) - entries.begin())];
+      if (widened) {
+        wire::cut_descriptors(answered, request.offset - asked.offset, request.length, req_one, cut);
+      } else {
+        cut = answered;
+      }
+    }
+    add_chunk(reply.chunks, form, request.cookie, k + 1 == sources.size(), source.context, cut);
+  }
   co_return reply;
 }
 
-// Contexts other than base:allocation are never cached: one upstream call
-// answers every context the client selected that upstream has (those its
-// filter names, if it sent one), each translated to the client's context id;
-// base:allocation where upstream lacks it is all data. A query longer than
-// one upstream request carries (an extended-headers client's) is answered
-// for what that covers, which the spec allows.
+// Contexts bscache does not cache: one upstream call answers every context
+// the client selected that upstream has (those its filter names, if it sent
+// one), each translated to the client's context id; base:allocation where
+// upstream lacks it is all data. A query longer than one upstream request
+// carries (an extended-headers client's) is answered for what that covers.
 awaitable<BlockStatusReply> BlockStatusService::pass_through(const BlockStatusClient& client,
                                                              const wire::RequestHeader& request,
-                                                             const wire::RequestHeader& asked) {
+                                                             const wire::RequestHeader& asked,
+                                                             const std::vector<Source>& sources) {
   const ExportInfo& offered = *client.offered;
+  for (const Source& source : sources) {
+    if (!source.synthesized) ++contexts_[source.entry].counters->upstream_calls;
+  }
   auto result = co_await upstream_.block_status(asked.offset, upstream_length(asked.length),
                                                 {.req_one = (asked.flags & wire::kCmdFlagReqOne) != 0});
   BlockStatusReply reply;
@@ -168,12 +222,9 @@ awaitable<BlockStatusReply> BlockStatusService::pass_through(const BlockStatusCl
     co_return reply;
   }
   const wire::ReplyForm form = reply_form(client, request);
-  size_t last = client.selected.size();  // one past the last context answered: its chunk ends the reply
-  while (last > 0 && !wanted(request, last - 1)) --last;
   std::vector<wire::Descriptor> descriptors;
-  for (size_t i = 0; i < last; ++i) {
-    if (!wanted(request, i)) continue;
-    const uint32_t context = client.selected[i];
+  for (size_t k = 0; k < sources.size(); ++k) {
+    const uint32_t context = sources[k].context;
     descriptors.clear();
     if (offered.upstream_context(context)) {
       if (const auto* answered = result.extents_for(offered.contexts[context])) {
@@ -189,17 +240,20 @@ awaitable<BlockStatusReply> BlockStatusService::pass_through(const BlockStatusCl
       reply.message = "upstream sent no extents for a selected context";
       co_return reply;
     }
-    add_chunk(reply.chunks, form, request.cookie, i + 1 == last, context, descriptors);
+    add_chunk(reply.chunks, form, request.cookie, k + 1 == sources.size(), context, descriptors);
   }
   co_return reply;
 }
 
 awaitable<int> BlockStatusService::answer_after_miss(uint64_t offset, uint64_t length, bool req_one,
-                                                     std::vector<wire::Descriptor>& out) {
+                                                     std::vector<size_t> entries, Answers& out) {
+  // From now on every fetch stores these contexts too, this one's included
+  // (its reply carries every context upstream negotiated).
+  for (const size_t entry : entries) contexts_[entry].queried = true;
   auto fetch = joinable_fetch(offset);
   if (!fetch) {
     if (policy::should_bypass(cache_.extents().max_extents())) {
-      co_return co_await forward_unchanged(offset, length, req_one, out);
+      co_return co_await forward_unchanged(offset, length, req_one, entries, out);
     }
     fetch = start_fetch(
         policy::window_for_miss(offset, length, req_one, planned_window(offset), info_.max_block_status_length), false);
@@ -209,17 +263,22 @@ awaitable<int> BlockStatusService::answer_after_miss(uint64_t offset, uint64_t l
   // TTL, more than the cache can hold, or evicted since), as a pass-through
   // would have: a miss never costs more than one upstream call. The cache may
   // know the offset when the reply does not (a write completed there).
-  if (!fetch->error && (answer_from(*fetch, offset, length, req_one, out) || lookup(offset, length, req_one, out))) {
+  bool answered = !fetch->error;
+  for (size_t k = 0; k < entries.size() && answered; ++k) {
+    answered = answer_from(*fetch, entries[k], offset, length, req_one, out[k]) ||
+               lookup(entries[k], offset, length, req_one, out[k]);
+  }
+  if (answered) {
     maybe_prefetch(offset);
     co_return 0;
   }
   // The fetch failed (e.g. upstream refuses long windows) or a write racing
   // it left this offset unknown: ask for exactly this request.
-  co_return co_await ask_upstream_directly(offset, length, req_one, out);
+  co_return co_await ask_upstream_directly(offset, length, req_one, entries, out);
 }
 
 awaitable<int> BlockStatusService::forward_unchanged(uint64_t offset, uint64_t length, bool req_one,
-                                                     std::vector<wire::Descriptor>& out) {
+                                                     const std::vector<size_t>& entries, Answers& out) {
   if (!bypass_logged_) {
     bypass_logged_ = true;
     spdlog::warn(
@@ -228,7 +287,7 @@ awaitable<int> BlockStatusService::forward_unchanged(uint64_t offset, uint64_t l
         cache_.extents().max_extents(), policy::kMinWindowExtents);
   }
   ++metrics_.cache_bypassed;
-  co_return co_await ask_upstream_directly(offset, length, req_one, out);
+  co_return co_await ask_upstream_directly(offset, length, req_one, entries, out);
 }
 
 unsigned BlockStatusService::prefetch_depth() const {
@@ -247,18 +306,23 @@ policy::FetchWindow BlockStatusService::planned_window(uint64_t offset) const {
                             info_.max_block_status_length);
 }
 
-bool BlockStatusService::lookup(uint64_t offset, uint64_t length, bool req_one, std::vector<wire::Descriptor>& out) {
+bool BlockStatusService::lookup(size_t entry, uint64_t offset, uint64_t length, bool req_one,
+                                std::vector<wire::Descriptor>& out) {
   scratch_.clear();
-  if (cache_.extents().lookup(offset, length, scratch_, req_one ? 1 : config_.max_descriptors) == 0) return false;
+  const auto slot = contexts_[entry].slot;
+  if (!slot || cache_.extents(*slot).lookup(offset, length, scratch_, req_one ? 1 : config_.max_descriptors) == 0) {
+    return false;
+  }
   out.clear();
   for (const auto& e : scratch_) out.push_back({e.length, e.flags});
   return true;
 }
 
-bool BlockStatusService::answer_from(const Fetch& fetch, uint64_t offset, uint64_t length, bool req_one,
+bool BlockStatusService::answer_from(const Fetch& fetch, size_t entry, uint64_t offset, uint64_t length, bool req_one,
                                      std::vector<wire::Descriptor>& out) {
   scratch_.clear();
-  if (cache::lookup_run(fetch.usable, offset, length, scratch_, req_one ? 1 : kMaxReplyDescriptors) == 0) {
+  if (entry >= fetch.usable.size() ||
+      cache::lookup_run(fetch.usable[entry], offset, length, scratch_, req_one ? 1 : kMaxReplyDescriptors) == 0) {
     return false;
   }
   out.clear();
@@ -274,15 +338,19 @@ uint64_t BlockStatusService::upstream_length(uint64_t length) const {
 // A query longer than one upstream request carries (an extended-headers
 // client's, upstream without extended headers) is answered for what that covers.
 awaitable<int> BlockStatusService::ask_upstream_directly(uint64_t offset, uint64_t length, bool req_one,
-                                                         std::vector<wire::Descriptor>& out) {
+                                                         const std::vector<size_t>& entries, Answers& out) {
   const uint64_t asked = upstream_length(length);
+  for (const size_t entry : entries) ++contexts_[entry].counters->upstream_calls;
   auto result = co_await upstream_.block_status(offset, asked, {.req_one = req_one});
   if (result.error) co_return result.error;  // the pool logged and counted it
-  out.clear();
-  if (const auto* descriptors = result.extents_for(wire::kBaseAllocation)) {
-    wire::clip_descriptors(*descriptors, asked, req_one, out);
+  for (size_t k = 0; k < entries.size(); ++k) {
+    out[k].clear();
+    if (const auto* descriptors = result.extents_for(contexts_[entries[k]].name)) {
+      wire::clip_descriptors(*descriptors, asked, req_one, out[k]);
+    }
+    if (out[k].empty()) co_return EIO;
   }
-  co_return out.empty() ? EIO : 0;
+  co_return 0;
 }
 
 std::shared_ptr<BlockStatusService::Fetch> BlockStatusService::fetch_covering(uint64_t offset) const {
@@ -319,33 +387,80 @@ awaitable<void> BlockStatusService::run_fetch(std::shared_ptr<Fetch> fetch) {
   // in flight now, or begun before the reply, taints what the reply says.
   auto ticket = cache_.begin_fetch();
   fetch->sent = ticket.sent;
+  for (const auto& entry : contexts_) {
+    if (entry.slot && entry.queried) ++entry.counters->upstream_calls;
+  }
   const auto started = std::chrono::steady_clock::now();
   auto result = co_await upstream_.block_status(fetch->offset, fetch->length, {});
   latency_.record(std::chrono::steady_clock::now() - started);
-  const auto* descriptors = result.error ? nullptr : result.extents_for(wire::kBaseAllocation);
-  if (!result.error && !descriptors) result.error = EIO;  // upstream changed its contexts
+  // Every context clients asked about (by now: some may have joined while it
+  // was out) that upstream answered; one reply fills all their windows.
+  std::vector<size_t> filled;
+  std::vector<std::vector<cache::Extent>> extents;
+  uint64_t covered_end = fetch->offset;
+  size_t descriptor_count = 0;
+  for (size_t e = 0; e < contexts_.size() && !result.error; ++e) {
+    ContextEntry& entry = contexts_[e];
+    if (!entry.slot || !entry.queried) continue;
+    const auto* descriptors = result.extents_for(entry.name);
+    if (!descriptors) continue;  // upstream lost it in a reconnect: its waiters ask again, and fail
+    if (entry.kind == policy::ContextKind::DirtyBitmap) learn_bitmap_granularity(entry, fetch->offset, *descriptors);
+    auto& run = extents.emplace_back();
+    run.reserve(descriptors->size());
+    uint64_t pos = fetch->offset;
+    for (const auto& d : *descriptors) {
+      run.push_back({pos, d.length, d.flags});
+      pos += d.length;
+    }
+    covered_end = std::max(covered_end, pos);
+    descriptor_count += descriptors->size();
+    filled.push_back(e);
+  }
+  if (!result.error && filled.empty()) result.error = EIO;  // upstream changed its contexts
   if (result.error) {
     cache_.abort_fetch(ticket);  // the pool logged and counted it
     fetch->error = result.error;
   } else {
-    std::vector<cache::Extent> extents;
-    extents.reserve(descriptors->size());
-    uint64_t pos = fetch->offset;
-    for (const auto& d : *descriptors) {
-      extents.push_back({pos, d.length, d.flags});
-      pos += d.length;
-    }
     const uint64_t end = std::min(info_.size, fetch->offset + fetch->length);
-    density_.record(descriptors->size(), std::min(pos, end) - std::min(fetch->offset, end));
-    auto outcome = cache_.complete_fetch(ticket, extents, end, fetch->store_limit);
-    fetch->usable = std::move(outcome.usable);
-    if (outcome.stored > 0) note_window(fetch->offset, fetch->usable[outcome.stored - 1].end(), fetch->prefetch);
-    spdlog::debug("fetched {} extents for {}+{}{}", descriptors->size(), fetch->offset, fetch->length,
-                  fetch->prefetch ? " (prefetch)" : "");
+    density_.record(descriptor_count, std::min(covered_end, end) - std::min(fetch->offset, end));
+    // The window's extents are shared by the contexts it fills (the capacity rule).
+    const size_t per_context = std::max<size_t>(fetch->store_limit / filled.size(), 1);
+    std::vector<cache::CoherentCache::ContextReply> replies;
+    for (size_t k = 0; k < filled.size(); ++k) {
+      replies.push_back({.context = *contexts_[filled[k]].slot, .extents = extents[k], .max_stored = per_context});
+    }
+    auto outcomes = cache_.complete_fetch(ticket, replies, end);
+    fetch->usable.resize(contexts_.size());
+    std::optional<uint64_t> stored_end;  // where every context's stored part reaches
+    for (size_t k = 0; k < filled.size(); ++k) {
+      auto& outcome = outcomes[k];
+      if (outcome.stored > 0) {
+        const uint64_t reach = outcome.usable[outcome.stored - 1].end();
+        stored_end = stored_end ? std::min(*stored_end, reach) : reach;
+      }
+      fetch->usable[filled[k]] = std::move(outcome.usable);
+    }
+    if (stored_end) note_window(fetch->offset, *stored_end, fetch->prefetch);
+    spdlog::debug("fetched {} extents of {} contexts for {}+{}{}", descriptor_count, filled.size(), fetch->offset,
+                  fetch->length, fetch->prefetch ? " (prefetch)" : "");
   }
   fetch->finished = true;
   if (auto it = fetches_.find(fetch->offset); it != fetches_.end() && it->second == fetch) fetches_.erase(it);
   fetch->done.notify();
+}
+
+// A write through bscache dirties whole granules of a bitmap: its range is
+// forgotten rounded out to the largest granule the replies allow. Where one
+// descriptor ends and the next begins, the bitmap changes state: a multiple
+// of the granule (the reply's end is only where the request ended).
+void BlockStatusService::learn_bitmap_granularity(ContextEntry& entry, uint64_t start,
+                                                  const std::vector<wire::Descriptor>& reply) {
+  uint64_t pos = start;
+  for (size_t i = 0; i + 1 < reply.size(); ++i) {
+    pos += reply[i].length;
+    entry.bitmap.saw_boundary(pos);
+  }
+  cache_.set_granularity(*entry.slot, std::max(config_.limits.allocation_granularity, entry.bitmap.bound()));
 }
 
 void BlockStatusService::note_window(uint64_t start, uint64_t end, bool prefetch) {
@@ -393,8 +508,10 @@ BlockStatusService::Ticket BlockStatusService::begin_mutation(uint64_t offset, u
 
 void BlockStatusService::end_mutation(Ticket ticket, uint64_t offset, uint64_t length, policy::Mutation kind,
                                       bool succeeded) {
+  // base:allocation's state; the contexts that do not remember mutations
+  // (policy::remembers_mutations) only forget the range.
   std::optional<uint32_t> state;
-  if (succeeded && caching()) state = policy::state_after(kind);
+  if (succeeded && caching()) state = policy::state_after(policy::ContextKind::BaseAllocation, kind);
   cache_.complete_mutation(ticket, offset, length, state);
   if (state) ++metrics_.ranges_updated;
 }
@@ -402,11 +519,25 @@ void BlockStatusService::end_mutation(Ticket ticket, uint64_t offset, uint64_t l
 void BlockStatusService::clear() {
   cache_.clear();
   windows_.clear();
+  // Upstream may come back with another bitmap under the same name.
+  for (auto& entry : contexts_) {
+    if (entry.kind != policy::ContextKind::DirtyBitmap) continue;
+    entry.bitmap.reset();
+    cache_.set_granularity(*entry.slot, std::max(config_.limits.allocation_granularity, entry.bitmap.bound()));
+  }
 }
 
 CacheGauges BlockStatusService::gauges() const {
-  const auto& e = cache_.extents();
-  return {e.extent_count(), e.memory_bytes(), e.evictions(), e.expirations(), e.max_extents()};
+  CacheGauges gauges;
+  for (size_t slot = 0; slot < cache_.contexts(); ++slot) {
+    const auto& e = cache_.extents(slot);
+    gauges.extents += e.extent_count();
+    gauges.memory_bytes += e.memory_bytes();
+    gauges.evictions += e.evictions();
+    gauges.expirations += e.expirations();
+    gauges.max_extents = e.max_extents();
+  }
+  return gauges;
 }
 
 }  // namespace bscache::proxy

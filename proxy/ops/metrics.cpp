@@ -49,6 +49,17 @@ void add_export_counters(Metrics& total, const Metrics& part) {
   total.reads_spliced += part.reads_spliced;
   total.writes_spliced += part.writes_spliced;
   total.cache_bypassed += part.cache_bypassed;
+  for (const auto& [name, c] : part.contexts) {
+    auto& sum = total.contexts[name];
+    sum.hits += c.hits;
+    sum.misses += c.misses;
+    sum.upstream_calls += c.upstream_calls;
+  }
+}
+
+double ContextCounters::hit_rate() const {
+  const uint64_t total = hits + misses;
+  return total ? static_cast<double>(hits) / static_cast<double>(total) : 0.0;
 }
 
 double hit_rate(const Metrics& m) {
@@ -76,7 +87,12 @@ void export_sections(nlohmann::json& doc, const Metrics& m, const CacheGauges& c
   doc["block_status"] = {{"hits", m.block_status_hits},
                          {"misses", m.block_status_misses},
                          {"hit_rate", hit_rate(m)},
-                         {"upstream_calls_saved", upstream_calls_saved(m)}};
+                         {"upstream_calls_saved", upstream_calls_saved(m)},
+                         {"contexts", nlohmann::json::object()}};
+  for (const auto& [name, c] : m.contexts) {
+    doc["block_status"]["contexts"][name] = {
+        {"hits", c.hits}, {"misses", c.misses}, {"hit_rate", c.hit_rate()}, {"upstream_calls", c.upstream_calls}};
+  }
   const auto& h = m.upstream_block_status_latency;
   doc["upstream"] = {{"requests", by_op(m.upstream_requests)},
                      {"errors", by_op(m.upstream_errors)},
@@ -192,6 +208,17 @@ class Exposition {
       out_ << name << "_count{" << labels << "} " << h.count << '\n';
     }
   }
+  // A per-export series per meta context (label `context`).
+  template <typename Value>
+  void each_context(const char* name, const char* type, const char* help, Value value) {
+    family(name, type, help);
+    for (const auto& s : sources_) {
+      for (const auto& [context, c] : s.m->contexts) {
+        out_ << name << '{' << s.label << (s.label.empty() ? "" : ",") << "context=\"" << label_value(context) << "\"} "
+             << static_cast<double>(value(c)) << '\n';
+      }
+    }
+  }
   std::ostringstream& raw() { return out_; }
 
  private:
@@ -241,6 +268,18 @@ std::string render_prometheus(const Metrics& m, const CacheGauges& cache, const 
   x.each("bscache_upstream_calls_saved_total", "gauge",
          "Client block-status requests minus upstream block-status requests (negative: the cache cost calls).",
          [](const Source& s) { return upstream_calls_saved(*s.m); });
+  x.each_context("bscache_block_status_context_hits_total", "counter",
+                 "Block-status requests about a meta context answered without waiting on upstream.",
+                 [](const ContextCounters& c) { return c.hits; });
+  x.each_context("bscache_block_status_context_misses_total", "counter",
+                 "Block-status requests about a meta context that waited on upstream.",
+                 [](const ContextCounters& c) { return c.misses; });
+  x.each_context("bscache_block_status_context_hit_ratio", "gauge",
+                 "hits / (hits + misses) for a meta context, 0 before any request.",
+                 [](const ContextCounters& c) { return c.hit_rate(); });
+  x.each_context("bscache_block_status_context_upstream_calls_total", "counter",
+                 "Upstream block-status calls made for a meta context (a call for several counts for each).",
+                 [](const ContextCounters& c) { return c.upstream_calls; });
   x.each_op("bscache_upstream_requests_total", "Requests sent upstream, by operation.", &Metrics::upstream_requests);
   x.each_op("bscache_upstream_errors_total", "Upstream requests that failed, by operation.", &Metrics::upstream_errors);
   x.each("bscache_upstream_reconnects_total", "counter", "Times an upstream connection was re-established.",

@@ -8,6 +8,7 @@
 #include <array>
 #include <chrono>
 #include <cstdint>
+#include <map>
 #include <string>
 #include <vector>
 
@@ -26,6 +27,18 @@ struct Histogram {
   uint64_t count = 0;
   double sum = 0;
   void observe(double seconds);
+};
+
+// Block status of one meta context (a request about several counts for each).
+// hits + misses = the validated requests that asked about it.
+struct ContextCounters {
+  uint64_t hits = 0;
+  uint64_t misses = 0;
+  // Upstream block-status calls made for it: a window fetch or prefetch for
+  // every context it fills, a query asked upstream as it came for each
+  // context it names (one call made for several contexts counts for each).
+  uint64_t upstream_calls = 0;
+  double hit_rate() const;
 };
 
 struct Metrics {
@@ -50,6 +63,8 @@ struct Metrics {
   uint64_t reads_spliced = 0;              // READs whose data went through pipes (PipePool), not bscache's memory
   uint64_t writes_spliced = 0;             // the same for WRITEs
   uint64_t cache_bypassed = 0;             // block-status misses forwarded unchanged: the cache could not keep a window
+  std::map<std::string, ContextCounters>
+      contexts;  // by meta context name; map nodes stay put (the service keeps pointers)
   // What all clients hold in bscache and its bound (see ClientMemory); set by
   // the app when rendering, not counted per export.
   uint64_t client_memory_bytes = 0;

@@ -15,7 +15,11 @@
 // between the two, which nobody observed. Data read through the proxy must
 // equal data read directly.
 //
-// Usage: differential PROXY_URI DIRECT_URI SEED OPERATIONS
+// With CONTEXT (a qemu:dirty-bitmap:NAME or qemu:allocation-depth), the
+// queries are about that meta context instead, and an answer describes a
+// state only if it equals it: those contexts have no conservative value.
+//
+// Usage: differential PROXY_URI DIRECT_URI SEED OPERATIONS [CONTEXT]
 #include <libnbd.h>
 
 #include <algorithm>
@@ -35,8 +39,24 @@
 
 namespace {
 
-using bench::connect;
 using bench::Handle;
+
+// The meta context queried: base:allocation unless the command line names another.
+std::string g_context = LIBNBD_CONTEXT_BASE_ALLOCATION;
+bool exact() {
+  return g_context != LIBNBD_CONTEXT_BASE_ALLOCATION;
+}
+
+Handle connect(const char* uri) {
+  Handle h(nbd_create());
+  if (!h) std::abort();
+  nbd_add_meta_context(h.get(), g_context.c_str());
+  if (nbd_connect_uri(h.get(), uri) == -1 || nbd_can_meta_context(h.get(), g_context.c_str()) != 1) {
+    std::fprintf(stderr, "connect %s with %s: %s\n", uri, g_context.c_str(), nbd_get_error());
+    std::exit(2);
+  }
+  return h;
+}
 
 struct Descriptor {
   uint64_t offset, length;
@@ -44,7 +64,7 @@ struct Descriptor {
 };
 
 int collect(void* user, const char* context, uint64_t offset, uint32_t* entries, size_t n, int*) {
-  if (std::strcmp(context, LIBNBD_CONTEXT_BASE_ALLOCATION) != 0) return 0;
+  if (g_context != context) return 0;
   auto* out = static_cast<std::vector<Descriptor>*>(user);
   for (size_t i = 0; i + 1 < n; i += 2) {
     out->push_back({offset, entries[i], entries[i + 1]});
@@ -123,9 +143,10 @@ class Test {
       before = std::move(after);
     }
     std::printf(
-        "differential: seed %llu, %d operations, %d answers checked (%d raced a mutation and were re-asked), "
+        "differential: %s, seed %llu, %d operations, %d answers checked (%d raced a mutation and were re-asked), "
         "%llu blocks left unchecked (reached by two mutations of one batch)\n",
-        static_cast<unsigned long long>(seed_), done, checked_, raced_, static_cast<unsigned long long>(skipped_));
+        g_context.c_str(), static_cast<unsigned long long>(seed_), done, checked_, raced_,
+        static_cast<unsigned long long>(skipped_));
     return 0;
   }
 
@@ -215,6 +236,7 @@ class Test {
 
   // Could a client asking upstream in `state` have been told `flags` for block b?
   bool describes(uint32_t flags, UpstreamState& state, uint64_t b) {
+    if (exact()) return flags == state.flags[b];
     const uint32_t extra = flags & ~state.flags[b];
     return extra == 0 || (extra == LIBNBD_STATE_ZERO && reads_as_zeroes(state, b));
   }
@@ -326,10 +348,11 @@ class Test {
 }  // namespace
 
 int main(int argc, char* argv[]) {
-  if (argc != 5) {
-    std::fprintf(stderr, "usage: %s PROXY_URI DIRECT_URI SEED OPERATIONS\n", argv[0]);
+  if (argc != 5 && argc != 6) {
+    std::fprintf(stderr, "usage: %s PROXY_URI DIRECT_URI SEED OPERATIONS [CONTEXT]\n", argv[0]);
     return 2;
   }
+  if (argc == 6) g_context = argv[5];
   Test test(argv[1], argv[2], std::strtoull(argv[3], nullptr, 10));
   return test.run(std::atoi(argv[4]));
 }

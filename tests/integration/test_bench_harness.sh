@@ -7,7 +7,7 @@ repo=$(cd "$(dirname "$0")/../.." && pwd)
 BENCH_TINY=1 BSCACHE=$BSCACHE "$repo/bench/run.sh" --out "$T/bench" >"$T/bench.log" 2>&1 || fail "bench/run.sh failed"
 results=$T/bench/RESULTS.md
 for section in "seq-map — seconds" "convert — seconds" "big-sparse — seconds" "two-scanners — seconds" \
-  "write-mix — hit_rate" "tmpfs — seconds" "hit-latency-qd16 — microseconds" "data-read — seconds" \
+  "write-mix — hit_rate" "incremental-backup — seconds" "incremental-backup — hit_rate" "tmpfs — seconds" "hit-latency-qd16 — microseconds" "data-read — seconds" \
   "data-write — seconds" "memory — rss_bytes_per_extent" "capacity-pressure — seconds" "dense-map-cold — seconds" "multi-export — seconds" "multi-export — peak_rss_mib" "tls-data-read — seconds" \
   "tls-hit-latency-qd1 — microseconds"; do
   grep -qF "## $section" "$results" || fail "RESULTS.md lacks '$section'"
