@@ -7,10 +7,11 @@
 #include "cache/coherent_cache.hpp"
 #include "policy/meta_context.hpp"
 
+#include "test_units.hpp"
+
 namespace bscache {
 namespace {
-
-constexpr uint64_t KiB = 1024;
+using namespace bscache::test;
 using policy::ContextKind;
 
 TEST(MetaContext, KnowsBaseAllocationAllocationDepthAndNamedDirtyBitmaps) {
@@ -47,7 +48,7 @@ TEST(MetaContext, ABitmapsGranuleIsBoundedByTheBoundariesItsRepliesShow) {
   EXPECT_EQ(g.bound(), uint64_t{1} << 31);
 }
 
-constexpr uint32_t kData = 0, kZero = 2, kHoleZero = 3, kClean = 0, kDirty = 1;
+constexpr uint32_t kClean = 0, kDirty = 1;  // a dirty bitmap's states
 
 // base:allocation (context 0, 64 KiB units) beside a dirty bitmap (256 KiB
 // granules) that only forgets.
