@@ -58,8 +58,8 @@ if [[ $(realpath "$bscache_libnbd") == "$(realpath "$prefix")"/* ]]; then wide=1
 echo "bscache runs with $bscache_libnbd"
 
 # fetched_windows LOG: the lengths of the block-status windows bscache fetched
-# (its debug line "fetched N extents for OFFSET+LENGTH").
-fetched_windows() { sed -n 's/.*fetched [0-9]* extents for [0-9]*+\([0-9]*\).*/\1/p' "$1"; }
+# (its debug line "fetched N extents of M contexts for OFFSET+LENGTH").
+fetched_windows() { sed -n 's/.*fetched [0-9]* extents of [0-9]* contexts for [0-9]*+\([0-9]*\).*/\1/p' "$1"; }
 
 GiB=$((1 << 30))
 # Around every edge of the data and of the zero and trim below.
