@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <future>
 #include <stdexcept>
 
 #include <boost/asio/dispatch.hpp>
@@ -73,10 +74,25 @@ std::vector<OpenedUpstream> UpstreamPool::connect(const UpstreamTarget& target, 
   // More than one connection only where upstream promises they see one state.
   const size_t wanted = first.can_multi_conn ? std::max(1u, options.connections) : 1u;
   const bool wire = options.data_path == UpstreamOptions::DataPath::Wire && wanted > 1;
-  while (opened.size() < wanted) {
+  // The others open side by side, each on a thread of its own: a handshake
+  // is mostly waiting for upstream (nbdkit takes 10-15 ms to answer a GO
+  // here), and opened one after another they kept an export's first client
+  // waiting for all of them in turn.
+  std::vector<std::future<OpenedUpstream>> others;
+  others.reserve(wanted - 1);
+  for (size_t i = 1; i < wanted; ++i) {
+    const bool for_wire = wire && i >= libnbd_half(wanted);
+    others.push_back(std::async(std::launch::async, [&target, for_wire] {
+      return for_wire ? open_wire_upstream(target) : open_libnbd_upstream(target);
+    }));
+  }
+  // In order, up to the first that failed: which half a connection belongs
+  // to follows from its place. Those after it are closed.
+  bool failed = false;
+  for (auto& other : others) {
     try {
-      const bool for_wire = wire && opened.size() >= libnbd_half(wanted);
-      OpenedUpstream next = for_wire ? open_wire_upstream(target) : open_libnbd_upstream(target);
+      OpenedUpstream next = other.get();
+      if (failed) continue;
       // Reached by the same name as the first: the same export, unless upstream says otherwise.
       if (next.info.export_name != first.export_name || next.info.size != first.size) {
         throw std::runtime_error("upstream answered with another export (\"" + next.info.export_name + "\", " +
@@ -84,9 +100,10 @@ std::vector<OpenedUpstream> UpstreamPool::connect(const UpstreamTarget& target, 
       }
       opened.push_back(std::move(next));
     } catch (const std::exception& e) {
+      if (failed) continue;
+      failed = true;
       spdlog::warn("upstream connection {} of {}: {}; going on with {}", opened.size() + 1, wanted, e.what(),
                    opened.size());
-      break;
     }
   }
   return opened;

@@ -47,7 +47,8 @@ class UpstreamPool final : public BlockStatusUpstream {
   // Opens the connections a pool of `target` gets: --upstream-connections if
   // upstream advertises multi-conn, else one. Blocking: at start-up, or off
   // the loop. Throws std::runtime_error with libnbd's message if the first
-  // connection fails; further connections that fail are logged and left out.
+  // connection fails. The others open at the same time, after the first; one
+  // that fails is logged and left out with those after it.
   // The first is always a libnbd connection (its info is the export's); those
   // meant for the wire client are opened for it (open_wire_upstream).
   static std::vector<OpenedUpstream> connect(const UpstreamTarget& target, const UpstreamOptions& options);
