@@ -59,15 +59,16 @@ for (workload, metric), contenders in by.items():
     note = next((r["note"] for r in contenders.values() if r["note"]), "")
     if note:
         lines += ["", f"_{note}_"]
-    # In the tls rows the subject is bscache over TLS, against direct over TLS
-    # and against itself in plain text.
+    # In the tls rows the subject is bscache over TLS, against direct over TLS,
+    # nbdkit's nbd plugin over TLS and itself in plain text. A peak_rss_mib row
+    # has no direct (no front), so its ratios are against the other fronts.
     subject = "bscache-tls" if "bscache-tls" in contenders else "bscache"
     if subject in contenders:
         b = float(contenders[subject]["median"])
         ratios = []
         others = ("direct", "cacheextents", "floor", "nbdkit-nbd", "bscache-libnbd", "bscache-off", "bscache-baseline")
         if subject == "bscache-tls":
-            others = ("direct-tls", "bscache", "direct")
+            others = ("direct-tls", "nbdkit-nbd-tls", "bscache", "direct")
         for other in others:
             if other in contenders and float(contenders[other]["median"]) > 0:
                 ratio = b / float(contenders[other]["median"])

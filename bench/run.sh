@@ -7,12 +7,12 @@
 # usage: bench/run.sh [--quick] [--out DIR] [--only SECTIONS]
 #   --quick      3 runs per contender and smaller images (6.5 minutes on 2026-12-02)
 #   --only S     run only these sections (comma-separated: seq, big-sparse,
-#                write-mix, incremental-backup, tmpfs, hit-latency, data-path, memory,
+#                write-mix, incremental-backup, tmpfs, hit-latency, data-path, tcp, memory,
 #                capacity-pressure, multi-export, tls, micro) and replace just their rows in an
 #                existing raw.tsv
 #   BENCH_TINY=1 one run on tiny images: only checks the harness works
 #   BSCACHE_BASELINE=PATH also runs an older bscache binary as contender
-#                "bscache-baseline" in the data-path and convert rows (before/after)
+#                "bscache-baseline" in the data-path, tcp and convert rows (before/after)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(dirname "$here")
@@ -45,15 +45,15 @@ case $mode in
   full) runs=5 warmup=1 seq_size=$((4 * G)) seq_extents=2500 sparse_size=$((64 * G)) sparse_direct_runs=1
         mix_queries=2000 mix_extents=3000 tmpfs_size=$((8 * G)) tmpfs_chunks=8192 data_size=$G mem_extents=1000000
         latency_seconds=2 micro_time=0.2 pressure_size=$((8 * G)) pressure_extents=5000 dense_size=$((4 * G))
-        multi_exports=8 multi_size=$G multi_chunks=300 ;;
+        multi_exports=8 multi_size=$G multi_chunks=300 variance_runs=15 ;;
   quick) runs=3 warmup=1 seq_size=$((1 * G)) seq_extents=600 sparse_size=$((16 * G)) sparse_direct_runs=0
          mix_queries=500 mix_extents=1000 tmpfs_size=$((1 * G)) tmpfs_chunks=1024 data_size=$((128 * M))
          mem_extents=100000 latency_seconds=1 micro_time=0.02 pressure_size=$((8 * G)) pressure_extents=5000 dense_size=$((1 * G))
-         multi_exports=8 multi_size=$((256 * M)) multi_chunks=100 ;;
+         multi_exports=8 multi_size=$((256 * M)) multi_chunks=100 variance_runs=5 ;;
   tiny) runs=1 warmup=0 seq_size=$((64 * M)) seq_extents=40 sparse_size=$((2 * G)) sparse_direct_runs=0
         mix_queries=50 mix_extents=20 tmpfs_size=$((16 * M)) tmpfs_chunks=16 data_size=$((8 * M)) mem_extents=1000
         latency_seconds=0.2 micro_time=0.001 pressure_size=$((256 * M)) pressure_extents=100 dense_size=$((16 * M))
-        multi_exports=2 multi_size=$((16 * M)) multi_chunks=8 ;;
+        multi_exports=2 multi_size=$((16 * M)) multi_chunks=8 variance_runs=2 ;;
 esac
 delay=5ms sparse_delay=50ms
 [[ $mode == tiny ]] && delay=1ms sparse_delay=2ms
@@ -62,11 +62,12 @@ raw=$out/raw.tsv
 want() { [[ -z $only || $only == *",$1,"* ]]; }
 section_workloads() {  # the workload names a section writes
   case $1 in
-    seq) echo "seq-map convert convert-instant two-scanners" ;;
+    seq) echo "seq-map convert convert-instant convert-variance two-scanners" ;;
     hit-latency) echo "hit-latency-qd1 hit-latency-qd16 hit-cost-qd1 hit-cost-qd16 hit-clients-1 hit-clients-4 hit-clients-16" ;;
     data-path) echo "data-read data-read-convert data-write" ;;
+    tcp) echo "tcp-read tcp-read-convert tcp-write" ;;
     capacity-pressure) echo "capacity-pressure dense-map-cold" ;;
-    tls) echo "tls-data-read tls-seq-map tls-hit-latency-qd1 tls-hit-latency-qd16" ;;
+    tls) echo "tls-data-read tls-data-read-convert tls-data-write tls-seq-map tls-hit-latency-qd1 tls-hit-latency-qd16" ;;
     *) echo "$1" ;;
   esac
 }
@@ -91,25 +92,39 @@ record() {
 
 # Fronts (proxies) started fresh for each run so every run starts cold.
 bscache_args=()  # extra options for the bscache contender (one section sets them)
+# Upstreams reached over TCP loopback (start_nbdkit_tcp): name -> port. Every
+# other upstream is reached over its Unix socket $T/NAME.sock. Clients always
+# reach a front over its Unix socket.
+declare -A up_port=()
+up_uri() {  # UPSTREAM_NAME: the URI of an upstream
+  if [[ -n ${up_port[$1]:-} ]]; then echo "nbd://127.0.0.1:${up_port[$1]}"; else uri "$1"; fi
+}
 front_up() {  # CONTENDER UPSTREAM_NAME: sets $target, the URI clients use
   local contender=$1 up=$2
+  local nbd_up=(socket="$T/$up.sock")  # the nbd plugin's way to the upstream
+  [[ -z ${up_port[$up]:-} ]] || nbd_up=(hostname=127.0.0.1 port="${up_port[$up]}")
   target=$(uri front)
   case $contender in
-    direct | floor) target=$(uri "$up") ;;
-    cacheextents) start_nbdkit front --filter=cacheextents nbd socket="$T/$up.sock" ;;
-    nbdkit-nbd) start_nbdkit front nbd socket="$T/$up.sock" ;;
-    bscache) start_bscache front --upstream "$(uri "$up")" --log-level warn --stats-file "$T/front.json" \
+    direct | floor) target=$(up_uri "$up") ;;
+    cacheextents) start_nbdkit front --filter=cacheextents nbd "${nbd_up[@]}" ;;
+    nbdkit-nbd) start_nbdkit front nbd "${nbd_up[@]}" ;;
+    bscache) start_bscache front --upstream "$(up_uri "$up")" --log-level warn --stats-file "$T/front.json" \
                ${bscache_args[@]+"${bscache_args[@]}"} ;;
-    bscache-libnbd) start_bscache front --upstream "$(uri "$up")" --log-level warn --data-path libnbd ;;
-    bscache-off) start_bscache front --upstream "$(uri "$up")" --log-level warn --policy off \
+    bscache-libnbd) start_bscache front --upstream "$(up_uri "$up")" --log-level warn --data-path libnbd ;;
+    bscache-off) start_bscache front --upstream "$(up_uri "$up")" --log-level warn --policy off \
                    --stats-file "$T/front.json" ;;
-    bscache-baseline) BSCACHE=$BSCACHE_BASELINE start_bscache front --upstream "$(uri "$up")" --log-level warn ;;
+    bscache-baseline) BSCACHE=$BSCACHE_BASELINE start_bscache front --upstream "$(up_uri "$up")" --log-level warn ;;
     # The tls section: clients speak TLS; upstreams whose name ends in "tls" too.
     direct-tls) target=$(tls_target "$up") ;;
     bscache-tls)
-      local up_uri; up_uri=$(uri "$up")
+      local up_uri; up_uri=$(up_uri "$up")
       [[ $up == *tls ]] && up_uri=$(tls_target "$up")
       start_bscache front --upstream "$up_uri" --log-level warn --tls require --tls-certificates "$pki/server"
+      target=$(tls_target front) ;;
+    nbdkit-nbd-tls)
+      local up_tls=()
+      [[ $up == *tls ]] && up_tls=(tls=require tls-certificates="$pki/client")
+      start_nbdkit front --tls=require --tls-certificates="$pki/server" nbd "${nbd_up[@]}" ${up_tls[@]+"${up_tls[@]}"}
       target=$(tls_target front) ;;
   esac
 }
@@ -118,9 +133,18 @@ front_down() { [[ -f $T/front.pid ]] && { stop_server front; rm -f "$T/front.pid
 # The contenders of the data-path and convert rows (with the baseline binary when given).
 data_contenders() { echo "direct nbdkit-nbd $* bscache bscache-libnbd bscache-off ${BSCACHE_BASELINE:+bscache-baseline}"; }
 
+# With track_rss=1, measure and measure_interleaved also record the peak
+# resident memory of a front that is a process of its own (bscache or nbdkit's
+# nbd plugin; not cacheextents, whose row is about block status).
+tracks_rss() { [[ ${track_rss:-0} == 1 && ($1 == bscache* || $1 == nbdkit-nbd*) ]]; }
+front_hwm_mib() { awk '/VmHWM/ { print $2 / 1024 }' "/proc/$(cat "$T/front.pid")/status"; }
+rss_note="front's VmHWM after the run"
+# row_note: the note of the seconds rows measure and measure_interleaved record
+# (what the workload is, where the section sets it).
+row_note=""
+
 # measure WORKLOAD CONTENDER UPSTREAM RUNS CLIENT_FUNCTION [REFERENCE]
 # Times CLIENT_FUNCTION URI OUTFILE, warm-up first; checks output vs REFERENCE.
-# With track_rss=1, also records a bscache contender's peak resident memory.
 measure() {
   local workload=$1 contender=$2 up=$3 n=$4 client=$5 reference=${6:-}
   local times=() rss=() i
@@ -131,9 +155,7 @@ measure() {
     t0=$(now)
     "$client" "$target" "$T/out.$contender"
     t1=$(now)
-    if [[ ${track_rss:-0} == 1 && $contender == bscache* ]] && ((i >= warmup)); then
-      rss+=("$(awk '/VmHWM/ { print $2 / 1024 }' "/proc/$(cat "$T/front.pid")/status")")
-    fi
+    if tracks_rss "$contender" && ((i >= warmup)); then rss+=("$(front_hwm_mib)"); fi
     front_down
     if [[ -n $reference ]] && ! cmp -s "$T/out.$contender" "$reference"; then
       echo "ERROR: $workload: $contender's output differs from direct's" >&2
@@ -141,41 +163,49 @@ measure() {
     fi
     ((i >= warmup)) && times+=("$(echo "$t1 - $t0" | bc -l)")
   done
-  record "$workload" "$contender" seconds "" "${times[@]}"
-  ((${#rss[@]} == 0)) || record "$workload" "$contender" peak_rss_mib "bscache's VmHWM after the run" "${rss[@]}"
+  record "$workload" "$contender" seconds "$row_note" "${times[@]}"
+  ((${#rss[@]} == 0)) || record "$workload" "$contender" peak_rss_mib "$rss_note" "${rss[@]}"
 }
 
 # measure_interleaved WORKLOAD UPSTREAM RUNS CLIENT_FUNCTION CONTENDERS...
 # Like measure (without a reference), but run i of every contender before run
 # i+1 of any: these VMs drift by 10-20% over minutes, and interleaving shifts
-# every contender alike instead of whichever ran during a slow spell.
+# every contender alike instead of whichever ran during a slow spell. A
+# contender written NAME@UPSTREAM_NAME uses that upstream instead of UPSTREAM.
 measure_interleaved() {
   local workload=$1 up=$2 n=$3 client=$4; shift 4
   local -A times=() rss=()
-  local i c t0 t1
+  local i c name c_up t0 t1
   for ((i = 0; i < n + warmup; i++)); do
     for c in "$@"; do
-      front_up "$c" "$up"
+      name=${c%@*} c_up=$up
+      [[ $c != *@* ]] || c_up=${c#*@}
+      front_up "$name" "$c_up"
       t0=$(now)
-      "$client" "$target" "$T/out.$c"
+      "$client" "$target" "$T/out.$name"
       t1=$(now)
-      if [[ ${track_rss:-0} == 1 && $c == bscache* ]] && ((i >= warmup)); then
-        rss[$c]+=" $(awk '/VmHWM/ { print $2 / 1024 }' "/proc/$(cat "$T/front.pid")/status")"
-      fi
+      if tracks_rss "$name" && ((i >= warmup)); then rss[$name]+=" $(front_hwm_mib)"; fi
       front_down
-      ((i >= warmup)) && times[$c]+=" $(echo "$t1 - $t0" | bc -l)"
+      ((i >= warmup)) && times[$name]+=" $(echo "$t1 - $t0" | bc -l)"
     done
   done
   for c in "$@"; do
+    name=${c%@*}
     # shellcheck disable=SC2086 # word splitting of the collected values is wanted
-    record "$workload" "$c" seconds "" ${times[$c]}
+    record "$workload" "$name" seconds "$row_note" ${times[$name]}
     # shellcheck disable=SC2086
-    [[ -z ${rss[$c]:-} ]] || record "$workload" "$c" peak_rss_mib "bscache's VmHWM after the run" ${rss[$c]}
+    [[ -z ${rss[$name]:-} ]] || record "$workload" "$name" peak_rss_mib "$rss_note" ${rss[$name]}
   done
 }
 
 client_map() { qemu-img map -f raw --output=json "$1" >"$2"; }
 client_convert() { qemu-img convert -n -f raw "$1" --target-image-opts "driver=null-co,size=$seq_size" && : >"$2"; }
+# The byte rows (data-path, tcp, tls): $shm/random.img of $data_size is the data.
+client_read() { nbdcopy "$1" null: && : >"$2"; }
+client_read_convert() {
+  qemu-img convert -n -f raw "$1" --target-image-opts "driver=null-co,size=$data_size" && : >"$2"
+}
+client_write() { nbdcopy --flush "$shm/random.img" "$1" && : >"$2"; }
 client_two() {
   local half=$((seq_size / 2))
   qemu-img map -f raw --output=json --max-length=$half "$1" >"$2.lo" &
@@ -196,6 +226,11 @@ measure seq-map floor seqfast $runs client_map "$T/seq.ref"
 for c in $(data_contenders cacheextents); do measure convert $c seqslow $runs client_convert; done
 measure convert floor seqfast $runs client_convert
 for c in $(data_contenders cacheextents); do measure convert-instant $c seqfast $runs client_convert; done
+# convert-variance: how far one workload's runs spread on this machine (median,
+# min and max of many interleaved runs, a fresh front each).
+row_note="$variance_runs interleaved runs, fresh front each"
+measure_interleaved convert-variance seqfast "$variance_runs" client_convert direct bscache
+row_note=""
 for c in direct cacheextents bscache; do measure two-scanners $c seqslow $runs client_two "$T/two.ref"; done
 measure two-scanners floor seqfast $runs client_two "$T/two.ref"
 fi
@@ -435,11 +470,6 @@ head -c "$data_size" /dev/urandom >"$shm/random.img"
 cp "$shm/random.img" "$shm/target.img"
 start_nbdkit data file "$shm/random.img"
 start_nbdkit target file "$shm/target.img"
-client_read() { nbdcopy "$1" null: && : >"$2"; }
-client_read_convert() {
-  qemu-img convert -n -f raw "$1" --target-image-opts "driver=null-co,size=$data_size" && : >"$2"
-}
-client_write() { nbdcopy --flush "$shm/random.img" "$1" && : >"$2"; }
 track_rss=1
 # shellcheck disable=SC2046 # one word per contender
 measure_interleaved data-read data $runs client_read $(data_contenders)
@@ -452,10 +482,52 @@ cmp -s "$shm/target.img" "$shm/random.img" || { echo "ERROR: data-path wrote wro
 rm -rf "$shm"
 fi
 
+# ---- tcp: bytes through each contender, upstream over TCP loopback ----
+# As data-path, but the upstreams listen on 127.0.0.1 (bscache splices from and
+# into TCP sockets then); clients reach the fronts over their Unix sockets,
+# "direct" reaches upstream over TCP.
+free_port() {
+  /usr/bin/python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+# start_nbdkit_tcp NAME PORT ARGS...: nbdkit on 127.0.0.1:PORT, ready on return;
+# front_up reaches upstream NAME there from now on.
+start_nbdkit_tcp() {
+  local name=$1 port=$2; shift 2
+  rm -f "$T/$name.pid"
+  nbdkit -f -i 127.0.0.1 -p "$port" -P "$T/$name.pid" "$@" >"$T/$name.log" 2>&1 &
+  PIDS+=($!)
+  for _ in $(seq 1200); do
+    [[ -s $T/$name.pid ]] && { up_port[$name]=$port; return 0; }
+    kill -0 "${PIDS[-1]}" 2>/dev/null || break  # the port was taken, say
+    sleep 0.05
+  done
+  echo "ERROR: nbdkit $name did not start on port $port: $(cat "$T/$name.log")" >&2
+  exit 1
+}
+tcp_contenders() { echo "direct nbdkit-nbd bscache bscache-off ${BSCACHE_BASELINE:+bscache-baseline}"; }
+if want tcp; then
+shm=$(mktemp -d /dev/shm/bscache-bench.XXXXXX)
+head -c "$data_size" /dev/urandom >"$shm/random.img"
+cp "$shm/random.img" "$shm/target.img"
+start_nbdkit_tcp tcpdata "$(free_port)" file "$shm/random.img"
+start_nbdkit_tcp tcptarget "$(free_port)" file "$shm/target.img"
+track_rss=1 row_note="upstream over TCP loopback"
+# shellcheck disable=SC2046 # one word per contender
+measure_interleaved tcp-read tcpdata $runs client_read $(tcp_contenders)
+# shellcheck disable=SC2046
+measure_interleaved tcp-read-convert tcpdata $runs client_read_convert $(tcp_contenders)
+# shellcheck disable=SC2046
+measure_interleaved tcp-write tcptarget $runs client_write $(tcp_contenders)
+track_rss=0 row_note=""
+cmp -s "$shm/target.img" "$shm/random.img" || { echo "ERROR: tcp wrote wrong bytes" >&2; exit 1; }
+rm -rf "$shm"
+fi
+
 # ---- tls: data and the cache's hit path over TLS (X.509, both sides) ----
 # Contenders: direct-tls (client to a TLS nbdkit), bscache-tls (TLS to the
 # client and to upstream), and the same two in plain text for reference. The
-# question is what TLS costs bscache, not TLS itself: bscache-tls/bscache.
+# question is what TLS costs bscache, not TLS itself: bscache-tls/bscache. In
+# the data rows also nbdkit-nbd-tls: nbdkit's nbd plugin with TLS on both sides.
 if want tls; then
 pki=$T/pki
 bash "$repo/tests/integration/tls_pki.sh" "$pki"
@@ -468,15 +540,33 @@ qemu_tls_map() {
     "driver=nbd,server.type=unix,server.path=$sock,tls-creds=tls0,tls-hostname=localhost" >"$2"
 }
 client_any_map() { if [[ $1 == nbds* ]]; then qemu_tls_map "$@"; else client_map "$@"; fi; }
+qemu_tls_convert() {
+  local sock=${1#*socket=}
+  sock=${sock%%&*}
+  qemu-img convert -n --object "tls-creds-x509,id=tls0,dir=$pki/client,endpoint=client" --image-opts \
+    "driver=raw,file.driver=nbd,file.server.type=unix,file.server.path=$sock,file.tls-creds=tls0,file.tls-hostname=localhost" \
+    --target-image-opts "driver=null-co,size=$data_size" && : >"$2"
+}
+client_any_read_convert() { if [[ $1 == nbds* ]]; then qemu_tls_convert "$@"; else client_read_convert "$@"; fi; }
 shm=$(mktemp -d /dev/shm/bscache-bench.XXXXXX)
 head -c "$data_size" /dev/urandom >"$shm/random.img"
+cp "$shm/random.img" "$shm/target.img"
 start_nbdkit tlsdata file "$shm/random.img"
 start_nbdkit tlsdatatls --tls=require --tls-certificates="$pki/server" file "$shm/random.img"
-client_read() { nbdcopy "$1" null: && : >"$2"; }
+start_nbdkit tlstarget file "$shm/target.img"
+start_nbdkit tlstargettls --tls=require --tls-certificates="$pki/server" file "$shm/target.img"
+track_rss=1
 measure tls-data-read direct tlsdata $runs client_read
 measure tls-data-read direct-tls tlsdatatls $runs client_read
 measure tls-data-read bscache tlsdata $runs client_read
 measure tls-data-read bscache-tls tlsdatatls $runs client_read
+measure tls-data-read nbdkit-nbd-tls tlsdatatls $runs client_read
+measure_interleaved tls-data-read-convert tlsdatatls $runs client_any_read_convert \
+  direct@tlsdata bscache@tlsdata direct-tls nbdkit-nbd-tls bscache-tls
+measure_interleaved tls-data-write tlstargettls $runs client_write \
+  direct@tlstarget bscache@tlstarget direct-tls nbdkit-nbd-tls bscache-tls
+track_rss=0
+cmp -s "$shm/target.img" "$shm/random.img" || { echo "ERROR: tls wrote wrong bytes" >&2; exit 1; }
 rm -rf "$shm"
 "$make_extents" "$seq_size" "$seq_extents" 42 >"$T/tlsseq.ext"
 start_nbdkit tlsseq --filter=delay --filter=extentlist null size=$seq_size extentlist="$T/tlsseq.ext" \
