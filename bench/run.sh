@@ -73,7 +73,8 @@ section_workloads() {  # the workload names a section writes
 }
 if [[ -n $only && -f $raw ]]; then
   # Keep the rows of the sections not being re-run.
-  drop=$(for sec in ${only//,/ }; do section_workloads "$sec"; done)
+  # (one line per section: joined with spaces, or each section's first name would be kept)
+  drop=$(for sec in ${only//,/ }; do section_workloads "$sec"; done | tr '\n' ' ')
   awk -F'\t' -v drop=" $drop " 'NR == 1 || index(drop, " " $1 " ") == 0' "$raw" >"$raw.keep" && mv "$raw.keep" "$raw"
 else
   printf 'workload\tcontender\tmetric\tmedian\tmin\tmax\truns\tnote\n' >"$raw"
