@@ -87,12 +87,11 @@ std::vector<OpenedUpstream> UpstreamPool::connect(const UpstreamTarget& target, 
     }));
   }
   // In order, up to the first that failed: which half a connection belongs
-  // to follows from its place. Those after it are closed.
-  bool failed = false;
+  // to follows from its place. Those after it are closed as `others` goes
+  // (a future of std::async waits for its open to end).
   for (auto& other : others) {
     try {
       OpenedUpstream next = other.get();
-      if (failed) continue;
       // Reached by the same name as the first: the same export, unless upstream says otherwise.
       if (next.info.export_name != first.export_name || next.info.size != first.size) {
         throw std::runtime_error("upstream answered with another export (\"" + next.info.export_name + "\", " +
@@ -100,10 +99,9 @@ std::vector<OpenedUpstream> UpstreamPool::connect(const UpstreamTarget& target, 
       }
       opened.push_back(std::move(next));
     } catch (const std::exception& e) {
-      if (failed) continue;
-      failed = true;
       spdlog::warn("upstream connection {} of {}: {}; going on with {}", opened.size() + 1, wanted, e.what(),
                    opened.size());
+      break;
     }
   }
   return opened;
